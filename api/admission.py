@@ -1,0 +1,94 @@
+"""Per-tenant concurrency slots: a lease semaphore in Redis, shared by every gateway replica.
+
+Each tenant has a sorted set whose members are the requests in flight, scored by the time
+their lease expires (Redis server time, so gateway clocks do not matter). Taking a slot first
+drops expired leases, so a crashed holder's slot comes back within the lease TTL. Holders renew
+while their request runs; release is a ZREM and may be repeated.
+"""
+
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from api.errors import TooManyRequests, Unavailable
+
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+if held >= limit then
+  return {0, held}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {1, held + 1}
+"""
+
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  return 1
+end
+return 0
+"""
+
+
+def slots_key(tenant_id: uuid.UUID | str) -> str:
+    return f"gpuhost:slots:{tenant_id}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    tenant_id: str
+    holder: str
+
+
+class Admission:
+    def __init__(self, client: aioredis.Redis, limits: dict[str, int], ttl_seconds: float,
+                 retry_after_seconds: int):
+        self._redis = client
+        self._limits = limits
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._retry_after = retry_after_seconds
+        self._acquire = client.register_script(ACQUIRE)
+        self._renew = client.register_script(RENEW)
+
+    def limit(self, tier: str) -> int:
+        return self._limits.get(tier, 0)
+
+    async def acquire(self, tenant_id: uuid.UUID, tier: str, holder: str) -> Lease:
+        limit = self.limit(tier)
+        try:
+            granted, held = await self._acquire(
+                keys=[slots_key(tenant_id)], args=[limit, self._ttl_ms, holder]
+            )
+        except RedisError as exc:
+            raise Unavailable(f"admission is unavailable (Redis: {exc}); try again shortly") from exc
+        if not granted:
+            raise TooManyRequests(
+                f"too many requests in flight: the {tier} tier allows {limit} at a time "
+                f"and {held} are running; retry when one finishes",
+                headers={"Retry-After": str(self._retry_after)},
+            )
+        return Lease(str(tenant_id), holder)
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the lease; False if it had already expired (the slot may be someone else's)."""
+        return bool(await self._renew(keys=[slots_key(lease.tenant_id)], args=[self._ttl_ms, lease.holder]))
+
+    async def release(self, lease: Lease) -> None:
+        await self._redis.zrem(slots_key(lease.tenant_id), lease.holder)
+
+    async def in_flight(self, tenant_id: uuid.UUID | str) -> int:
+        """Live leases of the tenant (expired ones not counted)."""
+        t = await self._redis.time()
+        now_ms = t[0] * 1000 + t[1] // 1000
+        return await self._redis.zcount(slots_key(tenant_id), f"({now_ms}", "+inf")

@@ -1,0 +1,19 @@
+"""The gateway application."""
+
+from fastapi import FastAPI
+
+from api import errors, health
+from api.limits import BodyLimit
+from api.ollama.router import router as ollama_router
+from api.settings import GatewaySettings
+from api.state import lifespan
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    app = FastAPI(title="gpuhost", version="0.1.0", lifespan=lifespan(settings))
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(ollama_router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,206 @@
+"""The `gpuhost` command line: serve, worker, dev, db, admin, models."""
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from billing import tenants, usage
+from billing.db import session_factory, sync_engine, transaction
+from billing.settings import ModelSettings, StackSettings
+
+app = typer.Typer(help="gpuhost: GPU model hosting, billed by the GPU-second.", no_args_is_help=True)
+db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
+admin_app = typer.Typer(help="Tenants, keys and usage (prints JSON).", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
+key_app = typer.Typer(help="API keys.", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage records.", no_args_is_help=True)
+models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(admin_app, name="admin")
+app.add_typer(models_app, name="models")
+admin_app.add_typer(tenant_app, name="tenant")
+admin_app.add_typer(key_app, name="key")
+admin_app.add_typer(usage_app, name="usage")
+
+
+def _print(value: object) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _fail(message: str) -> None:
+    typer.echo(json.dumps({"error": message}), err=True)
+    raise typer.Exit(1)
+
+
+def _admin(work):
+    """Run `work(session, settings)` in one transaction; admin errors exit 1 with a message."""
+    settings = StackSettings()
+    engine = sync_engine(settings.database_url)
+    try:
+        with transaction(session_factory(engine)) as session:
+            return work(session, settings)
+    except (tenants.NotFound, tenants.InvalidArgument) as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+
+
+def _tenant_json(t) -> dict:
+    return {"id": str(t.id), "name": t.name, "tier": t.tier, "created_at": t.created_at}
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+    )
+
+
+@app.command()
+def worker(
+    queue: Annotated[str, typer.Option(help="Queue to consume: llava (sd is reserved).")] = "llava",
+    concurrency: Annotated[int | None, typer.Option(help="Requests taken at once.")] = None,
+) -> None:
+    """Run a GPU worker: load the model once, then serve the queue."""
+    from workers.main import main as worker_main  # model code: only in the worker process
+
+    worker_main(queue=queue, concurrency=concurrency)
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8080,
+    state_dir: Annotated[Path, typer.Option(help="Where the embedded services keep state.")] = Path(
+        ".gpuhost"
+    ),
+) -> None:
+    """Everything on one box: PostgreSQL, Redis, tiny models, gateway, worker, a demo key."""
+    from api.devstack import run_dev
+
+    raise typer.Exit(run_dev(port=port, state_dir=state_dir))
+
+
+# -- db --------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    import migrations
+
+    migrations.upgrade(StackSettings().database_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION ('base' removes every table)."""
+    import migrations
+
+    migrations.downgrade(StackSettings().database_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+# -- admin -----------------------------------------------------------------------------------
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: str, tier: Annotated[str, typer.Option(help="free, pro or max.")] = "free"
+) -> None:
+    """Create a tenant."""
+    _print(_admin(lambda s, cfg: _tenant_json(tenants.create_tenant(s, name, tier, cfg.tier_limits))))
+
+
+@tenant_app.command("set-tier")
+def tenant_set_tier(tenant_id: str, tier: str) -> None:
+    """Move a tenant to another tier; takes effect on its next request."""
+    _print(_admin(lambda s, cfg: _tenant_json(tenants.set_tier(s, tenant_id, tier, cfg.tier_limits))))
+
+
+@key_app.command("create")
+def key_create(
+    tenant_id: str,
+    scope: Annotated[list[str] | None, typer.Option(help="Scope (repeatable).")] = None,
+    expires_in_days: Annotated[float | None, typer.Option(help="Expire after N days.")] = None,
+) -> None:
+    """Create an API key. The key is printed once and never stored."""
+
+    def work(session, _):
+        expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
+        scopes = tuple(scope) if scope else tenants.DEFAULT_SCOPES
+        row, secret = tenants.create_key(session, tenant_id, scopes, expires)
+        return {
+            "id": str(row.id),
+            "tenant_id": str(row.tenant_id),
+            "key": secret,
+            "prefix": row.prefix,
+            "last_four": row.last_four,
+            "scopes": row.scopes,
+            "expires_at": row.expires_at,
+        }
+
+    _print(_admin(work))
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: str) -> None:
+    """Revoke a key; every gateway refuses it within seconds."""
+
+    def work(session, _):
+        row = tenants.revoke_key(session, key_id)
+        return {"id": str(row.id), "revoked_at": row.revoked_at}
+
+    _print(_admin(work))
+
+
+@usage_app.command("list")
+def usage_list(
+    tenant: Annotated[str, typer.Option(help="Tenant id.")],
+    limit: Annotated[int, typer.Option(help="Most recent N records.")] = 100,
+) -> None:
+    """A tenant's usage records, newest first."""
+
+    def work(session, _):
+        found = tenants.get_tenant(session, tenant)
+        return [usage.to_dict(r) for r in usage.for_tenant(session, found.id, limit)]
+
+    _print(_admin(work))
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(directory: Path) -> None:
+    """Write tiny random-weight LLaVA and Stable Diffusion models (for dev and tests)."""
+    from workers.tiny import make_all
+
+    settings = ModelSettings()
+    made = make_all(directory, settings.llava_model, settings.sd_model)
+    _print({name: str(path) for name, path in made.items()})
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()

@@ -1,0 +1,55 @@
+"""FastAPI dependencies, as Annotated aliases."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.exc import OperationalError
+
+from api.errors import Forbidden, Unauthorized, Unavailable
+from api.state import AppState
+from billing.keys import hash_key
+from billing.tenants import KeyOwner, owner_of_key
+
+
+def get_state(request: Request) -> AppState:
+    return request.state.gpuhost
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def authenticate(request: Request, state: StateDep) -> KeyOwner:
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if not header:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+    presented = presented.strip()
+    cache_key = hash_key(presented)
+    owner = state.key_cache.get(cache_key)
+    if owner is None:
+        try:
+            async with state.sessions() as session, session.begin():
+                owner = await owner_of_key(session, presented)
+        except (OperationalError, OSError) as exc:
+            raise Unavailable("the key store is unavailable; try again shortly") from exc
+        if owner is None:
+            raise Unauthorized("invalid API key: unknown, revoked or expired")
+        state.key_cache[cache_key] = owner
+    return owner
+
+
+TenantKey = Annotated[KeyOwner, Depends(authenticate)]
+
+
+def require(scope: str):
+    async def check(owner: TenantKey) -> KeyOwner:
+        if scope not in owner.scopes:
+            raise Forbidden(f"this API key lacks the '{scope}' scope")
+        return owner
+
+    return Depends(check)
+
+
+InferenceKey = Annotated[KeyOwner, require("inference")]

@@ -1,0 +1,1 @@
+"""The Ollama-compatible API: /api/chat, /api/generate."""

@@ -1,0 +1,147 @@
+"""Ollama's wire format: requests (which translate themselves into jobs) and responses."""
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.errors import BadRequest
+from api.images import check_image
+from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
+
+NS = 1_000_000_000
+
+
+class Options(BaseModel):
+    """The subset of Ollama's `options` that the engines honour; others are ignored."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    num_predict: int | None = Field(None, ge=-2, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1_000_000)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: list[str] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def to_sampling(self) -> SamplingOptions:
+        given = {
+            "max_tokens": self.num_predict if self.num_predict and self.num_predict > 0 else None,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,
+        }
+        return SamplingOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = ""
+    images: list[str] | None = None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: Options = Field(default_factory=Options)
+    keep_alive: str | int | float | None = None
+    format: Any = None
+
+    def _job(self, kind: str, turns: list[ChatTurn], owner, request_id: str) -> ChatJob:
+        if self.format not in (None, ""):
+            raise BadRequest("field 'format': structured output is not supported by this model")
+        return ChatJob(
+            request_id=request_id,
+            tenant_id=owner.tenant_id,
+            api_key_id=owner.key_id,
+            model=self.model,
+            kind=kind,
+            messages=turns,
+            options=self.options.to_sampling(),
+            enqueued_at=time.time(),
+        )
+
+
+def _images(images: list[str] | None, field: str, limits: "ImageLimits") -> list[str]:
+    images = images or []
+    if len(images) > limits.max_count:
+        raise BadRequest(f"{field}: {len(images)} images; at most {limits.max_count} per request")
+    return [check_image(b64, f"{field}[{i}]", limits.max_pixels) for i, b64 in enumerate(images)]
+
+
+class ImageLimits(BaseModel):
+    max_count: int
+    max_pixels: int
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+
+    def to_job(self, owner, request_id: str, limits: ImageLimits) -> ChatJob:
+        total = sum(len(m.images or []) for m in self.messages)
+        if total > limits.max_count:
+            raise BadRequest(f"field 'messages': {total} images; at most {limits.max_count} per request")
+        turns = [
+            ChatTurn(
+                role=m.role,
+                content=m.content,
+                images=_images(m.images, f"messages[{i}].images", limits),
+            )
+            for i, m in enumerate(self.messages)
+        ]
+        return self._job("chat", turns, owner, request_id)
+
+
+class GenerateRequest(_Request):
+    prompt: str = ""
+    system: str | None = None
+    images: list[str] | None = None
+
+    def is_load_only(self) -> bool:
+        """Ollama clients send an empty prompt to load a model."""
+        return not self.prompt and not self.images
+
+    def to_job(self, owner, request_id: str, limits: ImageLimits) -> ChatJob:
+        turns = []
+        if self.system:
+            turns.append(ChatTurn(role="system", content=self.system))
+        turns.append(
+            ChatTurn(role="user", content=self.prompt, images=_images(self.images, "images", limits))
+        )
+        return self._job("generate", turns, owner, request_id)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def final_fields(done: DoneChunk, total_seconds: float) -> dict:
+    """Ollama's closing statistics (nanoseconds), plus what the request cost."""
+    return {
+        "done": True,
+        "done_reason": done.done_reason,
+        "total_duration": int(total_seconds * NS),
+        "load_duration": int(done.load_seconds * NS),
+        "prompt_eval_count": done.prompt_tokens,
+        "prompt_eval_duration": int(done.prompt_eval_seconds * NS),
+        "eval_count": done.output_tokens,
+        "eval_duration": int(done.eval_seconds * NS),
+        "gpu_seconds": round(done.gpu_seconds, 6),
+    }

@@ -1,0 +1,64 @@
+"""The gateway's state: made by the lifespan, one per process, never a module global."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from cachetools import TTLCache
+from celery import Celery
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from api.admission import Admission
+from api.settings import GatewaySettings
+from billing.db import async_engine, async_session_factory
+from billing.tenants import KeyOwner
+from workers.contract import celery_config
+
+
+@dataclass
+class AppState:
+    settings: GatewaySettings
+    redis: aioredis.Redis
+    db: AsyncEngine
+    sessions: async_sessionmaker
+    admission: Admission
+    celery: Celery
+    key_cache: TTLCache[str, KeyOwner]
+
+    def serves(self, model: str) -> bool:
+        return model in self.model_names()
+
+    def model_names(self) -> list[str]:
+        name = self.settings.llava_model
+        return [name, f"{name}:latest"]
+
+
+def lifespan(settings: GatewaySettings):
+    @asynccontextmanager
+    async def run(_: FastAPI) -> AsyncIterator[dict]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        db = async_engine(settings.database_url)
+        celery = Celery("gpuhost-gateway")
+        celery.conf.update(celery_config(settings.celery_broker_url))
+        state = AppState(
+            settings=settings,
+            redis=client,
+            db=db,
+            sessions=async_session_factory(db),
+            admission=Admission(
+                client, settings.tier_limits, settings.lease_ttl_seconds,
+                settings.retry_after_seconds,
+            ),
+            celery=celery,
+            key_cache=TTLCache(maxsize=100_000, ttl=settings.auth_cache_seconds),
+        )
+        try:
+            yield {"gpuhost": state}
+        finally:
+            await client.aclose()
+            await db.dispose()
+            celery.close()
+
+    return run

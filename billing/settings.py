@@ -1,0 +1,45 @@
+"""Settings shared by every process role (gateway, worker, command line).
+
+Each role's settings class derives from `StackSettings`; all read `GPUHOST_*`
+environment variables (and a `.env` file when present).
+"""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/gpuhost"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class StackSettings(BaseSettings):
+    """Where the shared services are."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUHOST_", env_file=".env", extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    # Celery broker. Empty means: the Redis above.
+    broker_url: str = ""
+    tier_limits: dict[str, int] = Field(default_factory=lambda: {"free": 1, "pro": 3, "max": 10})
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+
+class ModelSettings(StackSettings):
+    """Which models are served, by name, and where their weights are."""
+
+    models_dir: Path = Path(".gpuhost/models")
+    llava_model: str = "llava-llama3"
+    llava_path: Path | None = None
+    sd_model: str = "stable-diffusion"
+    sd_path: Path | None = None
+
+    def llava_weights(self) -> Path:
+        return self.llava_path or self.models_dir / self.llava_model
+
+    def sd_weights(self) -> Path:
+        return self.sd_path or self.models_dir / self.sd_model

@@ -1,0 +1,58 @@
+"""The Celery application of a worker process, built from its settings."""
+
+import redis
+from celery import Celery
+
+from billing.db import session_factory, sync_engine
+from workers.contract import CHAT_TASK, SD_QUEUE, celery_config
+from workers.engines.base import ChatEngine
+from workers.settings import WorkerSettings
+from workers.tasks import WorkerRuntime, run_chat
+
+
+def load_engine(settings: WorkerSettings) -> ChatEngine:
+    from workers.engines.llava_transformers import TransformersLlava
+
+    return TransformersLlava(
+        settings.llava_model,
+        settings.llava_weights(),
+        device=settings.device,
+        max_output_tokens=settings.max_output_tokens,
+    )
+
+
+def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
+    """A Celery app whose tasks run on `runtime` (which holds the resident model)."""
+    app = Celery("gpuhost")
+    app.conf.update(celery_config(settings.celery_broker_url))
+
+    @app.task(name=CHAT_TASK)
+    def chat(payload: dict) -> str:
+        return run_chat(runtime, payload)
+
+    return app
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """Load the model once, then consume the queue with a pool of threads until SIGTERM/SIGINT."""
+    if settings.queue == SD_QUEUE:
+        raise NotImplementedError("the Stable Diffusion worker is not available yet")
+    runtime = WorkerRuntime(
+        settings=settings,
+        redis=redis.Redis.from_url(settings.redis_url),
+        sessions=session_factory(sync_engine(settings.database_url)),
+        engine=load_engine(settings),
+    )
+    app = create_worker_app(settings, runtime)
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={settings.queue}",
+            "--pool=threads",
+            f"--concurrency={settings.concurrency}",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            f"--hostname={settings.queue}@%h",
+        ]
+    )

@@ -1,0 +1,131 @@
+"""What the gateway and the workers agree on: task names, queues, jobs, chunks, Redis keys.
+
+Imports neither torch nor any model code: the gateway imports this module.
+"""
+
+import json
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+LLAVA_QUEUE = "llava"
+SD_QUEUE = "sd"  # reserved for Stable Diffusion workers
+QUEUES = (LLAVA_QUEUE, SD_QUEUE)
+
+CHAT_TASK = "gpuhost.llava.chat"
+
+# Statuses of a finished request, as written to its usage record.
+COMPLETED, CANCELLED, FAILED, REJECTED = "completed", "cancelled", "failed", "rejected"
+
+
+def stream_key(request_id: str) -> str:
+    """Redis Stream the worker writes the job's chunks to and the gateway reads."""
+    return f"gpuhost:job:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Set by the gateway when the client goes away; the worker stops at the next token."""
+    return f"gpuhost:job:{request_id}:cancel"
+
+
+def claim_key(request_id: str) -> str:
+    """Held (with a TTL, renewed) by the worker that runs the job."""
+    return f"gpuhost:job:{request_id}:claim"
+
+
+def started_key(request_id: str) -> str:
+    """Set once a worker has started the job; outlives the claim."""
+    return f"gpuhost:job:{request_id}:started"
+
+
+def celery_config(broker_url: str) -> dict:
+    """Celery settings the gateway (producer) and the workers (consumers) share."""
+    return {
+        "broker_url": broker_url,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        # A job is acknowledged when it finishes, and comes back if its worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_routes": {CHAT_TASK: {"queue": LLAVA_QUEUE}},
+        "worker_hijack_root_logger": False,
+    }
+
+
+CHUNK_FIELD = "c"
+
+
+class SamplingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = None  # None: up to the context window (and the worker's cap)
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 40
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    images: list[str] = Field(default_factory=list)  # base64, already validated by the gateway
+
+
+class ChatJob(BaseModel):
+    """One LLaVA request, as enqueued by the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    tenant_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    model: str
+    kind: Literal["chat", "generate"]
+    messages: list[ChatTurn]
+    options: SamplingOptions
+    enqueued_at: float  # unix time at the gateway
+
+
+class TokenChunk(BaseModel):
+    type: Literal["token"] = "token"
+    text: str
+
+
+class DoneChunk(BaseModel):
+    type: Literal["done"] = "done"
+    done_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    output_tokens: int
+    load_seconds: float
+    prompt_eval_seconds: float
+    eval_seconds: float
+    queue_seconds: float
+    gpu_seconds: float
+
+
+class ErrorChunk(BaseModel):
+    type: Literal["error"] = "error"
+    status: int  # the HTTP status the gateway should answer with, if the stream has not started
+    message: str
+
+
+Chunk = Annotated[TokenChunk | DoneChunk | ErrorChunk, Field(discriminator="type")]
+_chunk = TypeAdapter(Chunk)
+
+
+def encode_chunk(chunk: TokenChunk | DoneChunk | ErrorChunk) -> dict[str, str]:
+    return {CHUNK_FIELD: chunk.model_dump_json()}
+
+
+def decode_chunk(fields: dict) -> TokenChunk | DoneChunk | ErrorChunk:
+    raw = fields.get(CHUNK_FIELD) or fields.get(CHUNK_FIELD.encode())
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    return _chunk.validate_python(json.loads(raw))

@@ -1,0 +1,40 @@
+"""The interface every LLaVA engine implements."""
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from workers.contract import ChatJob
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be run as given (e.g. longer than the context window). HTTP 400."""
+
+
+class TokenSink(Protocol):
+    """Where an engine sends one request's output while it runs."""
+
+    def token(self, text: str) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one request used, as the engine measured it."""
+
+    done_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    output_tokens: int
+    prompt_eval_seconds: float
+    eval_seconds: float
+    # Device time this request is billed for: the engine's busy time while it ran, its share
+    # when batched. Never includes queue wait or model load.
+    gpu_seconds: float
+
+
+class ChatEngine(Protocol):
+    model_name: str
+    context_window: int
+    load_seconds: float
+
+    def generate(self, job: ChatJob, sink: TokenSink) -> Generation: ...

@@ -1,0 +1,18 @@
+"""Settings of a worker process (`gpuhost worker`)."""
+
+from typing import Literal
+
+from billing.settings import ModelSettings
+
+
+class WorkerSettings(ModelSettings):
+    queue: Literal["llava", "sd"] = "llava"
+    # Requests a worker process takes from the queue at once (Celery threads).
+    concurrency: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    engine: Literal["transformers"] = "transformers"
+    max_output_tokens: int = 2048
+    # How long a finished job's chunks stay readable in Redis (resumable streams).
+    stream_retention_seconds: int = 600
+    # A running job's claim expires this long after its worker stops renewing it.
+    claim_ttl_seconds: int = 30

@@ -1,0 +1,229 @@
+"""Tiny random-weight models of the real architectures, for dev mode and tests.
+
+`gpuhost models make-tiny DIR` writes:
+- DIR/llava-llama3: LLaVA (CLIP ViT-L/14-336 geometry: 336 px, 14 px patches, 576 image
+  tokens) over a Llama decoder with an 8K context, a byte-level BPE tokenizer with Llama 3's
+  special tokens, Llama 3's chat template and a LlavaProcessor;
+- DIR/stable-diffusion: UNet, VAE (8x downsampling), CLIP text encoder and tokenizer, and a
+  scheduler, as a diffusers StableDiffusionPipeline.
+Both load through the same `from_pretrained` code as the real weights, offline.
+"""
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LLAVA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<image>",
+    "<|pad|>",
+]
+
+# Llama 3's chat format, with LLaVA's <image> placeholder ahead of a turn's text.
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# Text the tiny tokenizer learns its merges from (written for this project).
+CORPUS = [
+    "Describe the image in one sentence.",
+    "What is written on the sign in this photo?",
+    "The picture shows a red square on a white background.",
+    "A screenshot of a terminal window with green text on black.",
+    "Read the table and give the total of the second column.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Hello! How can I help you today? Here is a short answer.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000, and punctuation: .,;:!?()[]{}'\"-",
+]
+
+
+def make_llava(out: Path, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(seed)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=LLAVA_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|pad|>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=8192,
+    )
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=336,
+        patch_size=14,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=[ids["<|eot_id|>"], ids["<|end_of_text|>"]],
+        pad_token_id=ids["<|pad|>"],
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=ids["<image>"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=576,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.pad_token_id = ids["<|pad|>"]
+    model.generation_config.bos_token_id = ids["<|begin_of_text|>"]
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    log.info("wrote tiny LLaVA to %s", out)
+    return out
+
+
+def _clip_vocab() -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary: every byte symbol, alone and word-final."""
+    from tokenizers import pre_tokenizers
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    return {token: i for i, token in enumerate(vocab)}
+
+
+def make_stable_diffusion(out: Path, seed: int = 0) -> Path:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer(vocab=_clip_vocab(), merges=[], model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    log.info("wrote tiny Stable Diffusion to %s", out)
+    return out
+
+
+def make_all(directory: Path, llava_name: str, sd_name: str) -> dict[str, Path]:
+    return {
+        llava_name: make_llava(directory / llava_name),
+        sd_name: make_stable_diffusion(directory / sd_name),
+    }
