@@ -1,5 +1,6 @@
 """Hand a job to the workers and relay what they stream back, holding the tenant's slot."""
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,18 @@ class Job:
         self.finished = False
         self._last_id = "0-0"
         self._released = False
+        # The lease is renewed on its own clock, not the client's: a slow reader keeps its slot.
+        self._renewal = asyncio.create_task(self._keep_lease())
+
+    async def _keep_lease(self) -> None:
+        every = self.state.settings.lease_ttl_seconds / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if not await self.state.admission.renew(self.lease):
+                    log.warning("the lease of %s had expired before it was renewed", self.request_id)
+            except RedisError as exc:
+                log.warning("could not renew the lease of %s: %s", self.request_id, exc)
 
     @property
     def request_id(self) -> str:
@@ -67,20 +80,13 @@ class Job:
         `disconnected`, if given, is polled while waiting; when it says True the job is
         cancelled and iteration ends.
         """
-        settings = self.state.settings
         key = stream_key(self.request_id)
-        renew_every = settings.lease_ttl_seconds / 3
-        renewed = waited_since = time.monotonic()
+        waited_since = time.monotonic()
         while not self.finished:
             try:
                 reply = await self.state.redis.xread({key: self._last_id}, count=64, block=POLL_MS)
-                now = time.monotonic()
-                if now - renewed >= renew_every:
-                    if not await self.state.admission.renew(self.lease):
-                        log.warning("lease of %s had expired before renewal", self.request_id)
-                    renewed = now
                 if not reply:
-                    await self._check_waiting(now - waited_since)
+                    await self._check_waiting(time.monotonic() - waited_since)
                     if disconnected is not None and await disconnected():
                         await self.cancel()
                         return
@@ -92,7 +98,9 @@ class Job:
                 self._last_id = entry_id
                 chunk = decode_chunk(fields)
                 if not isinstance(chunk, TokenChunk):
+                    # The work is over: the slot is free before the client hears so.
                     self.finished = True
+                    await self.close()
                 yield chunk
                 if self.finished:
                     return
@@ -127,6 +135,7 @@ class Job:
         if self._released:
             return
         self._released = True
+        self._renewal.cancel()
         with anyio.CancelScope(shield=True):
             try:
                 if not self.finished:

@@ -119,6 +119,9 @@ def make_llava(out: Path, seed: int = 0) -> Path:
     )
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = text.eos_token_id
+    # Random weights would end an answer at a random token; the tiny model never ends its turn
+    # by itself, so that tests set answer lengths with num_predict (and stop strings).
+    model.generation_config.suppress_tokens = text.eos_token_id
     model.generation_config.pad_token_id = ids["<|pad|>"]
     model.generation_config.bos_token_id = ids["<|begin_of_text|>"]
 

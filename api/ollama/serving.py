@@ -62,6 +62,10 @@ class OllamaServing:
                 raise UpstreamError(first.status, first.message)
             if not body.stream:
                 whole = await render.whole(first, job, request)
+        except ApiError as exc:
+            await job.close()
+            exc.headers.setdefault("X-Request-Id", request_id)
+            raise
         except BaseException:
             await job.close()
             raise

@@ -1,0 +1,110 @@
+"""The per-tenant lease semaphore, against a real Redis."""
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from api.admission import Admission
+from api.errors import TooManyRequests, Unavailable
+from tests.stack import free_port
+
+LIMITS = {"free": 1, "pro": 3, "max": 10}
+
+
+@pytest.fixture
+async def client(redis_url):
+    connection = aioredis.Redis.from_url(redis_url)
+    yield connection
+    await connection.aclose()
+
+
+def admission(client, ttl: float = 30.0) -> Admission:
+    return Admission(client, LIMITS, ttl_seconds=ttl, retry_after_seconds=2)
+
+
+class TestLimits:
+    @pytest.mark.parametrize("tier, limit", LIMITS.items())
+    async def test_a_tier_gets_exactly_its_limit(self, client, tier, limit):
+        gate, tenant = admission(client), uuid.uuid4()
+        for i in range(limit):
+            await gate.acquire(tenant, tier, f"r{i}")
+        with pytest.raises(TooManyRequests) as refused:
+            await gate.acquire(tenant, tier, "one-too-many")
+        assert f"the {tier} tier allows {limit} at a time" in refused.value.message
+        assert refused.value.headers == {"Retry-After": "2"}
+        assert await gate.in_flight(tenant) == limit
+
+    async def test_concurrent_acquires_never_exceed_the_limit(self, client):
+        gate, tenant = admission(client), uuid.uuid4()
+        results = await asyncio.gather(
+            *(gate.acquire(tenant, "pro", f"r{i}") for i in range(25)), return_exceptions=True
+        )
+        granted = [r for r in results if not isinstance(r, Exception)]
+        refused = [r for r in results if isinstance(r, TooManyRequests)]
+        assert len(granted) == 3 and len(refused) == 22
+
+    async def test_tenants_do_not_share_slots(self, client):
+        gate = admission(client)
+        await gate.acquire(uuid.uuid4(), "free", "a")
+        await gate.acquire(uuid.uuid4(), "free", "b")  # does not raise
+
+    async def test_a_refused_request_holds_nothing(self, client):
+        gate, tenant = admission(client), uuid.uuid4()
+        lease = await gate.acquire(tenant, "free", "first")
+        for i in range(5):
+            with pytest.raises(TooManyRequests):
+                await gate.acquire(tenant, "free", f"refused-{i}")
+        await gate.release(lease)
+        assert await gate.in_flight(tenant) == 0
+        await gate.acquire(tenant, "free", "next")
+
+
+class TestRelease:
+    async def test_release_frees_the_slot_and_is_idempotent(self, client):
+        gate, tenant = admission(client), uuid.uuid4()
+        lease = await gate.acquire(tenant, "free", "a")
+        await gate.release(lease)
+        await gate.release(lease)
+        second = await gate.acquire(tenant, "free", "b")
+        await gate.release(lease)  # a stale release must not free someone else's slot
+        assert await gate.in_flight(tenant) == 1
+        await gate.release(second)
+
+    async def test_a_crashed_holders_slot_comes_back_after_the_lease_ttl(self, client):
+        gate, tenant = admission(client, ttl=0.3), uuid.uuid4()
+        await gate.acquire(tenant, "free", "crashed")  # never renewed, never released
+        with pytest.raises(TooManyRequests):
+            await gate.acquire(tenant, "free", "early")
+        while await gate.in_flight(tenant):
+            await asyncio.sleep(0.05)
+        await gate.acquire(tenant, "free", "after-expiry")
+
+    async def test_renewal_keeps_a_running_request_admitted(self, client):
+        gate, tenant = admission(client, ttl=0.4), uuid.uuid4()
+        lease = await gate.acquire(tenant, "free", "long")
+        for _ in range(6):
+            await asyncio.sleep(0.1)
+            assert await gate.renew(lease)
+        with pytest.raises(TooManyRequests):
+            await gate.acquire(tenant, "free", "other")
+
+    async def test_renewing_an_expired_lease_says_so(self, client):
+        gate, tenant = admission(client, ttl=0.1), uuid.uuid4()
+        lease = await gate.acquire(tenant, "free", "gone")
+        other = await gate.acquire(uuid.uuid4(), "free", "x")
+        await gate.release(other)
+        while await gate.in_flight(tenant):
+            await asyncio.sleep(0.05)
+        await gate.acquire(tenant, "free", "newcomer")  # drops the expired lease
+        assert await gate.renew(lease) is False
+
+
+class TestRedisDown:
+    async def test_unreachable_redis_refuses_with_503_never_allows(self):
+        dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+        with pytest.raises(Unavailable) as refused:
+            await admission(dead).acquire(uuid.uuid4(), "max", "r")
+        assert refused.value.status == 503
+        await dead.aclose()

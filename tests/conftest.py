@@ -1,0 +1,157 @@
+"""Fixtures: a migrated PostgreSQL database, a Redis database, tiny models, real processes.
+
+Everything talks to real services: PostgreSQL and Redis (started by .ci/run when not
+running), and `gpuhost worker` / `gpuhost serve` processes.
+"""
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+import migrations
+from billing import tenants
+from billing.db import session_factory, sync_engine, transaction
+from tests.stack import Gateway, Worker
+
+TIERS = {"free": 1, "pro": 3, "max": 10}
+
+
+class TestServices(BaseSettings):
+    """Where the test services are (GPUHOST_TEST_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUHOST_TEST_")
+
+    postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+
+
+SERVICES = TestServices()
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw") or 0)
+
+
+def fresh_database(name: str) -> str:
+    """Drop and create database `name`; return its SQLAlchemy URL."""
+    admin = make_url(SERVICES.postgres_url)
+    libpq = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    url = fresh_database(f"gpuhost_test_{_worker_index()}")
+    migrations.upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def sessions(database_url):
+    engine = sync_engine(database_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def db(sessions) -> Iterator:
+    """A session whose work is rolled back at the end of the test."""
+    with sessions() as session:
+        session.begin()
+        yield session
+        session.rollback()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    index = 1 + _worker_index()  # database 0 is left to whoever else uses this server
+    url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/{index}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    from workers.tiny import make_all
+
+    directory = tmp_path_factory.mktemp("models")
+    make_all(directory, "llava-llama3", "stable-diffusion")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def stack_env(database_url, redis_url, models_dir) -> dict[str, str]:
+    return {
+        "GPUHOST_DATABASE_URL": database_url,
+        "GPUHOST_REDIS_URL": redis_url,
+        "GPUHOST_MODELS_DIR": str(models_dir),
+        "GPUHOST_AUTH_CACHE_SECONDS": "1",
+        "GPUHOST_LEASE_TTL_SECONDS": "5",
+        "GPUHOST_QUEUE_TIMEOUT_SECONDS": "60",
+    }
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env, redis_url, tmp_path_factory) -> Iterator[Worker]:
+    process = Worker("worker", stack_env, tmp_path_factory.mktemp("logs"), redis_url)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def _gateway(name, stack_env, tmp_path_factory) -> Iterator[Gateway]:
+    process = Gateway(name, stack_env, tmp_path_factory.mktemp("logs"))
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
+    yield from _gateway("gateway", stack_env, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def second_gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
+    """Another replica over the same Redis and PostgreSQL."""
+    yield from _gateway("gateway-2", stack_env, tmp_path_factory)
+
+
+class Tenants:
+    """Makes committed tenants and keys (the gateway and workers must see them)."""
+
+    def __init__(self, sessions):
+        self.sessions = sessions
+
+    def create(self, tier: str = "free", scopes=tenants.DEFAULT_SCOPES) -> tuple[uuid.UUID, str, uuid.UUID]:
+        """Returns (tenant id, API key, key id)."""
+        with transaction(self.sessions) as session:
+            tenant = tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:8]}", tier, TIERS)
+            row, secret = tenants.create_key(session, tenant.id, tuple(scopes))
+            return tenant.id, secret, row.id
+
+
+@pytest.fixture(scope="session")
+def tenant_factory(sessions) -> Tenants:
+    return Tenants(sessions)

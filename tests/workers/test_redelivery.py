@@ -1,0 +1,112 @@
+"""Exactly once: a task Celery delivers twice yields one usage record and one answer."""
+
+import time
+import uuid
+
+import pytest
+from celery import Celery
+from sqlalchemy import func, select
+
+from billing import usage
+from billing.models import UsageRecord
+from billing.db import transaction
+from tests.helpers import usage_rows
+from tests.stack import wait_for
+from workers.contract import (
+    CHAT_TASK,
+    LLAVA_QUEUE,
+    ChatJob,
+    ChatTurn,
+    SamplingOptions,
+    celery_config,
+    decode_chunk,
+    stream_key,
+)
+
+
+@pytest.fixture(scope="module")
+def producer(redis_url):
+    app = Celery("gpuhost-tests-producer")
+    app.conf.update(celery_config(redis_url))
+    yield app
+    app.close()
+
+
+def job(tenant_id, key_id, tokens: int = 6) -> ChatJob:
+    return ChatJob(
+        request_id=uuid.uuid4().hex,
+        tenant_id=tenant_id,
+        api_key_id=key_id,
+        model="llava-llama3",
+        kind="chat",
+        messages=[ChatTurn(role="user", content="hello")],
+        options=SamplingOptions(max_tokens=tokens, temperature=0),
+        enqueued_at=time.time(),
+    )
+
+
+def chunks(redis_client, request_id: str) -> list:
+    return [decode_chunk(fields) for _, fields in redis_client.xrange(stream_key(request_id))]
+
+
+def all_deliveries_acked(redis_client) -> bool:
+    """Nothing waiting in the queue and nothing delivered but unacknowledged (kombu's redis transport)."""
+    return redis_client.llen(LLAVA_QUEUE) == 0 and redis_client.hlen("unacked") == 0
+
+
+class TestDeliveredTwice:
+    def test_two_deliveries_at_once_run_the_job_once(
+        self, worker, producer, tenant_factory, sessions, redis_client
+    ):
+        tenant_id, _, key_id = tenant_factory.create("free")
+        spec = job(tenant_id, key_id)
+        for _ in range(2):  # the same message, twice, as a redelivery would give it
+            producer.send_task(CHAT_TASK, args=[spec.model_dump(mode="json")],
+                               task_id=spec.request_id, queue=LLAVA_QUEUE)
+        wait_for(lambda: all_deliveries_acked(redis_client), 60, "both deliveries to be acknowledged")
+        records = usage_rows(sessions, spec.request_id)
+        assert len(records) == 1 and records[0].status == "completed"
+        finals = [c for c in chunks(redis_client, spec.request_id) if c.type != "token"]
+        assert len(finals) == 1 and finals[0].type == "done"
+
+    def test_a_delivery_after_the_job_finished_is_ignored(
+        self, worker, producer, tenant_factory, sessions, redis_client
+    ):
+        tenant_id, _, key_id = tenant_factory.create("free")
+        spec = job(tenant_id, key_id)
+        message = dict(args=[spec.model_dump(mode="json")], task_id=spec.request_id, queue=LLAVA_QUEUE)
+        producer.send_task(CHAT_TASK, **message)
+        wait_for(lambda: usage_rows(sessions, spec.request_id), 60, "the first delivery to finish")
+        before = len(chunks(redis_client, spec.request_id))
+        producer.send_task(CHAT_TASK, **message)
+        wait_for(lambda: all_deliveries_acked(redis_client), 60, "the second delivery to be acknowledged")
+        assert len(usage_rows(sessions, spec.request_id)) == 1
+        assert len(chunks(redis_client, spec.request_id)) == before  # nothing streamed twice
+
+
+class TestLedgerGuard:
+    def test_the_unique_request_id_keeps_the_first_record(self, sessions, tenant_factory):
+        tenant_id, _, _ = tenant_factory.create("free")
+        request_id = uuid.uuid4().hex
+
+        def attempt(seconds: float) -> bool:
+            with transaction(sessions) as session:
+                return usage.record(session, usage.UsageCreate(
+                    request_id=request_id, tenant_id=tenant_id, api_key_id=None,
+                    model="llava-llama3", kind="chat", status="completed", gpu_seconds=seconds,
+                    queue_seconds=0.0, prompt_tokens=1, output_tokens=1, started_at=None,
+                    finished_at=_now(),
+                ))
+
+        assert attempt(1.0) is True
+        assert attempt(2.0) is False
+        with sessions() as session:
+            count = session.scalar(select(func.count()).where(UsageRecord.request_id == request_id))
+            gpu = session.scalar(select(UsageRecord.gpu_seconds).where(UsageRecord.request_id == request_id))
+        assert count == 1 and gpu == 1.0
+
+
+def _now():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
