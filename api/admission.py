@@ -52,8 +52,13 @@ class Lease:
 
 
 class Admission:
-    def __init__(self, client: aioredis.Redis, limits: dict[str, int], ttl_seconds: float,
-                 retry_after_seconds: int):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        limits: dict[str, int],
+        ttl_seconds: float,
+        retry_after_seconds: int,
+    ):
         self._redis = client
         self._limits = limits
         self._ttl_ms = int(ttl_seconds * 1000)
@@ -71,7 +76,9 @@ class Admission:
                 keys=[slots_key(tenant_id)], args=[limit, self._ttl_ms, holder]
             )
         except RedisError as exc:
-            raise Unavailable(f"admission is unavailable (Redis: {exc}); try again shortly") from exc
+            raise Unavailable(
+                f"admission is unavailable (Redis: {exc}); try again shortly"
+            ) from exc
         if not granted:
             raise TooManyRequests(
                 f"too many requests in flight: the {tier} tier allows {limit} at a time "
@@ -82,7 +89,9 @@ class Admission:
 
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease; False if it had already expired (the slot may be someone else's)."""
-        return bool(await self._renew(keys=[slots_key(lease.tenant_id)], args=[self._ttl_ms, lease.holder]))
+        return bool(
+            await self._renew(keys=[slots_key(lease.tenant_id)], args=[self._ttl_ms, lease.holder])
+        )
 
     async def release(self, lease: Lease) -> None:
         await self._redis.zrem(slots_key(lease.tenant_id), lease.holder)

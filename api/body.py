@@ -17,8 +17,15 @@ def json_body(model: type[M]):
     async def parse(request: Request) -> M:
         raw = await request.body()
         if not raw.strip():
-            raise RequestValidationError([{"type": "missing", "loc": ("body",),
-                                           "msg": "request body is empty; expected JSON"}])
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "missing",
+                        "loc": ("body",),
+                        "msg": "request body is empty; expected JSON",
+                    }
+                ]
+            )
         try:
             return model.model_validate_json(raw)
         except ValidationError as exc:

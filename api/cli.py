@@ -12,7 +12,9 @@ from billing import tenants, usage
 from billing.db import session_factory, sync_engine, transaction
 from billing.settings import ModelSettings, StackSettings
 
-app = typer.Typer(help="gpuhost: GPU model hosting, billed by the GPU-second.", no_args_is_help=True)
+app = typer.Typer(
+    help="gpuhost: GPU model hosting, billed by the GPU-second.", no_args_is_help=True
+)
 db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
 admin_app = typer.Typer(help="Tenants, keys and usage (prints JSON).", no_args_is_help=True)
 tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
@@ -129,13 +131,17 @@ def tenant_create(
     name: str, tier: Annotated[str, typer.Option(help="free, pro or max.")] = "free"
 ) -> None:
     """Create a tenant."""
-    _print(_admin(lambda s, cfg: _tenant_json(tenants.create_tenant(s, name, tier, cfg.tier_limits))))
+    _print(
+        _admin(lambda s, cfg: _tenant_json(tenants.create_tenant(s, name, tier, cfg.tier_limits)))
+    )
 
 
 @tenant_app.command("set-tier")
 def tenant_set_tier(tenant_id: str, tier: str) -> None:
     """Move a tenant to another tier; takes effect on its next request."""
-    _print(_admin(lambda s, cfg: _tenant_json(tenants.set_tier(s, tenant_id, tier, cfg.tier_limits))))
+    _print(
+        _admin(lambda s, cfg: _tenant_json(tenants.set_tier(s, tenant_id, tier, cfg.tier_limits)))
+    )
 
 
 @key_app.command("create")
@@ -202,5 +208,7 @@ def models_make_tiny(directory: Path) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app()

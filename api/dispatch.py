@@ -50,7 +50,9 @@ class Job:
             await asyncio.sleep(every)
             try:
                 if not await self.state.admission.renew(self.lease):
-                    log.warning("the lease of %s had expired before it was renewed", self.request_id)
+                    log.warning(
+                        "the lease of %s had expired before it was renewed", self.request_id
+                    )
             except RedisError as exc:
                 log.warning("could not renew the lease of %s: %s", self.request_id, exc)
 
@@ -111,7 +113,8 @@ class Job:
             if silent_for > settings.idle_timeout_seconds:
                 await self.cancel()
                 raise GatewayTimeout(
-                    f"the model sent nothing for {settings.idle_timeout_seconds:.0f}s; request cancelled"
+                    f"the model sent nothing for {settings.idle_timeout_seconds:.0f}s; "
+                    "request cancelled"
                 )
             return
         if silent_for > settings.queue_timeout_seconds and not await self.state.redis.exists(
@@ -143,5 +146,6 @@ class Job:
                 await self.state.admission.release(self.lease)
             except RedisError:
                 # The lease expires by itself within its TTL; nothing more can be done now.
-                log.warning("could not release the slot of %s; it expires with its lease",
-                            self.request_id)
+                log.warning(
+                    "could not release the slot of %s; it expires with its lease", self.request_id
+                )

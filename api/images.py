@@ -36,13 +36,18 @@ def check_image(data: str, field: str, max_pixels: int) -> str:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise PayloadTooLarge(
-                        f"{field}: image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+                        f"{field}: image is {width}x{height} pixels; "
+                        f"the limit is {max_pixels} pixels"
                     )
                 image.load()  # decodes fully: truncated data fails here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PayloadTooLarge(f"{field}: image is too large to decode (decompression bomb)") from None
+        raise PayloadTooLarge(
+            f"{field}: image is too large to decode (decompression bomb)"
+        ) from None
     except UnidentifiedImageError:
-        raise BadRequest(f"{field}: not an image (PNG, JPEG, GIF, WebP, BMP are accepted)") from None
+        raise BadRequest(
+            f"{field}: not an image (PNG, JPEG, GIF, WebP, BMP are accepted)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadRequest(f"{field}: corrupt or truncated image ({exc})") from None
     return data

@@ -48,7 +48,9 @@ def lifespan(settings: GatewaySettings):
             db=db,
             sessions=async_session_factory(db),
             admission=Admission(
-                client, settings.tier_limits, settings.lease_ttl_seconds,
+                client,
+                settings.tier_limits,
+                settings.lease_ttl_seconds,
                 settings.retry_after_seconds,
             ),
             celery=celery,

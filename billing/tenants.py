@@ -80,7 +80,8 @@ def create_key(
     unknown = set(scopes) - KNOWN_SCOPES
     if unknown:
         raise InvalidArgument(
-            f"unknown scope(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(KNOWN_SCOPES))}"
+            f"unknown scope(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(KNOWN_SCOPES))}"
         )
     new = keys.generate()
     row = ApiKey(
@@ -114,8 +115,15 @@ async def owner_of_key(session: AsyncSession, presented: str) -> KeyOwner | None
     digest = keys.hash_key(presented)
     row = (
         await session.execute(
-            select(ApiKey.id, ApiKey.key_hash, ApiKey.scopes, ApiKey.expires_at,
-                   ApiKey.revoked_at, Tenant.id, Tenant.tier)
+            select(
+                ApiKey.id,
+                ApiKey.key_hash,
+                ApiKey.scopes,
+                ApiKey.expires_at,
+                ApiKey.revoked_at,
+                Tenant.id,
+                Tenant.tier,
+            )
             .join(Tenant, Tenant.id == ApiKey.tenant_id)
             .where(ApiKey.key_hash == digest)
         )

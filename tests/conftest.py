@@ -144,7 +144,9 @@ class Tenants:
     def __init__(self, sessions):
         self.sessions = sessions
 
-    def create(self, tier: str = "free", scopes=tenants.DEFAULT_SCOPES) -> tuple[uuid.UUID, str, uuid.UUID]:
+    def create(
+        self, tier: str = "free", scopes=tenants.DEFAULT_SCOPES
+    ) -> tuple[uuid.UUID, str, uuid.UUID]:
         """Returns (tenant id, API key, key id)."""
         with transaction(self.sessions) as session:
             tenant = tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:8]}", tier, TIERS)

@@ -25,8 +25,9 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def chat_body(content: str = "What is in this picture?", images: list[str] | None = None,
-              **options) -> dict:
+def chat_body(
+    content: str = "What is in this picture?", images: list[str] | None = None, **options
+) -> dict:
     message = {"role": "user", "content": content}
     if images is not None:
         message["images"] = images
@@ -41,7 +42,9 @@ def ndjson(response: httpx.Response) -> Iterator[dict]:
 
 def usage_rows(sessions, request_id: str) -> list[UsageRecord]:
     with sessions() as session:
-        return list(session.scalars(select(UsageRecord).where(UsageRecord.request_id == request_id)))
+        return list(
+            session.scalars(select(UsageRecord).where(UsageRecord.request_id == request_id))
+        )
 
 
 def in_flight(redis_client, tenant_id) -> int:

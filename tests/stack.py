@@ -67,7 +67,9 @@ class Process:
 class Gateway(Process):
     def __init__(self, name: str, env: dict[str, str], log_dir: Path):
         self.port = free_port()
-        super().__init__(name, ["serve", "--host", "127.0.0.1", "--port", str(self.port)], env, log_dir)
+        super().__init__(
+            name, ["serve", "--host", "127.0.0.1", "--port", str(self.port)], env, log_dir
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 60) -> None:

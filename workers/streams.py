@@ -22,7 +22,9 @@ RENEW_EVERY_SECONDS = 5.0
 class JobChannel:
     """Publishes one job's chunks and tells the engine when the client has gone."""
 
-    def __init__(self, client: redis.Redis, job: ChatJob, owner: str, claim_ttl: int, retention: int):
+    def __init__(
+        self, client: redis.Redis, job: ChatJob, owner: str, claim_ttl: int, retention: int
+    ):
         self._redis = client
         self._id = job.request_id
         self._owner = owner

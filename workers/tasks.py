@@ -39,8 +39,14 @@ class WorkerRuntime:
     owner: str = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _record(runtime: WorkerRuntime, job: ChatJob, status: str, started: datetime | None,
-            queue_seconds: float, generation: Generation | None = None) -> None:
+def _record(
+    runtime: WorkerRuntime,
+    job: ChatJob,
+    status: str,
+    started: datetime | None,
+    queue_seconds: float,
+    generation: Generation | None = None,
+) -> None:
     with transaction(runtime.sessions) as session:
         written = usage.record(
             session,
@@ -72,7 +78,10 @@ def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
             log.info("job %s delivered again after it finished; ignored", job.request_id)
             return "duplicate"
     channel = JobChannel(
-        runtime.redis, job, runtime.owner, settings.claim_ttl_seconds,
+        runtime.redis,
+        job,
+        runtime.owner,
+        settings.claim_ttl_seconds,
         settings.stream_retention_seconds,
     )
     if not channel.claim():

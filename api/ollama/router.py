@@ -26,5 +26,7 @@ async def chat(owner: InferenceKey, body: ChatBody, state: StateDep, request: Re
 
 
 @router.post("/api/generate", openapi_extra=_schema(GenerateRequest))
-async def generate(owner: InferenceKey, body: GenerateBody, state: StateDep, request: Request) -> Response:
+async def generate(
+    owner: InferenceKey, body: GenerateBody, state: StateDep, request: Request
+) -> Response:
     return await OllamaServing(state).respond(body, owner, request)

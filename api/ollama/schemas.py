@@ -93,7 +93,9 @@ class ChatRequest(_Request):
     def to_job(self, owner, request_id: str, limits: ImageLimits) -> ChatJob:
         total = sum(len(m.images or []) for m in self.messages)
         if total > limits.max_count:
-            raise BadRequest(f"field 'messages': {total} images; at most {limits.max_count} per request")
+            raise BadRequest(
+                f"field 'messages': {total} images; at most {limits.max_count} per request"
+            )
         turns = [
             ChatTurn(
                 role=m.role,
@@ -119,7 +121,9 @@ class GenerateRequest(_Request):
         if self.system:
             turns.append(ChatTurn(role="system", content=self.system))
         turns.append(
-            ChatTurn(role="user", content=self.prompt, images=_images(self.images, "images", limits))
+            ChatTurn(
+                role="user", content=self.prompt, images=_images(self.images, "images", limits)
+            )
         )
         return self._job("generate", turns, owner, request_id)
 

@@ -41,8 +41,13 @@ class OllamaServing:
             raise NotFound(f"model '{body.model}' not found; available: {available}")
         if isinstance(body, GenerateRequest) and body.is_load_only():
             return JSONResponse(
-                {"model": body.model, "created_at": timestamp(), "response": "",
-                 "done": True, "done_reason": "load"}
+                {
+                    "model": body.model,
+                    "created_at": timestamp(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": "load",
+                }
             )
         request_id = new_request_id()
         spec = body.to_job(owner, request_id, self._limits())  # validates before admission

@@ -6,6 +6,7 @@ import zlib
 
 import httpx
 import pytest
+
 from tests.helpers import MODEL, auth, chat_body, in_flight, png
 
 
@@ -24,11 +25,17 @@ def bomb(side: int = 30000) -> str:
     """A PNG of a few hundred bytes that claims side x side pixels."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-           + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
+    raw = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + chunk(b"IEND", b"")
+    )
     return base64.b64encode(raw).decode()
 
 
@@ -38,25 +45,53 @@ def truncated_png() -> str:
 
 
 CASES = {
-    "malformed JSON": (dict(content=b'{"model": "llava-llama3", "messages": ['), 400, "malformed JSON"),
+    "malformed JSON": (
+        dict(content=b'{"model": "llava-llama3", "messages": ['),
+        400,
+        "malformed JSON",
+    ),
     "empty body": (dict(content=b""), 400, "request body is empty"),
     "no messages": (dict(json={"model": MODEL, "messages": []}), 400, "field 'messages'"),
-    "bad role": (dict(json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}),
-                 400, "field 'messages.0.role'"),
-    "NaN temperature": (dict(content=b'{"model": "llava-llama3", "messages": [{"role": "user",'
-                             b' "content": "x"}], "options": {"temperature": NaN}}'),
-                        400, "field 'options.temperature'"),
+    "bad role": (
+        dict(json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}),
+        400,
+        "field 'messages.0.role'",
+    ),
+    "NaN temperature": (
+        dict(
+            content=b'{"model": "llava-llama3", "messages": [{"role": "user",'
+            b' "content": "x"}], "options": {"temperature": NaN}}'
+        ),
+        400,
+        "field 'options.temperature'",
+    ),
     "top_p out of range": (dict(json=chat_body(top_p=1.5)), 400, "field 'options.top_p'"),
-    "unknown model": (dict(json=chat_body() | {"model": "gpt-17"}), 404, "model 'gpt-17' not found"),
-    "not base64": (dict(json=chat_body(images=["%%% not base64 %%%"])), 400,
-                   "messages[0].images[0]: not valid base64"),
-    "not an image": (dict(json=chat_body(images=[base64.b64encode(b"hello world").decode()])), 400,
-                     "messages[0].images[0]: not an image"),
-    "truncated image": (dict(json=chat_body(images=[truncated_png()])), 400,
-                        "messages[0].images[0]: corrupt or truncated image"),
+    "unknown model": (
+        dict(json=chat_body() | {"model": "gpt-17"}),
+        404,
+        "model 'gpt-17' not found",
+    ),
+    "not base64": (
+        dict(json=chat_body(images=["%%% not base64 %%%"])),
+        400,
+        "messages[0].images[0]: not valid base64",
+    ),
+    "not an image": (
+        dict(json=chat_body(images=[base64.b64encode(b"hello world").decode()])),
+        400,
+        "messages[0].images[0]: not an image",
+    ),
+    "truncated image": (
+        dict(json=chat_body(images=[truncated_png()])),
+        400,
+        "messages[0].images[0]: corrupt or truncated image",
+    ),
     "decompression bomb": (dict(json=chat_body(images=[bomb()])), 413, "messages[0].images[0]"),
-    "image over the pixel budget": (dict(json=chat_body(images=[bomb(5000)])), 413,
-                                    "image is 5000x5000 pixels; the limit is"),
+    "image over the pixel budget": (
+        dict(json=chat_body(images=[bomb(5000)])),
+        413,
+        "image is 5000x5000 pixels; the limit is",
+    ),
     "too many images": (dict(json=chat_body(images=[png()] * 9)), 400, "at most 8 per request"),
     "structured output": (dict(json=chat_body() | {"format": "json"}), 400, "field 'format'"),
 }
@@ -104,7 +139,9 @@ class TestAuthentication:
         ],
     )
     def test_missing_or_malformed_keys_are_401(self, gateway, headers, message):
-        response = httpx.post(f"{gateway.url}/api/chat", json=chat_body(), headers=headers, timeout=30)
+        response = httpx.post(
+            f"{gateway.url}/api/chat", json=chat_body(), headers=headers, timeout=30
+        )
         assert response.status_code == 401
         assert message in response.json()["error"]
 

@@ -12,7 +12,9 @@ from tests.stack import wait_for
 
 def status(gateway, key) -> int:
     body = {"model": "llava-llama3", "prompt": ""}  # a load-only request: no worker needed
-    return httpx.post(f"{gateway.url}/api/generate", json=body, headers=auth(key), timeout=30).status_code
+    return httpx.post(
+        f"{gateway.url}/api/generate", json=body, headers=auth(key), timeout=30
+    ).status_code
 
 
 class TestRevocation:
@@ -25,19 +27,26 @@ class TestRevocation:
         with transaction(sessions) as session:
             tenants.revoke_key(session, str(key_id))
         for replica in (gateway, second_gateway):
-            wait_for(lambda r=replica: status(r, key) == 401, 10, f"{replica.name} to refuse the key")
+            wait_for(
+                lambda r=replica: status(r, key) == 401, 10, f"{replica.name} to refuse the key"
+            )
 
     def test_an_expired_key_is_refused(self, gateway, tenant_factory, sessions):
         tenant_id, _, _ = tenant_factory.create("free")
         with transaction(sessions) as session:
-            _, key = tenants.create_key(session, tenant_id,
-                                        expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        response = httpx.post(f"{gateway.url}/api/chat", json=chat_body(), headers=auth(key), timeout=30)
+            _, key = tenants.create_key(
+                session, tenant_id, expires_at=datetime.now(UTC) - timedelta(seconds=1)
+            )
+        response = httpx.post(
+            f"{gateway.url}/api/chat", json=chat_body(), headers=auth(key), timeout=30
+        )
         assert response.status_code == 401
         assert "revoked or expired" in response.json()["error"]
 
     def test_a_key_without_the_inference_scope_is_403(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("free", scopes=("usage:read",))
-        response = httpx.post(f"{gateway.url}/api/chat", json=chat_body(), headers=auth(key), timeout=30)
+        response = httpx.post(
+            f"{gateway.url}/api/chat", json=chat_body(), headers=auth(key), timeout=30
+        )
         assert response.status_code == 403
         assert "'inference' scope" in response.json()["error"]

@@ -1,6 +1,6 @@
 """Tier limits through the gateway: refusals, and slots freed on every way a request ends."""
 
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
 
 import httpx
 import pytest
@@ -14,8 +14,9 @@ LONG = {"num_predict": 4000, "temperature": 0}
 
 
 def open_stream(client: httpx.Client, url: str, key: str, **options):
-    request = client.build_request("POST", f"{url}/api/chat", json=chat_body(**options),
-                                   headers=auth(key))
+    request = client.build_request(
+        "POST", f"{url}/api/chat", json=chat_body(**options), headers=auth(key)
+    )
     return client.send(request, stream=True)
 
 
@@ -29,8 +30,9 @@ class TestConcurrencyLimit:
             lines = ndjson(first)
             assert next(lines)["done"] is False  # streaming: the slot is held
 
-            refused = client.post(f"{gateway.url}/api/chat", json=chat_body(num_predict=2),
-                                  headers=auth(key))
+            refused = client.post(
+                f"{gateway.url}/api/chat", json=chat_body(num_predict=2), headers=auth(key)
+            )
             assert refused.status_code == 429
             assert refused.headers["retry-after"] == "1"
             assert "free tier allows 1" in refused.json()["error"]
@@ -38,8 +40,9 @@ class TestConcurrencyLimit:
             first.close()  # the client goes away: its slot is freed
         wait_for(lambda: in_flight(redis_client, tenant_id) == 0, 10, "the slot to be released")
 
-        again = httpx.post(f"{gateway.url}/api/chat", json=chat_body(num_predict=2),
-                           headers=auth(key), timeout=60)
+        again = httpx.post(
+            f"{gateway.url}/api/chat", json=chat_body(num_predict=2), headers=auth(key), timeout=60
+        )
         assert again.status_code == 200
         assert list(ndjson(again))[-1]["done"] is True
 
@@ -51,25 +54,44 @@ class TestConcurrencyLimit:
             first = open_stream(client, gateway.url, key, **LONG)
             lines = ndjson(first)  # kept: dropping the iterator would close the stream
             assert next(lines)["done"] is False
-            refused = client.post(f"{second_gateway.url}/api/chat", json=chat_body(num_predict=2),
-                                  headers=auth(key))
+            refused = client.post(
+                f"{second_gateway.url}/api/chat", json=chat_body(num_predict=2), headers=auth(key)
+            )
             assert refused.status_code == 429
             first.close()
         wait_for(lambda: in_flight(redis_client, tenant_id) == 0, 10, "the slot to be released")
 
-    def test_pro_runs_three_at_once_and_refuses_the_fourth(self, gateway, tenant_factory, redis_client):
+    async def test_pro_runs_three_at_once_and_refuses_the_fourth(
+        self, gateway, tenant_factory, redis_client
+    ):
         tenant_id, key, _ = tenant_factory.create("pro")
-        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(3) as pool:
-            # Headers come with the first token, so open the three streams in the background.
-            streams = [pool.submit(open_stream, client, gateway.url, key, **LONG) for _ in range(3)]
-            wait_for(lambda: in_flight(redis_client, tenant_id) == 3, 30, "three admitted requests")
-            fourth = client.post(f"{gateway.url}/api/chat", json=chat_body(num_predict=2),
-                                 headers=auth(key))
+        async with httpx.AsyncClient(timeout=60) as client:
+            # Headers come with the first token, so the three are opened as background tasks.
+            opened = [
+                asyncio.create_task(
+                    client.post(
+                        f"{gateway.url}/api/chat", json=chat_body(**LONG), headers=auth(key)
+                    )
+                )
+                for _ in range(3)
+            ]
+            await async_wait_for(lambda: in_flight(redis_client, tenant_id) == 3, 30)
+            fourth = await client.post(
+                f"{gateway.url}/api/chat", json=chat_body(num_predict=2), headers=auth(key)
+            )
             assert fourth.status_code == 429
             assert "pro tier allows 3" in fourth.json()["error"]
-            for stream in streams:
-                stream.result().close()
-        wait_for(lambda: in_flight(redis_client, tenant_id) == 0, 30, "the slots to be released")
+            for task in opened:  # the three clients go away
+                task.cancel()
+            await asyncio.gather(*opened, return_exceptions=True)
+        await async_wait_for(lambda: in_flight(redis_client, tenant_id) == 0, 30)
+
+
+async def async_wait_for(condition, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
 
 
 class TestSlotReleased:
@@ -78,8 +100,12 @@ class TestSlotReleased:
     ):
         tenant_id, key, _ = tenant_factory.create("free")
         for _ in range(3):
-            response = httpx.post(f"{gateway.url}/api/chat", json=chat_body(num_predict=3),
-                                  headers=auth(key), timeout=60)
+            response = httpx.post(
+                f"{gateway.url}/api/chat",
+                json=chat_body(num_predict=3),
+                headers=auth(key),
+                timeout=60,
+            )
             assert response.status_code == 200
             assert list(ndjson(response))[-1]["done"] is True
             assert in_flight(redis_client, tenant_id) == 0
@@ -111,10 +137,15 @@ class TestSlotReleased:
         assert 0 < record.output_tokens < LONG["num_predict"]
         assert record.gpu_seconds > 0  # the client pays for the time used
 
-    def test_after_a_non_streamed_client_disconnect(self, gateway, tenant_factory, redis_client, sessions):
+    def test_after_a_non_streamed_client_disconnect(
+        self, gateway, tenant_factory, redis_client, sessions
+    ):
         tenant_id, key, _ = tenant_factory.create("free")
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{gateway.url}/api/chat", json=chat_body(**LONG) | {"stream": False},
-                       headers=auth(key), timeout=1.0)
+            httpx.post(
+                f"{gateway.url}/api/chat",
+                json=chat_body(**LONG) | {"stream": False},
+                headers=auth(key),
+                timeout=1.0,
+            )
         wait_for(lambda: in_flight(redis_client, tenant_id) == 0, 15, "the slot to be released")
-

@@ -65,7 +65,9 @@ class TestLookup:
         try:
             async with async_session_factory(engine)() as session, session.begin():
                 owner = await tenants.owner_of_key(session, live_secret)
-                assert owner.tenant_id == tenant.id and owner.tier == "max" and owner.key_id == live.id
+                assert (
+                    owner.tenant_id == tenant.id and owner.tier == "max" and owner.key_id == live.id
+                )
                 assert await tenants.owner_of_key(session, old_secret) is None
                 assert await tenants.owner_of_key(session, gone_secret) is None
                 assert await tenants.owner_of_key(session, "gph_" + "x" * 30) is None

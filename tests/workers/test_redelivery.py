@@ -8,8 +8,8 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from billing import usage
-from billing.models import UsageRecord
 from billing.db import transaction
+from billing.models import UsageRecord
 from tests.helpers import usage_rows
 from tests.stack import wait_for
 from workers.contract import (
@@ -50,7 +50,7 @@ def chunks(redis_client, request_id: str) -> list:
 
 
 def all_deliveries_acked(redis_client) -> bool:
-    """Nothing waiting in the queue and nothing delivered but unacknowledged (kombu's redis transport)."""
+    """Nothing queued, nothing delivered but unacknowledged (kombu's Redis transport)."""
     return redis_client.llen(LLAVA_QUEUE) == 0 and redis_client.hlen("unacked") == 0
 
 
@@ -61,9 +61,15 @@ class TestDeliveredTwice:
         tenant_id, _, key_id = tenant_factory.create("free")
         spec = job(tenant_id, key_id)
         for _ in range(2):  # the same message, twice, as a redelivery would give it
-            producer.send_task(CHAT_TASK, args=[spec.model_dump(mode="json")],
-                               task_id=spec.request_id, queue=LLAVA_QUEUE)
-        wait_for(lambda: all_deliveries_acked(redis_client), 60, "both deliveries to be acknowledged")
+            producer.send_task(
+                CHAT_TASK,
+                args=[spec.model_dump(mode="json")],
+                task_id=spec.request_id,
+                queue=LLAVA_QUEUE,
+            )
+        wait_for(
+            lambda: all_deliveries_acked(redis_client), 60, "both deliveries to be acknowledged"
+        )
         records = usage_rows(sessions, spec.request_id)
         assert len(records) == 1 and records[0].status == "completed"
         finals = [c for c in chunks(redis_client, spec.request_id) if c.type != "token"]
@@ -74,12 +80,16 @@ class TestDeliveredTwice:
     ):
         tenant_id, _, key_id = tenant_factory.create("free")
         spec = job(tenant_id, key_id)
-        message = dict(args=[spec.model_dump(mode="json")], task_id=spec.request_id, queue=LLAVA_QUEUE)
+        message = dict(
+            args=[spec.model_dump(mode="json")], task_id=spec.request_id, queue=LLAVA_QUEUE
+        )
         producer.send_task(CHAT_TASK, **message)
         wait_for(lambda: usage_rows(sessions, spec.request_id), 60, "the first delivery to finish")
         before = len(chunks(redis_client, spec.request_id))
         producer.send_task(CHAT_TASK, **message)
-        wait_for(lambda: all_deliveries_acked(redis_client), 60, "the second delivery to be acknowledged")
+        wait_for(
+            lambda: all_deliveries_acked(redis_client), 60, "the second delivery to be acknowledged"
+        )
         assert len(usage_rows(sessions, spec.request_id)) == 1
         assert len(chunks(redis_client, spec.request_id)) == before  # nothing streamed twice
 
@@ -91,18 +101,31 @@ class TestLedgerGuard:
 
         def attempt(seconds: float) -> bool:
             with transaction(sessions) as session:
-                return usage.record(session, usage.UsageCreate(
-                    request_id=request_id, tenant_id=tenant_id, api_key_id=None,
-                    model="llava-llama3", kind="chat", status="completed", gpu_seconds=seconds,
-                    queue_seconds=0.0, prompt_tokens=1, output_tokens=1, started_at=None,
-                    finished_at=_now(),
-                ))
+                return usage.record(
+                    session,
+                    usage.UsageCreate(
+                        request_id=request_id,
+                        tenant_id=tenant_id,
+                        api_key_id=None,
+                        model="llava-llama3",
+                        kind="chat",
+                        status="completed",
+                        gpu_seconds=seconds,
+                        queue_seconds=0.0,
+                        prompt_tokens=1,
+                        output_tokens=1,
+                        started_at=None,
+                        finished_at=_now(),
+                    ),
+                )
 
         assert attempt(1.0) is True
         assert attempt(2.0) is False
         with sessions() as session:
             count = session.scalar(select(func.count()).where(UsageRecord.request_id == request_id))
-            gpu = session.scalar(select(UsageRecord.gpu_seconds).where(UsageRecord.request_id == request_id))
+            gpu = session.scalar(
+                select(UsageRecord.gpu_seconds).where(UsageRecord.request_id == request_id)
+            )
         assert count == 1 and gpu == 1.0
 
 

@@ -45,7 +45,9 @@ class TestDetokenizer:
         assert [detok.push(i) for i in range(4)] == ["a", "", "", "€"]
 
 
-@given(st.lists(st.sampled_from(sorted(WORDS)), max_size=30), st.sampled_from(["", "lo", "d!", " w"]))
+@given(
+    st.lists(st.sampled_from(sorted(WORDS)), max_size=30), st.sampled_from(["", "lo", "d!", " w"])
+)
 def test_streamed_text_equals_the_decoded_text_up_to_the_stop(ids, stop):
     text = decoder(WORDS)(ids)
     expected = text[: text.index(stop)] if stop and stop in text else text

@@ -80,7 +80,9 @@ class _Stream(BaseStreamer, StoppingCriteria):
 
 
 class TransformersLlava:
-    def __init__(self, model_name: str, path: Path, device: str = "auto", max_output_tokens: int = 2048):
+    def __init__(
+        self, model_name: str, path: Path, device: str = "auto", max_output_tokens: int = 2048
+    ):
         self.model_name = model_name
         self.device = pick_device(device)
         self.max_output_tokens = max_output_tokens
@@ -95,7 +97,9 @@ class TransformersLlava:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - started
-        log.info("loaded %s in %.2fs (context %d)", model_name, self.load_seconds, self.context_window)
+        log.info(
+            "loaded %s in %.2fs (context %d)", model_name, self.load_seconds, self.context_window
+        )
 
     def _inputs(self, job: ChatJob) -> dict:
         conversation, images = [], []
@@ -110,10 +114,13 @@ class TransformersLlava:
         inputs = self.processor(images=images or None, text=prompt, return_tensors="pt")
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens >= self.context_window:
-            image_tokens = prompt_tokens - len(self.processor.tokenizer(prompt).input_ids) + len(images)
+            image_tokens = (
+                prompt_tokens - len(self.processor.tokenizer(prompt).input_ids) + len(images)
+            )
             raise InvalidRequest(
                 f"prompt is {prompt_tokens} tokens (of which about {image_tokens} for "
-                f"{len(images)} image(s)); the model's context window is {self.context_window} tokens"
+                f"{len(images)} image(s)); "
+                f"the model's context window is {self.context_window} tokens"
             )
         return inputs
 
