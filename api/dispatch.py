@@ -20,6 +20,7 @@ from workers.contract import (
     ErrorChunk,
     TokenChunk,
     cancel_key,
+    claim_key,
     decode_chunk,
     started_key,
     stream_key,
@@ -87,6 +88,15 @@ class Job:
         while not self.finished:
             try:
                 reply = await self.state.redis.xread({key: self._last_id}, count=64, block=POLL_MS)
+                if not reply and await self._worker_lost():
+                    # Its last words may have landed just before its claim went: read once more.
+                    reply = await self.state.redis.xread({key: self._last_id}, count=64)
+                    if not reply:
+                        await self.cancel()
+                        raise Unavailable(
+                            "the worker running this request was lost; it was not billed, "
+                            "please retry"
+                        )
                 if not reply:
                     await self._check_waiting(time.monotonic() - waited_since)
                     if disconnected is not None and await disconnected():
@@ -106,6 +116,11 @@ class Job:
                 yield chunk
                 if self.finished:
                     return
+
+    async def _worker_lost(self) -> bool:
+        """A worker started the job, and its claim has expired: the worker died."""
+        started = await self.state.redis.exists(started_key(self.request_id))
+        return bool(started) and not await self.state.redis.exists(claim_key(self.request_id))
 
     async def _check_waiting(self, silent_for: float) -> None:
         settings = self.state.settings

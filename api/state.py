@@ -41,7 +41,7 @@ def lifespan(settings: GatewaySettings):
         client = aioredis.Redis.from_url(settings.redis_url)
         db = async_engine(settings.database_url)
         celery = Celery("gpuhost-gateway")
-        celery.conf.update(celery_config(settings.celery_broker_url))
+        celery.conf.update(celery_config(**settings.celery()))
         state = AppState(
             settings=settings,
             redis=client,

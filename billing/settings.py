@@ -23,10 +23,21 @@ class StackSettings(BaseSettings):
     # Celery broker. Empty means: the Redis above.
     broker_url: str = ""
     tier_limits: dict[str, int] = Field(default_factory=lambda: {"free": 1, "pro": 3, "max": 10})
+    # A job whose worker died is delivered again after this long (Redis broker).
+    visibility_timeout_seconds: float = 120.0
+    restore_interval_seconds: float = 10.0
 
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+    def celery(self) -> dict:
+        """Keyword arguments for `workers.contract.celery_config`."""
+        return {
+            "broker_url": self.celery_broker_url,
+            "visibility_timeout": self.visibility_timeout_seconds,
+            "restore_interval": self.restore_interval_seconds,
+        }
 
 
 class ModelSettings(StackSettings):

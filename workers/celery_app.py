@@ -7,7 +7,8 @@ from billing.db import session_factory, sync_engine
 from workers.contract import CHAT_TASK, SD_QUEUE, celery_config
 from workers.engines.base import ChatEngine
 from workers.settings import WorkerSettings
-from workers.tasks import WorkerRuntime, run_chat
+from workers.streams import Claims
+from workers.tasks import WorkerRuntime, owner, run_chat
 
 
 def load_engine(settings: WorkerSettings) -> ChatEngine:
@@ -24,7 +25,7 @@ def load_engine(settings: WorkerSettings) -> ChatEngine:
 def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
     """A Celery app whose tasks run on `runtime` (which holds the resident model)."""
     app = Celery("gpuhost")
-    app.conf.update(celery_config(settings.celery_broker_url))
+    app.conf.update(celery_config(**settings.celery()))
 
     @app.task(name=CHAT_TASK)
     def chat(payload: dict) -> str:
@@ -37,11 +38,13 @@ def run_worker(settings: WorkerSettings) -> None:
     """Load the model once, then consume the queue with a pool of threads until SIGTERM/SIGINT."""
     if settings.queue == SD_QUEUE:
         raise NotImplementedError("the Stable Diffusion worker is not available yet")
+    client = redis.Redis.from_url(settings.redis_url)
     runtime = WorkerRuntime(
         settings=settings,
-        redis=redis.Redis.from_url(settings.redis_url),
+        redis=client,
         sessions=session_factory(sync_engine(settings.database_url)),
         engine=load_engine(settings),
+        claims=Claims(client, owner(), settings.claim_ttl_seconds),
     )
     app = create_worker_app(settings, runtime)
     app.worker_main(

@@ -39,11 +39,23 @@ def started_key(request_id: str) -> str:
     return f"gpuhost:job:{request_id}:started"
 
 
-def celery_config(broker_url: str) -> dict:
-    """Celery settings the gateway (producer) and the workers (consumers) share."""
+def celery_config(
+    broker_url: str, visibility_timeout: float = 120.0, restore_interval: float = 10.0
+) -> dict:
+    """Celery settings the gateway (producer) and the workers (consumers) share.
+
+    With the Redis broker, a job whose worker died unacknowledged is delivered again once
+    `visibility_timeout` has passed (checked every `restore_interval`). A job that is still
+    running when that happens is not run twice: its worker holds the job's claim.
+    """
     return {
         "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout,
+            "unacked_restore_interval": restore_interval,
+            "unacked_restore_throttle": 1,
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,

@@ -15,4 +15,4 @@ class WorkerSettings(ModelSettings):
     # How long a finished job's chunks stay readable in Redis (resumable streams).
     stream_retention_seconds: int = 600
     # A running job's claim expires this long after its worker stops renewing it.
-    claim_ttl_seconds: int = 30
+    claim_ttl_seconds: float = 15.0

@@ -1,6 +1,7 @@
 """A job's Redis side, seen from the worker: its claim, its cancel flag and its chunk stream."""
 
-import time
+import logging
+import threading
 
 import redis
 
@@ -16,43 +17,83 @@ from workers.contract import (
     stream_key,
 )
 
-RENEW_EVERY_SECONDS = 5.0
+log = logging.getLogger(__name__)
+
+# Delete the claim only if it is still ours (it may have expired and been taken since).
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Claims:
+    """The claims of the jobs this worker process runs, renewed by a thread of their own.
+
+    A claim says "this job is running here". It expires `ttl` seconds after its worker stops
+    renewing it (the process died), which is how a redelivered job, or the gateway, tells a
+    lost job from one that is still running or waiting for the engine.
+    """
+
+    def __init__(self, client: redis.Redis, owner: str, ttl: float):
+        self._redis = client
+        self._owner = owner
+        self._ttl_ms = int(ttl * 1000)
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._release = client.register_script(RELEASE)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="claims", daemon=True)
+        self._thread.start()
+
+    def take(self, request_id: str) -> bool:
+        taken = self._redis.set(claim_key(request_id), self._owner, nx=True, px=self._ttl_ms)
+        if taken:
+            with self._lock:
+                self._held.add(request_id)
+        return bool(taken)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._held.discard(request_id)
+        self._release(keys=[claim_key(request_id)], args=[self._owner])
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._stopped.wait(self._ttl_ms / 3000):
+            with self._lock:
+                held = list(self._held)
+            if not held:
+                continue
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for request_id in held:
+                    pipe.pexpire(claim_key(request_id), self._ttl_ms)
+                pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("could not renew %d claim(s): %s", len(held), exc)
 
 
 class JobChannel:
     """Publishes one job's chunks and tells the engine when the client has gone."""
 
-    def __init__(
-        self, client: redis.Redis, job: ChatJob, owner: str, claim_ttl: int, retention: int
-    ):
+    def __init__(self, client: redis.Redis, job: ChatJob, owner: str, retention: int):
         self._redis = client
         self._id = job.request_id
         self._owner = owner
-        self._claim_ttl = claim_ttl
         self._retention = retention
-        self._renewed = 0.0
         self.tokens_sent = 0
-
-    # -- claim: one worker runs a job at a time, and a redelivery after a crash is recognised
-
-    def claim(self) -> bool:
-        """Take the job unless another worker holds it. Renewed while the job runs."""
-        taken = self._redis.set(claim_key(self._id), self._owner, nx=True, ex=self._claim_ttl)
-        self._renewed = time.monotonic()
-        return bool(taken)
 
     def started_before(self) -> bool:
         """True when an earlier delivery of this job began running and never finished."""
         return not self._redis.set(started_key(self._id), self._owner, nx=True, ex=self._retention)
 
-    def release(self) -> None:
-        self._redis.delete(claim_key(self._id))
-
-    def _renew(self) -> None:
-        now = time.monotonic()
-        if now - self._renewed >= RENEW_EVERY_SECONDS:
-            self._redis.expire(claim_key(self._id), self._claim_ttl)
-            self._renewed = now
+    def cancelled(self) -> bool:
+        return bool(self._redis.exists(cancel_key(self._id)))
 
     # -- TokenSink
 
@@ -61,8 +102,7 @@ class JobChannel:
         self.tokens_sent += 1
 
     def should_stop(self) -> bool:
-        self._renew()
-        return bool(self._redis.exists(cancel_key(self._id)))
+        return self.cancelled()
 
     # -- the end of the job
 

@@ -19,13 +19,17 @@ from workers.contract import (
     REJECTED,
     ChatJob,
     DoneChunk,
-    cancel_key,
 )
 from workers.engines.base import ChatEngine, Generation, InvalidRequest
 from workers.settings import WorkerSettings
-from workers.streams import JobChannel
+from workers.streams import Claims, JobChannel
 
 log = logging.getLogger(__name__)
+
+
+def owner() -> str:
+    """Who runs a job: this host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -36,7 +40,7 @@ class WorkerRuntime:
     redis: redis.Redis
     sessions: sessionmaker[Session]
     engine: ChatEngine
-    owner: str = f"{socket.gethostname()}:{os.getpid()}"
+    claims: Claims
 
 
 def _record(
@@ -77,20 +81,14 @@ def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
         if usage.exists(session, job.request_id):
             log.info("job %s delivered again after it finished; ignored", job.request_id)
             return "duplicate"
-    channel = JobChannel(
-        runtime.redis,
-        job,
-        runtime.owner,
-        settings.claim_ttl_seconds,
-        settings.stream_retention_seconds,
-    )
-    if not channel.claim():
+    if not runtime.claims.take(job.request_id):
         log.info("job %s is running on another worker; this delivery ignored", job.request_id)
         return "duplicate"
+    channel = JobChannel(runtime.redis, job, owner(), settings.stream_retention_seconds)
     try:
         return _run_claimed(runtime, job, channel)
     finally:
-        channel.release()
+        runtime.claims.release(job.request_id)
 
 
 def _run_claimed(runtime: WorkerRuntime, job: ChatJob, channel: JobChannel) -> str:
@@ -101,7 +99,7 @@ def _run_claimed(runtime: WorkerRuntime, job: ChatJob, channel: JobChannel) -> s
         _record(runtime, job, FAILED, started, queue_seconds)
         channel.error(503, "the worker running this request was lost; please retry")
         return FAILED
-    if runtime.redis.exists(cancel_key(job.request_id)):
+    if channel.cancelled():
         _record(runtime, job, CANCELLED, None, queue_seconds)
         return CANCELLED
     try:

@@ -1,0 +1,70 @@
+"""A worker killed mid-request: the client is told, the slot comes back, the request is
+recorded once (failed, not billed) when the job is delivered again to another worker."""
+
+import os
+import signal
+
+import httpx
+import pytest
+import redis
+
+from tests.helpers import auth, chat_body, in_flight, ndjson, usage_rows
+from tests.stack import Gateway, Worker, wait_for
+
+
+@pytest.fixture(scope="module")
+def lost_env(stack_env):
+    """A stack of its own (own Redis database) with short claim and redelivery timings."""
+    index = 8 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{index}"
+    redis.Redis.from_url(url).flushdb()
+    return stack_env | {
+        "GPUHOST_REDIS_URL": url,
+        "GPUHOST_CLAIM_TTL_SECONDS": "1",
+        "GPUHOST_VISIBILITY_TIMEOUT_SECONDS": "2",
+        "GPUHOST_RESTORE_INTERVAL_SECONDS": "0.5",
+    }
+
+
+@pytest.fixture(scope="module")
+def lost_gateway(lost_env, tmp_path_factory):
+    gateway = Gateway("gateway-lost", lost_env, tmp_path_factory.mktemp("logs"))
+    try:
+        gateway.wait_ready()
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def test_worker_killed_mid_request(lost_env, lost_gateway, tenant_factory, sessions, tmp_path):
+    client = redis.Redis.from_url(lost_env["GPUHOST_REDIS_URL"])
+    doomed = Worker("worker-doomed", lost_env, tmp_path, lost_env["GPUHOST_REDIS_URL"])
+    heir = None
+    try:
+        doomed.wait_ready()
+        tenant_id, key, _ = tenant_factory.create("free")
+        body = chat_body(num_predict=4000, temperature=0)
+        with httpx.stream(
+            "POST", f"{lost_gateway.url}/api/chat", json=body, headers=auth(key), timeout=60
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            lines = ndjson(response)
+            assert next(lines)["done"] is False
+            doomed.popen.send_signal(signal.SIGKILL)
+            rest = list(lines)
+        assert "error" in rest[-1], rest[-1]
+        assert "worker running this request was lost" in rest[-1]["error"]
+        assert not any(chunk.get("done") for chunk in rest)
+        wait_for(lambda: in_flight(client, tenant_id) == 0, 10, "the slot to be released")
+
+        heir = Worker("worker-heir", lost_env, tmp_path, lost_env["GPUHOST_REDIS_URL"])
+        heir.wait_ready()
+        [record] = wait_for(lambda: usage_rows(sessions, request_id), 60, "the redelivered job")
+        assert record.status == "failed"
+        assert record.gpu_seconds == 0  # the platform's fault: not billed
+        wait_for(lambda: client.hlen("unacked") == 0, 30, "the redelivery to be acknowledged")
+        assert len(usage_rows(sessions, request_id)) == 1
+    finally:
+        doomed.stop()
+        if heir is not None:
+            heir.stop()
