@@ -19,6 +19,7 @@ def load_engine(settings: WorkerSettings) -> ChatEngine:
         settings.llava_weights(),
         device=settings.device,
         max_output_tokens=settings.max_output_tokens,
+        max_batch=settings.concurrency,
     )
 
 

@@ -1,29 +1,41 @@
-"""LLaVA on Hugging Face transformers: the CPU/dev engine and the GPU fallback.
+"""LLaVA on Hugging Face transformers, with continuous batching: the CPU/dev engine and the
+GPU fallback.
 
-This engine runs one request at a time on the resident model (a lock serialises them), so
-the GPU-seconds of a request are simply the time it held the model.
+One engine thread owns the model. Celery task threads hand it requests (`generate` blocks the
+calling thread until its request ends). Between decode steps the engine admits waiting
+requests: each is prefilled on its own (images included), then joins the running batch, whose
+rows then decode together, one token per row per step, each row streaming, sampling with its
+own options and seed, and leaving the batch as soon as it finishes or is cancelled.
+
+Every step's device time is charged to the requests that were in it (`workers.metering`):
+a prefill to its request alone, a decode step equally to its rows (one token each).
 """
 
 import base64
 import io
 import logging
+import queue
 import random
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration, StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from workers.contract import ChatJob
 from workers.engines.base import Generation, InvalidRequest, TokenSink
+from workers.engines.batch import CACHE, Batch
+from workers.engines.sampling import Sampler
 from workers.engines.text import Detokenizer
+from workers.metering import Meter
 
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_SECONDS = 0.1
+IDLE_WAIT_SECONDS = 0.5
 
 
 def pick_device(name: str) -> torch.device:
@@ -36,72 +48,94 @@ def _decode_image(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
 
 
-class _Stream(BaseStreamer, StoppingCriteria):
-    """Receives generated ids from `generate`, forwards text, and says when to stop."""
+@dataclass(eq=False)
+class _Request:
+    """One request inside the engine."""
 
-    def __init__(self, detok: Detokenizer, sink: TokenSink, eos_ids: set[int]):
-        self._detok = detok
-        self._sink = sink
-        self._eos = eos_ids
-        self._prompt_seen = False
-        self._next_poll = 0.0
-        self.first_token_at: float | None = None
-        self.count = 0
-        self.eos_seen = False
-        self.cancelled = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt ids
-            self._prompt_seen = True
-            return
-        for token_id in value.reshape(-1).tolist():
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            self.count += 1
-            if token_id in self._eos:
-                self.eos_seen = True
-                continue
-            text = self._detok.push(token_id)
-            if text:
-                self._sink.token(text)
-
-    def end(self) -> None:
-        text = self._detok.flush()
-        if text:
-            self._sink.token(text)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        now = time.perf_counter()
-        if now >= self._next_poll:
-            self._next_poll = now + CANCEL_POLL_SECONDS
-            self.cancelled = self.cancelled or self._sink.should_stop()
-        stop = self._detok.stopped or self.cancelled
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+    job: ChatJob
+    sink: TokenSink
+    inputs: dict
+    prompt_tokens: int
+    max_new_tokens: int
+    sampler: Sampler
+    detok: Detokenizer
+    done: threading.Event = field(default_factory=threading.Event)
+    next_token: int = -1
+    output_tokens: int = 0
+    started_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float = 0.0
+    next_poll: float = 0.0
+    reason: str | None = None  # stop | length | cancelled, once finished
+    error: BaseException | None = None
+    gpu_seconds: float = 0.0
 
 
 class TransformersLlava:
     def __init__(
-        self, model_name: str, path: Path, device: str = "auto", max_output_tokens: int = 2048
+        self,
+        model_name: str,
+        path: Path,
+        device: str = "auto",
+        max_output_tokens: int = 2048,
+        max_batch: int = 8,
     ):
         self.model_name = model_name
         self.device = pick_device(device)
         self.max_output_tokens = max_output_tokens
+        self.max_batch = max_batch
         started = time.perf_counter()
         log.info("loading %s from %s on %s", model_name, path, self.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(path)
+        self.processor.tokenizer.padding_side = "left"
         self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
         self.model.to(self.device).eval()
         self.context_window = int(self.model.config.text_config.max_position_embeddings)
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self._lock = threading.Lock()
+        generation = self.model.generation_config
+        self.eos_ids = set(_as_list(generation.eos_token_id))
+        self.suppressed = _as_list(generation.suppress_tokens)
+        self.meter = Meter()
+        self._waiting: queue.Queue[_Request] = queue.Queue()
+        self._batch = Batch()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
+        self._thread.start()
         self.load_seconds = time.perf_counter() - started
         log.info(
-            "loaded %s in %.2fs (context %d)", model_name, self.load_seconds, self.context_window
+            "loaded %s in %.2fs (context %d, batches of up to %d)",
+            model_name,
+            self.load_seconds,
+            self.context_window,
+            max_batch,
         )
 
-    def _inputs(self, job: ChatJob) -> dict:
+    # -- the calling (Celery task) thread ------------------------------------------------------
+
+    def generate(self, job: ChatJob, sink: TokenSink) -> Generation:
+        request = self._prepare(job, sink)  # CPU work in the caller's thread: not billed
+        self._waiting.put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        first = request.first_token_at or request.finished_at
+        return Generation(
+            done_reason=request.reason,
+            prompt_tokens=request.prompt_tokens,
+            output_tokens=request.output_tokens,
+            prompt_eval_seconds=first - request.started_at,
+            eval_seconds=request.finished_at - first,
+            gpu_seconds=request.gpu_seconds,
+        )
+
+    def active(self) -> int:
+        return len(self._batch) + self._waiting.qsize()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _prepare(self, job: ChatJob, sink: TokenSink) -> _Request:
         conversation, images = [], []
         for turn in job.messages:
             parts = [{"type": "image"} for _ in turn.images]
@@ -114,70 +148,149 @@ class TransformersLlava:
         inputs = self.processor(images=images or None, text=prompt, return_tensors="pt")
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens >= self.context_window:
-            image_tokens = (
-                prompt_tokens - len(self.processor.tokenizer(prompt).input_ids) + len(images)
-            )
+            text_tokens = len(self.processor.tokenizer(prompt).input_ids) - len(images)
             raise InvalidRequest(
-                f"prompt is {prompt_tokens} tokens (of which about {image_tokens} for "
+                f"prompt is {prompt_tokens} tokens (of which {prompt_tokens - text_tokens} for "
                 f"{len(images)} image(s)); "
                 f"the model's context window is {self.context_window} tokens"
             )
-        return inputs
-
-    def _sampling(self, job: ChatJob, prompt_tokens: int) -> dict:
         options = job.options
-        limit = min(self.max_output_tokens, self.context_window - prompt_tokens)
-        max_new = min(options.max_tokens, limit) if options.max_tokens is not None else limit
-        kwargs: dict = {"max_new_tokens": max(max_new, 1)}
-        if options.temperature <= 0:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=options.temperature,
-                top_p=options.top_p,
-                top_k=options.top_k or None,
-            )
-        return kwargs
+        room = min(self.max_output_tokens, self.context_window - prompt_tokens)
+        wanted = options.max_tokens if options.max_tokens is not None else room
+        seed = options.seed if options.seed is not None else random.getrandbits(63)
+        return _Request(
+            job=job,
+            sink=sink,
+            inputs=dict(inputs),
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max(1, min(wanted, room)),
+            sampler=Sampler(options, seed, self.device),
+            detok=Detokenizer(
+                lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True),
+                options.stop,
+            ),
+        )
+
+    # -- the engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._admit()
+                if len(self._batch):
+                    self._decode()
+            except Exception as exc:  # a failed step fails the requests in it, not the engine
+                log.exception("engine step failed; failing %d request(s)", len(self._batch))
+                for request in self._batch.rows:
+                    self._finish(request, None, error=exc)
+                self._batch.keep([])
+
+    def _admit(self) -> None:
+        while len(self._batch) < self.max_batch:
+            try:
+                wait = None if len(self._batch) else IDLE_WAIT_SECONDS
+                request = self._waiting.get(block=wait is not None, timeout=wait)
+            except queue.Empty:
+                return
+            try:
+                self._prefill(request)
+            except Exception as exc:
+                log.exception("prefill of %s failed", request.job.request_id)
+                self._finish(request, None, error=exc)
+
+    @torch.inference_mode()
+    def _prefill(self, request: _Request) -> None:
+        if request.sink.should_stop():
+            self.meter.open(request)
+            self._finish(request, "cancelled")
+            return
+        inputs = {k: v.to(self.device) for k, v in request.inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        self.meter.open(request)
+        self._sync()
+        request.started_at = time.perf_counter()
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        token = request.sampler(self._logits(out.logits[0, -1]))
+        self._sync()
+        self.meter.charge(time.perf_counter() - request.started_at, {request: 1.0})
+        request.inputs = {}  # the prompt now lives in the KV cache
+        if self._accept(request, token):
+            self._batch.add(request, getattr(out, CACHE), request.prompt_tokens)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        batch = self._batch
+        self._sync()
+        started = time.perf_counter()
+        out = self.model(**batch.step_inputs([r.next_token for r in batch.rows]), use_cache=True)
+        batch.advanced()
+        logits = out.logits[:, -1]
+        tokens = [request.sampler(self._logits(logits[i])) for i, request in enumerate(batch.rows)]
+        self._sync()
+        self.meter.charge(time.perf_counter() - started, {r: 1.0 for r in batch.rows})
+        keep = [i for i, r in enumerate(batch.rows) if self._accept(r, tokens[i])]
+        batch.keep(keep)
+
+    def _logits(self, row: torch.Tensor) -> torch.Tensor:
+        if self.suppressed:
+            row = row.clone()
+            row[self.suppressed] = float("-inf")
+        return row
+
+    def _accept(self, request: _Request, token: int) -> bool:
+        """Take a sampled token; False once the request is finished."""
+        now = time.perf_counter()
+        if request.first_token_at is None:
+            request.first_token_at = now
+        request.output_tokens += 1
+        if token in self.eos_ids:
+            self._finish(request, "stop")
+            return False
+        text = request.detok.push(token)
+        if text:
+            request.sink.token(text)
+        if request.detok.stopped:
+            self._finish(request, "stop")
+            return False
+        if request.output_tokens >= request.max_new_tokens:
+            self._flush(request)
+            self._finish(request, "length")
+            return False
+        if now >= request.next_poll:
+            request.next_poll = now + CANCEL_POLL_SECONDS
+            if request.sink.should_stop():
+                self._finish(request, "cancelled")
+                return False
+        request.next_token = token
+        return True
+
+    def _flush(self, request: _Request) -> None:
+        text = request.detok.flush()
+        if text:
+            request.sink.token(text)
+
+    def _finish(self, request: _Request, reason: str | None, error: BaseException | None = None):
+        if reason == "stop" and not request.detok.stopped:
+            self._flush(request)
+        request.reason = reason
+        request.error = error
+        request.finished_at = time.perf_counter()
+        request.gpu_seconds = self.meter.close(request) if error is None else self._drop(request)
+        request.done.set()
+
+    def _drop(self, request: _Request) -> float:
+        try:
+            return self.meter.close(request)
+        except KeyError:  # failed before it was ever charged
+            return 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def generate(self, job: ChatJob, sink: TokenSink) -> Generation:
-        inputs = self._inputs(job)  # CPU work: not billed
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        kwargs = self._sampling(job, prompt_tokens)
-        detok = Detokenizer(
-            lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True),
-            job.options.stop,
-        )
-        stream = _Stream(detok, sink, self.eos_ids)
-        seed = job.options.seed if job.options.seed is not None else random.getrandbits(63)
-        with self._lock, torch.inference_mode():
-            torch.manual_seed(seed)
-            self._sync()
-            started = time.perf_counter()
-            self.model.generate(
-                **inputs.to(self.device),
-                **kwargs,
-                streamer=stream,
-                stopping_criteria=[stream],
-            )
-            self._sync()
-            finished = time.perf_counter()
-        first = stream.first_token_at or finished
-        if stream.cancelled:
-            reason = "cancelled"
-        elif stream.eos_seen or detok.stopped:
-            reason = "stop"
-        else:
-            reason = "length" if stream.count >= kwargs["max_new_tokens"] else "stop"
-        return Generation(
-            done_reason=reason,
-            prompt_tokens=prompt_tokens,
-            output_tokens=stream.count,
-            prompt_eval_seconds=first - started,
-            eval_seconds=finished - first,
-            gpu_seconds=finished - started,
-        )
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]

@@ -1,0 +1,51 @@
+"""GPU-seconds: the engine's busy time, split among the requests it served.
+
+The engine calls `charge` once per step with how long the step kept the device busy and how
+much of the step's work each request was (tokens for LLaVA; steps x pixels for Stable
+Diffusion). Each request is billed its share. Every second of a step goes to some request, so
+the sum billed equals the busy time (up to float rounding). Queue wait and model load never
+pass through here, so they are never billed.
+"""
+
+import threading
+from collections.abc import Hashable, Mapping
+
+
+class Meter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[Hashable, float] = {}
+        self.busy_seconds = 0.0
+        self.billed_seconds = 0.0  # closed accounts only
+
+    def open(self, account: Hashable) -> None:
+        with self._lock:
+            if account in self._open:
+                raise ValueError(f"account {account!r} is already open")
+            self._open[account] = 0.0
+
+    def charge(self, seconds: float, work: Mapping[Hashable, float]) -> None:
+        """Split `seconds` of busy time among `work`'s accounts by their share of the work."""
+        if seconds < 0:
+            raise ValueError("a step cannot take negative time")
+        total = sum(work.values())
+        if not work or total <= 0:
+            raise ValueError("a step's time must be charged to the work it did")
+        with self._lock:
+            self.busy_seconds += seconds
+            for account, amount in work.items():
+                if amount < 0:
+                    raise ValueError(f"negative work for {account!r}")
+                self._open[account] += seconds * amount / total
+
+    def close(self, account: Hashable) -> float:
+        """The account's total; it is then closed."""
+        with self._lock:
+            billed = self._open.pop(account)
+            self.billed_seconds += billed
+            return billed
+
+    def open_seconds(self) -> float:
+        """What open accounts have been charged so far."""
+        with self._lock:
+            return sum(self._open.values())
