@@ -52,3 +52,25 @@ def in_flight(redis_client, tenant_id) -> int:
     seconds, micros = redis_client.time()
     now_ms = seconds * 1000 + micros // 1000
     return redis_client.zcount(slots_key(tenant_id), f"({now_ms}", "+inf")
+
+
+def worker_statuses(redis_client) -> list:
+    from workers.contract import WORKER_KEY_PREFIX, WorkerStatus
+
+    keys = list(redis_client.scan_iter(match=WORKER_KEY_PREFIX + "*"))
+    return [WorkerStatus.model_validate_json(raw) for raw in redis_client.mget(keys) if raw]
+
+
+def idle_status(redis_client, after: float):
+    """The single worker's status, published after `after` (unix time), once it is idle."""
+    import time
+
+    from tests.stack import wait_for
+
+    def fresh():
+        statuses = worker_statuses(redis_client)
+        assert len(statuses) == 1, f"expected one worker, found {len(statuses)}"
+        status = statuses[0]
+        return status if status.updated_at > after and status.active == 0 else None
+
+    return wait_for(fresh, 30, "an idle worker status", interval=0.1) or time.time()

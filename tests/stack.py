@@ -86,7 +86,7 @@ class Gateway(Process):
 
 class Worker(Process):
     def __init__(self, name: str, env: dict[str, str], log_dir: Path, broker_url: str):
-        super().__init__(name, ["worker", "--queue", "llava", "--concurrency", "2"], env, log_dir)
+        super().__init__(name, ["worker", "--queue", "llava", "--concurrency", "4"], env, log_dir)
         self.control = Celery("gpuhost-tests")
         self.control.conf.update(celery_config(broker_url))
 

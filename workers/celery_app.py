@@ -4,9 +4,10 @@ import redis
 from celery import Celery
 
 from billing.db import session_factory, sync_engine
-from workers.contract import CHAT_TASK, SD_QUEUE, celery_config
+from workers.contract import CHAT_TASK, SD_QUEUE, WorkerStatus, celery_config
 from workers.engines.base import ChatEngine
 from workers.settings import WorkerSettings
+from workers.status import StatusPublisher
 from workers.streams import Claims
 from workers.tasks import WorkerRuntime, owner, run_chat
 
@@ -20,6 +21,7 @@ def load_engine(settings: WorkerSettings) -> ChatEngine:
         device=settings.device,
         max_output_tokens=settings.max_output_tokens,
         max_batch=settings.concurrency,
+        keep_alive=settings.keep_alive_seconds,
     )
 
 
@@ -47,16 +49,28 @@ def run_worker(settings: WorkerSettings) -> None:
         engine=load_engine(settings),
         claims=Claims(client, owner(), settings.claim_ttl_seconds),
     )
-    app = create_worker_app(settings, runtime)
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={settings.queue}",
-            "--pool=threads",
-            f"--concurrency={settings.concurrency}",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            f"--hostname={settings.queue}@%h",
-        ]
+    status = StatusPublisher(
+        client,
+        owner(),
+        lambda: WorkerStatus(
+            owner=owner(), queue=settings.queue, updated_at=0.0, **runtime.engine.status()
+        ),
     )
+    app = create_worker_app(settings, runtime)
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--queues={settings.queue}",
+                "--pool=threads",
+                f"--concurrency={settings.concurrency}",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                f"--hostname={settings.queue}@%h",
+            ]
+        )
+    finally:
+        status.stop()
+        runtime.claims.stop()
+        runtime.engine.close()

@@ -39,6 +39,35 @@ def started_key(request_id: str) -> str:
     return f"gpuhost:job:{request_id}:started"
 
 
+WORKER_KEY_PREFIX = "gpuhost:worker:"
+
+
+def worker_key(owner: str) -> str:
+    """Where a worker process publishes its `WorkerStatus` (expires if it stops publishing)."""
+    return WORKER_KEY_PREFIX + owner
+
+
+class WorkerStatus(BaseModel):
+    """What a worker publishes about itself, every second or so (for /api/ps and operators)."""
+
+    owner: str
+    queue: str
+    model: str
+    loaded: bool
+    expires_at: float | None  # unix time the idle model unloads; None: stays loaded
+    parameters: int  # number of weights, 0 when unloaded
+    size_bytes: int  # parameters x bytes each, 0 when unloaded
+    device: str
+    dtype: str
+    context_length: int
+    busy_seconds: float  # device time spent on requests since the process started
+    billed_seconds: float  # of which already billed to finished requests
+    active: int  # requests running or waiting in the engine
+    decode_steps: int = 0  # batched decode steps since the process started
+    decode_tokens: int = 0  # tokens those steps produced (/ decode_steps: mean batch size)
+    updated_at: float
+
+
 def celery_config(
     broker_url: str, visibility_timeout: float = 120.0, restore_interval: float = 10.0
 ) -> dict:
@@ -103,6 +132,9 @@ class ChatJob(BaseModel):
     messages: list[ChatTurn]
     options: SamplingOptions
     enqueued_at: float  # unix time at the gateway
+    # How long the model stays loaded after this request: None the worker's default,
+    # negative forever, 0 unload as soon as idle (Ollama's keep_alive).
+    keep_alive_seconds: float | None = None
 
 
 class TokenChunk(BaseModel):

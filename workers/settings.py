@@ -12,6 +12,10 @@ class WorkerSettings(ModelSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     engine: Literal["transformers"] = "transformers"
     max_output_tokens: int = 2048
+    # Seconds an idle model stays loaded; negative: for as long as the worker runs. A request's
+    # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
+    keep_alive_seconds: float = -1.0
+    honour_keep_alive: bool = True
     # How long a finished job's chunks stay readable in Redis (resumable streams).
     stream_retention_seconds: int = 600
     # A running job's claim expires this long after its worker stops renewing it.

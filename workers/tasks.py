@@ -77,6 +77,8 @@ def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
     """Run one chat job. Returns the status it ended with (for logs and tests)."""
     job = ChatJob.model_validate(payload)
     settings = runtime.settings
+    if not settings.honour_keep_alive:
+        job.keep_alive_seconds = None
     with runtime.sessions() as session:
         if usage.exists(session, job.request_id):
             log.info("job %s delivered again after it finished; ignored", job.request_id)
@@ -120,7 +122,7 @@ def _run_claimed(runtime: WorkerRuntime, job: ChatJob, channel: JobChannel) -> s
             done_reason=generation.done_reason,
             prompt_tokens=generation.prompt_tokens,
             output_tokens=generation.output_tokens,
-            load_seconds=0.0,
+            load_seconds=generation.load_seconds,
             prompt_eval_seconds=generation.prompt_eval_seconds,
             eval_seconds=generation.eval_seconds,
             queue_seconds=queue_seconds,

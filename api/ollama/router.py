@@ -6,14 +6,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from api.body import json_body
-from api.deps import InferenceKey, StateDep
-from api.ollama.schemas import ChatRequest, GenerateRequest
+from api.deps import InferenceKey, StateDep, TenantKey
+from api.errors import NotFound
+from api.ollama import catalog
+from api.ollama.schemas import ChatRequest, GenerateRequest, ShowRequest
 from api.ollama.serving import OllamaServing
 
 router = APIRouter(tags=["ollama"])
 
 ChatBody = Annotated[ChatRequest, Depends(json_body(ChatRequest))]
 GenerateBody = Annotated[GenerateRequest, Depends(json_body(GenerateRequest))]
+ShowBody = Annotated[ShowRequest, Depends(json_body(ShowRequest))]
+VERSION = "0.1.0"
 
 
 def _schema(model) -> dict:
@@ -30,3 +34,28 @@ async def generate(
     owner: InferenceKey, body: GenerateBody, state: StateDep, request: Request
 ) -> Response:
     return await OllamaServing(state).respond(body, owner, request)
+
+
+@router.get("/api/tags")
+async def tags(_: TenantKey, state: StateDep) -> dict:
+    """The models this service offers."""
+    return await catalog.tags(state)
+
+
+@router.get("/api/ps")
+async def running(_: TenantKey, state: StateDep) -> dict:
+    """The models workers have loaded now, and until when."""
+    return await catalog.running(state)
+
+
+@router.post("/api/show", openapi_extra=_schema(ShowRequest))
+async def show(_: TenantKey, body: ShowBody, state: StateDep) -> dict:
+    name = body.model_name()
+    if not state.serves(name):
+        raise NotFound(f"model '{name}' not found")
+    return await catalog.show(state, name)
+
+
+@router.get("/api/version")
+async def version() -> dict:
+    return {"version": VERSION}

@@ -1,5 +1,6 @@
 """Ollama's wire format: requests (which translate themselves into jobs) and responses."""
 
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -51,14 +52,41 @@ class Message(BaseModel):
     images: list[str] | None = None
 
 
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: str | int | float | None) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1")."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else float(value)
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    try:
+        return sign * float(text)
+    except ValueError:
+        pass
+    parts = DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{value!r} is not a duration (e.g. 300, '5m', '1h30m', '-1')")
+    return sign * sum(float(n) * UNIT_SECONDS[u] for n, u in parts)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     stream: bool = True
     options: Options = Field(default_factory=Options)
-    keep_alive: str | int | float | None = None
+    keep_alive: str | float | None = None
     format: Any = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        keep_alive_seconds(value)  # raises ValueError, reported as a 400 naming the field
+        return value
 
     def _job(self, kind: str, turns: list[ChatTurn], owner, request_id: str) -> ChatJob:
         if self.format not in (None, ""):
@@ -72,6 +100,7 @@ class _Request(BaseModel):
             messages=turns,
             options=self.options.to_sampling(),
             enqueued_at=time.time(),
+            keep_alive_seconds=keep_alive_seconds(self.keep_alive),
         )
 
 
@@ -126,6 +155,18 @@ class GenerateRequest(_Request):
             )
         )
         return self._job("generate", turns, owner, request_id)
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None  # older clients
+
+    def model_name(self) -> str:
+        if not (self.model or self.name):
+            raise BadRequest("field 'model': required")
+        return self.model or self.name
 
 
 def new_request_id() -> str:

@@ -30,11 +30,16 @@ class Generation:
     # Device time this request is billed for: the engine's busy time while it ran, its share
     # when batched. Never includes queue wait or model load.
     gpu_seconds: float
+    # Time spent loading the model for this request (it had been unloaded): reported, not billed.
+    load_seconds: float = 0.0
 
 
 class ChatEngine(Protocol):
     model_name: str
     context_window: int
-    load_seconds: float
 
     def generate(self, job: ChatJob, sink: TokenSink) -> Generation: ...
+
+    def status(self) -> dict: ...
+
+    def close(self) -> None: ...

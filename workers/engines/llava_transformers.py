@@ -12,6 +12,7 @@ a prefill to its request alone, a decode step equally to its rows (one token eac
 """
 
 import base64
+import gc
 import io
 import logging
 import queue
@@ -23,7 +24,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    GenerationConfig,
+    LlavaForConditionalGeneration,
+)
 
 from workers.contract import ChatJob
 from workers.engines.base import Generation, InvalidRequest, TokenSink
@@ -69,6 +75,7 @@ class _Request:
     reason: str | None = None  # stop | length | cancelled, once finished
     error: BaseException | None = None
     gpu_seconds: float = 0.0
+    load_seconds: float = 0.0
 
 
 class TransformersLlava:
@@ -79,36 +86,78 @@ class TransformersLlava:
         device: str = "auto",
         max_output_tokens: int = 2048,
         max_batch: int = 8,
+        keep_alive: float = -1.0,
     ):
         self.model_name = model_name
+        self.path = path
         self.device = pick_device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.max_output_tokens = max_output_tokens
         self.max_batch = max_batch
-        started = time.perf_counter()
-        log.info("loading %s from %s on %s", model_name, path, self.device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.keep_alive = keep_alive  # seconds an idle model stays loaded; negative: forever
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
-        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
-        self.model.to(self.device).eval()
-        self.context_window = int(self.model.config.text_config.max_position_embeddings)
-        generation = self.model.generation_config
+        self.config = AutoConfig.from_pretrained(path)
+        self.context_window = int(self.config.text_config.max_position_embeddings)
+        generation = GenerationConfig.from_pretrained(path)
         self.eos_ids = set(_as_list(generation.eos_token_id))
         self.suppressed = _as_list(generation.suppress_tokens)
         self.meter = Meter()
+        self.decode_steps = 0  # batched decode steps run
+        self.decode_tokens = 0  # tokens they produced: / decode_steps = mean batch occupancy
+        self.model: LlavaForConditionalGeneration | None = None
+        self.load_seconds = 0.0
+        self.expires_at: float | None = None  # unix time; None: no expiry
         self._waiting: queue.Queue[_Request] = queue.Queue()
         self._batch = Batch()
         self._stopping = threading.Event()
+        self._load()
         self._thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
         self._thread.start()
+
+    def _load(self) -> float:
+        """Load the weights; returns how long it took (reported, never billed)."""
+        started = time.perf_counter()
+        log.info("loading %s from %s on %s", self.model_name, self.path, self.device)
+        model = LlavaForConditionalGeneration.from_pretrained(self.path, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - started
         log.info(
             "loaded %s in %.2fs (context %d, batches of up to %d)",
-            model_name,
+            self.model_name,
             self.load_seconds,
             self.context_window,
-            max_batch,
+            self.max_batch,
         )
+        return self.load_seconds
+
+    def _unload(self) -> None:
+        log.info("unloading %s (keep_alive expired)", self.model_name)
+        self.model = None
+        self.expires_at = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def status(self) -> dict:
+        """What the worker publishes about this engine (see `workers.contract.WorkerStatus`)."""
+        model = self.model
+        weights = list(model.parameters()) if model is not None else []
+        return {
+            "model": self.model_name,
+            "loaded": model is not None,
+            "expires_at": self.expires_at,
+            "parameters": sum(p.numel() for p in weights),
+            "size_bytes": sum(p.numel() * p.element_size() for p in weights),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "context_length": self.context_window,
+            "busy_seconds": self.meter.busy_seconds,
+            "billed_seconds": self.meter.billed_seconds,
+            "active": self.active(),
+            "decode_steps": self.decode_steps,
+            "decode_tokens": self.decode_tokens,
+        }
 
     # -- the calling (Celery task) thread ------------------------------------------------------
 
@@ -126,6 +175,7 @@ class TransformersLlava:
             prompt_eval_seconds=first - request.started_at,
             eval_seconds=request.finished_at - first,
             gpu_seconds=request.gpu_seconds,
+            load_seconds=request.load_seconds,
         )
 
     def active(self) -> int:
@@ -179,11 +229,21 @@ class TransformersLlava:
                 self._admit()
                 if len(self._batch):
                     self._decode()
+                elif self._expired():
+                    self._unload()
             except Exception as exc:  # a failed step fails the requests in it, not the engine
                 log.exception("engine step failed; failing %d request(s)", len(self._batch))
                 for request in self._batch.rows:
                     self._finish(request, None, error=exc)
                 self._batch.keep([])
+
+    def _expired(self) -> bool:
+        return (
+            self.model is not None
+            and self.expires_at is not None
+            and time.time() >= self.expires_at
+            and self._waiting.empty()
+        )
 
     def _admit(self) -> None:
         while len(self._batch) < self.max_batch:
@@ -193,6 +253,8 @@ class TransformersLlava:
             except queue.Empty:
                 return
             try:
+                if self.model is None:
+                    request.load_seconds = self._load()
                 self._prefill(request)
             except Exception as exc:
                 log.exception("prefill of %s failed", request.job.request_id)
@@ -206,7 +268,7 @@ class TransformersLlava:
             return
         inputs = {k: v.to(self.device) for k, v in request.inputs.items()}
         if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         self.meter.open(request)
         self._sync()
         request.started_at = time.perf_counter()
@@ -229,6 +291,8 @@ class TransformersLlava:
         tokens = [request.sampler(self._logits(logits[i])) for i, request in enumerate(batch.rows)]
         self._sync()
         self.meter.charge(time.perf_counter() - started, {r: 1.0 for r in batch.rows})
+        self.decode_steps += 1
+        self.decode_tokens += len(batch.rows)
         keep = [i for i, r in enumerate(batch.rows) if self._accept(r, tokens[i])]
         batch.keep(keep)
 
@@ -277,6 +341,9 @@ class TransformersLlava:
         request.error = error
         request.finished_at = time.perf_counter()
         request.gpu_seconds = self.meter.close(request) if error is None else self._drop(request)
+        keep_alive = request.job.keep_alive_seconds
+        keep_alive = self.keep_alive if keep_alive is None else keep_alive
+        self.expires_at = None if keep_alive < 0 else time.time() + keep_alive
         request.done.set()
 
     def _drop(self, request: _Request) -> float:

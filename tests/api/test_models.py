@@ -1,0 +1,88 @@
+"""/api/tags, /api/ps, /api/show and keep_alive."""
+
+import httpx
+import pytest
+
+from tests.helpers import MODEL, auth, chat_body
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+@pytest.fixture(scope="module")
+def key(tenant_factory):
+    return tenant_factory.create("pro")[1]
+
+
+class TestCatalog:
+    def test_tags_lists_the_configured_model(self, gateway, key):
+        models = httpx.get(f"{gateway.url}/api/tags", headers=auth(key), timeout=30).json()
+        [entry] = models["models"]
+        assert entry["name"] == f"{MODEL}:latest"
+        assert entry["details"]["family"] == "llava"
+
+    def test_ps_shows_the_resident_model(self, gateway, key):
+        httpx.post(
+            f"{gateway.url}/api/chat", json=chat_body(num_predict=1), headers=auth(key), timeout=60
+        )
+        running = httpx.get(f"{gateway.url}/api/ps", headers=auth(key), timeout=30).json()
+        [entry] = running["models"]
+        assert entry["model"] == f"{MODEL}:latest"
+        assert entry["size"] > 0 and entry["workers"] == 1
+        assert entry["context_length"] == 8192
+        assert entry["expires_at"] is None  # resident for as long as the worker runs
+
+    def test_show_describes_a_model(self, gateway, key):
+        shown = httpx.post(
+            f"{gateway.url}/api/show", json={"model": MODEL}, headers=auth(key), timeout=30
+        )
+        assert shown.status_code == 200
+        assert "vision" in shown.json()["capabilities"]
+        assert shown.json()["model_info"]["llama.context_length"] == 8192
+
+    def test_show_of_an_unknown_model_is_404(self, gateway, key):
+        shown = httpx.post(
+            f"{gateway.url}/api/show", json={"model": "nope"}, headers=auth(key), timeout=30
+        )
+        assert shown.status_code == 404
+
+    def test_catalog_needs_a_key(self, gateway):
+        assert httpx.get(f"{gateway.url}/api/tags", timeout=30).status_code == 401
+
+
+class TestKeepAlive:
+    def test_a_malformed_keep_alive_is_a_clear_400(self, gateway, key):
+        body = chat_body() | {"keep_alive": "soon"}
+        response = httpx.post(f"{gateway.url}/api/chat", json=body, headers=auth(key), timeout=30)
+        assert response.status_code == 400
+        assert "field 'keep_alive'" in response.json()["error"]
+
+    def test_keep_alive_zero_unloads_and_the_next_request_pays_no_load(
+        self, gateway, key, redis_client
+    ):
+        from tests.helpers import worker_statuses
+        from tests.stack import wait_for
+
+        def ps() -> list:
+            return httpx.get(f"{gateway.url}/api/ps", headers=auth(key), timeout=30).json()[
+                "models"
+            ]
+
+        body = chat_body(num_predict=2) | {"stream": False, "keep_alive": 0}
+        assert (
+            httpx.post(
+                f"{gateway.url}/api/chat", json=body, headers=auth(key), timeout=60
+            ).status_code
+            == 200
+        )
+        wait_for(lambda: not any(s.loaded for s in worker_statuses(redis_client)), 15, "unload")
+        assert ps() == []
+
+        again = httpx.post(
+            f"{gateway.url}/api/chat",
+            json=chat_body(num_predict=2) | {"stream": False},
+            headers=auth(key),
+            timeout=60,
+        ).json()
+        assert again["load_duration"] > 0  # reported, and not in what was billed:
+        assert again["gpu_seconds"] * 1e9 < again["total_duration"] - again["load_duration"]
+        wait_for(lambda: ps() != [], 15, "the model to show as loaded again")

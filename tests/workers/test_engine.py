@@ -1,0 +1,175 @@
+"""The continuous-batching LLaVA engine, in process, on the tiny model."""
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.helpers import png
+from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from workers.engines.base import InvalidRequest
+from workers.engines.llava_transformers import TransformersLlava
+
+
+class Sink:
+    def __init__(self, stop_after: int | None = None):
+        self.parts: list[str] = []
+        self.stop_after = stop_after
+
+    def token(self, text: str) -> None:
+        self.parts.append(text)
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and len(self.parts) >= self.stop_after
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def job(content: str, images=(), tokens=20, temperature=0.0, seed=1, keep_alive=None) -> ChatJob:
+    return ChatJob(
+        request_id=uuid.uuid4().hex,
+        tenant_id=uuid.uuid4(),
+        api_key_id=None,
+        model="llava-llama3",
+        kind="chat",
+        messages=[ChatTurn(role="user", content=content, images=list(images))],
+        options=SamplingOptions(max_tokens=tokens, temperature=temperature, seed=seed),
+        enqueued_at=time.time(),
+        keep_alive_seconds=keep_alive,
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir):
+    engine = TransformersLlava("llava-llama3", models_dir / "llava-llama3", device="cpu")
+    yield engine
+    engine.close()
+
+
+def run_together(engine, jobs, sinks):
+    results = [None] * len(jobs)
+
+    def run(i):
+        results[i] = engine.generate(jobs[i], sinks[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+JOBS = [
+    dict(content="hello there", tokens=30),
+    dict(content="what is this?", images=[png(color="red")], tokens=25),
+    dict(
+        content="a longer prompt, to make the rows' lengths differ a lot",
+        tokens=40,
+        temperature=0.9,
+        seed=3,
+    ),
+    dict(content="two pictures", images=[png(color="blue"), png(color="green")], tokens=12),
+    dict(content="short", tokens=5, temperature=1.2, seed=99),
+]
+
+
+class TestBatching:
+    def test_batched_rows_give_exactly_what_each_gives_alone(self, engine):
+        jobs = [job(**spec) for spec in JOBS]
+        alone = []
+        for j in jobs:
+            sink = Sink()
+            alone.append((engine.generate(j, sink), sink.text))
+        steps_before, tokens_before = engine.decode_steps, engine.decode_tokens
+        sinks = [Sink() for _ in jobs]
+        together = run_together(engine, jobs, sinks)
+        for (single, text), batched, sink in zip(alone, together, sinks, strict=True):
+            assert sink.text == text
+            assert batched.output_tokens == single.output_tokens
+            assert batched.done_reason == single.done_reason == "length"
+        occupancy = (engine.decode_tokens - tokens_before) / (engine.decode_steps - steps_before)
+        assert occupancy > 1.5, "the concurrent requests should have decoded in shared steps"
+
+    def test_cancelling_one_leaves_the_others_intact(self, engine):
+        specs = [JOBS[0], JOBS[1] | {"tokens": 2000}, JOBS[2]]
+        jobs = [job(**spec) for spec in specs]
+        expected = []
+        for j in jobs:
+            sink = Sink()
+            engine.generate(j, sink)
+            expected.append(sink.text)
+        sinks = [Sink(), Sink(stop_after=3), Sink()]
+        results = run_together(engine, jobs, sinks)
+        assert results[1].done_reason == "cancelled"
+        assert results[1].output_tokens < 2000
+        for i in (0, 2):
+            assert results[i].done_reason == "length"
+            assert sinks[i].text == expected[i]
+
+
+class TestMetering:
+    def test_billed_adds_up_to_busy_time(self, engine):
+        busy, billed = engine.meter.busy_seconds, engine.meter.billed_seconds
+        jobs = [job(**spec) for spec in JOBS]
+        results = run_together(engine, jobs, [Sink() for _ in jobs])
+        spent = engine.meter.busy_seconds - busy
+        assert sum(r.gpu_seconds for r in results) == pytest.approx(spent, rel=0.01)
+        assert engine.meter.billed_seconds - billed == pytest.approx(spent, rel=1e-9)
+        assert all(r.gpu_seconds > 0 for r in results)
+
+    def test_a_request_in_a_batch_costs_less_than_its_wall_time(self, engine):
+        jobs = [job("same length prompt here", tokens=60) for _ in range(4)]
+        results = run_together(engine, jobs, [Sink() for _ in jobs])
+        for r in results:
+            assert r.gpu_seconds < r.prompt_eval_seconds + r.eval_seconds
+
+
+class TestLimits:
+    def test_prompt_past_the_context_window_names_the_limit(self, engine):
+        with pytest.raises(InvalidRequest, match="context window is 8192 tokens"):
+            engine.generate(job("word " * 9000, images=[png()]), Sink())
+
+    def test_answer_is_capped_by_the_context_window(self, engine):
+        per_word = len(engine.processor.tokenizer("word ", add_special_tokens=False).input_ids)
+        long_prompt = "word " * (8100 // per_word)
+        result = engine.generate(job(long_prompt, tokens=1000), Sink())
+        assert result.prompt_tokens + result.output_tokens <= engine.context_window
+        assert result.done_reason == "length"
+
+
+class TestEndOfTurn:
+    def test_an_end_of_turn_token_stops_the_answer(self, models_dir):
+        engine = TransformersLlava("llava-llama3", models_dir / "llava-llama3", device="cpu")
+        try:
+            # Make every token an end-of-turn token: the first one must end the answer.
+            engine.eos_ids = set(range(engine.config.text_config.vocab_size))
+            result = engine.generate(job("stop here", tokens=5), Sink())
+            assert result.done_reason == "stop"
+            assert result.output_tokens == 1
+        finally:
+            engine.close()
+
+
+class TestKeepAlive:
+    def test_keep_alive_zero_unloads_and_the_next_request_reloads(self, models_dir):
+        engine = TransformersLlava("llava-llama3", models_dir / "llava-llama3", device="cpu")
+        try:
+            first = engine.generate(job("hi", tokens=2, keep_alive=0), Sink())
+            assert first.load_seconds == 0  # loaded at start, not for this request
+            deadline = time.monotonic() + 10
+            while engine.status()["loaded"]:
+                assert time.monotonic() < deadline, "the model was not unloaded"
+                time.sleep(0.05)
+            busy = engine.meter.busy_seconds
+            second = engine.generate(job("hi", tokens=2), Sink())
+            assert second.load_seconds > 0
+            assert engine.status()["loaded"]
+            # Loading is reported, never billed: only the request's own steps were metered.
+            assert engine.meter.busy_seconds - busy == pytest.approx(second.gpu_seconds)
+            assert engine.status()["expires_at"] is None  # default: stays loaded
+        finally:
+            engine.close()
