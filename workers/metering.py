@@ -49,3 +49,53 @@ class Meter:
         """What open accounts have been charged so far."""
         with self._lock:
             return sum(self._open.values())
+
+
+class WindowMeter:
+    """Metering for an engine that cannot be timed step by step (vLLM): from its outputs.
+
+    The engine counts as busy from the moment it holds a request until it holds none. Busy
+    time is cut into windows of at least `window` seconds at output events; each window is
+    charged to the work (tokens) reported during it. A window with no work yet (a prefill
+    still running) is carried into the next one. Everything busy is charged, so the sum billed
+    is the busy time, as with `Meter`. `now` is passed in by the caller (its clock).
+    """
+
+    def __init__(self, window: float = 0.02) -> None:
+        self.meter = Meter()
+        self._window = window
+        self._lock = threading.Lock()
+        self._active: set[Hashable] = set()
+        self._pending: dict[Hashable, float] = {}
+        self._since: float | None = None  # start of the uncharged busy time
+
+    def start(self, account: Hashable, now: float) -> None:
+        with self._lock:
+            self.meter.open(account)
+            if not self._active:
+                self._since = now
+            self._active.add(account)
+
+    def output(self, account: Hashable, work: float, now: float) -> None:
+        with self._lock:
+            self._pending[account] = self._pending.get(account, 0.0) + work
+            if now - self._since >= self._window:
+                self._settle(now)
+
+    def finish(self, account: Hashable, now: float) -> float:
+        with self._lock:
+            if not any(self._pending.values()):
+                self._pending[account] = 1.0  # ended before any output: its time is its own
+            self._settle(now)
+            self._active.discard(account)
+            if not self._active:
+                self._since = None
+            return self.meter.close(account)
+
+    def _settle(self, now: float) -> None:
+        work = {a: w for a, w in self._pending.items() if w > 0}
+        if not work:
+            return
+        self.meter.charge(max(0.0, now - self._since), work)
+        self._pending.clear()
+        self._since = now

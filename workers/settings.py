@@ -10,7 +10,11 @@ class WorkerSettings(ModelSettings):
     # Requests a worker process takes from the queue at once (Celery threads).
     concurrency: int = 4
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    engine: Literal["transformers"] = "transformers"
+    # transformers: continuous batching in-process (CPU, GPU fallback); vllm: vLLM on GPUs.
+    engine: Literal["transformers", "vllm"] = "transformers"
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_max_model_len: int | None = None
+    vllm_enforce_eager: bool = False
     max_output_tokens: int = 2048
     # Seconds an idle model stays loaded; negative: for as long as the worker runs. A request's
     # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.

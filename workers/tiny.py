@@ -52,20 +52,11 @@ CORPUS = [
 ]
 
 
-def make_llava(out: Path, seed: int = 0) -> Path:
-    import torch
+def _llama3_tokenizer():
+    """A byte-level BPE tokenizer with Llama 3's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(seed)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -84,7 +75,64 @@ def make_llava(out: Path, seed: int = 0) -> Path:
         model_max_length=8192,
     )
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+    return tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+
+
+def _llama_config(tokenizer, ids: dict[str, int], hidden_size: int = 64):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=[ids["<|eot_id|>"], ids["<|end_of_text|>"]],
+        pad_token_id=ids["<|pad|>"],
+    )
+
+
+def _never_ends(generation_config, text) -> None:
+    generation_config.eos_token_id = text.eos_token_id
+    generation_config.pad_token_id = text.pad_token_id
+    generation_config.bos_token_id = text.bos_token_id
+    # Random weights would end an answer at a random token; the tiny models never end their
+    # turn by themselves, so that tests set answer lengths with num_predict (and stop strings).
+    generation_config.suppress_tokens = text.eos_token_id
+
+
+def make_text_llama(out: Path, seed: int = 0) -> Path:
+    """A tiny text-only Llama 3 (for engines that cannot run LLaVA here, e.g. vLLM on CPU)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer, ids = _llama3_tokenizer()
+    text = _llama_config(tokenizer, ids, hidden_size=128)  # head_dim 32: vLLM's CPU kernels
+    model = LlamaForCausalLM(text).eval()
+    _never_ends(model.generation_config, text)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_llava(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer, ids = _llama3_tokenizer()
 
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -95,19 +143,7 @@ def make_llava(out: Path, seed: int = 0) -> Path:
         patch_size=14,
         projection_dim=32,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=[ids["<|eot_id|>"], ids["<|end_of_text|>"]],
-        pad_token_id=ids["<|pad|>"],
-    )
+    text = _llama_config(tokenizer, ids)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -118,12 +154,7 @@ def make_llava(out: Path, seed: int = 0) -> Path:
         image_seq_length=576,
     )
     model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = text.eos_token_id
-    # Random weights would end an answer at a random token; the tiny model never ends its turn
-    # by itself, so that tests set answer lengths with num_predict (and stop strings).
-    model.generation_config.suppress_tokens = text.eos_token_id
-    model.generation_config.pad_token_id = ids["<|pad|>"]
-    model.generation_config.bos_token_id = ids["<|begin_of_text|>"]
+    _never_ends(model.generation_config, text)
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 336},

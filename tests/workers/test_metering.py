@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.metering import Meter
+from workers.metering import Meter, WindowMeter
 
 # A schedule: steps, each with a duration and the requests in it with their share of the work.
 steps = st.lists(
@@ -61,3 +61,36 @@ def test_time_must_go_to_some_work():
     meter = Meter()
     with pytest.raises(ValueError, match="charged to the work"):
         meter.charge(1.0, {})
+
+
+# Events for WindowMeter: (gap before the event, kind, request, tokens).
+events = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=0.1, allow_nan=False),
+        st.sampled_from(["start", "output", "output", "output", "finish"]),
+        st.integers(min_value=0, max_value=6),
+        st.integers(min_value=1, max_value=600),
+    ),
+    max_size=80,
+)
+
+
+@given(events, st.sampled_from([0.0, 0.01, 0.05]))
+def test_window_meter_bills_exactly_the_busy_time(script, window):
+    meter, clock, active, billed, busy = WindowMeter(window), 0.0, set(), [], 0.0
+    for gap, kind, request, tokens in script:
+        if active:
+            busy += gap
+        clock += gap
+        if kind == "start" and request not in active:
+            meter.start(request, clock)
+            active.add(request)
+        elif kind == "output" and request in active:
+            meter.output(request, tokens, clock)
+        elif kind == "finish" and request in active:
+            billed.append(meter.finish(request, clock))
+            active.discard(request)
+    for request in sorted(active):
+        billed.append(meter.finish(request, clock))
+    assert sum(billed) == pytest.approx(busy, rel=1e-9, abs=1e-9)
+    assert all(value >= 0 for value in billed)

