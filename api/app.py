@@ -2,9 +2,10 @@
 
 from fastapi import FastAPI
 
-from api import errors, health
+from api import errors, health, jobs, usage
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
+from api.openai.router import router as openai_router
 from api.settings import GatewaySettings
 from api.state import lifespan
 
@@ -15,5 +16,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(ollama_router)
+    app.include_router(openai_router)
+    app.include_router(jobs.router)
+    app.include_router(usage.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -1,17 +1,34 @@
-"""Hand a job to the workers and relay what they stream back, holding the tenant's slot."""
+"""Hand a job to the workers and relay what they stream back, holding the tenant's slot.
+
+One path under every API family: `submit` admits, enqueues and waits for the first chunk;
+`Job.chunks` relays the rest; `Job.abandon` handles a client that left mid-stream (the job
+runs on for a grace period in which the stream can be resumed with `resume`).
+"""
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
+from fastapi import Request
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from api.admission import Lease
-from api.errors import GatewayTimeout, Unavailable
+from api.errors import (
+    ApiError,
+    BadRequest,
+    ClientGone,
+    GatewayTimeout,
+    NotFound,
+    Unavailable,
+    UpstreamError,
+)
 from api.state import AppState
+from billing.tenants import KeyOwner
 from workers.contract import (
     CHAT_TASK,
     LLAVA_QUEUE,
@@ -19,9 +36,11 @@ from workers.contract import (
     DoneChunk,
     ErrorChunk,
     TokenChunk,
+    attached_key,
     cancel_key,
     claim_key,
     decode_chunk,
+    meta_key,
     started_key,
     stream_key,
 )
@@ -29,7 +48,50 @@ from workers.contract import (
 log = logging.getLogger(__name__)
 
 POLL_MS = 500
+ATTACHED_TTL_SECONDS = 3
 Chunk = TokenChunk | DoneChunk | ErrorChunk
+
+
+@dataclass(frozen=True)
+class JobMeta:
+    """What a resumed stream needs: whose job it is and how its stream is rendered."""
+
+    tenant_id: str
+    family: str  # ollama-chat | ollama-generate | openai-chat
+    model: str
+    created: float  # unix time
+
+    def dump(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+async def submit(
+    state: AppState, spec: ChatJob, owner: KeyOwner, family: str, request: Request
+) -> tuple["Job", Chunk]:
+    """Admit, enqueue, and wait for the first chunk (so that an early error gets its status).
+
+    Everything that fails here releases the slot; the caller owns the returned job and must
+    end it with `close()` or `abandon()`.
+    """
+    lease = await state.admission.acquire(owner.tenant_id, owner.tier, spec.request_id)
+    job = Job(state, spec, lease)
+    try:
+        await job.enqueue(JobMeta(str(owner.tenant_id), family, spec.model, time.time()))
+        waiting = job.chunks(disconnected=request.is_disconnected)
+        first = await anext(waiting, None)
+        await waiting.aclose()
+        if first is None:
+            raise ClientGone("the client went away before the answer started")
+        if isinstance(first, ErrorChunk):
+            raise UpstreamError(first.status, first.message)
+    except ApiError as exc:
+        await job.close()
+        exc.headers.setdefault("X-Request-Id", spec.request_id)
+        raise
+    except BaseException:
+        await job.close()
+        raise
+    return job, first
 
 
 class Job:
@@ -40,10 +102,15 @@ class Job:
         self.job = job
         self.lease = lease
         self.finished = False
+        self.delivered = 0  # chunks handed out so far (the next chunk's index)
         self._last_id = "0-0"
         self._released = False
         # The lease is renewed on its own clock, not the client's: a slow reader keeps its slot.
         self._renewal = asyncio.create_task(self._keep_lease())
+
+    @property
+    def request_id(self) -> str:
+        return self.job.request_id
 
     async def _keep_lease(self) -> None:
         every = self.state.settings.lease_ttl_seconds / 3
@@ -57,11 +124,13 @@ class Job:
             except RedisError as exc:
                 log.warning("could not renew the lease of %s: %s", self.request_id, exc)
 
-    @property
-    def request_id(self) -> str:
-        return self.job.request_id
+    async def enqueue(self, meta: JobMeta) -> None:
+        retention = self.state.settings.stream_retention_seconds
+        try:
+            await self.state.redis.set(meta_key(self.request_id), meta.dump(), ex=retention)
+        except RedisError as exc:
+            raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
 
-    async def enqueue(self) -> None:
         def send() -> None:
             self.state.celery.send_task(
                 CHAT_TASK,
@@ -78,13 +147,13 @@ class Job:
     async def chunks(
         self, disconnected: Callable[[], Awaitable[bool]] | None = None
     ) -> AsyncIterator[Chunk]:
-        """The job's chunks, in order, until its final one. Keeps the slot's lease alive.
+        """The job's chunks, in order, until its final one (which also frees the slot).
 
-        `disconnected`, if given, is polled while waiting; when it says True the job is
-        cancelled and iteration ends.
+        `disconnected`, if given, is asked about twice a second; when it says True the job
+        is cancelled and iteration ends.
         """
         key = stream_key(self.request_id)
-        waited_since = time.monotonic()
+        heard_at = asked_at = time.monotonic()
         while not self.finished:
             try:
                 reply = await self.state.redis.xread({key: self._last_id}, count=64, block=POLL_MS)
@@ -97,15 +166,18 @@ class Job:
                             "the worker running this request was lost; it was not billed, "
                             "please retry"
                         )
-                if not reply:
-                    await self._check_waiting(time.monotonic() - waited_since)
-                    if disconnected is not None and await disconnected():
-                        await self.cancel()
-                        return
-                    continue
             except RedisError as exc:
                 raise Unavailable(f"lost the connection to the job stream ({exc})") from exc
-            waited_since = time.monotonic()
+            now = time.monotonic()
+            if disconnected is not None and now - asked_at >= POLL_MS / 1000:
+                asked_at = now
+                if await disconnected():
+                    await self.cancel()
+                    return
+            if not reply:
+                await self._check_waiting(now - heard_at)
+                continue
+            heard_at = now
             for entry_id, fields in reply[0][1]:
                 self._last_id = entry_id
                 chunk = decode_chunk(fields)
@@ -113,6 +185,7 @@ class Job:
                     # The work is over: the slot is free before the client hears so.
                     self.finished = True
                     await self.close()
+                self.delivered += 1
                 yield chunk
                 if self.finished:
                     return
@@ -164,3 +237,80 @@ class Job:
                 log.warning(
                     "could not release the slot of %s; it expires with its lease", self.request_id
                 )
+
+    async def abandon(self) -> None:
+        """The streaming client went away: keep the job for a resume, or cancel it now."""
+        grace = self.state.settings.resume_grace_seconds
+        if self.finished or grace <= 0:
+            await self.close()
+            return
+        self.state.spawn(self._supervise(grace))
+
+    async def _supervise(self, grace: float) -> None:
+        """Relay nowhere while someone may resume; cancel once nobody has for `grace` s."""
+        deadline = time.monotonic() + grace
+
+        async def nobody_reading() -> bool:
+            nonlocal deadline
+            if await self.state.redis.exists(attached_key(self.request_id)):
+                deadline = time.monotonic() + grace
+            return time.monotonic() > deadline
+
+        try:
+            async for _ in self.chunks(disconnected=nobody_reading):
+                pass
+        except ApiError as exc:
+            log.info("abandoned job %s ended: %s", self.request_id, exc.message)
+        finally:
+            await self.close()
+
+
+async def resume(
+    state: AppState, request_id: str, owner: KeyOwner, after: int
+) -> tuple[JobMeta, AsyncIterator[Chunk]]:
+    """A job's chunks from index `after` on, for its own tenant only (404 for anyone else)."""
+    raw = await state.redis.get(meta_key(request_id))
+    meta = JobMeta(**json.loads(raw)) if raw else None
+    if meta is None or meta.tenant_id != str(owner.tenant_id):
+        raise NotFound(f"job {request_id} not found (unknown, someone else's, or expired)")
+    key = stream_key(request_id)
+    start = "0-0"
+    if after > 0:
+        seen = await state.redis.xrange(key, count=after)
+        if len(seen) < after:
+            raise BadRequest(f"after={after}: the job has sent only {len(seen)} chunks so far")
+        start = seen[-1][0]
+    return meta, _follow(state, request_id, start)
+
+
+async def _follow(state: AppState, request_id: str, start) -> AsyncIterator[Chunk]:
+    key, last = stream_key(request_id), start
+    while True:
+        await state.redis.set(attached_key(request_id), "1", ex=ATTACHED_TTL_SECONDS)
+        reply = await state.redis.xread({key: last}, count=64, block=POLL_MS)
+        if not reply:
+            if not await state.redis.exists(meta_key(request_id)):
+                raise GatewayTimeout("the job's stream expired")
+            continue
+        for entry_id, fields in reply[0][1]:
+            last = entry_id
+            chunk = decode_chunk(fields)
+            yield chunk
+            if not isinstance(chunk, TokenChunk):
+                return
+
+
+async def live(job: Job, first: Chunk) -> AsyncIterator[Chunk]:
+    """A submitted job's chunks for a streaming response, from its first one.
+
+    When the response ends early (the client went away), the job is abandoned: it runs on
+    for the resume grace period instead of being cancelled at once.
+    """
+    try:
+        yield first
+        if not job.finished:
+            async for chunk in job.chunks():
+                yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await (job.close() if job.finished else job.abandon())

@@ -10,10 +10,13 @@ class ApiError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, when there is one
 
 
 class BadRequest(ApiError):
@@ -40,6 +43,12 @@ class TooManyRequests(ApiError):
     status, code = 429, "concurrency_limit"
 
 
+class ClientGone(ApiError):
+    """The client disconnected before there was anything to answer (nginx's 499)."""
+
+    status, code = 499, "client_closed_request"
+
+
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
 
@@ -51,6 +60,8 @@ class GatewayTimeout(ApiError):
 class UpstreamError(ApiError):
     """An error a worker reported, with the status it chose."""
 
+    code = "model_error"
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -61,8 +72,42 @@ def error_body(message: str) -> dict:
     return {"error": message}
 
 
-def _render(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message), status_code=status, headers=headers)
+OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body_openai(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict:
+    """OpenAI's error shape; its clients turn the status into their own exception types."""
+    kind = OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _render(
+    request: Request,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    if request.url.path.startswith("/v1/"):
+        body = error_body_openai(status, message, param, code)
+    else:
+        body = error_body(message)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _first_field(exc: RequestValidationError) -> str | None:
+    for error in exc.errors():
+        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        if location and error.get("type") != "json_invalid":
+            return ".".join(location)
+    return None
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -80,13 +125,14 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _render(exc.status, exc.message, exc.headers)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _render(request, exc.status, exc.message, exc.headers, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _render(400, _describe_validation(exc))
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = _describe_validation(exc)
+        return _render(request, 400, message, param=_first_field(exc), code="invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _render(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _render(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))

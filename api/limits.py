@@ -4,7 +4,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.errors import error_body, error_body_openai
 
 
 class BodyLimit:
@@ -12,10 +12,13 @@ class BodyLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(f"request body is larger than the limit of {self.max_bytes} bytes")
-        ).encode()
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"request body is larger than the limit of {self.max_bytes} bytes"
+        if scope["path"].startswith("/v1/"):
+            shaped = error_body_openai(413, message, code="payload_too_large")
+        else:
+            shaped = error_body(message)
+        body = json.dumps(shaped).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -34,7 +37,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
         # Read the body up to the limit (it is read whole by the app anyway), then replay it.
         chunks, size, more = [], 0, True
@@ -45,7 +48,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)

@@ -11,6 +11,8 @@ class GatewaySettings(ModelSettings):
     # Largest image accepted, in pixels (decompression bombs are refused).
     max_image_pixels: int = 4096 * 4096
     max_images_per_request: int = 8
+    # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled.
+    fetch_image_urls: bool = False
     # A slot is a lease: a gateway that dies returns its tenants' slots within this time.
     lease_ttl_seconds: float = 30.0
     retry_after_seconds: int = 1
@@ -20,3 +22,7 @@ class GatewaySettings(ModelSettings):
     queue_timeout_seconds: float = 120.0
     # A running request that sends nothing for this long fails with 504.
     idle_timeout_seconds: float = 300.0
+    # A streaming client that disconnects can resume within this time (GET
+    # /api/jobs/{id}/stream); after it, with no one reading, the request is cancelled and its
+    # slot freed. The time it ran on is billed. 0: cancel at once.
+    resume_grace_seconds: float = 5.0

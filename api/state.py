@@ -1,8 +1,9 @@
 """The gateway's state: made by the lifespan, one per process, never a module global."""
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from cachetools import TTLCache
@@ -26,6 +27,13 @@ class AppState:
     admission: Admission
     celery: Celery
     key_cache: TTLCache[str, KeyOwner]
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine) -> None:
+        """Run `work` in the background, owned by the app (ended at shutdown)."""
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def serves(self, model: str) -> bool:
         return model in self.model_names()
@@ -59,6 +67,9 @@ def lifespan(settings: GatewaySettings):
         try:
             yield {"gpuhost": state}
         finally:
+            for task in list(state.tasks):  # abandoned jobs: cancelled, their slots freed
+                task.cancel()
+            await asyncio.gather(*state.tasks, return_exceptions=True)
             await client.aclose()
             await db.dispose()
             celery.close()

@@ -23,6 +23,8 @@ class StackSettings(BaseSettings):
     # Celery broker. Empty means: the Redis above.
     broker_url: str = ""
     tier_limits: dict[str, int] = Field(default_factory=lambda: {"free": 1, "pro": 3, "max": 10})
+    # How long a job's chunks stay readable in Redis after it ends (resumable streams).
+    stream_retention_seconds: int = 600
     # A job whose worker died is delivered again after this long (Redis broker).
     visibility_timeout_seconds: float = 120.0
     restore_interval_seconds: float = 10.0

@@ -4,8 +4,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from billing.models import UsageRecord
@@ -45,15 +46,24 @@ def exists(session: Session, request_id: str) -> bool:
     return found is not None
 
 
-def for_tenant(session: Session, tenant_id: uuid.UUID, limit: int = 100) -> list[UsageRecord]:
-    return list(
-        session.scalars(
-            select(UsageRecord)
-            .where(UsageRecord.tenant_id == tenant_id)
-            .order_by(UsageRecord.finished_at.desc())
-            .limit(limit)
-        )
+def _recent(tenant_id: uuid.UUID, limit: int) -> Select:
+    return (
+        select(UsageRecord)
+        .where(UsageRecord.tenant_id == tenant_id)
+        .order_by(UsageRecord.finished_at.desc())
+        .limit(limit)
     )
+
+
+def for_tenant(session: Session, tenant_id: uuid.UUID, limit: int = 100) -> list[UsageRecord]:
+    return list(session.scalars(_recent(tenant_id, limit)))
+
+
+async def recent(
+    session: AsyncSession, tenant_id: uuid.UUID, limit: int = 100
+) -> list[UsageRecord]:
+    """The tenant's latest records, newest first (the gateway's async session)."""
+    return list(await session.scalars(_recent(tenant_id, limit)))
 
 
 def to_dict(row: UsageRecord) -> dict:

@@ -105,6 +105,7 @@ def stack_env(database_url, redis_url, models_dir) -> dict[str, str]:
         "GPUHOST_AUTH_CACHE_SECONDS": "1",
         "GPUHOST_LEASE_TTL_SECONDS": "5",
         "GPUHOST_QUEUE_TIMEOUT_SECONDS": "60",
+        "GPUHOST_RESUME_GRACE_SECONDS": "1",
     }
 
 

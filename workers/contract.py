@@ -29,6 +29,16 @@ def cancel_key(request_id: str) -> str:
     return f"gpuhost:job:{request_id}:cancel"
 
 
+def meta_key(request_id: str) -> str:
+    """Who owns the job and how its stream is rendered (set by the gateway, for resuming)."""
+    return f"gpuhost:job:{request_id}:meta"
+
+
+def attached_key(request_id: str) -> str:
+    """Refreshed by a gateway while a client reads a resumed stream."""
+    return f"gpuhost:job:{request_id}:attached"
+
+
 def claim_key(request_id: str) -> str:
     """Held (with a TTL, renewed) by the worker that runs the job."""
     return f"gpuhost:job:{request_id}:claim"

@@ -20,7 +20,5 @@ class WorkerSettings(ModelSettings):
     # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
     keep_alive_seconds: float = -1.0
     honour_keep_alive: bool = True
-    # How long a finished job's chunks stay readable in Redis (resumable streams).
-    stream_retention_seconds: int = 600
     # A running job's claim expires this long after its worker stops renewing it.
     claim_ttl_seconds: float = 15.0

@@ -73,6 +73,19 @@ def _record(
         log.warning("usage for %s was already recorded; kept the first record", job.request_id)
 
 
+def _nothing_done(queue_seconds: float) -> DoneChunk:
+    return DoneChunk(
+        done_reason="cancelled",
+        prompt_tokens=0,
+        output_tokens=0,
+        load_seconds=0.0,
+        prompt_eval_seconds=0.0,
+        eval_seconds=0.0,
+        queue_seconds=queue_seconds,
+        gpu_seconds=0.0,
+    )
+
+
 def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
     """Run one chat job. Returns the status it ended with (for logs and tests)."""
     job = ChatJob.model_validate(payload)
@@ -103,6 +116,7 @@ def _run_claimed(runtime: WorkerRuntime, job: ChatJob, channel: JobChannel) -> s
         return FAILED
     if channel.cancelled():
         _record(runtime, job, CANCELLED, None, queue_seconds)
+        channel.done(_nothing_done(queue_seconds))
         return CANCELLED
     try:
         generation = runtime.engine.generate(job, channel)

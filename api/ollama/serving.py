@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.dispatch import Chunk, Job
+from api.dispatch import Chunk, Job, live, submit
 from api.errors import ApiError, NotFound, UpstreamError
 from api.ollama.schemas import (
     ChatRequest,
@@ -21,7 +21,7 @@ from api.state import AppState
 from billing.tenants import KeyOwner
 from workers.contract import DoneChunk, ErrorChunk, TokenChunk
 
-CLIENT_CLOSED = 499
+NDJSON = "application/x-ndjson"
 
 
 class OllamaServing:
@@ -35,7 +35,7 @@ class OllamaServing:
     async def respond(
         self, body: ChatRequest | GenerateRequest, owner: KeyOwner, request: Request
     ) -> Response:
-        started = time.monotonic()
+        started = time.time()
         if not self.state.serves(body.model):
             available = ", ".join(self.state.model_names())
             raise NotFound(f"model '{body.model}' not found; available: {available}")
@@ -49,70 +49,56 @@ class OllamaServing:
                     "done_reason": "load",
                 }
             )
-        request_id = new_request_id()
-        spec = body.to_job(owner, request_id, self._limits())  # validates before admission
-        lease = await self.state.admission.acquire(owner.tenant_id, owner.tier, request_id)
-        job = Job(self.state, spec, lease)
-        headers = {"X-Request-Id": request_id}
-        render = _Renderer(body, started)
+        spec = body.to_job(owner, new_request_id(), self._limits())  # validates before admission
+        chat = isinstance(body, ChatRequest)
+        family = "ollama-chat" if chat else "ollama-generate"
+        job, first = await submit(self.state, spec, owner, family, request)
+        render = Render(body.model, chat, started)
+        headers = {"X-Request-Id": spec.request_id}
+        if body.stream:
+            return StreamingResponse(
+                ndjson(render, live(job, first)), media_type=NDJSON, headers=headers
+            )
         try:
-            await job.enqueue()
-            waiting = job.chunks(disconnected=request.is_disconnected)
-            first = await anext(waiting, None)
-            await waiting.aclose()
-            if first is None:  # the client left while the job was queued
-                await job.close()
-                return Response(status_code=CLIENT_CLOSED)
-            if isinstance(first, ErrorChunk):
-                raise UpstreamError(first.status, first.message)
-            if not body.stream:
-                whole = await render.whole(first, job, request)
+            whole = await render.whole(first, job, request)
         except ApiError as exc:
-            await job.close()
-            exc.headers.setdefault("X-Request-Id", request_id)
+            exc.headers.setdefault("X-Request-Id", spec.request_id)
             raise
-        except BaseException:
+        finally:
             await job.close()
-            raise
-        if not body.stream:
-            await job.close()
-            return JSONResponse(whole, headers=headers)
-        return StreamingResponse(
-            render.lines(first, job), media_type="application/x-ndjson", headers=headers
-        )
+        return JSONResponse(whole, headers=headers)
 
 
-class _Renderer:
-    def __init__(self, body: ChatRequest | GenerateRequest, started: float):
-        self.model = body.model
-        self.chat = isinstance(body, ChatRequest)
-        self.started = started
+async def ndjson(render: "Render", chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
+    """One JSON line per chunk; an error after the stream started is its last line."""
+    try:
+        async for chunk in chunks:
+            yield json.dumps(render(chunk)) + "\n"
+    except ApiError as exc:
+        yield json.dumps({"error": exc.message}) + "\n"
+
+
+class Render:
+    """Chunks in Ollama's shapes, for /api/chat (`chat`) or /api/generate."""
+
+    def __init__(self, model: str, chat: bool, started: float):
+        self.model = model
+        self.chat = chat
+        self.started = started  # unix time the request arrived
 
     def _payload(self, text: str) -> dict:
         if self.chat:
             return {"message": {"role": "assistant", "content": text}}
         return {"response": text}
 
-    def render(self, chunk: Chunk, text: str | None = None) -> dict:
+    def __call__(self, chunk: Chunk, text: str | None = None) -> dict:
         head = {"model": self.model, "created_at": timestamp()}
         if isinstance(chunk, TokenChunk):
             return head | self._payload(chunk.text) | {"done": False}
         if isinstance(chunk, DoneChunk):
-            total = time.monotonic() - self.started
+            total = time.time() - self.started
             return head | self._payload(text or "") | final_fields(chunk, total)
         return {"error": chunk.message}
-
-    async def lines(self, first: Chunk, job: Job) -> AsyncIterator[str]:
-        try:
-            yield json.dumps(self.render(first)) + "\n"
-            if job.finished:
-                return
-            async for chunk in job.chunks():
-                yield json.dumps(self.render(chunk)) + "\n"
-        except ApiError as exc:  # the stream has started: the error is its last line
-            yield json.dumps({"error": exc.message}) + "\n"
-        finally:
-            await job.close()
 
     async def whole(self, first: Chunk, job: Job, request: Request) -> dict:
         parts: list[str] = []
@@ -126,4 +112,4 @@ class _Renderer:
             raise UpstreamError(chunk.status, chunk.message)
         if not isinstance(chunk, DoneChunk):
             raise UpstreamError(502, "the model's stream ended without a result")
-        return self.render(chunk, "".join(parts))
+        return self(chunk, "".join(parts))

@@ -1,0 +1,44 @@
+"""Resuming a stream: GET /api/jobs/{id}/stream, in the format the request was made in.
+
+- Ollama requests (NDJSON): `?after=N`, N = the number of lines already received.
+- OpenAI requests (SSE): the `Last-Event-ID` header (or `?after=N`): each event's id is its
+  index, so a client resumes after the last event it saw.
+Within the resume grace period after a disconnect (GPUHOST_RESUME_GRACE_SECONDS), and while
+the job's stream is retained; a finished job can be re-read the same way. Tenant-scoped.
+"""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+
+from api.deps import InferenceKey, StateDep
+from api.dispatch import resume
+from api.errors import BadRequest
+from api.ollama.serving import NDJSON, Render, ndjson
+from api.openai.serving import SSE, ChatRender, sse
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get("/api/jobs/{request_id}/stream")
+async def stream(
+    request_id: str,
+    owner: InferenceKey,
+    state: StateDep,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    if after is None and last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise BadRequest("Last-Event-ID must be the id of an event this stream sent")
+        after = int(last_event_id) + 1
+    meta, chunks = await resume(state, request_id, owner, after or 0)
+    headers = {"X-Request-Id": request_id}
+    if meta.family == "openai-chat":
+        render = ChatRender(request_id, meta.model, int(meta.created), include_usage=True)
+        return StreamingResponse(
+            sse(render, chunks, first_index=after or 0), media_type=SSE, headers=headers
+        )
+    render = Render(meta.model, meta.family == "ollama-chat", meta.created)
+    return StreamingResponse(ndjson(render, chunks), media_type=NDJSON, headers=headers)

@@ -1,0 +1,46 @@
+"""OpenAI-compatible routes: /v1/chat/completions and /v1/models."""
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from api.body import json_body
+from api.deps import InferenceKey, StateDep, TenantKey
+from api.openai.schemas import ChatCompletionRequest
+from api.openai.serving import OpenAIServing
+
+router = APIRouter(tags=["openai"])
+
+ChatBody = Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))]
+STARTED = int(time.time())
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}}
+        }
+    },
+)
+async def chat_completions(
+    owner: InferenceKey, body: ChatBody, state: StateDep, request: Request
+) -> Response:
+    return await OpenAIServing(state).chat(body, owner, request)
+
+
+@router.get("/v1/models")
+async def models(_: TenantKey, state: StateDep) -> dict:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": state.settings.llava_model,
+                "object": "model",
+                "created": STARTED,
+                "owned_by": "gpuhost",
+            }
+        ],
+    }

@@ -1,0 +1,128 @@
+"""OpenAI's chat completion wire format; requests translate themselves into jobs."""
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.errors import BadRequest
+from api.images import check_image
+from api.ollama.schemas import ImageLimits
+from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: list[str] | None = Field(None, max_length=4)
+    n: int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: Any = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        """(field, url) of every image part that is not a data: URL."""
+        found = []
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if isinstance(part, ImagePart) and not part.image_url.url.startswith("data:"):
+                        found.append((f"messages[{i}].content[{j}].image_url", part.image_url.url))
+        return found
+
+    def to_job(
+        self, owner, request_id: str, limits: ImageLimits, fetched: dict[str, str]
+    ) -> ChatJob:
+        """`fetched`: base64 images already downloaded for the non-data URLs, by URL."""
+        if self.response_format not in (None, {"type": "text"}):
+            raise BadRequest("field 'response_format': only text responses are supported")
+        turns, count = [], 0
+        for i, message in enumerate(self.messages):
+            texts, images = [], []
+            parts = message.content if isinstance(message.content, list) else None
+            if parts is None:
+                texts.append(message.content or "")
+            for j, part in enumerate(parts or []):
+                if isinstance(part, TextPart):
+                    texts.append(part.text)
+                    continue
+                field = f"messages[{i}].content[{j}].image_url"
+                count += 1
+                if count > limits.max_count:
+                    raise BadRequest(f"{field}: at most {limits.max_count} images per request")
+                url = part.image_url.url
+                data = fetched.get(url, url)
+                images.append(check_image(data, field, limits.max_pixels))
+            role = "system" if message.role == "developer" else message.role
+            turns.append(ChatTurn(role=role, content="\n".join(texts), images=images))
+        given = {
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": self.stop,
+        }
+        return ChatJob(
+            request_id=request_id,
+            tenant_id=owner.tenant_id,
+            api_key_id=owner.key_id,
+            model=self.model,
+            kind="chat",
+            messages=turns,
+            options=SamplingOptions(**{k: v for k, v in given.items() if v is not None}),
+            enqueued_at=time.time(),
+        )
+
+
+def usage(done: DoneChunk) -> dict:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.output_tokens,
+        "total_tokens": done.prompt_tokens + done.output_tokens,
+        "gpu_seconds": round(done.gpu_seconds, 6),
+    }
+
+
+def finish_reason(done: DoneChunk) -> str:
+    return "length" if done.done_reason == "length" else "stop"

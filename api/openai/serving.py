@@ -1,0 +1,162 @@
+"""Turns an OpenAI chat completion request into a job, and its chunks into OpenAI's shapes."""
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from api.dispatch import Chunk, live, submit
+from api.errors import ApiError, BadRequest, NotFound, UpstreamError, error_body_openai
+from api.ollama.schemas import ImageLimits, new_request_id
+from api.openai.schemas import ChatCompletionRequest, finish_reason, usage
+from api.state import AppState
+from billing.tenants import KeyOwner
+from workers.contract import DoneChunk, ErrorChunk, TokenChunk
+
+SSE = "text/event-stream"
+FETCH_TIMEOUT_SECONDS = 10
+
+
+class OpenAIServing:
+    def __init__(self, state: AppState):
+        self.state = state
+
+    async def chat(
+        self, body: ChatCompletionRequest, owner: KeyOwner, request: Request
+    ) -> Response:
+        settings = self.state.settings
+        if not self.state.serves(body.model):
+            raise NotFound(f"The model '{body.model}' does not exist", param="model")
+        fetched = await self._fetch_images(body)
+        limits = ImageLimits(
+            max_count=settings.max_images_per_request, max_pixels=settings.max_image_pixels
+        )
+        request_id = new_request_id()
+        spec = body.to_job(owner, request_id, limits, fetched)
+        job, first = await submit(self.state, spec, owner, "openai-chat", request)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        render = ChatRender(request_id, body.model, int(time.time()), include_usage)
+        headers = {"X-Request-Id": request_id}
+        if body.stream:
+            return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
+        try:
+            text, chunk = [], first
+            if isinstance(chunk, TokenChunk):
+                text.append(chunk.text)
+                async for chunk in job.chunks(disconnected=request.is_disconnected):
+                    if isinstance(chunk, TokenChunk):
+                        text.append(chunk.text)
+            if isinstance(chunk, ErrorChunk):
+                raise UpstreamError(chunk.status, chunk.message)
+            if not isinstance(chunk, DoneChunk):
+                raise UpstreamError(502, "the model's stream ended without a result")
+        except ApiError as exc:
+            exc.headers.setdefault("X-Request-Id", request_id)
+            raise
+        finally:
+            await job.close()
+        return JSONResponse(render.completion("".join(text), chunk), headers=headers)
+
+    async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, str]:
+        urls = body.image_urls()
+        if not urls:
+            return {}
+        settings = self.state.settings
+        if not settings.fetch_image_urls:
+            field, _ = urls[0]
+            raise BadRequest(
+                f"{field}: only data: URLs are accepted (fetching http(s) images is disabled "
+                "on this server)",
+                param=field,
+            )
+        fetched = {}
+        async with httpx.AsyncClient(
+            timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=True
+        ) as client:
+            for field, url in urls:
+                if not url.startswith(("http://", "https://")):
+                    raise BadRequest(f"{field}: unsupported URL scheme", param=field)
+                try:
+                    async with client.stream("GET", url) as response:
+                        response.raise_for_status()
+                        data = bytearray()
+                        async for piece in response.aiter_bytes():
+                            data += piece
+                            if len(data) > settings.max_body_bytes:
+                                raise BadRequest(f"{field}: image is too large", param=field)
+                except httpx.HTTPError as exc:
+                    raise BadRequest(
+                        f"{field}: could not fetch the image ({exc})", param=field
+                    ) from exc
+                fetched[url] = base64.b64encode(bytes(data)).decode()
+        return fetched
+
+
+class ChatRender:
+    """Chunks as chat.completion.chunk events; a DoneChunk as the finishing events."""
+
+    def __init__(self, request_id: str, model: str, created: int, include_usage: bool):
+        self.id = f"chatcmpl-{request_id}"
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+        self._role_sent = False
+
+    def _chunk(self, delta: dict, reason: str | None = None) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}],
+        }
+
+    def events(self, chunk: Chunk) -> list[dict]:
+        if isinstance(chunk, TokenChunk):
+            delta = {"content": chunk.text}
+            if not self._role_sent:
+                self._role_sent = True
+                delta = {"role": "assistant"} | delta
+            return [self._chunk(delta)]
+        if isinstance(chunk, DoneChunk):
+            events = [self._chunk({}, finish_reason(chunk))]
+            if self.include_usage:
+                events.append(self._chunk({}) | {"choices": [], "usage": usage(chunk)})
+            return events
+        return [error_body_openai(chunk.status, chunk.message)]
+
+    def completion(self, text: str, done: DoneChunk) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason(done),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(done),
+        }
+
+
+async def sse(
+    render: ChatRender, chunks: AsyncIterator[Chunk], first_index: int = 0
+) -> AsyncIterator[str]:
+    """Server-sent events; each chunk's index is its event id (for Last-Event-ID)."""
+    index = first_index
+    try:
+        async for chunk in chunks:
+            for event in render.events(chunk):
+                yield f"id: {index}\ndata: {json.dumps(event)}\n\n"
+            index += 1
+    except ApiError as exc:
+        yield f"data: {json.dumps(error_body_openai(exc.status, exc.message))}\n\n"
+    yield "data: [DONE]\n\n"
