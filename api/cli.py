@@ -72,8 +72,8 @@ def serve(
     settings = GatewaySettings()
     uvicorn.run(
         create_app(settings),
-        host=host or settings.host,
-        port=port or settings.port,
+        host=host or settings.listen_host,
+        port=port or settings.listen_port,
         log_level="info",
     )
 
@@ -100,6 +100,84 @@ def dev(
     from api.devstack import run_dev
 
     raise typer.Exit(run_dev(port=port, state_dir=state_dir))
+
+
+# -- client: talks to a running server (GPUHOST_HOST, GPUHOST_API_KEY) -------------------------
+
+
+@app.command()
+def run(
+    model: str,
+    prompt: Annotated[str | None, typer.Argument(help="Ask once; omit for a chat.")] = None,
+    image: Annotated[list[Path] | None, typer.Option(help="Attach a picture (repeatable).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and cost.")] = False,
+) -> None:
+    """Chat with a model: one question, or an interactive multi-turn chat."""
+    from api import client_cli
+
+    try:
+        client_cli.run(model, prompt, image, verbose)
+    except client_cli.ClientError as exc:
+        client_cli.fail(exc)
+
+
+@app.command()
+def ps() -> None:
+    """Models loaded on the workers now."""
+    from api import client_cli
+
+    try:
+        client_cli.ps()
+    except client_cli.ClientError as exc:
+        client_cli.fail(exc)
+
+
+@app.command("list")
+def list_models() -> None:
+    """Models this server offers."""
+    from api import client_cli
+
+    try:
+        client_cli.list_models()
+    except client_cli.ClientError as exc:
+        client_cli.fail(exc)
+
+
+@app.command("usage")
+def usage_command(
+    limit: Annotated[int, typer.Option(help="Most recent N requests.")] = 20,
+) -> None:
+    """Your recent requests and the GPU-seconds each cost."""
+    from api import client_cli
+
+    try:
+        client_cli.usage(limit)
+    except client_cli.ClientError as exc:
+        client_cli.fail(exc)
+
+
+@app.command()
+def generate(
+    prompt: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file to write.")],
+    negative: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Inference steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 512x512.")] = None,
+) -> None:
+    """Make an image with Stable Diffusion."""
+    from api import client_cli
+
+    options: dict = {"negative_prompt": negative, "num_inference_steps": steps, "seed": seed}
+    if size:
+        width, _, height = size.partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            client_cli.fail(client_cli.ClientError(f"--size {size!r}: expected WIDTHxHEIGHT"))
+        options |= {"width": int(width), "height": int(height)}
+    try:
+        client_cli.generate(prompt, output, {k: v for k, v in options.items() if v is not None})
+    except client_cli.ClientError as exc:
+        client_cli.fail(exc)
 
 
 # -- db --------------------------------------------------------------------------------------

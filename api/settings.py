@@ -1,11 +1,14 @@
 """Settings of a gateway process (`gpuhost serve`)."""
 
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from billing.settings import ModelSettings
 
 
 class GatewaySettings(ModelSettings):
-    host: str = "127.0.0.1"
-    port: int = 8080
+    # Where `gpuhost serve` listens (GPUHOST_HOST is the command line client's server URL).
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
     # Largest request body accepted, in bytes (HTTP 413 above it).
     max_body_bytes: int = 20 * 1024 * 1024
     # Largest image accepted, in pixels (decompression bombs are refused).
@@ -26,3 +29,17 @@ class GatewaySettings(ModelSettings):
     # /api/jobs/{id}/stream); after it, with no one reading, the request is cancelled and its
     # slot freed. The time it ran on is billed. 0: cancel at once.
     resume_grace_seconds: float = 5.0
+
+
+class ClientSettings(BaseSettings):
+    """The `gpuhost run / ps / list / usage` client: which server, with which key."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUHOST_", env_file=".env", extra="ignore")
+
+    host: str = "http://127.0.0.1:8080"
+    api_key: str = ""
+    timeout_seconds: float = 600.0
+
+    def base_url(self) -> str:
+        host = self.host if "://" in self.host else f"http://{self.host}"
+        return host.rstrip("/")
