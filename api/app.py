@@ -6,6 +6,7 @@ from api import errors, health, jobs, usage
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
 from api.openai.router import router as openai_router
+from api.sd.router import router as sd_router
 from api.settings import GatewaySettings
 from api.state import lifespan
 
@@ -17,6 +18,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(ollama_router)
     app.include_router(openai_router)
+    app.include_router(sd_router)
     app.include_router(jobs.router)
     app.include_router(usage.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -31,15 +31,18 @@ from api.state import AppState
 from billing.tenants import KeyOwner
 from workers.contract import (
     CHAT_TASK,
+    IMAGES_TASK,
     LLAVA_QUEUE,
+    SD_QUEUE,
+    AnyChunk,
     ChatJob,
-    DoneChunk,
     ErrorChunk,
-    TokenChunk,
+    ImageJob,
     attached_key,
     cancel_key,
     claim_key,
     decode_chunk,
+    is_final,
     meta_key,
     started_key,
     stream_key,
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 500
 ATTACHED_TTL_SECONDS = 3
-Chunk = TokenChunk | DoneChunk | ErrorChunk
+Chunk = AnyChunk
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class JobMeta:
 
 
 async def submit(
-    state: AppState, spec: ChatJob, owner: KeyOwner, family: str, request: Request
+    state: AppState, spec: ChatJob | ImageJob, owner: KeyOwner, family: str, request: Request
 ) -> tuple["Job", Chunk]:
     """Admit, enqueue, and wait for the first chunk (so that an early error gets its status).
 
@@ -97,7 +100,7 @@ async def submit(
 class Job:
     """One admitted request: its slot, its task, and the stream of its chunks."""
 
-    def __init__(self, state: AppState, job: ChatJob, lease: Lease):
+    def __init__(self, state: AppState, job: ChatJob | ImageJob, lease: Lease):
         self.state = state
         self.job = job
         self.lease = lease
@@ -132,11 +135,12 @@ class Job:
             raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
 
         def send() -> None:
+            images = isinstance(self.job, ImageJob)
             self.state.celery.send_task(
-                CHAT_TASK,
+                IMAGES_TASK if images else CHAT_TASK,
                 args=[self.job.model_dump(mode="json")],
                 task_id=self.request_id,
-                queue=LLAVA_QUEUE,
+                queue=SD_QUEUE if images else LLAVA_QUEUE,
             )
 
         try:
@@ -181,7 +185,7 @@ class Job:
             for entry_id, fields in reply[0][1]:
                 self._last_id = entry_id
                 chunk = decode_chunk(fields)
-                if not isinstance(chunk, TokenChunk):
+                if is_final(chunk):
                     # The work is over: the slot is free before the client hears so.
                     self.finished = True
                     await self.close()
@@ -296,7 +300,7 @@ async def _follow(state: AppState, request_id: str, start) -> AsyncIterator[Chun
             last = entry_id
             chunk = decode_chunk(fields)
             yield chunk
-            if not isinstance(chunk, TokenChunk):
+            if is_final(chunk):
                 return
 
 

@@ -13,7 +13,12 @@ DATA_URL_MARK = ";base64,"
 
 
 def check_image(data: str, field: str, max_pixels: int) -> str:
-    """Validate one base64 image; return its base64 (a data: URL prefix is removed).
+    """Validate one base64 image; return its base64 (a data: URL prefix is removed)."""
+    return check_image_sized(data, field, max_pixels)[0]
+
+
+def check_image_sized(data: str, field: str, max_pixels: int) -> tuple[str, tuple[int, int]]:
+    """Validate one base64 image; return its base64 and its (width, height).
 
     Rejects malformed base64, data that is not an image, truncated images, and images over
     `max_pixels` (decompression bombs included), each with a message naming `field`.
@@ -40,6 +45,7 @@ def check_image(data: str, field: str, max_pixels: int) -> str:
                         f"the limit is {max_pixels} pixels"
                     )
                 image.load()  # decodes fully: truncated data fails here
+                size = image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(
             f"{field}: image is too large to decode (decompression bomb)"
@@ -50,4 +56,4 @@ def check_image(data: str, field: str, max_pixels: int) -> str:
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadRequest(f"{field}: corrupt or truncated image ({exc})") from None
-    return data
+    return data, size

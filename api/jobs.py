@@ -35,6 +35,8 @@ async def stream(
         after = int(last_event_id) + 1
     meta, chunks = await resume(state, request_id, owner, after or 0)
     headers = {"X-Request-Id": request_id}
+    if meta.family == "images":
+        raise BadRequest("image requests are not resumable; ask again with the same seed")
     if meta.family == "openai-chat":
         render = ChatRender(request_id, meta.model, int(meta.created), include_usage=True)
         return StreamingResponse(

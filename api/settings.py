@@ -1,5 +1,6 @@
 """Settings of a gateway process (`gpuhost serve`)."""
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.settings import ModelSettings
@@ -14,6 +15,13 @@ class GatewaySettings(ModelSettings):
     # Largest image accepted, in pixels (decompression bombs are refused).
     max_image_pixels: int = 4096 * 4096
     max_images_per_request: int = 8
+    # Stable Diffusion: largest width or height, images per request by tier, and how long
+    # images asked for as URLs can be fetched.
+    sd_max_side: int = 1024
+    sd_images_per_request: dict[str, int] = Field(
+        default_factory=lambda: {"free": 1, "pro": 4, "max": 8}
+    )
+    image_url_ttl_seconds: int = 3600
     # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled.
     fetch_image_urls: bool = False
     # A slot is a lease: a gateway that dies returns its tenants' slots within this time.

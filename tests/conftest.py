@@ -119,6 +119,17 @@ def worker(stack_env, redis_url, tmp_path_factory) -> Iterator[Worker]:
         process.stop()
 
 
+@pytest.fixture(scope="session")
+def sd_worker(stack_env, redis_url, tmp_path_factory) -> Iterator[Worker]:
+    """A Stable Diffusion worker (queue sd) on the same stack."""
+    process = Worker("sd-worker", stack_env, tmp_path_factory.mktemp("logs"), redis_url, "sd")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
 def _gateway(name, stack_env, tmp_path_factory) -> Iterator[Gateway]:
     process = Gateway(name, stack_env, tmp_path_factory.mktemp("logs"))
     try:

@@ -58,18 +58,20 @@ def worker_statuses(redis_client) -> list:
     from workers.contract import WORKER_KEY_PREFIX, WorkerStatus
 
     keys = list(redis_client.scan_iter(match=WORKER_KEY_PREFIX + "*"))
+    if not keys:
+        return []
     return [WorkerStatus.model_validate_json(raw) for raw in redis_client.mget(keys) if raw]
 
 
-def idle_status(redis_client, after: float):
-    """The single worker's status, published after `after` (unix time), once it is idle."""
+def idle_status(redis_client, after: float, queue: str = "llava"):
+    """The queue's single worker's status, published after `after` (unix time), once idle."""
     import time
 
     from tests.stack import wait_for
 
     def fresh():
-        statuses = worker_statuses(redis_client)
-        assert len(statuses) == 1, f"expected one worker, found {len(statuses)}"
+        statuses = [s for s in worker_statuses(redis_client) if s.queue == queue]
+        assert len(statuses) == 1, f"expected one {queue} worker, found {len(statuses)}"
         status = statuses[0]
         return status if status.updated_at > after and status.active == 0 else None
 

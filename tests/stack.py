@@ -85,8 +85,10 @@ class Gateway(Process):
 
 
 class Worker(Process):
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, broker_url: str):
-        super().__init__(name, ["worker", "--queue", "llava", "--concurrency", "4"], env, log_dir)
+    def __init__(
+        self, name: str, env: dict[str, str], log_dir: Path, broker_url: str, queue: str = "llava"
+    ):
+        super().__init__(name, ["worker", "--queue", queue, "--concurrency", "4"], env, log_dir)
         self.control = Celery("gpuhost-tests")
         self.control.conf.update(celery_config(broker_url))
 
@@ -97,3 +99,7 @@ class Worker(Process):
             return bool(self.control.control.ping(timeout=0.5))
 
         wait_for(ready, timeout, f"{self.name} to answer a ping", interval=0.2)
+
+
+def ping_all(control: Celery, expected: int) -> bool:
+    return len(control.control.ping(timeout=0.5)) >= expected

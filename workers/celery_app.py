@@ -4,15 +4,23 @@ import redis
 from celery import Celery
 
 from billing.db import session_factory, sync_engine
-from workers.contract import CHAT_TASK, SD_QUEUE, WorkerStatus, celery_config
-from workers.engines.base import ChatEngine
+from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, celery_config
 from workers.settings import WorkerSettings
 from workers.status import StatusPublisher
 from workers.streams import Claims
-from workers.tasks import WorkerRuntime, owner, run_chat
+from workers.tasks import WorkerRuntime, owner, run_chat, run_images
 
 
-def load_engine(settings: WorkerSettings) -> ChatEngine:
+def load_engine(settings: WorkerSettings):
+    if settings.queue == SD_QUEUE:
+        from workers.engines.diffusion import DiffusionEngine
+
+        return DiffusionEngine(
+            settings.sd_model,
+            settings.sd_weights(),
+            device=settings.device,
+            max_batch_images=settings.sd_max_batch_images,
+        )
     if settings.engine == "vllm":
         from workers.engines.llava_vllm import VllmLlava, VllmOptions
 
@@ -48,13 +56,15 @@ def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celer
     def chat(payload: dict) -> str:
         return run_chat(runtime, payload)
 
+    @app.task(name=IMAGES_TASK)
+    def images(payload: dict) -> str:
+        return run_images(runtime, payload)
+
     return app
 
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model once, then consume the queue with a pool of threads until SIGTERM/SIGINT."""
-    if settings.queue == SD_QUEUE:
-        raise NotImplementedError("the Stable Diffusion worker is not available yet")
     client = redis.Redis.from_url(settings.redis_url)
     runtime = WorkerRuntime(
         settings=settings,

@@ -14,6 +14,9 @@ SD_QUEUE = "sd"  # reserved for Stable Diffusion workers
 QUEUES = (LLAVA_QUEUE, SD_QUEUE)
 
 CHAT_TASK = "gpuhost.llava.chat"
+IMAGES_TASK = "gpuhost.sd.images"
+
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 
 # Statuses of a finished request, as written to its usage record.
 COMPLETED, CANCELLED, FAILED, REJECTED = "completed", "cancelled", "failed", "rejected"
@@ -75,6 +78,8 @@ class WorkerStatus(BaseModel):
     active: int  # requests running or waiting in the engine
     decode_steps: int = 0  # batched decode steps since the process started
     decode_tokens: int = 0  # tokens those steps produced (/ decode_steps: mean batch size)
+    batches: int = 0  # Stable Diffusion: batches run
+    batch_requests: int = 0  # requests they held (/ batches: mean requests per batch)
     updated_at: float
 
 
@@ -102,7 +107,7 @@ def celery_config(
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_routes": {CHAT_TASK: {"queue": LLAVA_QUEUE}},
+        "task_routes": {CHAT_TASK: {"queue": LLAVA_QUEUE}, IMAGES_TASK: {"queue": SD_QUEUE}},
         "worker_hijack_root_logger": False,
     }
 
@@ -147,6 +152,50 @@ class ChatJob(BaseModel):
     keep_alive_seconds: float | None = None
 
 
+class ImageJob(BaseModel):
+    """One Stable Diffusion request: text-to-image, image-to-image (`image`), or inpainting
+    (`image` and `mask`, white = repaint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    tenant_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    model: str
+    kind: Literal["txt2img", "img2img", "inpaint"]
+    prompt: str
+    negative_prompt: str = ""
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: Literal["euler", "euler_a", "dpmpp_2m", "ddim"]
+    seed: int
+    n: int
+    image: str | None = None  # base64, validated by the gateway
+    mask: str | None = None
+    strength: float = 0.8
+    lora: str | None = None
+    enqueued_at: float
+
+
+class ProgressChunk(BaseModel):
+    type: Literal["progress"] = "progress"
+    step: int
+    steps: int
+
+
+class ImagesChunk(BaseModel):
+    type: Literal["images"] = "images"
+    images: list[str]  # base64 PNGs
+    seed: int
+    load_seconds: float
+    run_seconds: float  # wall time from the batch's start to its end
+    queue_seconds: float
+    gpu_seconds: float
+    batch_images: int  # images in the batch this request ran in
+
+
 class TokenChunk(BaseModel):
     type: Literal["token"] = "token"
     text: str
@@ -170,15 +219,24 @@ class ErrorChunk(BaseModel):
     message: str
 
 
-Chunk = Annotated[TokenChunk | DoneChunk | ErrorChunk, Field(discriminator="type")]
+Chunk = Annotated[
+    TokenChunk | DoneChunk | ErrorChunk | ProgressChunk | ImagesChunk, Field(discriminator="type")
+]
 _chunk = TypeAdapter(Chunk)
 
 
-def encode_chunk(chunk: TokenChunk | DoneChunk | ErrorChunk) -> dict[str, str]:
+AnyChunk = TokenChunk | DoneChunk | ErrorChunk | ProgressChunk | ImagesChunk
+
+
+def is_final(chunk: AnyChunk) -> bool:
+    return isinstance(chunk, DoneChunk | ErrorChunk | ImagesChunk)
+
+
+def encode_chunk(chunk: AnyChunk) -> dict[str, str]:
     return {CHUNK_FIELD: chunk.model_dump_json()}
 
 
-def decode_chunk(fields: dict) -> TokenChunk | DoneChunk | ErrorChunk:
+def decode_chunk(fields: dict) -> AnyChunk:
     raw = fields.get(CHUNK_FIELD) or fields.get(CHUNK_FIELD.encode())
     if isinstance(raw, bytes):
         raw = raw.decode()

@@ -16,6 +16,8 @@ class WorkerSettings(ModelSettings):
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool = False
     max_output_tokens: int = 2048
+    # Stable Diffusion: most images run as one batch.
+    sd_max_batch_images: int = 8
     # Seconds an idle model stays loaded; negative: for as long as the worker runs. A request's
     # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
     keep_alive_seconds: float = -1.0

@@ -6,9 +6,10 @@ import threading
 import redis
 
 from workers.contract import (
+    AnyChunk,
     ChatJob,
-    DoneChunk,
-    ErrorChunk,
+    ImageJob,
+    ProgressChunk,
     TokenChunk,
     cancel_key,
     claim_key,
@@ -81,7 +82,7 @@ class Claims:
 class JobChannel:
     """Publishes one job's chunks and tells the engine when the client has gone."""
 
-    def __init__(self, client: redis.Redis, job: ChatJob, owner: str, retention: int):
+    def __init__(self, client: redis.Redis, job: ChatJob | ImageJob, owner: str, retention: int):
         self._redis = client
         self._id = job.request_id
         self._owner = owner
@@ -104,15 +105,17 @@ class JobChannel:
     def should_stop(self) -> bool:
         return self.cancelled()
 
+    # -- ProgressSink (Stable Diffusion)
+
+    def progress(self, step: int, steps: int) -> None:
+        self._publish(ProgressChunk(step=step, steps=steps))
+
     # -- the end of the job
 
-    def done(self, chunk: DoneChunk) -> None:
+    def publish_final(self, chunk: AnyChunk) -> None:
         self._publish(chunk, final=True)
 
-    def error(self, status: int, message: str) -> None:
-        self._publish(ErrorChunk(status=status, message=message), final=True)
-
-    def _publish(self, chunk: TokenChunk | DoneChunk | ErrorChunk, final: bool = False) -> None:
+    def _publish(self, chunk: AnyChunk, final: bool = False) -> None:
         key = stream_key(self._id)
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(key, encode_chunk(chunk))

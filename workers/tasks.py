@@ -1,9 +1,17 @@
-"""The LLaVA chat task: run one job on the resident engine, stream it, meter it, record it."""
+"""The tasks: run one job on the resident engine, stream it, meter it, record it once.
+
+Both families (LLaVA chat, Stable Diffusion images) share the scaffolding in `_run`: a job
+already recorded or running elsewhere is a duplicate delivery and is ignored; a job whose
+earlier delivery died mid-run is recorded as failed (not billed); a job cancelled before it
+started is recorded as cancelled; otherwise the engine runs it, the usage record is written,
+and then the final chunk is published (so a client that sees it can find the record).
+"""
 
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,10 +25,14 @@ from workers.contract import (
     COMPLETED,
     FAILED,
     REJECTED,
+    AnyChunk,
     ChatJob,
     DoneChunk,
+    ErrorChunk,
+    ImageJob,
+    ImagesChunk,
 )
-from workers.engines.base import ChatEngine, Generation, InvalidRequest
+from workers.engines.base import InvalidRequest
 from workers.settings import WorkerSettings
 from workers.streams import Claims, JobChannel
 
@@ -39,17 +51,27 @@ class WorkerRuntime:
     settings: WorkerSettings
     redis: redis.Redis
     sessions: sessionmaker[Session]
-    engine: ChatEngine
+    engine: object  # a ChatEngine (llava queue) or a DiffusionEngine (sd queue)
     claims: Claims
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: what goes in the usage record, and the final chunk for the client."""
+
+    status: str
+    final: AnyChunk
+    gpu_seconds: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
 
 
 def _record(
     runtime: WorkerRuntime,
-    job: ChatJob,
-    status: str,
+    job: ChatJob | ImageJob,
+    outcome: Outcome,
     started: datetime | None,
     queue_seconds: float,
-    generation: Generation | None = None,
 ) -> None:
     with transaction(runtime.sessions) as session:
         written = usage.record(
@@ -60,11 +82,11 @@ def _record(
                 api_key_id=job.api_key_id,
                 model=job.model,
                 kind=job.kind,
-                status=status,
-                gpu_seconds=generation.gpu_seconds if generation else 0.0,
+                status=outcome.status,
+                gpu_seconds=outcome.gpu_seconds,
                 queue_seconds=queue_seconds,
-                prompt_tokens=generation.prompt_tokens if generation else 0,
-                output_tokens=generation.output_tokens if generation else 0,
+                prompt_tokens=outcome.prompt_tokens,
+                output_tokens=outcome.output_tokens,
                 started_at=started,
                 finished_at=datetime.now(UTC),
             ),
@@ -73,25 +95,12 @@ def _record(
         log.warning("usage for %s was already recorded; kept the first record", job.request_id)
 
 
-def _nothing_done(queue_seconds: float) -> DoneChunk:
-    return DoneChunk(
-        done_reason="cancelled",
-        prompt_tokens=0,
-        output_tokens=0,
-        load_seconds=0.0,
-        prompt_eval_seconds=0.0,
-        eval_seconds=0.0,
-        queue_seconds=queue_seconds,
-        gpu_seconds=0.0,
-    )
-
-
-def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
-    """Run one chat job. Returns the status it ended with (for logs and tests)."""
-    job = ChatJob.model_validate(payload)
-    settings = runtime.settings
-    if not settings.honour_keep_alive:
-        job.keep_alive_seconds = None
+def _run(
+    runtime: WorkerRuntime,
+    job: ChatJob | ImageJob,
+    execute: Callable[[JobChannel, float], Outcome],
+    cancelled_early: Callable[[float], AnyChunk],
+) -> str:
     with runtime.sessions() as session:
         if usage.exists(session, job.request_id):
             log.info("job %s delivered again after it finished; ignored", job.request_id)
@@ -99,40 +108,48 @@ def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
     if not runtime.claims.take(job.request_id):
         log.info("job %s is running on another worker; this delivery ignored", job.request_id)
         return "duplicate"
-    channel = JobChannel(runtime.redis, job, owner(), settings.stream_retention_seconds)
+    channel = JobChannel(runtime.redis, job, owner(), runtime.settings.stream_retention_seconds)
     try:
-        return _run_claimed(runtime, job, channel)
+        queue_seconds = max(0.0, time.time() - job.enqueued_at)
+        started = datetime.now(UTC)
+        if channel.started_before():
+            # An earlier delivery died mid-request (worker lost). The platform's fault: unbilled.
+            message = "the worker running this request was lost; please retry"
+            outcome = Outcome(FAILED, ErrorChunk(status=503, message=message))
+        elif channel.cancelled():
+            outcome, started = Outcome(CANCELLED, cancelled_early(queue_seconds)), None
+        else:
+            outcome = _attempt(job, channel, queue_seconds, execute)
+        _record(runtime, job, outcome, started, queue_seconds)
+        channel.publish_final(outcome.final)
+        return outcome.status
     finally:
         runtime.claims.release(job.request_id)
 
 
-def _run_claimed(runtime: WorkerRuntime, job: ChatJob, channel: JobChannel) -> str:
-    queue_seconds = max(0.0, time.time() - job.enqueued_at)
-    started = datetime.now(UTC)
-    if channel.started_before():
-        # An earlier delivery died mid-request (worker lost). The platform's fault: not billed.
-        _record(runtime, job, FAILED, started, queue_seconds)
-        channel.error(503, "the worker running this request was lost; please retry")
-        return FAILED
-    if channel.cancelled():
-        _record(runtime, job, CANCELLED, None, queue_seconds)
-        channel.done(_nothing_done(queue_seconds))
-        return CANCELLED
+def _attempt(job, channel: JobChannel, queue_seconds: float, execute) -> Outcome:
     try:
-        generation = runtime.engine.generate(job, channel)
+        return execute(channel, queue_seconds)
     except InvalidRequest as exc:
-        _record(runtime, job, REJECTED, started, queue_seconds)
-        channel.error(400, str(exc))
-        return REJECTED
+        return Outcome(REJECTED, ErrorChunk(status=400, message=str(exc)))
     except Exception:
         log.exception("job %s failed", job.request_id)
-        _record(runtime, job, FAILED, started, queue_seconds)
-        channel.error(500, "the model failed while running this request; it was not billed")
-        return FAILED
-    status = CANCELLED if generation.done_reason == "cancelled" else COMPLETED
-    _record(runtime, job, status, started, queue_seconds, generation)
-    channel.done(
-        DoneChunk(
+        message = "the model failed while running this request; it was not billed"
+        return Outcome(FAILED, ErrorChunk(status=500, message=message))
+
+
+# -- LLaVA chat ----------------------------------------------------------------------------------
+
+
+def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
+    """Run one chat job. Returns the status it ended with (for logs and tests)."""
+    job = ChatJob.model_validate(payload)
+    if not runtime.settings.honour_keep_alive:
+        job.keep_alive_seconds = None
+
+    def execute(channel: JobChannel, queue_seconds: float) -> Outcome:
+        generation = runtime.engine.generate(job, channel)
+        final = DoneChunk(
             done_reason=generation.done_reason,
             prompt_tokens=generation.prompt_tokens,
             output_tokens=generation.output_tokens,
@@ -142,5 +159,52 @@ def _run_claimed(runtime: WorkerRuntime, job: ChatJob, channel: JobChannel) -> s
             queue_seconds=queue_seconds,
             gpu_seconds=generation.gpu_seconds,
         )
-    )
-    return status
+        status = CANCELLED if generation.done_reason == "cancelled" else COMPLETED
+        return Outcome(
+            status,
+            final,
+            generation.gpu_seconds,
+            generation.prompt_tokens,
+            generation.output_tokens,
+        )
+
+    def cancelled_early(queue_seconds: float) -> DoneChunk:
+        return DoneChunk(
+            done_reason="cancelled",
+            prompt_tokens=0,
+            output_tokens=0,
+            load_seconds=0.0,
+            prompt_eval_seconds=0.0,
+            eval_seconds=0.0,
+            queue_seconds=queue_seconds,
+            gpu_seconds=0.0,
+        )
+
+    return _run(runtime, job, execute, cancelled_early)
+
+
+# -- Stable Diffusion ----------------------------------------------------------------------------
+
+
+def run_images(runtime: WorkerRuntime, payload: dict) -> str:
+    """Run one image job. Returns the status it ended with."""
+    job = ImageJob.model_validate(payload)
+
+    def execute(channel: JobChannel, queue_seconds: float) -> Outcome:
+        rendering = runtime.engine.render(job, channel)
+        final = ImagesChunk(
+            images=rendering.images,
+            seed=job.seed,
+            load_seconds=0.0,
+            run_seconds=rendering.run_seconds,
+            queue_seconds=queue_seconds,
+            gpu_seconds=rendering.gpu_seconds,
+            batch_images=rendering.batch_images,
+        )
+        status = CANCELLED if rendering.cancelled else COMPLETED
+        return Outcome(status, final, rendering.gpu_seconds, 0, len(rendering.images))
+
+    def cancelled_early(_: float) -> ErrorChunk:
+        return ErrorChunk(status=499, message="the request was cancelled before it started")
+
+    return _run(runtime, job, execute, cancelled_early)

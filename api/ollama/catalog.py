@@ -7,6 +7,7 @@ from api.state import AppState
 from workers.contract import WORKER_KEY_PREFIX, WorkerStatus
 
 FAMILY = {"format": "safetensors", "family": "llava", "families": ["llama", "clip"]}
+SD = {"format": "diffusers", "family": "stable-diffusion", "families": ["unet", "vae", "clip"]}
 QUANTIZATION = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -39,21 +40,23 @@ def _details(statuses: list[WorkerStatus]) -> dict:
 
 
 async def tags(state: AppState) -> dict:
-    statuses = [s for s in await worker_statuses(state) if s.model == state.settings.llava_model]
-    name = f"{state.settings.llava_model}:latest"
-    loaded = [s for s in statuses if s.loaded]
-    return {
-        "models": [
+    """Every configured model: LLaVA (chat) and Stable Diffusion (images)."""
+    everything = await worker_statuses(state)
+    models = []
+    for model, family in ((state.settings.llava_model, FAMILY), (state.settings.sd_model, SD)):
+        statuses = [s for s in everything if s.model == model]
+        loaded = [s for s in statuses if s.loaded]
+        models.append(
             {
-                "name": name,
-                "model": name,
+                "name": f"{model}:latest",
+                "model": f"{model}:latest",
                 "modified_at": _iso(max((s.updated_at for s in statuses), default=0.0)),
                 "size": max((s.size_bytes for s in loaded), default=0),
                 "digest": "",
-                "details": _details(statuses),
+                "details": _details(statuses) | family,
             }
-        ]
-    }
+        )
+    return {"models": models}
 
 
 async def running(state: AppState) -> dict:
@@ -71,7 +74,7 @@ async def running(state: AppState) -> dict:
                 "model": f"{model}:latest",
                 "size": held[0].size_bytes,
                 "digest": "",
-                "details": _details(held),
+                "details": _details(held) | (SD if held[0].queue == "sd" else FAMILY),
                 # None: stays loaded for as long as its workers run.
                 "expires_at": None if None in expiries else _iso(max(expiries)),
                 "size_vram": held[0].size_bytes if held[0].device.startswith("cuda") else 0,

@@ -106,10 +106,33 @@ class TestListings:
         assert used.returncode == 0
         assert "1 request(s)" in used.stdout and "completed" in used.stdout
 
-    def test_generate_explains_that_images_are_not_offered_yet(
-        self, gateway, tenant_factory, tmp_path
-    ):
+    def test_generate_writes_the_image(self, gateway, tenant_factory, tmp_path, sd_worker):
+        from PIL import Image
+
         _, key, _ = tenant_factory.create("free")
-        done = gpuhost(gateway, key, "generate", "a red fox", "-o", str(tmp_path / "fox.png"))
+        target = tmp_path / "fox.png"
+        done = gpuhost(
+            gateway,
+            key,
+            "generate",
+            "a red fox",
+            "-o",
+            str(target),
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"wrote {target}" in done.stdout
+        assert Image.open(target).size == (64, 64)
+
+    def test_generate_with_a_bad_size_says_so(self, gateway, tenant_factory, tmp_path):
+        _, key, _ = tenant_factory.create("free")
+        done = gpuhost(
+            gateway, key, "generate", "x", "-o", str(tmp_path / "x.png"), "--size", "100x100"
+        )
         assert done.returncode == 1
-        assert "does not offer image generation" in done.stderr
+        assert "not a multiple of 8" in done.stderr

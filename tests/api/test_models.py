@@ -16,16 +16,16 @@ def key(tenant_factory):
 class TestCatalog:
     def test_tags_lists_the_configured_model(self, gateway, key):
         models = httpx.get(f"{gateway.url}/api/tags", headers=auth(key), timeout=30).json()
-        [entry] = models["models"]
-        assert entry["name"] == f"{MODEL}:latest"
-        assert entry["details"]["family"] == "llava"
+        by_name = {entry["name"]: entry for entry in models["models"]}
+        assert by_name[f"{MODEL}:latest"]["details"]["family"] == "llava"
+        assert by_name["stable-diffusion:latest"]["details"]["family"] == "stable-diffusion"
 
     def test_ps_shows_the_resident_model(self, gateway, key):
         httpx.post(
             f"{gateway.url}/api/chat", json=chat_body(num_predict=1), headers=auth(key), timeout=60
         )
         running = httpx.get(f"{gateway.url}/api/ps", headers=auth(key), timeout=30).json()
-        [entry] = running["models"]
+        [entry] = [m for m in running["models"] if m["model"] == f"{MODEL}:latest"]
         assert entry["model"] == f"{MODEL}:latest"
         assert entry["size"] > 0 and entry["workers"] == 1
         assert entry["context_length"] == 8192
@@ -63,9 +63,8 @@ class TestKeepAlive:
         from tests.stack import wait_for
 
         def ps() -> list:
-            return httpx.get(f"{gateway.url}/api/ps", headers=auth(key), timeout=30).json()[
-                "models"
-            ]
+            found = httpx.get(f"{gateway.url}/api/ps", headers=auth(key), timeout=30).json()
+            return [m for m in found["models"] if m["model"] == f"{MODEL}:latest"]
 
         body = chat_body(num_predict=2) | {"stream": False, "keep_alive": 0}
         assert (
@@ -74,7 +73,11 @@ class TestKeepAlive:
             ).status_code
             == 200
         )
-        wait_for(lambda: not any(s.loaded for s in worker_statuses(redis_client)), 15, "unload")
+        wait_for(
+            lambda: not any(s.loaded for s in worker_statuses(redis_client) if s.queue == "llava"),
+            15,
+            "unload",
+        )
         assert ps() == []
 
         again = httpx.post(

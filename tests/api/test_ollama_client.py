@@ -32,7 +32,7 @@ def test_generate_and_list(gateway, tenant_factory):
     api = client(gateway, key)
     answer = api.generate(model=MODEL, prompt="hi", options={"num_predict": 3})
     assert answer.done and answer.eval_count == 3
-    assert [m.model for m in api.list().models] == [f"{MODEL}:latest"]
+    assert f"{MODEL}:latest" in [m.model for m in api.list().models]
 
 
 def test_errors_are_the_clients_response_errors(gateway, tenant_factory):

@@ -1,0 +1,129 @@
+"""Image request wire formats; requests translate themselves into `ImageJob`s."""
+
+import random
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.errors import BadRequest
+from api.images import check_image_sized
+from workers.contract import ImageJob
+
+
+class ImageLimits(BaseModel):
+    max_side: int  # pixels, each of width and height
+    max_input_pixels: int  # for uploaded images and masks
+    max_n: int  # images per request, by tier
+
+
+def _multiple_of_8(value: int | None) -> int | None:
+    if value is not None and value % 8:
+        raise ValueError(f"{value} is not a multiple of 8")
+    return value
+
+
+class ImagesRequest(BaseModel):
+    """POST /api/images: text-to-image; image-to-image with `image`; inpainting with `image`
+    and `mask` (white = repaint)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    width: int | None = Field(None, ge=64)
+    height: int | None = Field(None, ge=64)
+    num_inference_steps: int = Field(25, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    scheduler: Literal["euler", "euler_a", "dpmpp_2m", "ddim"] = "euler"
+    seed: int | None = Field(None, ge=0, lt=2**63 - 1024)
+    n: int = Field(1, ge=1)
+    image: str | None = None
+    mask: str | None = None
+    strength: float = Field(0.8, gt=0, le=1)
+    lora: str | None = Field(None, min_length=1, max_length=200)
+    stream: bool = False
+
+    _check_width = field_validator("width")(lambda cls, v: _multiple_of_8(v))
+    _check_height = field_validator("height")(lambda cls, v: _multiple_of_8(v))
+
+    def to_job(self, owner, request_id: str, model: str, limits: ImageLimits) -> ImageJob:
+        if self.n > limits.max_n:
+            raise BadRequest(
+                f"field 'n': {self.n} images; the {owner.tier} tier allows at most "
+                f"{limits.max_n} per request",
+                param="n",
+            )
+        if self.mask is not None and self.image is None:
+            raise BadRequest("field 'mask': inpainting needs an 'image' too", param="mask")
+        image = mask = None
+        width, height = self.width, self.height
+        if self.image is not None:
+            image, (w, h) = check_image_sized(self.image, "image", limits.max_input_pixels)
+            width = width or max(64, w // 8 * 8)
+            height = height or max(64, h // 8 * 8)
+            if self.mask is not None:
+                mask, mask_size = check_image_sized(self.mask, "mask", limits.max_input_pixels)
+                if mask_size != (w, h):
+                    raise BadRequest(
+                        f"field 'mask': mask is {mask_size[0]}x{mask_size[1]} but the image is "
+                        f"{w}x{h}; they must be the same size",
+                        param="mask",
+                    )
+        width, height = width or 512, height or 512
+        for name, value in (("width", width), ("height", height)):
+            if value > limits.max_side:
+                raise BadRequest(
+                    f"field '{name}': {value} is over the limit of {limits.max_side} pixels",
+                    param=name,
+                )
+        kind = "inpaint" if mask else "img2img" if image else "txt2img"
+        return ImageJob(
+            request_id=request_id,
+            tenant_id=owner.tenant_id,
+            api_key_id=owner.key_id,
+            model=model,
+            kind=kind,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            scheduler=self.scheduler,
+            seed=self.seed if self.seed is not None else random.randrange(2**31),
+            n=self.n,
+            image=image,
+            mask=mask,
+            strength=self.strength,
+            lora=self.lora,
+            enqueued_at=time.time(),
+        )
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    width, sep, height = size.partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise BadRequest(f"field 'size': {size!r} is not WIDTHxHEIGHT, e.g. 512x512", param="size")
+    if int(width) % 8 or int(height) % 8:
+        raise BadRequest(f"field 'size': {size} is not a multiple of 8 on each side", param="size")
+    return int(width), int(height)
+
+
+class GenerationsRequest(BaseModel):
+    """OpenAI's POST /v1/images/generations."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str = "512x512"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+
+    def native(self) -> ImagesRequest:
+        width, height = parse_size(self.size)
+        return ImagesRequest(
+            model=self.model, prompt=self.prompt, n=self.n, width=width, height=height
+        )

@@ -1,0 +1,166 @@
+"""Runs image requests through the shared dispatch path and shapes their answers."""
+
+import base64
+import io
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
+
+from api.dispatch import live, submit
+from api.errors import ApiError, BadRequest, NotFound, UpstreamError
+from api.ollama.schemas import NS, new_request_id, timestamp
+from api.sd.schemas import ImageLimits, ImagesRequest
+from api.state import AppState
+from billing.tenants import KeyOwner
+from workers.contract import ErrorChunk, ImagesChunk, ProgressChunk
+
+NDJSON = "application/x-ndjson"
+
+
+def file_key(token: str) -> str:
+    return f"gpuhost:file:{token}"
+
+
+class ImageServing:
+    def __init__(self, state: AppState):
+        self.state = state
+
+    def _model(self, requested: str | None) -> str:
+        name = self.state.settings.sd_model
+        if requested not in (None, name, f"{name}:latest"):
+            raise NotFound(f"model '{requested}' not found; available: {name}", param="model")
+        return name
+
+    def _limits(self, tier: str) -> ImageLimits:
+        s = self.state.settings
+        return ImageLimits(
+            max_side=s.sd_max_side,
+            max_input_pixels=s.max_image_pixels,
+            max_n=s.sd_images_per_request.get(tier, 1),
+        )
+
+    async def run(
+        self, body: ImagesRequest, owner: KeyOwner, request: Request
+    ) -> tuple[ImagesChunk, str, float]:
+        """Run to completion: (final chunk, request id, start time)."""
+        started = time.time()
+        spec = body.to_job(
+            owner, new_request_id(), self._model(body.model), self._limits(owner.tier)
+        )
+        job, chunk = await submit(self.state, spec, owner, "images", request)
+        try:
+            if not isinstance(chunk, ImagesChunk | ErrorChunk):
+                async for chunk in job.chunks(disconnected=request.is_disconnected):
+                    if isinstance(chunk, ImagesChunk | ErrorChunk):
+                        break
+            if isinstance(chunk, ErrorChunk):
+                raise UpstreamError(chunk.status, chunk.message)
+            if not isinstance(chunk, ImagesChunk):
+                raise UpstreamError(502, "the model's stream ended without a result")
+        except ApiError as exc:
+            exc.headers.setdefault("X-Request-Id", spec.request_id)
+            raise
+        finally:
+            await job.close()
+        return chunk, spec.request_id, started
+
+    async def native(self, body: ImagesRequest, owner: KeyOwner, request: Request) -> Response:
+        if body.stream:
+            return await self._native_stream(body, owner, request)
+        final, request_id, started = await self.run(body, owner, request)
+        return JSONResponse(
+            native_result(body, final, started), headers={"X-Request-Id": request_id}
+        )
+
+    async def _native_stream(self, body: ImagesRequest, owner: KeyOwner, request: Request):
+        started = time.time()
+        spec = body.to_job(
+            owner, new_request_id(), self._model(body.model), self._limits(owner.tier)
+        )
+        job, first = await submit(self.state, spec, owner, "images", request)
+
+        async def lines() -> AsyncIterator[str]:
+            try:
+                async for chunk in live(job, first):
+                    if isinstance(chunk, ProgressChunk):
+                        yield (
+                            json.dumps({"step": chunk.step, "steps": chunk.steps, "done": False})
+                            + "\n"
+                        )
+                    elif isinstance(chunk, ImagesChunk):
+                        yield json.dumps(native_result(body, chunk, started)) + "\n"
+                    else:
+                        yield json.dumps({"error": chunk.message}) + "\n"
+            except ApiError as exc:
+                yield json.dumps({"error": exc.message}) + "\n"
+
+        return StreamingResponse(
+            lines(), media_type=NDJSON, headers={"X-Request-Id": spec.request_id}
+        )
+
+    async def openai(
+        self, body: ImagesRequest, response_format: str, owner: KeyOwner, request: Request
+    ) -> Response:
+        final, request_id, _ = await self.run(body, owner, request)
+        if response_format == "url":
+            data = [{"url": await self._store(png, owner, request)} for png in final.images]
+        else:
+            data = [{"b64_json": png} for png in final.images]
+        result = {
+            "created": int(time.time()),
+            "data": data,
+            "usage": {"gpu_seconds": round(final.gpu_seconds, 6)},
+        }
+        return JSONResponse(result, headers={"X-Request-Id": request_id})
+
+    async def _store(self, png: str, owner: KeyOwner, request: Request) -> str:
+        token = secrets.token_urlsafe(24)
+        ttl = self.state.settings.image_url_ttl_seconds
+        value = json.dumps({"tenant_id": str(owner.tenant_id), "png": png})
+        await self.state.redis.set(file_key(token), value, ex=ttl)
+        return str(request.url_for("image_file", token=token))
+
+    async def file(self, token: str, owner: KeyOwner) -> Response:
+        raw = await self.state.redis.get(file_key(token))
+        stored = json.loads(raw) if raw else None
+        if stored is None or stored["tenant_id"] != str(owner.tenant_id):
+            raise NotFound("image not found (unknown, someone else's, or expired)")
+        return Response(base64.b64decode(stored["png"]), media_type="image/png")
+
+
+def native_result(body: ImagesRequest, final: ImagesChunk, started: float) -> dict:
+    return {
+        "model": body.model or "stable-diffusion",
+        "created_at": timestamp(),
+        "images": final.images,
+        "seed": final.seed,
+        "gpu_seconds": round(final.gpu_seconds, 6),
+        "total_duration": int((time.time() - started) * NS),
+        "load_duration": int(final.load_seconds * NS),
+        "queue_duration": int(final.queue_seconds * NS),
+        "run_duration": int(final.run_seconds * NS),
+        "batch_images": final.batch_images,
+        "done": True,
+    }
+
+
+def openai_mask(data: bytes, field: str) -> str:
+    """OpenAI masks mark the area to edit as transparent; ours mark it white."""
+    try:
+        mask = Image.open(io.BytesIO(data))
+        mask.load()
+    except (OSError, SyntaxError, ValueError):
+        raise BadRequest(f"{field}: not a readable image", param=field) from None
+    if "A" not in mask.getbands():
+        raise BadRequest(
+            f"{field}: the mask must have transparency (an alpha channel)", param=field
+        )
+    edit = mask.getchannel("A").point(lambda alpha: 255 if alpha == 0 else 0)
+    buffer = io.BytesIO()
+    edit.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
