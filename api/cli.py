@@ -80,7 +80,7 @@ def serve(
 
 @app.command()
 def worker(
-    queue: Annotated[str, typer.Option(help="Queue to consume: llava (sd is reserved).")] = "llava",
+    queue: Annotated[str, typer.Option(help="Queue to consume: llava or sd.")] = "llava",
     concurrency: Annotated[int | None, typer.Option(help="Requests taken at once.")] = None,
 ) -> None:
     """Run a GPU worker: load the model once, then serve the queue."""

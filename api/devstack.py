@@ -180,7 +180,7 @@ def run_dev(port: int, state_dir: Path) -> int:
             )
             child_env = _child_environment(env)
             cli = [sys.executable, "-m", "api"]
-            if not settings.llava_weights().exists():
+            if not (settings.llava_weights().exists() and settings.sd_weights().exists()):
                 _say(f"no weights at {settings.llava_weights()}: making tiny random-weight models")
                 subprocess.run(
                     [*cli, "models", "make-tiny", str(settings.models_dir)],
@@ -190,16 +190,17 @@ def run_dev(port: int, state_dir: Path) -> int:
                 )
             tenant_id, key = _demo_key(database_url, state_dir, settings.tier_limits)
             children = {
-                "worker": subprocess.Popen(
-                    [*cli, "worker", "--queue", "llava"], env=child_env, start_new_session=True
-                ),
-                "gateway": subprocess.Popen(
-                    [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)],
-                    env=child_env,
-                    start_new_session=True,
-                ),
+                name: subprocess.Popen(
+                    [*cli, "worker", "--queue", queue], env=child_env, start_new_session=True
+                )
+                for name, queue in (("worker", "llava"), ("sd-worker", "sd"))
             }
-            for name in ("worker", "gateway"):  # stopped in reverse: gateway first
+            children["gateway"] = subprocess.Popen(
+                [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)],
+                env=child_env,
+                start_new_session=True,
+            )
+            for name in ("worker", "sd-worker", "gateway"):  # stopped in reverse: gateway first
                 stack.callback(_stop, children[name], name)
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, children)
