@@ -217,9 +217,9 @@ def run_dev(port: int, state_dir: Path) -> int:
             _say(f"error: {exc}")
             return 1
         finally:
-            signal.signal(
-                signal.SIGINT, signal.SIG_IGN
-            )  # a second Ctrl-C must not cut cleanup short
+            # A second Ctrl-C (or a SIGTERM) must not cut the cleanup short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _child_environment(extra: dict[str, str]) -> dict[str, str]:

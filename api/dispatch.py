@@ -11,23 +11,30 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import anyio
 from fastapi import Request
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
+from sqlalchemy.exc import OperationalError
 
 from api.admission import Lease
 from api.errors import (
     ApiError,
     BadRequest,
     ClientGone,
+    Forbidden,
     GatewayTimeout,
     NotFound,
+    PaymentRequired,
+    Unauthorized,
     Unavailable,
     UpstreamError,
 )
 from api.state import AppState
+from billing import usage
+from billing.plans import Balance, period_of
 from billing.tenants import KeyOwner
 from workers.contract import (
     CHAT_TASK,
@@ -76,7 +83,8 @@ async def submit(
     Everything that fails here releases the slot; the caller owns the returned job and must
     end it with `close()` or `abandon()`.
     """
-    lease = await state.admission.acquire(owner.tenant_id, owner.tier, spec.request_id)
+    tier = await check_quota(state, owner)
+    lease = await state.admission.acquire(owner.tenant_id, tier, spec.request_id)
     job = Job(state, spec, lease)
     try:
         await job.enqueue(JobMeta(str(owner.tenant_id), family, spec.model, time.time()))
@@ -95,6 +103,29 @@ async def submit(
         await job.close()
         raise
     return job, first
+
+
+async def check_quota(state: AppState, owner: KeyOwner) -> str:
+    """The tenant's current tier (a change applies to its next request), after checking that
+    its plan still covers another request this billing period (HTTP 402 if not)."""
+    period = period_of(datetime.now(UTC))
+    try:
+        async with state.sessions() as session:
+            view = await usage.admission_view(session, owner.tenant_id, period.start, period.end)
+    except (OperationalError, OSError) as exc:
+        raise Unavailable("the ledger is unavailable; try again shortly") from exc
+    if view is None:
+        raise Unauthorized("this key's tenant no longer exists")
+    tier, used = view
+    plan = state.settings.plans.get(tier)
+    if plan is None:
+        raise Forbidden(f"tier '{tier}' has no plan on this server")
+    if Balance(plan, period, used).exhausted:
+        raise PaymentRequired(
+            f"the {plan.name} plan's {plan.included_gpu_seconds:g} GPU-seconds for this period "
+            f"are used up; they renew at {period.end.isoformat()} (or upgrade your plan)"
+        )
+    return tier
 
 
 class Job:

@@ -27,6 +27,10 @@ class Unauthorized(ApiError):
     status, code = 401, "invalid_api_key"
 
 
+class PaymentRequired(ApiError):
+    status, code = 402, "quota_exceeded"
+
+
 class Forbidden(ApiError):
     status, code = 403, "insufficient_scope"
 
@@ -74,6 +78,7 @@ def error_body(message: str) -> dict:
 
 OPENAI_TYPES = {
     401: "authentication_error",
+    402: "insufficient_quota",
     403: "permission_error",
     429: "rate_limit_error",
 }
@@ -104,16 +109,25 @@ def _render(
 
 def _first_field(exc: RequestValidationError) -> str | None:
     for error in exc.errors():
-        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        location = _location(error)
         if location and error.get("type") != "json_invalid":
             return ".".join(location)
     return None
 
 
+SOURCES = ("body", "query", "path", "header")
+
+
+def _location(error: dict) -> list[str]:
+    """Where a validation error is, without FastAPI's leading 'body'/'query'/... part."""
+    location = [str(part) for part in error.get("loc", ())]
+    return location[1:] if location and location[0] in SOURCES else location
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
     problems = []
     for error in exc.errors():
-        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        location = _location(error)
         if error.get("type") == "json_invalid":
             problems.append(f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}")
         elif location:

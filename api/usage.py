@@ -1,15 +1,27 @@
-"""A tenant's own usage records (the `usage:read` scope). The ledger is `billing.usage`."""
+"""A tenant's own usage (the `usage:read` scope): records, totals by hour or day, balance.
 
-from typing import Annotated
+The numbers come from the ledger, `billing.usage`; this module only shapes them.
+"""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from api.deps import StateDep, require
+from api.errors import Forbidden
 from billing import usage
+from billing.plans import Balance, period_of
 from billing.tenants import KeyOwner
 
 router = APIRouter(tags=["usage"])
 UsageKey = Annotated[KeyOwner, require("usage:read")]
+RANGES = {
+    "24h": (timedelta(hours=24), "hour"),
+    "7d": (timedelta(days=7), "day"),
+    "30d": (timedelta(days=30), "day"),
+}
 
 
 @router.get("/api/usage/requests")
@@ -24,3 +36,47 @@ async def requests(
         "requests": records,
         "gpu_seconds": round(sum(r["gpu_seconds"] for r in records), 3),
     }
+
+
+@router.get("/api/usage")
+async def summary(
+    owner: UsageKey,
+    state: StateDep,
+    range: Annotated[Literal["24h", "7d", "30d"], Query()] = "24h",  # noqa: A002 (API name)
+) -> dict:
+    """Totals and hourly (24h) or daily (7d, 30d) buckets: GPU-seconds, requests, tokens,
+    images, and their cost at the plan's per-GPU-second price."""
+    span, unit = RANGES[range]
+    since = datetime.now(UTC) - span
+    async with state.sessions() as session:
+        rows = await usage.buckets(session, owner.tenant_id, since, unit)
+    plan = state.settings.plans.get(owner.tier)
+    price = plan.overage_usd_per_gpu_second if plan and plan.overage_usd_per_gpu_second else 0
+    for row in rows:
+        row["cost_usd"] = str(
+            (Decimal(str(row["gpu_seconds"])) * Decimal(price)).quantize(Decimal("0.0001"))
+        )
+    keys = ("gpu_seconds", "requests", "prompt_tokens", "output_tokens", "images")
+    totals = {key: sum(row[key] for row in rows) for key in keys}
+    totals["gpu_seconds"] = round(totals["gpu_seconds"], 3)
+    totals["cost_usd"] = str(sum((Decimal(row["cost_usd"]) for row in rows), Decimal("0")))
+    return {
+        "range": range,
+        "since": since.isoformat(),
+        "unit": unit,
+        "totals": totals,
+        "buckets": rows,
+    }
+
+
+@router.get("/api/balance")
+async def balance(owner: UsageKey, state: StateDep) -> dict:
+    """This billing period: the plan's allowance, what is used, what remains, when it renews."""
+    period = period_of(datetime.now(UTC))
+    async with state.sessions() as session:
+        view = await usage.admission_view(session, owner.tenant_id, period.start, period.end)
+    tier, used = view
+    plan = state.settings.plans.get(tier)
+    if plan is None:
+        raise Forbidden(f"tier '{tier}' has no plan on this server")
+    return Balance(plan, period, used).to_dict()

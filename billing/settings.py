@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.plans import DEFAULT_PLANS, Plan
+
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/gpuhost"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -22,12 +24,18 @@ class StackSettings(BaseSettings):
     redis_url: str = DEFAULT_REDIS_URL
     # Celery broker. Empty means: the Redis above.
     broker_url: str = ""
-    tier_limits: dict[str, int] = Field(default_factory=lambda: {"free": 1, "pro": 3, "max": 10})
+    # Plans by tier (concurrency, allowance, prices); GPUHOST_PLANS as JSON replaces them.
+    plans: dict[str, Plan] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
     # How long a job's chunks stay readable in Redis after it ends (resumable streams).
     stream_retention_seconds: int = 600
     # A job whose worker died is delivered again after this long (Redis broker).
     visibility_timeout_seconds: float = 120.0
     restore_interval_seconds: float = 10.0
+
+    @property
+    def tier_limits(self) -> dict[str, int]:
+        """Requests in flight allowed per tier."""
+        return {tier: plan.concurrency for tier, plan in self.plans.items()}
 
     @property
     def celery_broker_url(self) -> str:

@@ -2,14 +2,16 @@
 
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from billing.models import UsageRecord
+from billing.models import OutboxEvent, Tenant, UsageRecord
+
+IMAGE_KINDS = ("txt2img", "img2img", "inpaint")
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,38 @@ class UsageCreate:
 
 
 def record(session: Session, usage: UsageCreate) -> bool:
-    """Insert the record unless one exists for this request id. True if this call wrote it."""
+    """Insert the record unless one exists for this request id. True if this call wrote it.
+
+    A billable record also gets its outbox row (for Stripe), in the same transaction.
+    """
     statement = (
         insert(UsageRecord)
         .values(id=uuid.uuid4(), **asdict(usage))
         .on_conflict_do_nothing(index_elements=[UsageRecord.request_id])
         .returning(UsageRecord.id)
     )
-    return session.execute(statement).first() is not None
+    written = session.execute(statement).first()
+    if written is None:
+        return False
+    quantity = milli(usage.gpu_seconds)
+    if quantity > 0:
+        session.add(
+            OutboxEvent(
+                id=uuid.uuid4(),
+                usage_record_id=written[0],
+                tenant_id=usage.tenant_id,
+                quantity=quantity,
+                event_time=usage.finished_at,
+                attempts=0,
+            )
+        )
+        session.flush()
+    return True
+
+
+def milli(gpu_seconds: float) -> int:
+    """GPU-seconds as reported to billing: integer milli-GPU-seconds (rounded half up)."""
+    return int(gpu_seconds * 1000 + 0.5)
 
 
 def exists(session: Session, request_id: str) -> bool:
@@ -79,3 +105,53 @@ def to_dict(row: UsageRecord) -> dict:
         "started_at": row.started_at.isoformat() if row.started_at else None,
         "finished_at": row.finished_at.isoformat(),
     }
+
+
+async def admission_view(
+    session: AsyncSession, tenant_id: uuid.UUID, start: datetime, end: datetime
+) -> tuple[str, float] | None:
+    """The tenant's current tier and the GPU-seconds it used in [start, end); None if gone."""
+    used = (
+        select(func.coalesce(func.sum(UsageRecord.gpu_seconds), 0.0))
+        .where(
+            UsageRecord.tenant_id == tenant_id,
+            UsageRecord.finished_at >= start,
+            UsageRecord.finished_at < end,
+        )
+        .scalar_subquery()
+    )
+    row = (await session.execute(select(Tenant.tier, used).where(Tenant.id == tenant_id))).first()
+    return (row[0], float(row[1])) if row else None
+
+
+async def buckets(
+    session: AsyncSession, tenant_id: uuid.UUID, since: datetime, unit: str
+) -> list[dict]:
+    """Usage per hour or day since `since`: GPU-seconds, requests, tokens, images."""
+    bucket = func.date_trunc(unit, UsageRecord.finished_at, "UTC").label("bucket")
+    images = func.sum(case((UsageRecord.kind.in_(IMAGE_KINDS), UsageRecord.output_tokens), else_=0))
+    tokens = func.sum(case((UsageRecord.kind.in_(IMAGE_KINDS), 0), else_=UsageRecord.output_tokens))
+    rows = await session.execute(
+        select(
+            bucket,
+            func.sum(UsageRecord.gpu_seconds),
+            func.count(),
+            func.sum(UsageRecord.prompt_tokens),
+            tokens,
+            images,
+        )
+        .where(UsageRecord.tenant_id == tenant_id, UsageRecord.finished_at >= since)
+        .group_by(bucket)
+        .order_by(bucket)
+    )
+    return [
+        {
+            "start": start.replace(tzinfo=UTC).isoformat(),
+            "gpu_seconds": round(float(gpu), 3),
+            "requests": count,
+            "prompt_tokens": int(prompt or 0),
+            "output_tokens": int(output or 0),
+            "images": int(made or 0),
+        }
+        for start, gpu, count, prompt, output, made in rows
+    ]

@@ -10,17 +10,22 @@ REPLACEMENT = "\ufffd"
 class Detokenizer:
     """Decodes token ids incrementally and emits only text that is final.
 
-    Text ending in an incomplete UTF-8 sequence is held back for a few tokens; text that
-    could be the beginning of a stop string is held back until it is known not to be.
-    When a stop string appears, the text before it is emitted and `stopped` becomes True.
+    Each token is decoded in a small window (the previous token or so for context, as
+    tokenizers whose pieces depend on their neighbours need), not the whole sequence, so the
+    cost per token stays constant however long the answer grows. Text ending in an incomplete
+    UTF-8 sequence is held back for a few tokens; text that could be the beginning of a stop
+    string is held back until it is known not to be. When a stop string appears, the text
+    before it is emitted and `stopped` becomes True.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
         self._decode = decode
         self._stop = [s for s in stop if s]
         self._ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already emitted
-        self._pending_tokens = 0
+        self._prefix = 0  # start of the context window
+        self._read = 0  # ids before this are already in self._text
+        self._text = ""  # everything decoded so far
+        self._emitted = 0  # characters of self._text already emitted
         self.stopped = False
 
     def push(self, token_id: int) -> str:
@@ -28,20 +33,28 @@ class Detokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        self._pending_tokens += 1
-        text = self._decode(self._ids)
-        if text.endswith(REPLACEMENT) and self._pending_tokens < MAX_INCOMPLETE_TOKENS:
+        seen = self._decode(self._ids[self._prefix : self._read])
+        now = self._decode(self._ids[self._prefix :])
+        pending = len(self._ids) - self._read
+        if now.endswith(REPLACEMENT) and pending < MAX_INCOMPLETE_TOKENS:
             return ""
-        self._pending_tokens = 0
-        return self._release(text, final=False)
+        self._text += now[len(seen) :] if now.startswith(seen) else now
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._release(final=False)
 
     def flush(self) -> str:
         """The end of generation: everything not yet emitted (up to a stop string)."""
         if self.stopped:
             return ""
-        return self._release(self._decode(self._ids), final=True)
+        if self._read < len(self._ids):
+            seen = self._decode(self._ids[self._prefix : self._read])
+            now = self._decode(self._ids[self._prefix :])
+            self._text += now[len(seen) :] if now.startswith(seen) else now
+            self._read = len(self._ids)
+        return self._release(final=True)
 
-    def _release(self, text: str, final: bool) -> str:
+    def _release(self, final: bool) -> str:
+        text = self._text
         for stop in self._stop:
             at = text.find(stop, self._emitted)
             if at >= 0:
