@@ -21,9 +21,11 @@ tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 key_app = typer.Typer(help="API keys.", no_args_is_help=True)
 usage_app = typer.Typer(help="Usage records.", no_args_is_help=True)
 models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
+billing_app = typer.Typer(help="Stripe: customers and the usage relay.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(admin_app, name="admin")
 app.add_typer(models_app, name="models")
+app.add_typer(billing_app, name="billing")
 admin_app.add_typer(tenant_app, name="tenant")
 admin_app.add_typer(key_app, name="key")
 admin_app.add_typer(usage_app, name="usage")
@@ -270,6 +272,56 @@ def usage_list(
         return [usage.to_dict(r) for r in usage.for_tenant(session, found.id, limit)]
 
     _print(_admin(work))
+
+
+# -- billing -----------------------------------------------------------------------------------
+
+
+def _stripe():
+    from billing import stripe_meter
+    from billing.settings import StripeSettings
+
+    settings = StripeSettings()
+    try:
+        api = stripe_meter.client(settings)
+    except RuntimeError as exc:
+        _fail(str(exc))
+    return stripe_meter, settings, api, session_factory(sync_engine(settings.database_url))
+
+
+@billing_app.command("customers")
+def billing_customers() -> None:
+    """Create a Stripe customer for every tenant that has none."""
+    stripe_meter, _, api, sessions = _stripe()
+    _print({"created": stripe_meter.ensure_customers(sessions, api)})
+
+
+@billing_app.command("relay")
+def billing_relay(
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+) -> None:
+    """Send usage to Stripe's meter, exactly once per record, until stopped."""
+    import time
+    from datetime import timedelta
+
+    stripe_meter, settings, api, sessions = _stripe()
+    alert_after = timedelta(seconds=settings.relay_alert_after_seconds)
+    while True:
+        done = stripe_meter.relay_once(sessions, api, settings)
+        stale = stripe_meter.stale(sessions, alert_after)
+        if done.sent or done.failed or once:
+            _print(done.__dict__ | {"stale": stale})
+        if stale:
+            logging.getLogger("gpuhost.billing").error(
+                "%d usage event(s) unsent for over %s: Stripe only accepts events up to "
+                "35 days old",
+                stale,
+                alert_after,
+            )
+        if once:
+            return
+        if not done.sent:
+            time.sleep(settings.relay_interval_seconds)
 
 
 # -- models ----------------------------------------------------------------------------------

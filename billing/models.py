@@ -26,6 +26,7 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200))
     tier: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="tenant")
 

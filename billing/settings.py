@@ -64,3 +64,18 @@ class ModelSettings(StackSettings):
 
     def sd_weights(self) -> Path:
         return self.sd_path or self.models_dir / self.sd_model
+
+
+class StripeSettings(StackSettings):
+    """Stripe, for the billing relay (`gpuhost billing relay`). Without a key, usage simply
+    accumulates in the ledger."""
+
+    stripe_api_key: str = ""
+    # Only for tests and Stripe-compatible servers; the SDK's default otherwise.
+    stripe_api_base: str = ""
+    stripe_meter_event_name: str = "gpu_seconds"
+    stripe_timeout_seconds: float = 30.0
+    relay_batch_size: int = 100
+    relay_interval_seconds: float = 5.0
+    # Unsent rows older than this are reported: Stripe accepts timestamps up to 35 days old.
+    relay_alert_after_seconds: float = 6 * 3600

@@ -97,7 +97,13 @@ class TestRun:
 class TestListings:
     def test_list_ps_and_usage(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("free")
-        gpuhost(gateway, key, "run", "llava-llama3", "hello", stdin="")
+        import httpx
+
+        from tests.helpers import auth, chat_body
+
+        httpx.post(
+            f"{gateway.url}/api/chat", json=chat_body(num_predict=2), headers=auth(key), timeout=60
+        )
         listed = gpuhost(gateway, key, "list")
         assert listed.returncode == 0 and "llava-llama3:latest" in listed.stdout
         running = gpuhost(gateway, key, "ps")

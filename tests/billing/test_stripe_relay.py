@@ -1,0 +1,220 @@
+"""GPU-seconds reach Stripe exactly once, through the outbox relay and the official SDK,
+against a Stripe-compatible server on 127.0.0.1 (tests/stripe_server.py)."""
+
+import threading
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from billing import stripe_meter, tenants, usage
+from billing.db import transaction
+from billing.models import OutboxEvent, Tenant
+from billing.settings import StripeSettings
+from tests.stripe_server import FakeStripe
+
+TIERS = {"free": 1, "pro": 3, "max": 10}
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = FakeStripe().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(fake, database_url) -> StripeSettings:
+    return StripeSettings(
+        database_url=database_url,
+        stripe_api_key="sk_test_gpuhost",
+        stripe_api_base=fake.url,
+        stripe_timeout_seconds=1.0,
+        relay_batch_size=500,
+    )
+
+
+@pytest.fixture
+def api(settings):
+    return stripe_meter.client(settings)
+
+
+def tenant_with_usage(sessions, api, seconds: list[float]) -> tuple[str, list[str]]:
+    """A tenant with a Stripe customer and usage records; returns (customer id, record ids)."""
+    with transaction(sessions) as session:
+        tenant = tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:6]}", "pro", TIERS)
+        tenant_id = tenant.id
+    stripe_meter.ensure_customers(sessions, api)
+    request_ids = []
+    with transaction(sessions) as session:
+        for value in seconds:
+            request_ids.append(uuid.uuid4().hex)
+            usage.record(
+                session,
+                usage.UsageCreate(
+                    request_id=request_ids[-1],
+                    tenant_id=tenant_id,
+                    api_key_id=None,
+                    model="llava-llama3",
+                    kind="chat",
+                    status="completed",
+                    gpu_seconds=value,
+                    queue_seconds=0.0,
+                    prompt_tokens=1,
+                    output_tokens=1,
+                    started_at=None,
+                    finished_at=datetime.now(UTC),
+                ),
+            )
+        customer = session.get(Tenant, tenant_id).stripe_customer_id
+    return customer, request_ids
+
+
+def unsent(sessions, customer: str) -> int:
+    with sessions() as session:
+        return len(
+            session.scalars(
+                select(OutboxEvent)
+                .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
+                .where(Tenant.stripe_customer_id == customer, OutboxEvent.sent_at.is_(None))
+            ).all()
+        )
+
+
+class TestRelay:
+    def test_each_record_is_sent_once_in_milli_gpu_seconds(self, sessions, api, settings, fake):
+        customer, _ = tenant_with_usage(sessions, api, [1.5, 0.25, 2.0004])
+        first = stripe_meter.relay_once(sessions, api, settings)
+        assert first.sent >= 3 and first.failed == 0
+        assert fake.total(customer) == 1500 + 250 + 2000
+        assert unsent(sessions, customer) == 0
+        again = stripe_meter.relay_once(sessions, api, settings)
+        assert again.sent == 0 and fake.total(customer) == 3750
+
+    def test_a_relay_that_dies_after_stripes_2xx_does_not_double(
+        self, sessions, api, settings, fake
+    ):
+        customer, _ = tenant_with_usage(sessions, api, [3.0, 4.0])
+
+        def die(_row):
+            raise SystemExit("relay killed between Stripe's 2xx and its commit")
+
+        with pytest.raises(SystemExit):
+            stripe_meter.relay_once(sessions, api, settings, after_send=die)
+        assert unsent(sessions, customer) == 2  # nothing was committed
+        taken = fake.total(customer)
+        assert taken in (3000, 4000)  # Stripe took the first one sent
+        stripe_meter.relay_once(sessions, api, settings)  # the relay restarts
+        assert unsent(sessions, customer) == 0
+        assert fake.total(customer) == 7000  # the first one was not counted twice
+
+    def test_stripe_errors_and_timeouts_lose_nothing(self, sessions, api, settings, fake):
+        customer, request_ids = tenant_with_usage(sessions, api, [1.0, 2.0, 3.0])
+        fake.fail_next(2, 500)
+        fake.slow_next(1, 2.0)  # answers after the relay has given up, but records the event
+        broken = stripe_meter.relay_once(sessions, api, settings)
+        assert broken.failed == 3
+        assert unsent(sessions, customer) == 3
+        with sessions() as session:
+            rows = session.scalars(
+                select(OutboxEvent)
+                .where(OutboxEvent.sent_at.is_(None))
+                .where(OutboxEvent.last_error.is_not(None))
+            ).all()
+            assert rows and all(r.attempts >= 1 for r in rows)
+        recovered = stripe_meter.relay_once(sessions, api, settings)
+        assert recovered.failed == 0
+        assert unsent(sessions, customer) == 0
+        assert fake.total(customer) == 6000
+
+    def test_concurrent_relays_never_send_a_row_twice(self, sessions, api, settings, fake):
+        customer, _ = tenant_with_usage(sessions, api, [0.1] * 40)
+        before = dict(fake.posts)
+        relays = [
+            threading.Thread(
+                target=stripe_meter.relay_once,
+                args=(sessions, stripe_meter.client(settings), settings),
+            )
+            for _ in range(4)
+        ]
+        for relay in relays:
+            relay.start()
+        for relay in relays:
+            relay.join()
+        posted = {k: v - before.get(k, 0) for k, v in fake.posts.items() if v - before.get(k, 0)}
+        assert sorted(posted.values()) == [1] * 40
+        assert fake.total(customer) == 4000 and unsent(sessions, customer) == 0
+
+    def test_rows_of_tenants_without_a_customer_wait(self, sessions, api, settings):
+        with transaction(sessions) as session:
+            tenant = tenants.create_tenant(session, "no-customer-yet", "pro", TIERS)
+            usage.record(
+                session,
+                usage.UsageCreate(
+                    request_id=uuid.uuid4().hex,
+                    tenant_id=tenant.id,
+                    api_key_id=None,
+                    model="llava-llama3",
+                    kind="chat",
+                    status="completed",
+                    gpu_seconds=1.0,
+                    queue_seconds=0.0,
+                    prompt_tokens=1,
+                    output_tokens=1,
+                    started_at=None,
+                    finished_at=datetime.now(UTC),
+                ),
+            )
+        assert stripe_meter.relay_once(sessions, api, settings).waiting_for_customer >= 1
+
+
+class TestCommandLine:
+    def test_customers_then_one_relay_pass(self, sessions, settings, fake, database_url):
+        import json
+        import os
+        import subprocess
+        import sys
+
+        with transaction(sessions) as session:
+            tenant = tenants.create_tenant(session, "cli-billing", "pro", TIERS)
+            usage.record(
+                session,
+                usage.UsageCreate(
+                    request_id=uuid.uuid4().hex,
+                    tenant_id=tenant.id,
+                    api_key_id=None,
+                    model="llava-llama3",
+                    kind="chat",
+                    status="completed",
+                    gpu_seconds=2.5,
+                    queue_seconds=0.0,
+                    prompt_tokens=1,
+                    output_tokens=1,
+                    started_at=None,
+                    finished_at=datetime.now(UTC),
+                ),
+            )
+            tenant_id = tenant.id
+        env = os.environ | {
+            "GPUHOST_DATABASE_URL": database_url,
+            "GPUHOST_STRIPE_API_KEY": "sk_test_cli",
+            "GPUHOST_STRIPE_API_BASE": fake.url,
+        }
+
+        def gpuhost(*args):
+            done = subprocess.run(
+                [sys.executable, "-m", "api", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        assert gpuhost("billing", "customers")["created"] >= 1
+        assert gpuhost("billing", "relay", "--once")["failed"] == 0
+        with sessions() as session:
+            customer = session.get(Tenant, tenant_id).stripe_customer_id
+        assert fake.total(customer) == 2500
