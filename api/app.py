@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from api import errors, health, jobs, usage
+from api import errors, health, jobs, stripe_webhook, usage
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
 from api.openai.router import router as openai_router
@@ -21,5 +21,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(sd_router)
     app.include_router(jobs.router)
     app.include_router(usage.router)
+    app.include_router(stripe_webhook.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -324,6 +324,34 @@ def billing_relay(
             time.sleep(settings.relay_interval_seconds)
 
 
+@billing_app.command("reconcile")
+def billing_reconcile(
+    period: Annotated[str | None, typer.Option(help="YYYY-MM (default: this month).")] = None,
+    customer: Annotated[list[str] | None, typer.Option(help="Only these customers.")] = None,
+) -> None:
+    """Ledger totals against Stripe's meter, per customer; exits 1 on any difference."""
+    from billing.plans import period_of
+
+    stripe_meter, settings, api, sessions = _stripe()
+    moment = datetime.now(UTC)
+    if period:
+        try:
+            moment = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+        except ValueError:
+            _fail(f"--period {period!r}: expected YYYY-MM")
+    span = period_of(moment)
+    try:
+        found = stripe_meter.reconcile(
+            sessions, api, settings, span.start, span.end, set(customer) if customer else None
+        )
+    except RuntimeError as exc:
+        _fail(str(exc))
+    rows = [d.__dict__ | {"unexplained_milli": d.unexplained} for d in found]
+    _print({"period_start": span.start, "period_end": span.end, "customers": rows})
+    if any(d.unexplained for d in found):
+        raise typer.Exit(1)
+
+
 # -- models ----------------------------------------------------------------------------------
 
 

@@ -22,6 +22,10 @@ class GatewaySettings(ModelSettings):
         default_factory=lambda: {"free": 1, "pro": 4, "max": 8}
     )
     image_url_ttl_seconds: int = 3600
+    # Stripe webhooks: the endpoint's signing secret, and which price is which tier (a price
+    # whose lookup_key names a tier needs no entry).
+    stripe_webhook_secret: str = ""
+    stripe_price_tiers: dict[str, str] = Field(default_factory=dict)
     # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled.
     fetch_image_urls: bool = False
     # A slot is a lease: a gateway that dies returns its tenants' slots within this time.

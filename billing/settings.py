@@ -74,6 +74,7 @@ class StripeSettings(StackSettings):
     # Only for tests and Stripe-compatible servers; the SDK's default otherwise.
     stripe_api_base: str = ""
     stripe_meter_event_name: str = "gpu_seconds"
+    stripe_meter_id: str = ""  # the meter that event name feeds, for reconciliation
     stripe_timeout_seconds: float = 30.0
     relay_batch_size: int = 100
     relay_interval_seconds: float = 5.0

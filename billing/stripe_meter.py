@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import transaction
-from billing.models import OutboxEvent, Tenant
+from billing.models import OutboxEvent, Tenant, UsageRecord
 from billing.settings import StripeSettings
 
 log = logging.getLogger(__name__)
@@ -131,3 +131,72 @@ def stale(sessions: sessionmaker[Session], older_than: timedelta) -> int:
                 OutboxEvent.created_at < datetime.now(UTC) - older_than,
             )
         )
+
+
+@dataclass(frozen=True)
+class Difference:
+    tenant_id: str
+    customer: str
+    ledger_milli: int  # what the usage records say
+    pending_milli: int  # of which not yet sent (the relay's backlog)
+    stripe_milli: int  # what Stripe's meter holds
+
+    @property
+    def unexplained(self) -> int:
+        return self.ledger_milli - self.pending_milli - self.stripe_milli
+
+
+def reconcile(
+    sessions: sessionmaker[Session],
+    api: stripe.StripeClient,
+    settings: StripeSettings,
+    start: datetime,
+    end: datetime,
+    customers: set[str] | None = None,
+) -> list[Difference]:
+    """Ledger totals against Stripe's meter summaries, per customer, for [start, end)."""
+    if not settings.stripe_meter_id:
+        raise RuntimeError("set GPUHOST_STRIPE_METER_ID to the meter to reconcile against")
+    in_range = (UsageRecord.finished_at >= start, UsageRecord.finished_at < end)
+    ledger = func.sum(func.floor(UsageRecord.gpu_seconds * 1000 + 0.5))
+    with sessions() as session:
+        rows = session.execute(
+            select(Tenant.id, Tenant.stripe_customer_id, func.coalesce(ledger, 0))
+            .join(UsageRecord, UsageRecord.tenant_id == Tenant.id)
+            .where(Tenant.stripe_customer_id.is_not(None), *in_range)
+            .group_by(Tenant.id, Tenant.stripe_customer_id)
+        ).all()
+        pending = dict(
+            session.execute(
+                select(OutboxEvent.tenant_id, func.sum(OutboxEvent.quantity))
+                .where(
+                    OutboxEvent.sent_at.is_(None),
+                    OutboxEvent.event_time >= start,
+                    OutboxEvent.event_time < end,
+                )
+                .group_by(OutboxEvent.tenant_id)
+            ).all()
+        )
+    found = []
+    for tenant_id, customer, total in rows:
+        if customers is not None and customer not in customers:
+            continue
+        summaries = api.v1.billing.meters.event_summaries.list(
+            settings.stripe_meter_id,
+            {
+                "customer": customer,
+                "start_time": int(start.timestamp()),
+                "end_time": int(end.timestamp()),
+            },
+        )
+        held = sum(s.aggregated_value for s in summaries.data)
+        found.append(
+            Difference(
+                str(tenant_id),
+                customer,
+                int(total),
+                int(pending.get(tenant_id, 0)),
+                int(round(held)),
+            )
+        )
+    return found

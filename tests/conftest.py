@@ -21,6 +21,7 @@ from billing.db import session_factory, sync_engine, transaction
 from tests.stack import Gateway, Worker
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
+WEBHOOK_SECRET = "whsec_gpuhost_tests"
 
 
 class TestServices(BaseSettings):
@@ -41,6 +42,23 @@ def _worker_index() -> int:
     return int(worker.removeprefix("gw") or 0)
 
 
+def run_slot() -> int:
+    """This test session's slot among the Redis databases 1-15 (0 is left to others), so that
+    two runs on one machine (a developer's and CI's) do not share keys."""
+    return (os.getpid() + _worker_index()) % 7
+
+
+def redis_database(offset: int) -> int:
+    """Databases 1-7 for the main stack, 8-14 for the worker-loss stack, by run slot."""
+    return 1 + offset * 7 + run_slot()
+
+
+def drop_database(name: str) -> None:
+    libpq = make_url(SERVICES.postgres_url).set(drivername="postgresql")
+    with psycopg.connect(libpq.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def fresh_database(name: str) -> str:
     """Drop and create database `name`; return its SQLAlchemy URL."""
     admin = make_url(SERVICES.postgres_url)
@@ -53,9 +71,11 @@ def fresh_database(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def database_url() -> str:
-    url = fresh_database(f"gpuhost_test_{_worker_index()}")
+    name = f"gpuhost_test_{os.getpid()}_{_worker_index()}"
+    url = fresh_database(name)
     migrations.upgrade(url)
-    return url
+    yield url
+    drop_database(name)
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +96,7 @@ def db(sessions) -> Iterator:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    index = 1 + _worker_index()  # database 0 is left to whoever else uses this server
+    index = redis_database(0)
     url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/{index}"
     redis.Redis.from_url(url).flushdb()
     return url
@@ -106,6 +126,7 @@ def stack_env(database_url, redis_url, models_dir) -> dict[str, str]:
         "GPUHOST_LEASE_TTL_SECONDS": "5",
         "GPUHOST_QUEUE_TIMEOUT_SECONDS": "60",
         "GPUHOST_RESUME_GRACE_SECONDS": "1",
+        "GPUHOST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
     }
 
 

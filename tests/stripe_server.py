@@ -56,6 +56,9 @@ class FakeStripe:
             routes=[
                 Route("/v1/customers", self._customers, methods=["POST"]),
                 Route("/v1/billing/meter_events", self._meter_events, methods=["POST"]),
+                Route(
+                    "/v1/billing/meters/{meter}/event_summaries", self._summaries, methods=["GET"]
+                ),
             ]
         )
         self._server = uvicorn.Server(
@@ -199,3 +202,32 @@ class FakeStripe:
             return 200, event
 
         return self._replay(request, params, make)
+
+    async def _summaries(self, request: Request) -> JSONResponse:
+        _, failed = await self._common(request)
+        if failed:
+            return failed
+        query = request.query_params
+        for name in ("customer", "start_time", "end_time"):
+            if name not in query:
+                return _error(400, f"Missing required param: {name}.", "parameter_missing")
+        start, end = int(query["start_time"]), int(query["end_time"])
+        value = sum(
+            float(e["payload"]["value"])
+            for e in self.events.values()
+            if e["payload"]["stripe_customer_id"] == query["customer"]
+            and start <= e["timestamp"] < end
+        )
+        summary = {
+            "id": f"mtrusg_{secrets.token_hex(6)}",
+            "object": "billing.meter_event_summary",
+            "aggregated_value": value,
+            "customer": query["customer"],
+            "livemode": False,
+            "meter": request.path_params["meter"],
+            "start_time": start,
+            "end_time": end,
+        }
+        return JSONResponse(
+            {"object": "list", "data": [summary], "has_more": False, "url": str(request.url.path)}
+        )

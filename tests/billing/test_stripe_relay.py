@@ -218,3 +218,59 @@ class TestCommandLine:
         with sessions() as session:
             customer = session.get(Tenant, tenant_id).stripe_customer_id
         assert fake.total(customer) == 2500
+
+
+class TestReconcile:
+    def test_zero_after_a_mixed_run_and_non_zero_after_tampering(
+        self, sessions, settings, fake, database_url
+    ):
+        import json
+        import os
+        import subprocess
+        import sys
+
+        from sqlalchemy import update
+
+        from billing.models import UsageRecord
+
+        settings = settings.model_copy(update={"stripe_meter_id": "mtr_gpu_seconds"})
+        api = stripe_meter.client(settings)
+        customer, request_ids = tenant_with_usage(sessions, api, [1.0, 2.5, 0.125, 4.0])
+        fake.fail_next(1, 500)
+        stripe_meter.relay_once(sessions, api, settings)  # one fails: pending, not a difference
+        env = os.environ | {
+            "GPUHOST_DATABASE_URL": database_url,
+            "GPUHOST_STRIPE_API_KEY": "sk_test_cli",
+            "GPUHOST_STRIPE_API_BASE": fake.url,
+            "GPUHOST_STRIPE_METER_ID": "mtr_gpu_seconds",
+        }
+
+        def reconcile() -> tuple[int, dict]:
+            done = subprocess.run(
+                [sys.executable, "-m", "api", "billing", "reconcile", "--customer", customer],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.stdout, done.stderr
+            [row] = json.loads(done.stdout)["customers"]
+            return done.returncode, row
+
+        code, row = reconcile()
+        assert code == 0, row
+        assert row["ledger_milli"] == 7625 and row["unexplained_milli"] == 0
+        assert row["pending_milli"] > 0
+        stripe_meter.relay_once(sessions, api, settings)
+        code, row = reconcile()
+        assert code == 0 and row["pending_milli"] == 0 and row["stripe_milli"] == 7625
+
+        with transaction(sessions) as session:  # someone edits the ledger behind billing's back
+            session.execute(
+                update(UsageRecord)
+                .where(UsageRecord.request_id == request_ids[0])
+                .values(gpu_seconds=9.0)
+            )
+        code, row = reconcile()
+        assert code == 1
+        assert row["unexplained_milli"] == 8000

@@ -1,13 +1,13 @@
 """A worker killed mid-request: the client is told, the slot comes back, the request is
 recorded once (failed, not billed) when the job is delivered again to another worker."""
 
-import os
 import signal
 
 import httpx
 import pytest
 import redis
 
+from tests.conftest import redis_database
 from tests.helpers import auth, chat_body, in_flight, ndjson, usage_rows
 from tests.stack import Gateway, Worker, wait_for
 
@@ -15,7 +15,7 @@ from tests.stack import Gateway, Worker, wait_for
 @pytest.fixture(scope="module")
 def lost_env(stack_env):
     """A stack of its own (own Redis database) with short claim and redelivery timings."""
-    index = 8 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    index = redis_database(1)
     url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{index}"
     redis.Redis.from_url(url).flushdb()
     return stack_env | {
