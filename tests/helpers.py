@@ -76,3 +76,57 @@ def idle_status(redis_client, after: float, queue: str = "llava"):
         return status if status.updated_at > after and status.active == 0 else None
 
     return wait_for(fresh, 30, "an idle worker status", interval=0.1) or time.time()
+
+
+def record_usage(
+    session,
+    tenant_id,
+    gpu_seconds: float,
+    request_id: str | None = None,
+    finished_at=None,
+    prompt_tokens: int = 1,
+    output_tokens: int = 1,
+) -> bool:
+    """Write a completed chat usage record (and its outbox row) straight into the ledger."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from billing import usage
+
+    return usage.record(
+        session,
+        usage.UsageCreate(
+            request_id=request_id or uuid.uuid4().hex,
+            tenant_id=tenant_id,
+            api_key_id=None,
+            model=MODEL,
+            kind="chat",
+            status="completed",
+            gpu_seconds=gpu_seconds,
+            queue_seconds=0.0,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            started_at=None,
+            finished_at=finished_at or datetime.now(UTC),
+        ),
+    )
+
+
+def png_bomb(side: int) -> str:
+    """A PNG of a few hundred bytes that claims side x side pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    raw = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + chunk(b"IEND", b"")
+    )
+    return base64.b64encode(raw).decode()

@@ -1,13 +1,11 @@
 """Bad input gets a clear error naming the problem, and holds no slot."""
 
 import base64
-import struct
-import zlib
 
 import httpx
 import pytest
 
-from tests.helpers import MODEL, auth, chat_body, in_flight, png
+from tests.helpers import MODEL, auth, chat_body, in_flight, png, png_bomb
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +17,6 @@ def post(gateway, key, body=None, **kwargs) -> httpx.Response:
     if body is not None:
         kwargs["json"] = body
     return httpx.post(f"{gateway.url}/api/chat", headers=auth(key), timeout=30, **kwargs)
-
-
-def bomb(side: int = 30000) -> str:
-    """A PNG of a few hundred bytes that claims side x side pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    raw = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
-        + chunk(b"IEND", b"")
-    )
-    return base64.b64encode(raw).decode()
 
 
 def truncated_png() -> str:
@@ -86,9 +66,13 @@ CASES = {
         400,
         "messages[0].images[0]: corrupt or truncated image",
     ),
-    "decompression bomb": (dict(json=chat_body(images=[bomb()])), 413, "messages[0].images[0]"),
+    "decompression bomb": (
+        dict(json=chat_body(images=[png_bomb(30000)])),
+        413,
+        "messages[0].images[0]",
+    ),
     "image over the pixel budget": (
-        dict(json=chat_body(images=[bomb(5000)])),
+        dict(json=chat_body(images=[png_bomb(5000)])),
         413,
         "image is 5000x5000 pixels; the limit is",
     ),

@@ -10,7 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.helpers import auth, idle_status, in_flight, usage_rows, worker_statuses
+from tests.helpers import auth, idle_status, in_flight, png_bomb, usage_rows, worker_statuses
 from tests.stack import wait_for
 
 pytestmark = pytest.mark.usefixtures("sd_worker")
@@ -134,25 +134,6 @@ class TestBatching:
             assert result["gpu_seconds"] < result["run_duration"] / 1e9
 
 
-def bomb(side: int) -> str:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    raw = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
-        + chunk(b"IEND", b"")
-    )
-    return base64.b64encode(raw).decode()
-
-
 BAD = {
     "not an image": (
         {"image": base64.b64encode(b"plain text").decode()},
@@ -164,7 +145,7 @@ BAD = {
         400,
         "image: corrupt or truncated image",
     ),
-    "bomb": ({"image": bomb(30000)}, 413, "image"),
+    "bomb": ({"image": png_bomb(30000)}, 413, "image"),
     "mask size": (
         {"image": picture(64, 64), "mask": picture(72, 64, "white", "L")},
         400,

@@ -7,11 +7,11 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from billing import tenants, usage
+from billing import tenants
 from billing.db import transaction
 from billing.models import UsageRecord
 from billing.plans import DEFAULT_PLANS, period_of
-from tests.helpers import auth, chat_body, ndjson
+from tests.helpers import auth, chat_body, ndjson, record_usage
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -19,23 +19,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 def spend(sessions, tenant_id, seconds: float, when: datetime) -> str:
     request_id = uuid.uuid4().hex
     with transaction(sessions) as session:
-        usage.record(
-            session,
-            usage.UsageCreate(
-                request_id=request_id,
-                tenant_id=tenant_id,
-                api_key_id=None,
-                model="llava-llama3",
-                kind="chat",
-                status="completed",
-                gpu_seconds=seconds,
-                queue_seconds=0.0,
-                prompt_tokens=10,
-                output_tokens=5,
-                started_at=None,
-                finished_at=when,
-            ),
-        )
+        record_usage(session, tenant_id, seconds, request_id, when, 10, 5)
     return request_id
 
 

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from billing import tenants, usage
 from billing.models import OutboxEvent
 from billing.plans import DEFAULT_PLANS, Balance, period_of
+from tests.helpers import record_usage
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
 
@@ -36,22 +37,8 @@ class TestBalance:
 
 
 def record(session, tenant_id, seconds: float, request_id: str | None = None) -> bool:
-    return usage.record(
-        session,
-        usage.UsageCreate(
-            request_id=request_id or uuid.uuid4().hex,
-            tenant_id=tenant_id,
-            api_key_id=None,
-            model="llava-llama3",
-            kind="chat",
-            status="completed",
-            gpu_seconds=seconds,
-            queue_seconds=0.0,
-            prompt_tokens=1,
-            output_tokens=1,
-            started_at=None,
-            finished_at=datetime.now(UTC) - timedelta(seconds=1),
-        ),
+    return record_usage(
+        session, tenant_id, seconds, request_id, datetime.now(UTC) - timedelta(seconds=1)
     )
 
 

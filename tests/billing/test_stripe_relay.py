@@ -3,15 +3,15 @@ against a Stripe-compatible server on 127.0.0.1 (tests/stripe_server.py)."""
 
 import threading
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
 
-from billing import stripe_meter, tenants, usage
+from billing import stripe_meter, tenants
 from billing.db import transaction
 from billing.models import OutboxEvent, Tenant
 from billing.settings import StripeSettings
+from tests.helpers import record_usage
 from tests.stripe_server import FakeStripe
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
@@ -50,23 +50,7 @@ def tenant_with_usage(sessions, api, seconds: list[float]) -> tuple[str, list[st
     with transaction(sessions) as session:
         for value in seconds:
             request_ids.append(uuid.uuid4().hex)
-            usage.record(
-                session,
-                usage.UsageCreate(
-                    request_id=request_ids[-1],
-                    tenant_id=tenant_id,
-                    api_key_id=None,
-                    model="llava-llama3",
-                    kind="chat",
-                    status="completed",
-                    gpu_seconds=value,
-                    queue_seconds=0.0,
-                    prompt_tokens=1,
-                    output_tokens=1,
-                    started_at=None,
-                    finished_at=datetime.now(UTC),
-                ),
-            )
+            record_usage(session, tenant_id, value, request_ids[-1])
         customer = session.get(Tenant, tenant_id).stripe_customer_id
     return customer, request_ids
 
@@ -149,23 +133,7 @@ class TestRelay:
     def test_rows_of_tenants_without_a_customer_wait(self, sessions, api, settings):
         with transaction(sessions) as session:
             tenant = tenants.create_tenant(session, "no-customer-yet", "pro", TIERS)
-            usage.record(
-                session,
-                usage.UsageCreate(
-                    request_id=uuid.uuid4().hex,
-                    tenant_id=tenant.id,
-                    api_key_id=None,
-                    model="llava-llama3",
-                    kind="chat",
-                    status="completed",
-                    gpu_seconds=1.0,
-                    queue_seconds=0.0,
-                    prompt_tokens=1,
-                    output_tokens=1,
-                    started_at=None,
-                    finished_at=datetime.now(UTC),
-                ),
-            )
+            record_usage(session, tenant.id, 1.0)
         assert stripe_meter.relay_once(sessions, api, settings).waiting_for_customer >= 1
 
 
@@ -178,23 +146,7 @@ class TestCommandLine:
 
         with transaction(sessions) as session:
             tenant = tenants.create_tenant(session, "cli-billing", "pro", TIERS)
-            usage.record(
-                session,
-                usage.UsageCreate(
-                    request_id=uuid.uuid4().hex,
-                    tenant_id=tenant.id,
-                    api_key_id=None,
-                    model="llava-llama3",
-                    kind="chat",
-                    status="completed",
-                    gpu_seconds=2.5,
-                    queue_seconds=0.0,
-                    prompt_tokens=1,
-                    output_tokens=1,
-                    started_at=None,
-                    finished_at=datetime.now(UTC),
-                ),
-            )
+            record_usage(session, tenant.id, 2.5)
             tenant_id = tenant.id
         env = os.environ | {
             "GPUHOST_DATABASE_URL": database_url,

@@ -7,10 +7,9 @@ import pytest
 from celery import Celery
 from sqlalchemy import func, select
 
-from billing import usage
 from billing.db import transaction
 from billing.models import UsageRecord
-from tests.helpers import usage_rows
+from tests.helpers import record_usage, usage_rows
 from tests.stack import wait_for
 from workers.contract import (
     CHAT_TASK,
@@ -101,23 +100,7 @@ class TestLedgerGuard:
 
         def attempt(seconds: float) -> bool:
             with transaction(sessions) as session:
-                return usage.record(
-                    session,
-                    usage.UsageCreate(
-                        request_id=request_id,
-                        tenant_id=tenant_id,
-                        api_key_id=None,
-                        model="llava-llama3",
-                        kind="chat",
-                        status="completed",
-                        gpu_seconds=seconds,
-                        queue_seconds=0.0,
-                        prompt_tokens=1,
-                        output_tokens=1,
-                        started_at=None,
-                        finished_at=_now(),
-                    ),
-                )
+                return record_usage(session, tenant_id, seconds, request_id)
 
         assert attempt(1.0) is True
         assert attempt(2.0) is False
@@ -127,9 +110,3 @@ class TestLedgerGuard:
                 select(UsageRecord.gpu_seconds).where(UsageRecord.request_id == request_id)
             )
         assert count == 1 and gpu == 1.0
-
-
-def _now():
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)

@@ -1,0 +1,112 @@
+"""Billing throughput: usage records ingested per second into PostgreSQL (each with its outbox
+row, as workers write them), and relayed per second to a Stripe-compatible server.
+
+    python bench/billing.py [--records 5000] [--writers 8]
+
+Needs PostgreSQL (GPUHOST_TEST_POSTGRES_URL, default the local server); makes and drops a
+scratch database. The relay sends one meter event per record (no aggregation yet), so Stripe
+calls per 100 records is 100.
+"""
+
+import argparse
+import json
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import migrations  # noqa: E402
+from billing import stripe_meter, tenants, usage  # noqa: E402
+from billing.db import session_factory, sync_engine, transaction  # noqa: E402
+from billing.settings import StripeSettings  # noqa: E402
+from tests.conftest import drop_database, fresh_database  # noqa: E402
+from tests.stripe_server import FakeStripe  # noqa: E402
+
+
+def ingest(sessions, tenant_ids: list, records: int, writers: int) -> float:
+    per_writer = records // writers
+
+    def write(index: int) -> None:
+        tenant_id = tenant_ids[index % len(tenant_ids)]
+        for _ in range(per_writer):
+            with transaction(sessions) as session:  # one transaction per record, like a worker
+                usage.record(
+                    session,
+                    usage.UsageCreate(
+                        request_id=uuid.uuid4().hex,
+                        tenant_id=tenant_id,
+                        api_key_id=None,
+                        model="llava-llama3",
+                        kind="chat",
+                        status="completed",
+                        gpu_seconds=0.731,
+                        queue_seconds=0.01,
+                        prompt_tokens=600,
+                        output_tokens=128,
+                        started_at=None,
+                        finished_at=datetime.now(UTC),
+                    ),
+                )
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return per_writer * writers / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=5000)
+    parser.add_argument("--writers", type=int, default=8)
+    args = parser.parse_args()
+    name = f"gpuhost_bench_{uuid.uuid4().hex[:8]}"
+    url = fresh_database(name)
+    fake = FakeStripe().start()
+    engine = sync_engine(url)
+    try:
+        migrations.upgrade(url)
+        sessions = session_factory(engine)
+        with transaction(sessions) as session:
+            ids = [
+                tenants.create_tenant(session, f"bench-{i}", "pro", {"pro": 3}).id
+                for i in range(args.writers)
+            ]
+        rate = ingest(sessions, ids, args.records, args.writers)
+        settings = StripeSettings(
+            database_url=url,
+            stripe_api_key="sk_test_bench",
+            stripe_api_base=fake.url,
+            relay_batch_size=500,
+        )
+        api = stripe_meter.client(settings)
+        stripe_meter.ensure_customers(sessions, api)
+        started, sent = time.perf_counter(), 0
+        while (done := stripe_meter.relay_once(sessions, api, settings)).sent:
+            sent += done.sent
+        relay_rate = sent / (time.perf_counter() - started)
+        print(
+            json.dumps(
+                {
+                    "records": args.records,
+                    "writers": args.writers,
+                    "ingested_per_second": round(rate),
+                    "relayed_per_second": round(relay_rate),
+                    "stripe_calls_per_100_records": round(100 * sum(fake.posts.values()) / sent),
+                }
+            )
+        )
+    finally:
+        engine.dispose()
+        fake.stop()
+        drop_database(name)
+
+
+if __name__ == "__main__":
+    main()
