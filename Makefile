@@ -45,6 +45,7 @@ test-vllm: $(VLLM_VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/llava_engine.py
 	$(PY) bench/sd_engine.py
+	$(PY) bench/billing.py
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install --quiet ruff
