@@ -77,6 +77,10 @@ class StripeSettings(StackSettings):
     stripe_meter_id: str = ""  # the meter that event name feeds, for reconciliation
     stripe_timeout_seconds: float = 30.0
     relay_batch_size: int = 100
+    # 0: one meter event per usage record. N: one event per tenant per N-second window, sent
+    # once the window has closed (plus `relay_aggregate_grace_seconds` for late records).
+    relay_aggregate_seconds: int = 0
+    relay_aggregate_grace_seconds: int = 60
     relay_interval_seconds: float = 5.0
     # Unsent rows older than this are reported: Stripe accepts timestamps up to 35 days old.
     relay_alert_after_seconds: float = 6 * 3600

@@ -13,6 +13,7 @@ This module is the only one that imports the `stripe` SDK.
 """
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,8 @@ from billing.models import OutboxEvent, Tenant, UsageRecord
 from billing.settings import StripeSettings
 
 log = logging.getLogger(__name__)
+
+ASSIGN_LIMIT = 100_000
 
 
 def client(settings: StripeSettings) -> stripe.StripeClient:
@@ -70,54 +73,155 @@ def ensure_customers(sessions: sessionmaker[Session], api: stripe.StripeClient) 
     return made
 
 
+@dataclass
+class _Event:
+    """One meter event: the outbox rows it carries, summed."""
+
+    rows: list[OutboxEvent]
+    customer: str
+    identifier: str
+    timestamp: int
+
+    @property
+    def value(self) -> int:
+        return sum(row.quantity for row in self.rows)
+
+
 def relay_once(
     sessions: sessionmaker[Session],
     api: stripe.StripeClient,
     settings: StripeSettings,
-    after_send: Callable[[OutboxEvent], None] | None = None,
+    after_send: Callable[[_Event], None] | None = None,
 ) -> Pass:
     """Send one batch of unsent outbox rows. `after_send` runs after each 2xx, before the
     commit (tests use it to stand for a relay that dies there)."""
+    if settings.relay_aggregate_seconds > 0:
+        _assign_batches(sessions, settings)
     sent = failed = 0
     with transaction(sessions) as session:
-        rows = session.execute(
-            select(OutboxEvent, Tenant.stripe_customer_id)
-            .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
-            .where(OutboxEvent.sent_at.is_(None), Tenant.stripe_customer_id.is_not(None))
-            .order_by(OutboxEvent.created_at)
-            .limit(settings.relay_batch_size)
-            .with_for_update(of=OutboxEvent, skip_locked=True)
-        ).all()
         waiting = session.scalar(
             select(func.count())
             .select_from(OutboxEvent)
             .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
             .where(OutboxEvent.sent_at.is_(None), Tenant.stripe_customer_id.is_(None))
         )
-        for row, customer in rows:
+        events = _batched_events(session, settings)  # batches already formed go out first
+        if settings.relay_aggregate_seconds <= 0:
+            events += _single_events(session, settings)
+        for event in events:
             try:
                 api.v1.billing.meter_events.create(
                     {
                         "event_name": settings.stripe_meter_event_name,
-                        "payload": {"stripe_customer_id": customer, "value": str(row.quantity)},
-                        "identifier": str(row.usage_record_id),
-                        "timestamp": int(row.event_time.timestamp()),
+                        "payload": {
+                            "stripe_customer_id": event.customer,
+                            "value": str(event.value),
+                        },
+                        "identifier": event.identifier,
+                        "timestamp": event.timestamp,
                     },
-                    {"idempotency_key": f"gpuhost-meter-{row.usage_record_id}"},
+                    {"idempotency_key": f"gpuhost-meter-{event.identifier}"},
                 )
             except stripe.StripeError as exc:
                 failed += 1
-                row.attempts += 1
-                row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
-                log.warning("meter event for %s failed: %s", row.usage_record_id, exc)
+                for row in event.rows:
+                    row.attempts += 1
+                    row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
+                log.warning("meter event %s failed: %s", event.identifier, exc)
                 continue
             if after_send is not None:
-                after_send(row)
-            row.sent_at = datetime.now(UTC)
-            row.attempts += 1
-            row.last_error = None
+                after_send(event)
+            now = datetime.now(UTC)
+            for row in event.rows:
+                row.sent_at, row.last_error = now, None
+                row.attempts += 1
             sent += 1
     return Pass(sent, failed, waiting)
+
+
+def _unsent(settings: StripeSettings):
+    return (
+        select(OutboxEvent, Tenant.stripe_customer_id)
+        .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
+        .where(OutboxEvent.sent_at.is_(None), Tenant.stripe_customer_id.is_not(None))
+        .order_by(OutboxEvent.created_at)
+        .limit(settings.relay_batch_size)
+        .with_for_update(of=OutboxEvent, skip_locked=True)
+    )
+
+
+def _single_events(session: Session, settings: StripeSettings) -> list[_Event]:
+    """One event per usage record: identifier = the record's id."""
+    rows = session.execute(_unsent(settings).where(OutboxEvent.batch_id.is_(None))).all()
+    return [
+        _Event([row], customer, str(row.usage_record_id), int(row.event_time.timestamp()))
+        for row, customer in rows
+    ]
+
+
+def _window_start(moment: datetime, seconds: int) -> datetime:
+    stamp = int(moment.timestamp())
+    return datetime.fromtimestamp(stamp - stamp % seconds, UTC)
+
+
+def _assign_batches(sessions: sessionmaker[Session], settings: StripeSettings) -> None:
+    """Put the unsent rows of closed windows into batches, one per tenant and window, and
+    commit that before anything is sent: a batch never changes once it may have reached
+    Stripe, so resending it after a crash repeats the same identifier and the same value."""
+    width = settings.relay_aggregate_seconds
+    closed = _window_start(
+        datetime.now(UTC) - timedelta(seconds=settings.relay_aggregate_grace_seconds), width
+    )
+    with transaction(sessions) as session:
+        rows = session.execute(
+            _unsent(settings)
+            .where(OutboxEvent.batch_id.is_(None), OutboxEvent.event_time < closed)
+            .limit(ASSIGN_LIMIT)  # binding rows is cheap: far more than one pass sends
+        ).all()
+        batches: dict[tuple, uuid.UUID] = {}
+        for row, _ in rows:
+            key = (row.tenant_id, _window_start(row.event_time, width))
+            row.batch_id = batches.setdefault(key, uuid.uuid4())
+
+
+def _batched_events(session: Session, settings: StripeSettings) -> list[_Event]:
+    """One event per batch whose rows this relay holds, all of them (a batch partly locked by
+    another relay is left to that relay)."""
+    batch_ids = session.scalars(
+        select(OutboxEvent.batch_id)
+        .where(OutboxEvent.sent_at.is_(None), OutboxEvent.batch_id.is_not(None))
+        .group_by(OutboxEvent.batch_id)
+        .limit(settings.relay_batch_size)
+    ).all()
+    rows = session.execute(
+        select(OutboxEvent, Tenant.stripe_customer_id)
+        .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
+        .where(OutboxEvent.batch_id.in_(batch_ids), OutboxEvent.sent_at.is_(None))
+        .where(Tenant.stripe_customer_id.is_not(None))
+        .with_for_update(of=OutboxEvent, skip_locked=True)
+    ).all()
+    held: dict[uuid.UUID, list] = {}
+    for row, customer in rows:
+        held.setdefault(row.batch_id, []).append((row, customer))
+    sizes = dict(
+        session.execute(
+            select(OutboxEvent.batch_id, func.count())
+            .where(OutboxEvent.batch_id.in_(list(held)), OutboxEvent.sent_at.is_(None))
+            .group_by(OutboxEvent.batch_id)
+        ).all()
+    )
+    events = []
+    for batch_id, members in held.items():
+        if len(members) != sizes.get(batch_id):
+            continue
+        first = min(row.event_time for row, _ in members)
+        window = _window_start(first, settings.relay_aggregate_seconds)
+        events.append(
+            _Event(
+                [row for row, _ in members], members[0][1], str(batch_id), int(window.timestamp())
+            )
+        )
+    return events
 
 
 def stale(sessions: sessionmaker[Session], older_than: timedelta) -> int:

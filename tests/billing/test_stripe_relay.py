@@ -3,6 +3,7 @@ against a Stripe-compatible server on 127.0.0.1 (tests/stripe_server.py)."""
 
 import threading
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
@@ -226,3 +227,48 @@ class TestReconcile:
         code, row = reconcile()
         assert code == 1
         assert row["unexplained_milli"] == 8000
+
+
+class TestAggregation:
+    @pytest.fixture
+    def hourly(self, settings):
+        return settings.model_copy(
+            update={"relay_aggregate_seconds": 3600, "relay_aggregate_grace_seconds": 0}
+        )
+
+    def usage_in_windows(self, sessions, api, hours_ago: list[float]) -> str:
+        from datetime import timedelta
+
+        customer, _ = tenant_with_usage(sessions, api, [])
+        with sessions() as session:
+            tenant_id = session.scalars(
+                select(Tenant.id).where(Tenant.stripe_customer_id == customer)
+            ).one()
+        now = datetime.now(UTC)
+        with transaction(sessions) as session:
+            for hours in hours_ago:
+                record_usage(session, tenant_id, 0.5, finished_at=now - timedelta(hours=hours))
+        return customer
+
+    def test_one_event_per_tenant_per_closed_window(self, sessions, api, hourly, fake):
+        customer = self.usage_in_windows(sessions, api, [3.1] * 30 + [5.1] * 20 + [0.0] * 5)
+        posts = sum(fake.posts.values())
+        stripe_meter.relay_once(sessions, api, hourly)
+        # Two closed hours, two events; the current hour waits until it closes.
+        assert sum(fake.posts.values()) - posts == 2
+        assert fake.total(customer) == 50 * 500
+        assert unsent(sessions, customer) == 5
+
+    def test_a_crash_after_the_2xx_resends_the_same_batch(self, sessions, api, hourly, fake):
+        customer = self.usage_in_windows(sessions, api, [2.2] * 10)
+
+        def die(_event):
+            raise SystemExit("relay killed between Stripe's 2xx and its commit")
+
+        with pytest.raises(SystemExit):
+            stripe_meter.relay_once(sessions, api, hourly, after_send=die)
+        assert unsent(sessions, customer) == 10  # nothing was marked sent
+        assert fake.total(customer) == 10 * 500  # but Stripe has the batch
+        stripe_meter.relay_once(sessions, api, hourly)  # the relay restarts
+        assert fake.total(customer) == 10 * 500  # counted once
+        assert unsent(sessions, customer) == 0
