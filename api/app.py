@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from api import errors, health, jobs, stripe_webhook, usage
+from api import errors, health, jobs, metrics, stripe_webhook, usage
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
 from api.openai.router import router as openai_router
@@ -13,9 +13,12 @@ from api.state import lifespan
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    app = FastAPI(title="gpuhost", version="0.1.0", lifespan=lifespan(settings))
+    observed = metrics.GatewayMetrics()
+    app = FastAPI(title="gpuhost", version="0.1.0", lifespan=lifespan(settings, observed))
+    app.state.metrics = observed
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(ollama_router)
     app.include_router(openai_router)
     app.include_router(sd_router)
@@ -23,4 +26,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(stripe_webhook.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(metrics.Instrument, metrics=observed)
     return app

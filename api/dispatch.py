@@ -28,6 +28,7 @@ from api.errors import (
     GatewayTimeout,
     NotFound,
     PaymentRequired,
+    TooManyRequests,
     Unauthorized,
     Unavailable,
     UpstreamError,
@@ -43,8 +44,10 @@ from workers.contract import (
     SD_QUEUE,
     AnyChunk,
     ChatJob,
+    DoneChunk,
     ErrorChunk,
     ImageJob,
+    ImagesChunk,
     attached_key,
     cancel_key,
     claim_key,
@@ -83,8 +86,12 @@ async def submit(
     Everything that fails here releases the slot; the caller owns the returned job and must
     end it with `close()` or `abandon()`.
     """
-    tier = await check_quota(state, owner)
-    lease = await state.admission.acquire(owner.tenant_id, tier, spec.request_id)
+    try:
+        tier = await check_quota(state, owner)
+        lease = await state.admission.acquire(owner.tenant_id, tier, spec.request_id)
+    except (PaymentRequired, TooManyRequests) as refused:
+        state.metrics.refused.labels(owner.tier, str(refused.status)).inc()
+        raise
     job = Job(state, spec, lease)
     try:
         await job.enqueue(JobMeta(str(owner.tenant_id), family, spec.model, time.time()))
@@ -220,10 +227,16 @@ class Job:
                     # The work is over: the slot is free before the client hears so.
                     self.finished = True
                     await self.close()
+                    self._count(chunk)
                 self.delivered += 1
                 yield chunk
                 if self.finished:
                     return
+
+    def _count(self, chunk: AnyChunk) -> None:
+        if isinstance(chunk, DoneChunk | ImagesChunk):
+            family = "sd" if isinstance(chunk, ImagesChunk) else "llava"
+            self.state.metrics.gpu_seconds.labels(family).inc(chunk.gpu_seconds)
 
     async def _worker_lost(self) -> bool:
         """A worker started the job, and its claim has expired: the worker died."""

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.admission import Admission
+from api.metrics import GatewayMetrics
 from api.settings import GatewaySettings
 from billing.db import async_engine, async_session_factory
 from billing.tenants import KeyOwner
@@ -27,6 +28,7 @@ class AppState:
     admission: Admission
     celery: Celery
     key_cache: TTLCache[str, KeyOwner]
+    metrics: GatewayMetrics
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, work: Coroutine) -> None:
@@ -43,7 +45,7 @@ class AppState:
         return [name, f"{name}:latest"]
 
 
-def lifespan(settings: GatewaySettings):
+def lifespan(settings: GatewaySettings, metrics: GatewayMetrics):
     @asynccontextmanager
     async def run(_: FastAPI) -> AsyncIterator[dict]:
         client = aioredis.Redis.from_url(settings.redis_url)
@@ -63,6 +65,7 @@ def lifespan(settings: GatewaySettings):
             ),
             celery=celery,
             key_cache=TTLCache(maxsize=100_000, ttl=settings.auth_cache_seconds),
+            metrics=metrics,
         )
         try:
             yield {"gpuhost": state}

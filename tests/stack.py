@@ -88,6 +88,8 @@ class Worker(Process):
     def __init__(
         self, name: str, env: dict[str, str], log_dir: Path, broker_url: str, queue: str = "llava"
     ):
+        self.metrics_port = free_port()
+        env = env | {"GPUHOST_METRICS_PORT": str(self.metrics_port)}
         super().__init__(name, ["worker", "--queue", queue, "--concurrency", "4"], env, log_dir)
         self.control = Celery("gpuhost-tests")
         self.control.conf.update(celery_config(broker_url))

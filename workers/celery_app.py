@@ -80,6 +80,10 @@ def run_worker(settings: WorkerSettings) -> None:
             owner=owner(), queue=settings.queue, updated_at=0.0, **runtime.engine.status()
         ),
     )
+    if settings.metrics_port:
+        from workers.metrics import serve
+
+        serve(settings.metrics_port, settings.queue, runtime.engine.status)
     app = create_worker_app(settings, runtime)
     try:
         app.worker_main(

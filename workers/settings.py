@@ -22,5 +22,7 @@ class WorkerSettings(ModelSettings):
     # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
     keep_alive_seconds: float = -1.0
     honour_keep_alive: bool = True
+    # Prometheus metrics on this port (0: off).
+    metrics_port: int = 0
     # A running job's claim expires this long after its worker stops renewing it.
     claim_ttl_seconds: float = 15.0

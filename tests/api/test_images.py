@@ -115,7 +115,7 @@ class TestBatching:
         with ThreadPoolExecutor(4) as pool:
             # A long request keeps the engine busy while three of one shape queue behind it.
             blocker = pool.submit(
-                images, gateway, keys[0], num_inference_steps=30, width=128, height=128
+                images, gateway, keys[0], num_inference_steps=60, width=128, height=128
             )
             wait_for(lambda: sd_status(redis_client).active >= 1, 30, "the blocker to run")
             followers = [

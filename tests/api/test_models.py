@@ -59,8 +59,13 @@ class TestKeepAlive:
     def test_keep_alive_zero_unloads_and_the_next_request_pays_no_load(
         self, gateway, key, redis_client
     ):
-        from tests.helpers import worker_statuses
+        import time
+
+        from tests.helpers import idle_status, worker_statuses
         from tests.stack import wait_for
+
+        # The latest request to finish sets the expiry (as in Ollama): let earlier ones end.
+        idle_status(redis_client, after=time.time())
 
         def ps() -> list:
             found = httpx.get(f"{gateway.url}/api/ps", headers=auth(key), timeout=30).json()
