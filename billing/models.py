@@ -94,5 +94,7 @@ class OutboxEvent(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # After a failed attempt: not tried again before this time (exponential backoff).
+    retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # With aggregation on: the meter event this row is part of (fixed before it is sent).
     batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)

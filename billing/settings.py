@@ -77,6 +77,9 @@ class StripeSettings(StackSettings):
     stripe_meter_id: str = ""  # the meter that event name feeds, for reconciliation
     stripe_timeout_seconds: float = 30.0
     relay_batch_size: int = 100
+    # A row that failed waits base x 2^(failures - 1) seconds, at most the cap, before a retry.
+    relay_backoff_base_seconds: float = 2.0
+    relay_backoff_cap_seconds: float = 3600.0
     # 0: one meter event per usage record. N: one event per tenant per N-second window, sent
     # once the window has closed (plus `relay_aggregate_grace_seconds` for late records).
     relay_aggregate_seconds: int = 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import stripe
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import transaction
@@ -127,23 +127,34 @@ def relay_once(
                 for row in event.rows:
                     row.attempts += 1
                     row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
+                    row.retry_after = datetime.now(UTC) + _backoff(settings, row.attempts)
                 log.warning("meter event %s failed: %s", event.identifier, exc)
                 continue
             if after_send is not None:
                 after_send(event)
             now = datetime.now(UTC)
             for row in event.rows:
-                row.sent_at, row.last_error = now, None
+                row.sent_at, row.last_error, row.retry_after = now, None, None
                 row.attempts += 1
             sent += 1
     return Pass(sent, failed, waiting)
+
+
+def _backoff(settings: StripeSettings, attempts: int) -> timedelta:
+    seconds = settings.relay_backoff_base_seconds * 2 ** max(0, attempts - 1)
+    return timedelta(seconds=min(seconds, settings.relay_backoff_cap_seconds))
+
+
+def _due():
+    """Rows not waiting out a backoff."""
+    return or_(OutboxEvent.retry_after.is_(None), OutboxEvent.retry_after <= func.now())
 
 
 def _unsent(settings: StripeSettings):
     return (
         select(OutboxEvent, Tenant.stripe_customer_id)
         .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
-        .where(OutboxEvent.sent_at.is_(None), Tenant.stripe_customer_id.is_not(None))
+        .where(OutboxEvent.sent_at.is_(None), Tenant.stripe_customer_id.is_not(None), _due())
         .order_by(OutboxEvent.created_at)
         .limit(settings.relay_batch_size)
         .with_for_update(of=OutboxEvent, skip_locked=True)
@@ -196,7 +207,7 @@ def _batched_events(session: Session, settings: StripeSettings) -> list[_Event]:
     rows = session.execute(
         select(OutboxEvent, Tenant.stripe_customer_id)
         .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
-        .where(OutboxEvent.batch_id.in_(batch_ids), OutboxEvent.sent_at.is_(None))
+        .where(OutboxEvent.batch_id.in_(batch_ids), OutboxEvent.sent_at.is_(None), _due())
         .where(Tenant.stripe_customer_id.is_not(None))
         .with_for_update(of=OutboxEvent, skip_locked=True)
     ).all()

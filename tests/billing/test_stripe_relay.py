@@ -33,6 +33,7 @@ def settings(fake, database_url) -> StripeSettings:
         stripe_api_base=fake.url,
         stripe_timeout_seconds=1.0,
         relay_batch_size=500,
+        relay_backoff_base_seconds=0,  # retry at the next pass (backoff has its own test)
     )
 
 
@@ -112,6 +113,40 @@ class TestRelay:
         assert recovered.failed == 0
         assert unsent(sessions, customer) == 0
         assert fake.total(customer) == 6000
+
+    def test_a_failed_row_backs_off_before_its_next_attempt(self, sessions, api, settings, fake):
+        from datetime import timedelta
+
+        from sqlalchemy import update
+
+        patient = settings.model_copy(update={"relay_backoff_base_seconds": 60})
+        customer, _ = tenant_with_usage(sessions, api, [])
+        while stripe_meter.relay_once(sessions, api, settings).sent:  # nothing else is due
+            pass
+        with transaction(sessions) as session:
+            tenant_id = session.scalars(
+                select(Tenant.id).where(Tenant.stripe_customer_id == customer)
+            ).one()
+            record_usage(session, tenant_id, 1.0)
+        fake.fail_next(1, 500)
+        assert stripe_meter.relay_once(sessions, api, patient).failed == 1
+        assert stripe_meter.relay_once(sessions, api, patient).sent == 0  # still backing off
+        with sessions() as session:
+            [row] = session.scalars(
+                select(OutboxEvent)
+                .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
+                .where(Tenant.stripe_customer_id == customer)
+            ).all()
+            wait = row.retry_after - datetime.now(UTC)
+        assert timedelta(seconds=50) < wait <= timedelta(seconds=60)
+        with transaction(sessions) as session:  # the minute passes
+            session.execute(
+                update(OutboxEvent)
+                .where(OutboxEvent.id == row.id)
+                .values(retry_after=datetime.now(UTC) - timedelta(seconds=1))
+            )
+        assert stripe_meter.relay_once(sessions, api, patient).sent >= 1
+        assert fake.total(customer) == 1000 and unsent(sessions, customer) == 0
 
     def test_concurrent_relays_never_send_a_row_twice(self, sessions, api, settings, fake):
         customer, _ = tenant_with_usage(sessions, api, [0.1] * 40)
