@@ -48,6 +48,7 @@ from workers.contract import (
     ErrorChunk,
     ImageJob,
     ImagesChunk,
+    TokenChunk,
     attached_key,
     cancel_key,
     claim_key,
@@ -346,6 +347,31 @@ async def _follow(state: AppState, request_id: str, start) -> AsyncIterator[Chun
             yield chunk
             if is_final(chunk):
                 return
+
+
+async def complete(job: Job, first: Chunk, request: Request) -> tuple[str, AnyChunk]:
+    """Run a submitted job to its end for a non-streamed answer: the text of its tokens and
+    its final chunk (DoneChunk or ImagesChunk). The slot is always freed; a worker's error
+    is raised with its status, and every error carries the request id."""
+    parts: list[str] = []
+    chunk = first
+    try:
+        if not is_final(chunk):
+            if isinstance(chunk, TokenChunk):
+                parts.append(chunk.text)
+            async for chunk in job.chunks(disconnected=request.is_disconnected):
+                if isinstance(chunk, TokenChunk):
+                    parts.append(chunk.text)
+        if isinstance(chunk, ErrorChunk):
+            raise UpstreamError(chunk.status, chunk.message)
+        if not is_final(chunk):
+            raise UpstreamError(502, "the model's stream ended without a result")
+    except ApiError as exc:
+        exc.headers.setdefault("X-Request-Id", job.request_id)
+        raise
+    finally:
+        await job.close()
+    return "".join(parts), chunk
 
 
 async def live(job: Job, first: Chunk) -> AsyncIterator[Chunk]:

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.dispatch import Chunk, Job, live, submit
-from api.errors import ApiError, NotFound, UpstreamError
+from api.dispatch import Chunk, complete, live, submit
+from api.errors import ApiError, NotFound
 from api.ollama.schemas import (
     ChatRequest,
     GenerateRequest,
@@ -19,7 +19,7 @@ from api.ollama.schemas import (
 )
 from api.state import AppState
 from billing.tenants import KeyOwner
-from workers.contract import DoneChunk, ErrorChunk, TokenChunk
+from workers.contract import DoneChunk, TokenChunk
 
 NDJSON = "application/x-ndjson"
 
@@ -59,14 +59,8 @@ class OllamaServing:
             return StreamingResponse(
                 ndjson(render, live(job, first)), media_type=NDJSON, headers=headers
             )
-        try:
-            whole = await render.whole(first, job, request)
-        except ApiError as exc:
-            exc.headers.setdefault("X-Request-Id", spec.request_id)
-            raise
-        finally:
-            await job.close()
-        return JSONResponse(whole, headers=headers)
+        text, final = await complete(job, first, request)
+        return JSONResponse(render(final, text), headers=headers)
 
 
 async def ndjson(render: "Render", chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
@@ -99,17 +93,3 @@ class Render:
             total = time.time() - self.started
             return head | self._payload(text or "") | final_fields(chunk, total)
         return {"error": chunk.message}
-
-    async def whole(self, first: Chunk, job: Job, request: Request) -> dict:
-        parts: list[str] = []
-        chunk = first
-        if isinstance(chunk, TokenChunk):
-            parts.append(chunk.text)
-            async for chunk in job.chunks(disconnected=request.is_disconnected):
-                if isinstance(chunk, TokenChunk):
-                    parts.append(chunk.text)
-        if isinstance(chunk, ErrorChunk):
-            raise UpstreamError(chunk.status, chunk.message)
-        if not isinstance(chunk, DoneChunk):
-            raise UpstreamError(502, "the model's stream ended without a result")
-        return self(chunk, "".join(parts))

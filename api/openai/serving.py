@@ -9,13 +9,13 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.dispatch import Chunk, live, submit
-from api.errors import ApiError, BadRequest, NotFound, UpstreamError, error_body_openai
+from api.dispatch import Chunk, complete, live, submit
+from api.errors import ApiError, BadRequest, NotFound, error_body_openai
 from api.ollama.schemas import ImageLimits, new_request_id
 from api.openai.schemas import ChatCompletionRequest, finish_reason, usage
 from api.state import AppState
 from billing.tenants import KeyOwner
-from workers.contract import DoneChunk, ErrorChunk, TokenChunk
+from workers.contract import DoneChunk, TokenChunk
 
 SSE = "text/event-stream"
 FETCH_TIMEOUT_SECONDS = 10
@@ -43,23 +43,8 @@ class OpenAIServing:
         headers = {"X-Request-Id": request_id}
         if body.stream:
             return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
-        try:
-            text, chunk = [], first
-            if isinstance(chunk, TokenChunk):
-                text.append(chunk.text)
-                async for chunk in job.chunks(disconnected=request.is_disconnected):
-                    if isinstance(chunk, TokenChunk):
-                        text.append(chunk.text)
-            if isinstance(chunk, ErrorChunk):
-                raise UpstreamError(chunk.status, chunk.message)
-            if not isinstance(chunk, DoneChunk):
-                raise UpstreamError(502, "the model's stream ended without a result")
-        except ApiError as exc:
-            exc.headers.setdefault("X-Request-Id", request_id)
-            raise
-        finally:
-            await job.close()
-        return JSONResponse(render.completion("".join(text), chunk), headers=headers)
+        text, final = await complete(job, first, request)
+        return JSONResponse(render.completion(text, final), headers=headers)
 
     async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, str]:
         urls = body.image_urls()

@@ -11,13 +11,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
-from api.dispatch import live, submit
-from api.errors import ApiError, BadRequest, NotFound, UpstreamError
+from api.dispatch import complete, live, submit
+from api.errors import ApiError, BadRequest, NotFound
 from api.ollama.schemas import NS, new_request_id, timestamp
 from api.sd.schemas import ImageLimits, ImagesRequest
 from api.state import AppState
 from billing.tenants import KeyOwner
-from workers.contract import ErrorChunk, ImagesChunk, ProgressChunk
+from workers.contract import ImagesChunk, ProgressChunk
 
 NDJSON = "application/x-ndjson"
 
@@ -52,22 +52,9 @@ class ImageServing:
         spec = body.to_job(
             owner, new_request_id(), self._model(body.model), self._limits(owner.tier)
         )
-        job, chunk = await submit(self.state, spec, owner, "images", request)
-        try:
-            if not isinstance(chunk, ImagesChunk | ErrorChunk):
-                async for chunk in job.chunks(disconnected=request.is_disconnected):
-                    if isinstance(chunk, ImagesChunk | ErrorChunk):
-                        break
-            if isinstance(chunk, ErrorChunk):
-                raise UpstreamError(chunk.status, chunk.message)
-            if not isinstance(chunk, ImagesChunk):
-                raise UpstreamError(502, "the model's stream ended without a result")
-        except ApiError as exc:
-            exc.headers.setdefault("X-Request-Id", spec.request_id)
-            raise
-        finally:
-            await job.close()
-        return chunk, spec.request_id, started
+        job, first = await submit(self.state, spec, owner, "images", request)
+        _, final = await complete(job, first, request)
+        return final, spec.request_id, started
 
     async def native(self, body: ImagesRequest, owner: KeyOwner, request: Request) -> Response:
         if body.stream:
