@@ -2,16 +2,19 @@
 
     python bench/llava_gpu.py [--tokens 128] [--dir /tmp/llava8b]
     python ../shared/bench/reference_gpu_probe.py      # the baseline, in the same run
+    python bench/llava_gpu.py --dry-run                # same code, a small model, on the CPU
 
 Builds CLIP ViT-L/14-336 + Llama 3 8B (bf16) with random weights, saves it once in Hugging
 Face layout, loads it through the worker's engine (the same `from_pretrained` path as real
-weights) and reports decode tokens/s at 1 and 8 concurrent requests, each with one image.
-Goal on an H200: >= 110 tokens/s single-stream, >= 700 in total at 8 concurrent requests.
+weights) and reports tokens/s at 1 and 8 concurrent requests, each with one 336x336 image
+(576 image tokens of prefill). Goal on an H200: >= 110 tokens/s single-stream, >= 700 in
+total at 8 concurrent requests.
 """
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,8 +24,12 @@ from llava_engine import TimedMeter, run  # noqa: E402
 
 from workers.engines.llava_transformers import TransformersLlava  # noqa: E402
 
+# (vision hidden, vision layers, text hidden, text intermediate, text layers, vocabulary)
+REAL = (1024, 24, 4096, 14336, 32, 128256)
+DRY_RUN = (64, 2, 128, 256, 2, 1024)
 
-def build(directory: Path) -> Path:
+
+def build(directory: Path, dims: tuple, device: str) -> Path:
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -34,25 +41,26 @@ def build(directory: Path) -> Path:
 
     if (directory / "config.json").exists():
         return directory
+    vision_hidden, vision_layers, hidden, intermediate, layers, vocabulary = dims
     make_llava(directory)  # tokenizer, processor and chat template; weights replaced below
     tiny = LlavaConfig.from_pretrained(directory)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
+            hidden_size=vision_hidden,
+            intermediate_size=4 * vision_hidden,
+            num_hidden_layers=vision_layers,
             num_attention_heads=16,
             image_size=336,
             patch_size=14,
             projection_dim=768,
         ),
         text_config=LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
             num_attention_heads=32,
             num_key_value_heads=8,
-            vocab_size=128256,
+            vocab_size=vocabulary,
             max_position_embeddings=8192,
             rope_theta=500000.0,
             bos_token_id=tiny.text_config.bos_token_id,
@@ -65,16 +73,19 @@ def build(directory: Path) -> Path:
         projector_hidden_act="gelu",
         image_seq_length=576,
     )
+    started = time.perf_counter()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlavaForConditionalGeneration(config).eval()
     model.generation_config = LlavaForConditionalGeneration.from_pretrained(
         directory
-    ).generation_config
+    ).generation_config  # the tiny model's: its turn never ends, so every stream runs full
     model.save_pretrained(directory)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     torch.set_default_dtype(torch.float32)
+    print(json.dumps({"build_and_save_seconds": round(time.perf_counter() - started, 1)}))
     return directory
 
 
@@ -82,15 +93,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llava8b"))
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--dry-run", action="store_true", help="a small model on the CPU")
     args = parser.parse_args()
-    print(json.dumps({"device": torch.cuda.get_device_name(0)}), flush=True)
-    engine = TransformersLlava("llava-llama3", build(args.dir), device="cuda", max_batch=8)
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda":
+        print(json.dumps({"device": torch.cuda.get_device_name(0)}), flush=True)
+    path = build(args.dir, DRY_RUN if args.dry_run else REAL, device)
+    engine = TransformersLlava("llava-llama3", path, device=device, max_batch=8)
+    print(json.dumps({"load_seconds": round(engine.load_seconds, 1)}), flush=True)
     engine.meter = TimedMeter()
     try:
-        run(engine, 1, 8)  # warm-up
+        run(engine, 1, 8, image=True)  # warm-up
         for streams in (1, 8):
-            print(json.dumps({"gpuhost_llava8b": run(engine, streams, args.tokens)}), flush=True)
-        print(json.dumps({"peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}))
+            result = run(engine, streams, args.tokens, image=True)
+            print(json.dumps({"gpuhost_llava8b": result}), flush=True)
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(json.dumps({"peak_mem_GiB": round(peak, 2)}))
     finally:
         engine.close()
 

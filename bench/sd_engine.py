@@ -2,6 +2,7 @@
 
     python bench/sd_engine.py                                  # tiny random-weight SD, CPU
     python bench/sd_engine.py --model DIR --device cuda --size 512 --steps 25
+    python bench/sd_engine.py --arch sd15 --device cuda --size 512 --steps 25   # random weights
 
 Runs the engine the `sd` workers use (micro-batching, per-request metering) in process; each
 request asks for one image of the same shape, so concurrent requests share batches.
@@ -25,6 +26,65 @@ class Sink:
 
     def should_stop(self) -> bool:
         return False
+
+
+def build_sd15(out: Path) -> Path:
+    """Stable Diffusion 1.5's architecture (UNet 860M, VAE, CLIP ViT-L text encoder), random
+    weights, saved as a pipeline: costs what the real model costs, draws noise."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from workers.tiny import make_stable_diffusion
+
+    if (out / "model_index.json").exists():
+        return out
+    tiny = StableDiffusionPipeline.from_pretrained(make_stable_diffusion(out))
+    torch.manual_seed(0)
+    tokenizer = tiny.tokenizer
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        ),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        ),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        scheduler=tiny.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
 
 
 def job(size: int, steps: int, seed: int) -> ImageJob:
@@ -75,17 +135,28 @@ def run(engine: DiffusionEngine, concurrent: int, size: int, steps: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="SD weights (default: make tiny ones)")
+    parser.add_argument(
+        "--arch", choices=("tiny", "sd15"), default="tiny", help="random weights to make"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument(
+        "--window", type=float, default=0.02, help="batch window, s (the workers' default)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
-        if model is None:
+        if model is None and args.arch == "sd15":
+            model = build_sd15(Path(scratch) / "sd15")
+        elif model is None:
             from workers.tiny import make_stable_diffusion
 
             model = make_stable_diffusion(Path(scratch) / "stable-diffusion")
-        engine = DiffusionEngine("sd", model, device=args.device, max_batch_images=8)
+        engine = DiffusionEngine(
+            "sd", model, device=args.device, max_batch_images=8, batch_window_seconds=args.window
+        )
+        print(json.dumps({"load_seconds": round(engine.load_seconds, 1)}), flush=True)
         try:
             run(engine, 1, args.size, 2)  # warm-up
             for concurrent in (1, 4, 8):

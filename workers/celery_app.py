@@ -20,6 +20,7 @@ def load_engine(settings: WorkerSettings):
             settings.sd_weights(),
             device=settings.device,
             max_batch_images=settings.sd_max_batch_images,
+            batch_window_seconds=settings.sd_batch_window_seconds,
         )
     if settings.engine == "vllm":
         from workers.engines.llava_vllm import VllmLlava, VllmOptions

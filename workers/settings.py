@@ -18,6 +18,9 @@ class WorkerSettings(ModelSettings):
     max_output_tokens: int = 2048
     # Stable Diffusion: most images run as one batch.
     sd_max_batch_images: int = 8
+    # An idle Stable Diffusion engine given a request waits this long for others of its shape,
+    # so that a burst runs as one batch (its first request would otherwise run alone).
+    sd_batch_window_seconds: float = 0.02
     # Seconds an idle model stays loaded; negative: for as long as the worker runs. A request's
     # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
     keep_alive_seconds: float = -1.0

@@ -30,6 +30,7 @@ from diffusers import (
 from PIL import Image
 
 from workers.contract import ImageJob
+from workers.engines.attention import without_cudnn_attention
 from workers.engines.base import InvalidRequest
 from workers.metering import Meter
 
@@ -97,14 +98,23 @@ def _png(image: Image.Image) -> str:
 
 class DiffusionEngine:
     def __init__(
-        self, model_name: str, path: Path, device: str = "auto", max_batch_images: int = 8
+        self,
+        model_name: str,
+        path: Path,
+        device: str = "auto",
+        max_batch_images: int = 8,
+        batch_window_seconds: float = 0.0,
     ):
         self.model_name = model_name
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cuda":
+            without_cudnn_attention()
         self.max_batch_images = max_batch_images
+        # An idle engine given a request waits this long for others of its shape to join it.
+        self.batch_window_seconds = batch_window_seconds
         started = time.perf_counter()
         log.info("loading %s from %s on %s", model_name, path, self.device)
         text = StableDiffusionPipeline.from_pretrained(path, dtype=self.dtype)
@@ -204,11 +214,8 @@ class DiffusionEngine:
                 self._held.append(self._waiting.get(timeout=IDLE_WAIT_SECONDS))
             except queue.Empty:
                 return []
-        while True:
-            try:
-                self._held.append(self._waiting.get_nowait())
-            except queue.Empty:
-                break
+            self._gather_for(self.batch_window_seconds)
+        self._gather_for(0.0)
         first = self._held[0]
         batch, images = [], 0
         for request in list(self._held):
@@ -219,6 +226,24 @@ class DiffusionEngine:
                 images += request.job.n
                 self._held.remove(request)
         return batch
+
+    def _gather_for(self, seconds: float) -> None:
+        """Take what is waiting; for up to `seconds` more, what arrives, until the first
+        request's batch is full."""
+        deadline = time.monotonic() + seconds
+        while True:
+            first = self._held[0]
+            room = max(self.max_batch_images, first.job.n) - sum(
+                r.job.n for r in self._held if r.shape() == first.shape()
+            )
+            left = deadline - time.monotonic()
+            try:
+                if left > 0 and room > 0:
+                    self._held.append(self._waiting.get(timeout=left))
+                else:
+                    self._held.append(self._waiting.get_nowait())
+            except queue.Empty:
+                return
 
     @torch.inference_mode()
     def _render(self, batch: list[_Request]) -> None:

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from workers.contract import ChatJob
+from workers.engines.attention import without_cudnn_attention
 from workers.engines.base import Generation, InvalidRequest, TokenSink
 from workers.engines.batch import CACHE, Batch
 from workers.engines.sampling import Sampler
@@ -92,6 +93,8 @@ class TransformersLlava:
         self.path = path
         self.device = pick_device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cuda":
+            without_cudnn_attention()
         self.max_output_tokens = max_output_tokens
         self.max_batch = max_batch
         self.keep_alive = keep_alive  # seconds an idle model stays loaded; negative: forever
@@ -119,8 +122,11 @@ class TransformersLlava:
         """Load the weights; returns how long it took (reported, never billed)."""
         started = time.perf_counter()
         log.info("loading %s from %s on %s", self.model_name, self.path, self.device)
-        model = LlavaForConditionalGeneration.from_pretrained(self.path, dtype=self.dtype)
-        self.model = model.to(self.device).eval()
+        # Straight onto the device (accelerate's device_map): no second copy in host memory.
+        model = LlavaForConditionalGeneration.from_pretrained(
+            self.path, dtype=self.dtype, device_map=str(self.device)
+        )
+        self.model = model.eval()
         self.load_seconds = time.perf_counter() - started
         log.info(
             "loaded %s in %.2fs (context %d, batches of up to %d)",
