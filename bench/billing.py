@@ -1,11 +1,13 @@
 """Billing throughput: usage records ingested per second into PostgreSQL (each with its outbox
 row, as workers write them), and relayed per second to a Stripe-compatible server.
 
-    python bench/billing.py [--records 5000] [--writers 8] [--aggregate 3600]
+    python bench/billing.py [--records 20000] [--writers 64] [--aggregate 3600]
+                            [--no-group-commit]
 
 Needs PostgreSQL (GPUHOST_TEST_POSTGRES_URL, default the local server); makes and drops a
 scratch database. Without --aggregate the relay sends one meter event per record (100 Stripe
-calls per 100 records); with it, one per tenant per window.
+calls per 100 records); with it, one per tenant per window. Records go in through the
+workers' group-committing `UsageWriter` unless --no-group-commit.
 """
 
 import argparse
@@ -23,34 +25,34 @@ import migrations  # noqa: E402
 from billing import stripe_meter, tenants, usage  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from billing.settings import StripeSettings  # noqa: E402
+from billing.usage_writer import UsageWriter  # noqa: E402
 from tests.conftest import drop_database, fresh_database  # noqa: E402
 from tests.stripe_server import FakeStripe  # noqa: E402
 
 
-def ingest(sessions, tenant_ids: list, records: int, writers: int, when: datetime) -> float:
+def ingest(record, tenant_ids: list, records: int, writers: int, when: datetime) -> float:
+    """`writers` threads, each finishing requests back to back: records written per second."""
     per_writer = records // writers
 
     def write(index: int) -> None:
         tenant_id = tenant_ids[index % len(tenant_ids)]
         for _ in range(per_writer):
-            with transaction(sessions) as session:  # one transaction per record, like a worker
-                usage.record(
-                    session,
-                    usage.UsageCreate(
-                        request_id=uuid.uuid4().hex,
-                        tenant_id=tenant_id,
-                        api_key_id=None,
-                        model="llava-llama3",
-                        kind="chat",
-                        status="completed",
-                        gpu_seconds=0.731,
-                        queue_seconds=0.01,
-                        prompt_tokens=600,
-                        output_tokens=128,
-                        started_at=None,
-                        finished_at=when,
-                    ),
+            record(
+                usage.UsageCreate(
+                    request_id=uuid.uuid4().hex,
+                    tenant_id=tenant_id,
+                    api_key_id=None,
+                    model="llava-llama3",
+                    kind="chat",
+                    status="completed",
+                    gpu_seconds=0.731,
+                    queue_seconds=0.01,
+                    prompt_tokens=600,
+                    output_tokens=128,
+                    started_at=None,
+                    finished_at=when,
                 )
+            )
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
     started = time.perf_counter()
@@ -61,17 +63,32 @@ def ingest(sessions, tenant_ids: list, records: int, writers: int, when: datetim
     return per_writer * writers / (time.perf_counter() - started)
 
 
+def one_transaction_each(sessions):
+    def record(item: usage.UsageCreate) -> None:
+        with transaction(sessions) as session:
+            usage.record(session, item)
+
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=5000)
-    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--records", type=int, default=20000)
+    parser.add_argument("--writers", type=int, default=64)
     parser.add_argument(
         "--aggregate",
         type=int,
         default=0,
         help="relay aggregation window in seconds (0: one event per record)",
     )
+    parser.add_argument(
+        "--no-group-commit",
+        dest="group_commit",
+        action="store_false",
+        help="one transaction per record (as before group commits)",
+    )
     args = parser.parse_args()
+    args.records -= args.records % args.writers  # each writer writes as many
     name = f"gpuhost_bench_{uuid.uuid4().hex[:8]}"
     url = fresh_database(name)
     fake = FakeStripe().start()
@@ -86,7 +103,14 @@ def main() -> None:
             ]
         # Usage from two hours ago, so that aggregation windows are closed when relayed.
         when = datetime.now(UTC) - timedelta(hours=2)
-        rate = ingest(sessions, ids, args.records, args.writers, when)
+        if args.group_commit:
+            writer = UsageWriter(sessions)
+            rate = ingest(writer.record, ids, args.records, args.writers, when)
+            writer.close()
+            commits = writer.commits
+        else:
+            rate = ingest(one_transaction_each(sessions), ids, args.records, args.writers, when)
+            commits = args.records
         settings = StripeSettings(
             database_url=url,
             stripe_api_key="sk_test_bench",
@@ -106,6 +130,7 @@ def main() -> None:
                 {
                     "records": args.records,
                     "writers": args.writers,
+                    "ingest_commits": commits,
                     "aggregate_seconds": args.aggregate,
                     "ingested_per_second": round(rate),
                     "records_relayed_per_second": round(relayed),

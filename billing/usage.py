@@ -1,15 +1,14 @@
 """Usage records: written once per request id, listed per tenant."""
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Select, case, func, select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from billing.models import OutboxEvent, Tenant, UsageRecord
+from billing.models import Tenant, UsageRecord
 
 IMAGE_KINDS = ("txt2img", "img2img", "inpaint")
 
@@ -35,29 +34,64 @@ def record(session: Session, usage: UsageCreate) -> bool:
 
     A billable record also gets its outbox row (for Stripe), in the same transaction.
     """
-    statement = (
-        insert(UsageRecord)
-        .values(id=uuid.uuid4(), **asdict(usage))
-        .on_conflict_do_nothing(index_elements=[UsageRecord.request_id])
-        .returning(UsageRecord.id)
-    )
-    written = session.execute(statement).first()
-    if written is None:
-        return False
-    quantity = milli(usage.gpu_seconds)
-    if quantity > 0:
-        session.add(
-            OutboxEvent(
-                id=uuid.uuid4(),
-                usage_record_id=written[0],
-                tenant_id=usage.tenant_id,
-                quantity=quantity,
-                event_time=usage.finished_at,
-                attempts=0,
-            )
-        )
-        session.flush()
-    return True
+    [written] = record_many(session, [usage])
+    return written
+
+
+# A batch of records goes in as one array per column, unnested into rows by PostgreSQL.
+_COLUMNS = {
+    "id": "uuid",
+    "request_id": "text",
+    "tenant_id": "uuid",
+    "api_key_id": "uuid",
+    "model": "text",
+    "kind": "text",
+    "status": "text",
+    "gpu_seconds": "float8",
+    "queue_seconds": "float8",
+    "prompt_tokens": "int4",
+    "output_tokens": "int4",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "quantity": "int4",  # milli-GPU-seconds, for the outbox row
+}
+_FIELDS = {f.name for f in fields(UsageCreate)}
+_RECORD_COLUMNS = ", ".join(name for name in _COLUMNS if name != "quantity")
+_INSERT = f"""
+WITH incoming AS (
+    SELECT * FROM unnest({", ".join(f"%({n})s::{t}[]" for n, t in _COLUMNS.items())})
+        AS t({", ".join(_COLUMNS)})
+), written AS (
+    INSERT INTO usage_records ({_RECORD_COLUMNS})
+    SELECT {_RECORD_COLUMNS} FROM incoming
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id
+), queued AS (
+    INSERT INTO billing_outbox (id, usage_record_id, tenant_id, quantity, event_time, attempts)
+    SELECT gen_random_uuid(), i.id, i.tenant_id, i.quantity, i.finished_at, 0
+    FROM incoming i JOIN written w ON w.id = i.id
+    WHERE i.quantity > 0
+)
+SELECT id FROM written
+"""
+
+
+def record_many(session: Session, usages: list[UsageCreate]) -> list[bool]:
+    """`record` for many at once, in the session's transaction, in one statement: the records
+    go in as column arrays, and the outbox rows of those written with them. Returns, in
+    order, whether each was written (False: its request id was already recorded, in the
+    ledger or earlier in `usages`)."""
+    ids = [uuid.uuid4() for _ in usages]
+    columns: dict[str, list] = {
+        name: [getattr(u, name) for u in usages] for name in _COLUMNS if name in _FIELDS
+    }
+    columns["id"] = ids
+    columns["quantity"] = [milli(u.gpu_seconds) for u in usages]
+    session.flush()  # what the session holds (a tenant made just now, say) first
+    cursor = session.connection().connection.driver_connection.cursor()
+    with cursor:
+        written = {row[0] for row in cursor.execute(_INSERT, columns).fetchall()}
+    return [record_id in written for record_id in ids]
 
 
 def milli(gpu_seconds: float) -> int:

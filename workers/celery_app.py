@@ -4,6 +4,7 @@ import redis
 from celery import Celery
 
 from billing.db import session_factory, sync_engine
+from billing.usage_writer import UsageWriter
 from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, celery_config
 from workers.settings import WorkerSettings
 from workers.status import StatusPublisher
@@ -67,12 +68,14 @@ def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celer
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model once, then consume the queue with a pool of threads until SIGTERM/SIGINT."""
     client = redis.Redis.from_url(settings.redis_url)
+    sessions = session_factory(sync_engine(settings.database_url))
     runtime = WorkerRuntime(
         settings=settings,
         redis=client,
-        sessions=session_factory(sync_engine(settings.database_url)),
+        sessions=sessions,
         engine=load_engine(settings),
         claims=Claims(client, owner(), settings.claim_ttl_seconds),
+        ledger=UsageWriter(sessions),
     )
     status = StatusPublisher(
         client,
@@ -101,5 +104,6 @@ def run_worker(settings: WorkerSettings) -> None:
         )
     finally:
         status.stop()
+        runtime.ledger.close()  # after the pool has stopped: what it finished is committed
         runtime.claims.stop()
         runtime.engine.close()

@@ -19,7 +19,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import usage
-from billing.db import transaction
+from billing.usage_writer import UsageWriter
 from workers.contract import (
     CANCELLED,
     COMPLETED,
@@ -53,6 +53,7 @@ class WorkerRuntime:
     sessions: sessionmaker[Session]
     engine: object  # a ChatEngine (llava queue) or a DiffusionEngine (sd queue)
     claims: Claims
+    ledger: UsageWriter  # usage records, group-committed
 
 
 @dataclass(frozen=True)
@@ -73,24 +74,22 @@ def _record(
     started: datetime | None,
     queue_seconds: float,
 ) -> None:
-    with transaction(runtime.sessions) as session:
-        written = usage.record(
-            session,
-            usage.UsageCreate(
-                request_id=job.request_id,
-                tenant_id=job.tenant_id,
-                api_key_id=job.api_key_id,
-                model=job.model,
-                kind=job.kind,
-                status=outcome.status,
-                gpu_seconds=outcome.gpu_seconds,
-                queue_seconds=queue_seconds,
-                prompt_tokens=outcome.prompt_tokens,
-                output_tokens=outcome.output_tokens,
-                started_at=started,
-                finished_at=datetime.now(UTC),
-            ),
+    written = runtime.ledger.record(
+        usage.UsageCreate(
+            request_id=job.request_id,
+            tenant_id=job.tenant_id,
+            api_key_id=job.api_key_id,
+            model=job.model,
+            kind=job.kind,
+            status=outcome.status,
+            gpu_seconds=outcome.gpu_seconds,
+            queue_seconds=queue_seconds,
+            prompt_tokens=outcome.prompt_tokens,
+            output_tokens=outcome.output_tokens,
+            started_at=started,
+            finished_at=datetime.now(UTC),
         )
+    )
     if not written:
         log.warning("usage for %s was already recorded; kept the first record", job.request_id)
 
