@@ -296,32 +296,46 @@ def billing_customers() -> None:
     _print({"created": stripe_meter.ensure_customers(sessions, api)})
 
 
+@billing_app.command("setup")
+def billing_setup() -> None:
+    """Find or make the GPU-seconds meter and every plan's prices in Stripe; print their ids."""
+    from billing.relay import Relay
+
+    _, settings, api, sessions = _stripe()
+    catalog = Relay(settings, sessions, api).catalog()
+    _print({tier: prices.__dict__ for tier, prices in catalog.items()})
+
+
 @billing_app.command("relay")
 def billing_relay(
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
 ) -> None:
-    """Send usage to Stripe's meter, exactly once per record, until stopped."""
+    """Customers, subscriptions, and usage to Stripe's meter (each record once), until
+    stopped. Deployments run `gpuhost billing worker` instead."""
     import time
-    from datetime import timedelta
 
-    stripe_meter, settings, api, sessions = _stripe()
-    alert_after = timedelta(seconds=settings.relay_alert_after_seconds)
+    from billing.relay import Relay
+
+    _, settings, api, sessions = _stripe()
+    relay = Relay(settings, sessions, api)
     while True:
-        done = stripe_meter.relay_once(sessions, api, settings)
-        stale = stripe_meter.stale(sessions, alert_after)
-        if done.sent or done.failed or once:
-            _print(done.__dict__ | {"stale": stale})
-        if stale:
-            logging.getLogger("gpuhost.billing").error(
-                "%d usage event(s) unsent for over %s: Stripe only accepts events up to "
-                "35 days old",
-                stale,
-                alert_after,
-            )
+        done = relay.run_pass()
+        if done.sent or done.failed or done.customers or done.subscriptions or once:
+            _print(done.as_dict())
         if once:
             return
         if not done.sent:
             time.sleep(settings.relay_interval_seconds)
+
+
+@billing_app.command("worker")
+def billing_worker() -> None:
+    """The relay as a Celery beat task: a worker on the `billing` queue with beat inside it,
+    one relay pass every GPUHOST_RELAY_INTERVAL_SECONDS."""
+    from billing.beat import run_billing_worker
+
+    _, settings, _, _ = _stripe()  # fails clearly when Stripe is not configured
+    run_billing_worker(settings)
 
 
 @billing_app.command("reconcile")
@@ -340,6 +354,16 @@ def billing_reconcile(
         except ValueError:
             _fail(f"--period {period!r}: expected YYYY-MM")
     span = period_of(moment)
+    if not settings.stripe_meter_id:  # the meter the relay's event name feeds
+        from billing.stripe_catalog import find_meter
+
+        meter_id = find_meter(api, settings)
+        if meter_id is None:
+            _fail(
+                f"no active Stripe meter for events {settings.stripe_meter_event_name!r}: "
+                "run `gpuhost billing setup` or set GPUHOST_STRIPE_METER_ID"
+            )
+        settings = settings.model_copy(update={"stripe_meter_id": meter_id})
     try:
         found = stripe_meter.reconcile(
             sessions, api, settings, span.start, span.end, set(customer) if customer else None

@@ -27,6 +27,9 @@ class Tenant(Base):
     tier: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    stripe_subscription_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # The tier the Stripe subscription is on; differs from `tier` until the next sync.
+    stripe_subscription_tier: Mapped[str | None] = mapped_column(String(32))
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="tenant")
 

@@ -85,5 +85,9 @@ class StripeSettings(StackSettings):
     relay_aggregate_seconds: int = 0
     relay_aggregate_grace_seconds: int = 60
     relay_interval_seconds: float = 5.0
+    # Where `gpuhost billing worker` keeps Celery beat's schedule (a writable path).
+    relay_beat_schedule_file: Path = Path(".gpuhost/celerybeat-schedule")
+    # Give each tenant a subscription on its tier's prices (and the meter and prices they need).
+    stripe_subscriptions: bool = True
     # Unsent rows older than this are reported: Stripe accepts timestamps up to 35 days old.
     relay_alert_after_seconds: float = 6 * 3600

@@ -59,6 +59,12 @@ async def apply(
         return "ignored: no tenant has this customer"
     if event["type"] == "customer.subscription.deleted":
         tenant.tier = FALLBACK_TIER
+        if tenant.stripe_subscription_id == subscription.get("id"):
+            # gone: the relay's next pass subscribes the tenant to its (Free) tier again
+            tenant.stripe_subscription_id = tenant.stripe_subscription_tier = None
     else:
         tenant.tier = _tier(subscription, price_tiers, tiers)
+        # The subscription already carries this tier: nothing for the relay to move.
+        tenant.stripe_subscription_id = subscription.get("id")
+        tenant.stripe_subscription_tier = tenant.tier
     return f"tenant {tenant.id} is on {tenant.tier}"

@@ -1,8 +1,11 @@
 """A Stripe-compatible HTTP server for tests, on 127.0.0.1 only: the edge of the world.
 
 It speaks Stripe's wire protocol to the official SDK (form-encoded requests with bracketed
-keys, Bearer auth, JSON objects and errors, idempotency keys) for what gpuhost uses, and
-follows Stripe's documented rules for meter events: an `identifier` is unique (a repeat is
+keys and indexed lists, Bearer auth, JSON objects, lists and errors, idempotency keys) for
+what gpuhost uses: customers, billing meters, products, prices (lookup keys unique, at most 10
+per list request, metered prices backed by a meter, graduated tiers ending at inf, at most 12
+decimal places), subscriptions (items of one interval; items added and deleted by update),
+meter events and their summaries. It follows Stripe's documented rules for meter events: an `identifier` is unique (a repeat is
 accepted and not counted again), a reused `Idempotency-Key` replays the first response (and
 is refused with different parameters), timestamps must lie within the past 35 days and at
 most 5 minutes ahead, values are numbers. Faults can be injected: failures and slow answers.
@@ -24,27 +27,52 @@ from starlette.routing import Route
 
 from tests.stack import free_port, wait_for
 
-BRACKETS = re.compile(r"^([^\[]+)\[([^\]]*)\]$")
+KEY_PART = re.compile(r"\[([^\]]*)\]")
+
+
+def _nest(pairs) -> dict:
+    """Stripe's form encoding, decoded: `a[b][0][c]=v` -> {"a": {"b": [{"c": "v"}]}}."""
+    params: dict = {}
+    for key, value in pairs:
+        head = key.split("[", 1)[0]
+        path = [head, *KEY_PART.findall(key[len(head) :])]
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return _listify(params)
+
+
+def _listify(node):
+    """Dicts keyed 0, 1, ... are lists."""
+    if not isinstance(node, dict):
+        return node
+    node = {key: _listify(value) for key, value in node.items()}
+    if node and all(key.isdigit() for key in node):
+        return [node[key] for key in sorted(node, key=int)]
+    return node
 
 
 def _form(body: bytes) -> dict:
-    params: dict = {}
-    for key, value in parse_qsl(body.decode(), keep_blank_values=True):
-        nested = BRACKETS.match(key)
-        if nested:
-            params.setdefault(nested.group(1), {})[nested.group(2)] = value
-        else:
-            params[key] = value
-    return params
+    return _nest(parse_qsl(body.decode(), keep_blank_values=True))
 
 
 def _error(status: int, message: str, code: str, kind: str = "invalid_request_error"):
     return JSONResponse({"error": {"type": kind, "message": message, "code": code}}, status)
 
 
+def _invalid(message: str, code: str) -> tuple[int, dict]:
+    """A 400 as `_replay`'s makers return it."""
+    return 400, {"error": {"type": "invalid_request_error", "message": message, "code": code}}
+
+
 class FakeStripe:
     def __init__(self):
         self.customers: dict[str, dict] = {}
+        self.meters: dict[str, dict] = {}
+        self.products: dict[str, dict] = {}
+        self.prices: dict[str, dict] = {}
+        self.subscriptions: dict[str, dict] = {}
         self.events: dict[str, dict] = {}  # by identifier: what the meter counts
         self.posts: defaultdict[str, int] = defaultdict(int)  # meter event POSTs by identifier
         self._idempotent: dict[str, tuple[str, int, dict]] = {}
@@ -55,6 +83,11 @@ class FakeStripe:
         app = Starlette(
             routes=[
                 Route("/v1/customers", self._customers, methods=["POST"]),
+                Route("/v1/billing/meters", self._meters, methods=["GET", "POST"]),
+                Route("/v1/products", self._products, methods=["POST"]),
+                Route("/v1/prices", self._prices, methods=["GET", "POST"]),
+                Route("/v1/subscriptions", self._subscriptions, methods=["POST"]),
+                Route("/v1/subscriptions/{id}", self._subscription, methods=["GET", "POST"]),
                 Route("/v1/billing/meter_events", self._meter_events, methods=["POST"]),
                 Route(
                     "/v1/billing/meters/{meter}/event_summaries", self._summaries, methods=["GET"]
@@ -140,6 +173,265 @@ class FakeStripe:
             }
             self.customers[customer["id"]] = customer
             return 200, customer
+
+        return self._replay(request, params, make)
+
+    # -- catalog and subscriptions
+
+    @staticmethod
+    def _list(request: Request, items: list[dict]) -> JSONResponse:
+        return JSONResponse(
+            {"object": "list", "data": items, "has_more": False, "url": request.url.path}
+        )
+
+    async def _meters(self, request: Request) -> JSONResponse:
+        params, failed = await self._common(request)
+        if failed:
+            return failed
+        if request.method == "GET":
+            query = _nest(request.query_params.multi_items())
+            status = query.get("status")
+            return self._list(
+                request, [m for m in self.meters.values() if status in (None, m["status"])]
+            )
+
+        def make(p: dict):
+            for name in ("display_name", "event_name"):
+                if not p.get(name):
+                    return _invalid(f"Missing required param: {name}.", "parameter_missing")
+            formula = (p.get("default_aggregation") or {}).get("formula")
+            if formula not in ("count", "sum", "last"):
+                return _invalid(
+                    "default_aggregation[formula] must be one of count, sum, last",
+                    "parameter_invalid_string",
+                )
+            if any(
+                m["event_name"] == p["event_name"] and m["status"] == "active"
+                for m in self.meters.values()
+            ):
+                return _invalid(
+                    f"An active meter with event_name {p['event_name']!r} already exists.",
+                    "resource_already_exists",
+                )
+            meter = {
+                "id": f"mtr_{secrets.token_hex(8)}",
+                "object": "billing.meter",
+                "display_name": p["display_name"],
+                "event_name": p["event_name"],
+                "default_aggregation": {"formula": formula},
+                "customer_mapping": p.get("customer_mapping")
+                or {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+                "value_settings": p.get("value_settings") or {"event_payload_key": "value"},
+                "status": "active",
+                "created": int(time.time()),
+                "livemode": False,
+            }
+            self.meters[meter["id"]] = meter
+            return 200, meter
+
+        return self._replay(request, params, make)
+
+    async def _products(self, request: Request) -> JSONResponse:
+        params, failed = await self._common(request)
+        if failed:
+            return failed
+
+        def make(p: dict):
+            if not p.get("name"):
+                return _invalid("Missing required param: name.", "parameter_missing")
+            product = {
+                "id": f"prod_{secrets.token_hex(7)}",
+                "object": "product",
+                "name": p["name"],
+                "active": True,
+                "metadata": p.get("metadata", {}),
+                "created": int(time.time()),
+                "livemode": False,
+            }
+            self.products[product["id"]] = product
+            return 200, product
+
+        return self._replay(request, params, make)
+
+    async def _prices(self, request: Request) -> JSONResponse:
+        params, failed = await self._common(request)
+        if failed:
+            return failed
+        if request.method == "GET":
+            query = _nest(request.query_params.multi_items())
+            keys = query.get("lookup_keys")
+            if keys is not None and len(keys) > 10:
+                return _error(
+                    400, "You may only specify up to 10 lookup_keys.", "parameter_invalid"
+                )
+            active = query.get("active")
+            return self._list(
+                request,
+                [
+                    price
+                    for price in self.prices.values()
+                    if (keys is None or price["lookup_key"] in keys)
+                    and (active is None or str(price["active"]).lower() == active)
+                ],
+            )
+        return self._replay(request, params, self._make_price)
+
+    def _make_price(self, p: dict):
+        if p.get("currency") != "usd":
+            return _invalid("currency: this server knows usd only.", "parameter_invalid_string")
+        if p.get("product") not in self.products:
+            return _invalid(f"No such product: '{p.get('product')}'", "resource_missing")
+        recurring = p.get("recurring") or {}
+        if recurring.get("interval") not in ("day", "week", "month", "year"):
+            return _invalid("recurring[interval] is required.", "parameter_missing")
+        usage_type = recurring.get("usage_type", "licensed")
+        if usage_type == "metered" and recurring.get("meter") not in self.meters:
+            return _invalid(
+                "Metered prices must be backed by a meter: recurring[meter] is missing or unknown.",
+                "parameter_missing",
+            )
+        scheme = p.get("billing_scheme", "per_unit")
+        tiers = p.get("tiers")
+        if scheme == "tiered":
+            if p.get("tiers_mode") not in ("graduated", "volume") or not tiers:
+                return _invalid("Tiered prices need tiers_mode and tiers.", "parameter_missing")
+            if tiers[-1].get("up_to") != "inf":
+                return _invalid("The last tier's up_to must be inf.", "parameter_invalid")
+            decimals = [t.get("unit_amount_decimal", t.get("unit_amount", "0")) for t in tiers]
+        else:
+            amount = p.get("unit_amount", p.get("unit_amount_decimal"))
+            if amount is None:
+                return _invalid("Missing required param: unit_amount.", "parameter_missing")
+            decimals = [amount]
+        for amount in decimals:
+            if len(str(amount).partition(".")[2]) > 12:
+                return _invalid(
+                    "unit_amount_decimal may have at most 12 decimal places.", "parameter_invalid"
+                )
+        key = p.get("lookup_key")
+        if key and any(price["lookup_key"] == key for price in self.prices.values()):
+            return _invalid(
+                f"A price already uses the lookup key {key!r}.", "lookup_key_already_exists"
+            )
+        price = {
+            "id": f"price_{secrets.token_hex(8)}",
+            "object": "price",
+            "active": True,
+            "currency": "usd",
+            "product": p["product"],
+            "lookup_key": key,
+            "nickname": p.get("nickname"),
+            "billing_scheme": scheme,
+            "tiers_mode": p.get("tiers_mode"),
+            "tiers": [
+                {
+                    "up_to": None if t["up_to"] == "inf" else int(t["up_to"]),
+                    "unit_amount_decimal": t.get("unit_amount_decimal"),
+                }
+                for t in tiers or []
+            ]
+            or None,
+            "unit_amount": int(p["unit_amount"]) if "unit_amount" in p else None,
+            "recurring": {
+                "interval": recurring["interval"],
+                "interval_count": 1,
+                "usage_type": usage_type,
+                "meter": recurring.get("meter"),
+            },
+            "type": "recurring",
+            "created": int(time.time()),
+            "livemode": False,
+        }
+        self.prices[price["id"]] = price
+        return 200, price
+
+    def _item(self, subscription_id: str, price_id: str) -> dict:
+        price = self.prices[price_id]
+        item = {
+            "id": f"si_{secrets.token_hex(7)}",
+            "object": "subscription_item",
+            "price": price,
+            "subscription": subscription_id,
+        }
+        if price["recurring"]["usage_type"] == "licensed":
+            item["quantity"] = 1
+        return item
+
+    def _check_prices(self, price_ids: list[str]):
+        for price_id in price_ids:
+            if price_id not in self.prices:
+                return _invalid(f"No such price: '{price_id}'", "resource_missing")
+        if len({self.prices[i]["recurring"]["interval"] for i in price_ids}) > 1:
+            return _invalid(
+                "All prices on a subscription must have the same recurring interval.",
+                "parameter_invalid",
+            )
+        return None
+
+    async def _subscriptions(self, request: Request) -> JSONResponse:
+        params, failed = await self._common(request)
+        if failed:
+            return failed
+
+        def make(p: dict):
+            if p.get("customer") not in self.customers:
+                return _invalid(f"No such customer: '{p.get('customer')}'", "resource_missing")
+            price_ids = [item.get("price") for item in p.get("items") or []]
+            if not price_ids:
+                return _invalid("Missing required param: items.", "parameter_missing")
+            refused = self._check_prices(price_ids)
+            if refused:
+                return refused
+            subscription_id = f"sub_{secrets.token_hex(8)}"
+            subscription = {
+                "id": subscription_id,
+                "object": "subscription",
+                "customer": p["customer"],
+                "status": "active",
+                "metadata": p.get("metadata", {}),
+                "items": {
+                    "object": "list",
+                    "data": [self._item(subscription_id, i) for i in price_ids],
+                    "has_more": False,
+                    "url": f"/v1/subscription_items?subscription={subscription_id}",
+                },
+                "created": int(time.time()),
+                "livemode": False,
+            }
+            self.subscriptions[subscription_id] = subscription
+            return 200, subscription
+
+        return self._replay(request, params, make)
+
+    async def _subscription(self, request: Request) -> JSONResponse:
+        params, failed = await self._common(request)
+        if failed:
+            return failed
+        subscription = self.subscriptions.get(request.path_params["id"])
+        if subscription is None:
+            return _error(
+                404, f"No such subscription: '{request.path_params['id']}'", "resource_missing"
+            )
+        if request.method == "GET":
+            return JSONResponse(subscription)
+
+        def make(p: dict):
+            items = list(subscription["items"]["data"])
+            for change in p.get("items") or []:
+                if change.get("deleted") == "true":
+                    items = [i for i in items if i["id"] != change.get("id")]
+                elif change.get("price"):
+                    refused = self._check_prices([change["price"]])
+                    if refused:
+                        return refused
+                    items.append(self._item(subscription["id"], change["price"]))
+            if not items:
+                return _invalid("A subscription needs at least one item.", "parameter_invalid")
+            refused = self._check_prices([i["price"]["id"] for i in items])
+            if refused:
+                return refused
+            subscription["items"]["data"] = items
+            return 200, subscription
 
         return self._replay(request, params, make)
 

@@ -21,9 +21,15 @@ def signed(payload: bytes, secret: str = WEBHOOK_SECRET) -> dict:
     return {"Stripe-Signature": f"t={stamp},v1={digest}", "Content-Type": "application/json"}
 
 
-def event(kind: str, customer: str, lookup_key: str = "pro", status: str = "active") -> bytes:
+def event(
+    kind: str,
+    customer: str,
+    lookup_key: str = "pro",
+    status: str = "active",
+    subscription_id: str | None = None,
+) -> bytes:
     subscription = {
-        "id": f"sub_{uuid.uuid4().hex[:10]}",
+        "id": subscription_id or f"sub_{uuid.uuid4().hex[:10]}",
         "object": "subscription",
         "customer": customer,
         "status": status,
@@ -62,6 +68,12 @@ def tier(sessions, tenant_id) -> str:
         return session.get(Tenant, tenant_id).tier
 
 
+def subscription(sessions, tenant_id) -> tuple[str | None, str | None]:
+    with sessions() as session:
+        row = session.get(Tenant, tenant_id)
+        return row.stripe_subscription_id, row.stripe_subscription_tier
+
+
 def post(gateway, payload: bytes, headers: dict) -> httpx.Response:
     return httpx.post(
         f"{gateway.url}/billing/stripe/webhook", content=payload, headers=headers, timeout=30
@@ -73,6 +85,9 @@ def test_subscription_changes_move_the_tier(gateway, sessions):
     payload = event("customer.subscription.created", customer, "max")
     assert post(gateway, payload, signed(payload)).status_code == 200
     assert tier(sessions, tenant_id) == "max"
+    # The relay will not "move" a subscription Stripe already has on this tier.
+    subscription_id = json.loads(payload)["data"]["object"]["id"]
+    assert subscription(sessions, tenant_id) == (subscription_id, "max")
     payload = event("customer.subscription.updated", customer, "pro")
     assert post(gateway, payload, signed(payload)).status_code == 200
     assert tier(sessions, tenant_id) == "pro"
@@ -81,9 +96,11 @@ def test_subscription_changes_move_the_tier(gateway, sessions):
     assert tier(sessions, tenant_id) == "free"
     payload = event("customer.subscription.created", customer, "pro")
     post(gateway, payload, signed(payload))
-    payload = event("customer.subscription.deleted", customer, "pro", status="canceled")
+    held, _ = subscription(sessions, tenant_id)
+    payload = event("customer.subscription.deleted", customer, "pro", "canceled", held)
     assert post(gateway, payload, signed(payload)).status_code == 200
     assert tier(sessions, tenant_id) == "free"
+    assert subscription(sessions, tenant_id) == (None, None)  # the relay subscribes it anew
 
 
 def test_a_bad_signature_is_400_and_changes_nothing(gateway, sessions):

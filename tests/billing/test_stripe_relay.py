@@ -13,6 +13,7 @@ from billing.db import transaction
 from billing.models import OutboxEvent, Tenant
 from billing.settings import StripeSettings
 from tests.helpers import record_usage
+from tests.stack import Process, wait_for
 from tests.stripe_server import FakeStripe
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
@@ -206,6 +207,42 @@ class TestCommandLine:
         with sessions() as session:
             customer = session.get(Tenant, tenant_id).stripe_customer_id
         assert fake.total(customer) == 2500
+
+    def test_the_beat_worker_subscribes_tenants_and_relays_usage(
+        self, sessions, fake, database_url, redis_url, tmp_path
+    ):
+        with transaction(sessions) as session:
+            tenant = tenants.create_tenant(session, "beat-billing", "pro", TIERS)
+            record_usage(session, tenant.id, 1.5)
+            tenant_id = tenant.id
+        env = {
+            "GPUHOST_DATABASE_URL": database_url,
+            "GPUHOST_REDIS_URL": redis_url,
+            "GPUHOST_STRIPE_API_KEY": "sk_test_beat",
+            "GPUHOST_STRIPE_API_BASE": fake.url,
+            "GPUHOST_RELAY_INTERVAL_SECONDS": "1",
+            "GPUHOST_RELAY_BEAT_SCHEDULE_FILE": str(tmp_path / "beat" / "schedule"),
+        }
+        worker = Process("billing-worker", ["billing", "worker"], env, tmp_path)
+
+        def relayed() -> bool:
+            assert worker.alive(), worker.tail()
+            with sessions() as session:
+                row = session.get(Tenant, tenant_id)
+            return (
+                row.stripe_subscription_id is not None
+                and fake.total(row.stripe_customer_id) == 1500
+            )
+
+        try:
+            wait_for(relayed, 90, "the beat worker's relay passes")
+        finally:
+            worker.stop()
+        assert worker.popen.returncode == 0, worker.tail()
+        with sessions() as session:
+            row = session.get(Tenant, tenant_id)
+        items = fake.subscriptions[row.stripe_subscription_id]["items"]["data"]
+        assert {i["price"]["lookup_key"] for i in items} == {"pro", "pro_gpu_seconds"}
 
 
 class TestReconcile:

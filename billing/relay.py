@@ -1,0 +1,82 @@
+"""One relay pass: Stripe customers and subscriptions for tenants, then usage to the meter.
+
+Run by `gpuhost billing relay` (a loop) or, in deployments, as a Celery beat task
+(`gpuhost billing worker`, `billing.beat`). Any number of passes may run at once: every step
+takes its rows with `FOR UPDATE SKIP LOCKED` and every Stripe call carries an idempotency key.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import stripe
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing import stripe_catalog, stripe_meter
+from billing.settings import StripeSettings
+
+log = logging.getLogger("gpuhost.billing")
+
+
+@dataclass(frozen=True)
+class Summary:
+    customers: int  # Stripe customers made
+    subscriptions: int  # subscriptions made or moved to a new tier
+    sent: int  # meter events accepted by Stripe
+    failed: int  # meter events refused or not answered (retried later)
+    waiting_for_customer: int
+    stale: int  # unsent rows older than the alert threshold
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: StripeSettings,
+        sessions: sessionmaker[Session],
+        api: stripe.StripeClient | None = None,
+    ):
+        self.settings = settings
+        self.sessions = sessions
+        self.api = api or stripe_meter.client(settings)
+        self._catalog: dict[str, stripe_catalog.PlanPrices] | None = None
+
+    def catalog(self) -> dict[str, stripe_catalog.PlanPrices]:
+        """The meter and the plans' prices, found or made once per process."""
+        if self._catalog is None:
+            meter = stripe_catalog.ensure_meter(self.api, self.settings)
+            self._catalog = stripe_catalog.ensure_prices(self.api, self.settings.plans, meter)
+        return self._catalog
+
+    def run_pass(self, max_seconds: float = 30.0) -> Summary:
+        """Customers, subscriptions, then batches of usage until none is left to send or
+        `max_seconds` have passed."""
+        customers = subscriptions = 0
+        try:
+            customers = stripe_meter.ensure_customers(self.sessions, self.api)
+            if self.settings.stripe_subscriptions:
+                subscriptions = stripe_catalog.sync_subscriptions(
+                    self.sessions, self.api, self.catalog()
+                )
+        except stripe.StripeError as exc:  # usage still goes out; these wait for the next pass
+            log.warning("Stripe customers/subscriptions not synced this pass: %s", exc)
+        sent = failed = 0
+        deadline = time.monotonic() + max_seconds
+        while True:
+            done = stripe_meter.relay_once(self.sessions, self.api, self.settings)
+            sent, failed = sent + done.sent, failed + done.failed
+            if not done.sent or time.monotonic() >= deadline:
+                break
+        alert_after = timedelta(seconds=self.settings.relay_alert_after_seconds)
+        stale = stripe_meter.stale(self.sessions, alert_after)
+        if stale:
+            log.error(
+                "%d usage event(s) unsent for over %s: Stripe only accepts events up to "
+                "35 days old",
+                stale,
+                alert_after,
+            )
+        return Summary(customers, subscriptions, sent, failed, done.waiting_for_customer, stale)
