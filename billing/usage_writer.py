@@ -8,7 +8,8 @@ returns only after its record is committed, as with a transaction of its own, an
 of many requests share one flush.
 
 A failed group is retried record by record, so one bad record (say, a tenant deleted
-meanwhile) fails only its own caller.
+meanwhile) fails only its own caller. Two threads (connections) commit by turns, so that one
+gathers and sends a group while PostgreSQL works on the other's.
 """
 
 import logging
@@ -37,14 +38,23 @@ class WriterClosed(RuntimeError):
 
 
 class UsageWriter:
-    def __init__(self, sessions: sessionmaker[Session], max_group: int = 1000):
+    def __init__(
+        self, sessions: sessionmaker[Session], max_group: int = 1000, connections: int = 2
+    ):
         self._sessions = sessions
         self._max_group = max_group
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
         self.commits = 0  # transactions committed (groups), for benchmarks and tests
-        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
-        self._thread.start()
+        self._counting = threading.Lock()
+        # Each thread commits its own groups on its own connection: while one waits for
+        # PostgreSQL, another gathers and sends the next group.
+        self._threads = [
+            threading.Thread(target=self._run, name=f"usage-writer-{i}", daemon=True)
+            for i in range(connections)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def record(self, usage: UsageCreate) -> bool:
         """Write `usage` (and its outbox row); returns once committed. True if this call wrote
@@ -61,8 +71,10 @@ class UsageWriter:
     def close(self) -> None:
         """Commit what is queued, then stop."""
         self._closed = True
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _run(self) -> None:
         stopping = False
@@ -74,6 +86,8 @@ class UsageWriter:
                 except queue.Empty:
                     break
             stopping = None in group
+            for _ in range(group.count(None) - 1):
+                self._queue.put(None)  # another thread's stop signal: pass it on
             group = [p for p in group if p is not None]
             if group:
                 self._commit(group)
@@ -94,7 +108,8 @@ class UsageWriter:
             group[0].error = exc
             group[0].done.set()
             return
-        self.commits += 1
+        with self._counting:
+            self.commits += 1
         for pending, written in zip(group, results, strict=True):
             pending.written = written
             pending.done.set()

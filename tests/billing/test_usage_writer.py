@@ -70,7 +70,7 @@ def test_records_that_arrive_together_share_a_commit(sessions, tenant_factory, w
             results = [f.result(timeout=30) for f in futures]
     assert results == [True] * 40
     assert counts(sessions, [u.request_id for u in usages]) == (40, 40)
-    assert writer.commits <= 3  # not one commit per record
+    assert writer.commits < 10  # not one commit per record
 
 
 def test_a_request_id_is_written_once_even_twice_in_one_group(sessions, tenant_factory, writer):
