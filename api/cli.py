@@ -64,19 +64,32 @@ def _tenant_json(t) -> dict:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this PEM certificate (chain).")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="The certificate's PEM key.")] = None,
 ) -> None:
     """Run the gateway."""
     import uvicorn
 
     from api.app import create_app
     from api.settings import GatewaySettings
+    from api.tls import check_pair
 
     settings = GatewaySettings()
+    certfile = ssl_certfile or settings.ssl_certfile
+    keyfile = ssl_keyfile or settings.ssl_keyfile
+    try:
+        check_pair(certfile, keyfile)
+    except ValueError as exc:
+        _fail(str(exc))
     uvicorn.run(
         create_app(settings),
         host=host or settings.listen_host,
         port=port or settings.listen_port,
         log_level="info",
+        ssl_certfile=str(certfile) if certfile else None,
+        ssl_keyfile=str(keyfile) if keyfile else None,
     )
 
 
@@ -97,11 +110,14 @@ def dev(
     state_dir: Annotated[Path, typer.Option(help="Where the embedded services keep state.")] = Path(
         ".gpuhost"
     ),
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Serve HTTPS with a certificate from a local CA.")
+    ] = False,
 ) -> None:
     """Everything on one box: PostgreSQL, Redis, tiny models, gateway, worker, a demo key."""
     from api.devstack import run_dev
 
-    raise typer.Exit(run_dev(port=port, state_dir=state_dir))
+    raise typer.Exit(run_dev(port=port, state_dir=state_dir, tls=tls))
 
 
 # -- client: talks to a running server (GPUHOST_HOST, GPUHOST_API_KEY) -------------------------

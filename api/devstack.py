@@ -11,6 +11,7 @@ import json
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import httpx
 import redis
 
 import migrations
+from api.tls import local_tls
 from billing import tenants
 from billing.db import session_factory, sync_engine, transaction
 from billing.settings import ModelSettings
@@ -127,7 +129,7 @@ def _demo_key(database_url: str, state_dir: Path, tiers: dict[str, int]) -> tupl
         engine.dispose()
 
 
-def _wait_ready(url: str, children: dict[str, subprocess.Popen]) -> None:
+def _wait_ready(url: str, children: dict[str, subprocess.Popen], ca: str | None = None) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         for name, process in children.items():
@@ -136,7 +138,8 @@ def _wait_ready(url: str, children: dict[str, subprocess.Popen]) -> None:
                     f"the {name} exited with code {process.returncode} while starting"
                 )
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            verify = ssl.create_default_context(cafile=ca) if ca else True
+            if httpx.get(f"{url}/readyz", timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -148,7 +151,7 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_dev(port: int, state_dir: Path) -> int:
+def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     settings = DevSettings()
@@ -175,6 +178,16 @@ def run_dev(port: int, state_dir: Path) -> int:
             }
             if settings.broker_url:
                 env["GPUHOST_BROKER_URL"] = settings.broker_url
+            scheme, trust = "http", None
+            if tls:
+                made = local_tls(state_dir / "tls")
+                scheme, trust = "https", str(made.ca_certificate)
+                env["GPUHOST_SSL_CERTFILE"] = str(made.certificate)
+                env["GPUHOST_SSL_KEYFILE"] = str(made.key)
+                # httpx (the command line client) and curl trust the local CA through these.
+                env["SSL_CERT_FILE"] = trust
+                env["CURL_CA_BUNDLE"] = trust
+                env["GPUHOST_HOST"] = f"https://127.0.0.1:{port}"
             (state_dir / "env").write_text(
                 "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
             )
@@ -202,9 +215,9 @@ def run_dev(port: int, state_dir: Path) -> int:
             )
             for name in ("worker", "sd-worker", "gateway"):  # stopped in reverse: gateway first
                 stack.callback(_stop, children[name], name)
-            url = f"http://127.0.0.1:{port}"
-            _wait_ready(url, children)
-            _banner(url, tenant_id, key, settings.llava_model, state_dir)
+            url = f"{scheme}://127.0.0.1:{port}"
+            _wait_ready(url, children, trust)
+            _banner(url, tenant_id, key, settings.llava_model, state_dir, trust)
             while all(p.poll() is None for p in children.values()):
                 time.sleep(0.5)
             dead = [n for n, p in children.items() if p.poll() is not None]
@@ -229,7 +242,10 @@ def _child_environment(extra: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **extra}
 
 
-def _banner(url: str, tenant_id: str, key: str, model: str, state_dir: Path) -> None:
+def _banner(
+    url: str, tenant_id: str, key: str, model: str, state_dir: Path, ca: str | None = None
+) -> None:
+    curl = f"curl --cacert {ca}" if ca else "curl"
     body = json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
     )
@@ -239,7 +255,7 @@ gpuhost is ready at {url}
   demo tenant {tenant_id} ({DEMO_TIER} tier)
   API key     {key}   (shown once)
 
-  curl {url}/api/chat -H 'Authorization: Bearer {key}' -d '{body}'
+  {curl} {url}/api/chat -H 'Authorization: Bearer {key}' -d '{body}'
 
   admin from another shell:
     set -a; . {state_dir}/env; set +a

@@ -1,5 +1,7 @@
 """Settings of a gateway process (`gpuhost serve`)."""
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -10,6 +12,9 @@ class GatewaySettings(ModelSettings):
     # Where `gpuhost serve` listens (GPUHOST_HOST is the command line client's server URL).
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
+    # HTTPS: serve TLS with this certificate (chain) and key, both PEM files.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
     # Largest request body accepted, in bytes (HTTP 413 above it).
     max_body_bytes: int = 20 * 1024 * 1024
     # Largest image accepted, in pixels (decompression bombs are refused).

@@ -5,10 +5,10 @@ keys and indexed lists, Bearer auth, JSON objects, lists and errors, idempotency
 what gpuhost uses: customers, billing meters, products, prices (lookup keys unique, at most 10
 per list request, metered prices backed by a meter, graduated tiers ending at inf, at most 12
 decimal places), subscriptions (items of one interval; items added and deleted by update),
-meter events and their summaries. It follows Stripe's documented rules for meter events: an `identifier` is unique (a repeat is
-accepted and not counted again), a reused `Idempotency-Key` replays the first response (and
-is refused with different parameters), timestamps must lie within the past 35 days and at
-most 5 minutes ahead, values are numbers. Faults can be injected: failures and slow answers.
+meter events and their summaries. It follows Stripe's documented rules for meter events: an
+`identifier` is unique (a repeat is accepted and not counted again), a reused
+`Idempotency-Key` replays the first response (and is refused with different parameters),
+timestamps must lie within the past 35 days and at most 5 minutes ahead, values are numbers. Faults can be injected: failures and slow answers.
 """
 
 import json
