@@ -8,7 +8,8 @@ decimal places), subscriptions (items of one interval; items added and deleted b
 meter events and their summaries. It follows Stripe's documented rules for meter events: an
 `identifier` is unique (a repeat is accepted and not counted again), a reused
 `Idempotency-Key` replays the first response (and is refused with different parameters),
-timestamps must lie within the past 35 days and at most 5 minutes ahead, values are numbers. Faults can be injected: failures and slow answers.
+timestamps must lie within the past 35 days and at most 5 minutes ahead, values are numbers.
+Faults can be injected: failures and slow answers.
 """
 
 import json
