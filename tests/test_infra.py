@@ -1,0 +1,62 @@
+"""Deployment files that are not code: the Grafana dashboard queries metrics the gateway and
+workers really expose, and the compose file and Dockerfiles hold together."""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from api.metrics import GatewayMetrics
+from workers.metrics import EngineCollector
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def exposed_names() -> set[str]:
+    """Sample names the gateway's and a worker's /metrics carry."""
+    registries = [GatewayMetrics().registry, CollectorRegistry()]
+    status = {"model": "m", "busy_seconds": 1.0}
+    registries[1].register(EngineCollector("llava", lambda: status))
+    names = set()
+    for registry in registries:
+        for family in registry.collect():
+            names |= {sample.name for sample in family.samples}
+            if family.type == "histogram":
+                names |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
+            if family.type == "counter":
+                names.add(f"{family.name}_total")
+            if family.type == "gauge":
+                names.add(family.name)
+    return names
+
+
+def test_the_dashboard_only_queries_metrics_that_exist():
+    dashboard = json.loads((INFRA / "grafana" / "gpuhost-dashboard.json").read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for e in expressions for name in re.findall(r"gpuhost_[a-z_]+", e)}
+    assert len(used) >= 8
+    assert used <= exposed_names(), used - exposed_names()
+
+
+def test_compose_services_and_images():
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {
+        "postgres",
+        "redis",
+        "migrate",
+        "gateway",
+        "worker-llava",
+        "worker-sd",
+        "relay",
+        "prometheus",
+    } <= set(services)
+    for name in ("worker-llava", "worker-sd"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+    for dockerfile in ("gateway.Dockerfile", "worker.Dockerfile"):
+        text = (INFRA / dockerfile).read_text()
+        assert "USER 10001" in text and "HEALTHCHECK" in text
+    assert "[models]" not in (INFRA / "gateway.Dockerfile").read_text()  # no model runtimes
