@@ -93,12 +93,16 @@ async def submit(
     except (PaymentRequired, TooManyRequests) as refused:
         state.metrics.refused.labels(owner.tier, str(refused.status)).inc()
         raise
-    job = Job(state, spec, lease)
+    job = Job(state, spec, lease, tier)
     try:
+        admitted = time.perf_counter()
         await job.enqueue(JobMeta(str(owner.tenant_id), family, spec.model, time.time()))
         waiting = job.chunks(disconnected=request.is_disconnected)
         first = await anext(waiting, None)
         await waiting.aclose()
+        if first is not None and not isinstance(first, ErrorChunk):
+            models = "sd" if isinstance(spec, ImageJob) else "llava"
+            state.metrics.first_chunk.labels(models).observe(time.perf_counter() - admitted)
         if first is None:
             raise ClientGone("the client went away before the answer started")
         if isinstance(first, ErrorChunk):
@@ -139,10 +143,12 @@ async def check_quota(state: AppState, owner: KeyOwner) -> str:
 class Job:
     """One admitted request: its slot, its task, and the stream of its chunks."""
 
-    def __init__(self, state: AppState, job: ChatJob | ImageJob, lease: Lease):
+    def __init__(self, state: AppState, job: ChatJob | ImageJob, lease: Lease, tier: str):
         self.state = state
         self.job = job
         self.lease = lease
+        self.tier = tier
+        state.metrics.in_flight.labels(tier).inc()
         self.finished = False
         self.delivered = 0  # chunks handed out so far (the next chunk's index)
         self._last_id = "0-0"
@@ -235,9 +241,17 @@ class Job:
                     return
 
     def _count(self, chunk: AnyChunk) -> None:
+        metrics = self.state.metrics
         if isinstance(chunk, DoneChunk | ImagesChunk):
             family = "sd" if isinstance(chunk, ImagesChunk) else "llava"
-            self.state.metrics.gpu_seconds.labels(family).inc(chunk.gpu_seconds)
+            metrics.gpu_seconds.labels(family, self.tier).inc(chunk.gpu_seconds)
+            cancelled = getattr(chunk, "done_reason", None) == "cancelled" or getattr(
+                chunk, "cancelled", False
+            )
+            outcome = "cancelled" if cancelled else "completed"
+        else:
+            outcome = str(getattr(chunk, "status", "error"))
+        metrics.jobs.labels(self.job.model, self.tier, outcome).inc()
 
     async def _worker_lost(self) -> bool:
         """A worker started the job, and its claim has expired: the worker died."""
@@ -275,6 +289,7 @@ class Job:
         if self._released:
             return
         self._released = True
+        self.state.metrics.in_flight.labels(self.tier).dec()
         self._renewal.cancel()
         with anyio.CancelScope(shield=True):
             try:

@@ -1,10 +1,13 @@
-"""Prometheus metrics of a gateway: requests, latency, refusals, open streams, GPU-seconds.
+"""Prometheus metrics of a gateway: requests, latency, refusals, slots in flight per tier,
+time to the first chunk, GPU-seconds, and, read at each scrape, queue depths and how far the
+Stripe outbox lags.
 
 The registry belongs to the app (made in `create_app`, not a module global), and is served at
 GET /metrics in Prometheus' text format.
 """
 
 import time
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -16,7 +19,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from redis.exceptions import RedisError
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from billing.models import OutboxEvent
+from workers.contract import LLAVA_QUEUE, SD_QUEUE
 
 router = APIRouter(tags=["operations"])
 
@@ -50,8 +59,43 @@ class GatewayMetrics:
         )
         self.gpu_seconds = Counter(
             "gpuhost_billed_gpu_seconds",
-            "GPU-seconds of finished requests relayed by this gateway, by model family.",
+            "GPU-seconds of finished requests relayed by this gateway.",
+            ["family", "tier"],
+            registry=self.registry,
+        )
+        self.jobs = Counter(
+            "gpuhost_jobs",
+            "Admitted requests by how they ended (completed, cancelled, or the error status).",
+            ["model", "tier", "outcome"],
+            registry=self.registry,
+        )
+        self.first_chunk = Histogram(
+            "gpuhost_time_to_first_chunk_seconds",
+            "Admission to the first streamed chunk (chat: the first token), queue wait included.",
             ["family"],
+            registry=self.registry,
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.in_flight = Gauge(
+            "gpuhost_in_flight",
+            "Requests holding a slot through this gateway, by tier.",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "gpuhost_queue_depth",
+            "Jobs waiting in each model queue (Redis broker), read at scrape.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.outbox_unsent = Gauge(
+            "gpuhost_outbox_unsent",
+            "Usage records not yet accepted by Stripe, read at scrape.",
+            registry=self.registry,
+        )
+        self.outbox_lag = Gauge(
+            "gpuhost_outbox_oldest_unsent_seconds",
+            "Age of the oldest usage record not yet accepted by Stripe (0: none), read at scrape.",
             registry=self.registry,
         )
 
@@ -86,7 +130,40 @@ class Instrument:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+# Celery's Redis transport keeps a queue's jobs in a list named after it, and one per
+# priority step above 0 ("<queue>\x06\x16<step>").
+PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+async def _read_backlogs(state) -> None:
+    """Queue depths and the outbox's lag, read now (a scrape is the only reader)."""
+    observed = state.metrics
+    if state.settings.celery_broker_url == state.settings.redis_url:
+        for queue in (LLAVA_QUEUE, SD_QUEUE):
+            keys = [queue] + [f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS[1:]]
+            try:
+                lengths = [await state.redis.llen(key) for key in keys]
+            except RedisError:
+                continue
+            observed.queue_depth.labels(queue).set(sum(lengths))
+    try:
+        async with state.sessions() as session:
+            unsent, oldest = (
+                await session.execute(
+                    select(func.count(), func.min(OutboxEvent.created_at)).where(
+                        OutboxEvent.sent_at.is_(None)
+                    )
+                )
+            ).one()
+    except SQLAlchemyError:
+        return
+    observed.outbox_unsent.set(unsent)
+    lag = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
+    observed.outbox_lag.set(max(0.0, lag))
+
+
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
+    await _read_backlogs(request.state.gpuhost)
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

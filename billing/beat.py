@@ -43,6 +43,12 @@ def create_billing_app(settings: StripeSettings, relay: Relay) -> Celery:
 def run_billing_worker(settings: StripeSettings) -> None:
     """A Celery worker for the billing queue with beat inside it, until SIGTERM/SIGINT."""
     relay = Relay(settings, session_factory(sync_engine(settings.database_url)))
+    if settings.relay_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(
+            settings.relay_metrics_port, addr="0.0.0.0", registry=relay.metrics.registry
+        )
     settings.relay_beat_schedule_file.parent.mkdir(parents=True, exist_ok=True)
     app = create_billing_app(settings, relay)
     app.worker_main(

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 import stripe
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import stripe_catalog, stripe_meter
@@ -32,6 +33,27 @@ class Summary:
         return asdict(self)
 
 
+class RelayMetrics:
+    """What `gpuhost billing worker` serves on GPUHOST_RELAY_METRICS_PORT."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.passes = Counter("gpuhost_relay_passes", "Relay passes run.", registry=self.registry)
+        self.sent = Counter(
+            "gpuhost_relay_events_sent", "Meter events Stripe accepted.", registry=self.registry
+        )
+        self.stripe_errors = Counter(
+            "gpuhost_relay_stripe_errors",
+            "Stripe calls that failed (meter events, customers, subscriptions).",
+            registry=self.registry,
+        )
+        self.stale = Gauge(
+            "gpuhost_relay_stale_events",
+            "Usage records unsent for longer than the alert threshold.",
+            registry=self.registry,
+        )
+
+
 class Relay:
     def __init__(
         self,
@@ -42,6 +64,7 @@ class Relay:
         self.settings = settings
         self.sessions = sessions
         self.api = api or stripe_meter.client(settings)
+        self.metrics = RelayMetrics()
         self._catalog: dict[str, stripe_catalog.PlanPrices] | None = None
 
     def catalog(self) -> dict[str, stripe_catalog.PlanPrices]:
@@ -62,6 +85,7 @@ class Relay:
                     self.sessions, self.api, self.catalog()
                 )
         except stripe.StripeError as exc:  # usage still goes out; these wait for the next pass
+            self.metrics.stripe_errors.inc()
             log.warning("Stripe customers/subscriptions not synced this pass: %s", exc)
         sent = failed = 0
         deadline = time.monotonic() + max_seconds
@@ -79,4 +103,8 @@ class Relay:
                 stale,
                 alert_after,
             )
+        self.metrics.passes.inc()
+        self.metrics.sent.inc(sent)
+        self.metrics.stripe_errors.inc(failed)
+        self.metrics.stale.set(stale)
         return Summary(customers, subscriptions, sent, failed, done.waiting_for_customer, stale)

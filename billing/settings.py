@@ -85,6 +85,8 @@ class StripeSettings(StackSettings):
     relay_aggregate_seconds: int = 0
     relay_aggregate_grace_seconds: int = 60
     relay_interval_seconds: float = 5.0
+    # Prometheus metrics of `gpuhost billing worker` on this port (0: off).
+    relay_metrics_port: int = 0
     # Where `gpuhost billing worker` keeps Celery beat's schedule (a writable path).
     relay_beat_schedule_file: Path = Path(".gpuhost/celerybeat-schedule")
     # Give each tenant a subscription on its tier's prices (and the meter and prices they need).

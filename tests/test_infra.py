@@ -4,21 +4,39 @@ workers really expose, and the compose file and Dockerfiles hold together."""
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 from prometheus_client import CollectorRegistry
 
 from api.metrics import GatewayMetrics
-from workers.metrics import EngineCollector
+from billing.relay import RelayMetrics
+from workers.metrics import EngineCollector, GpuCollector
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 
 
+class Nvml:
+    """The calls GpuCollector makes of NVML, for a machine with one GPU (there is none here)."""
+
+    def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802 (NVML's names)
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):  # noqa: N802
+        return SimpleNamespace(used=3 * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):  # noqa: N802
+        return SimpleNamespace(gpu=40)
+
+
 def exposed_names() -> set[str]:
-    """Sample names the gateway's and a worker's /metrics carry."""
-    registries = [GatewayMetrics().registry, CollectorRegistry()]
+    """Sample names the gateway's, a worker's and the relay's /metrics carry."""
+    registries = [GatewayMetrics().registry, CollectorRegistry(), RelayMetrics().registry]
     status = {"model": "m", "busy_seconds": 1.0}
     registries[1].register(EngineCollector("llava", lambda: status))
+    gpus = GpuCollector()
+    gpus.nvml, gpus.count = Nvml(), 1
+    registries[1].register(gpus)
     names = set()
     for registry in registries:
         for family in registry.collect():
@@ -36,7 +54,7 @@ def test_the_dashboard_only_queries_metrics_that_exist():
     dashboard = json.loads((INFRA / "grafana" / "gpuhost-dashboard.json").read_text())
     expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = {name for e in expressions for name in re.findall(r"gpuhost_[a-z_]+", e)}
-    assert len(used) >= 8
+    assert len(used) >= 20
     assert used <= exposed_names(), used - exposed_names()
 
 
@@ -60,3 +78,14 @@ def test_compose_services_and_images():
         text = (INFRA / dockerfile).read_text()
         assert "USER 10001" in text and "HEALTHCHECK" in text
     assert "[models]" not in (INFRA / "gateway.Dockerfile").read_text()  # no model runtimes
+
+
+def test_gpu_metrics_read_nvml():
+    gpus = GpuCollector()
+    gpus.nvml, gpus.count = Nvml(), 1
+    found = {s.name: s.value for family in gpus.collect() for s in family.samples}
+    assert found == {
+        "gpuhost_gpu_memory_used_bytes": 3 * 2**30,
+        "gpuhost_gpu_memory_total_bytes": 80 * 2**30,
+        "gpuhost_gpu_utilization_ratio": 0.4,
+    }

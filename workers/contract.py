@@ -73,6 +73,7 @@ class WorkerStatus(BaseModel):
     device: str
     dtype: str
     context_length: int
+    load_seconds: float = 0.0  # how long the model's last load took (never billed)
     busy_seconds: float  # device time spent on requests since the process started
     billed_seconds: float  # of which already billed to finished requests
     active: int  # requests running or waiting in the engine

@@ -17,7 +17,43 @@ GAUGES = {
     "active": "Requests running or waiting in the engine.",
     "loaded": "1 while the model is loaded.",
     "size_bytes": "Bytes of model weights loaded.",
+    "load_seconds": "Seconds the model's last load took (never billed).",
 }
+
+
+class GpuCollector:
+    """Memory and utilisation of each GPU, through NVML (nvidia-ml-py) where a driver is."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.count = pynvml.nvmlDeviceGetCount()
+        except Exception:  # no package, no driver, no GPU: nothing to report
+            self.nvml, self.count = None, 0
+
+    def collect(self):
+        if not self.count:
+            return
+        used = GaugeMetricFamily(
+            "gpuhost_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"]
+        )
+        total = GaugeMetricFamily("gpuhost_gpu_memory_total_bytes", "GPU memory.", labels=["gpu"])
+        busy = GaugeMetricFamily(
+            "gpuhost_gpu_utilization_ratio",
+            "Share of the last sample period a kernel ran on the GPU (NVML).",
+            labels=["gpu"],
+        )
+        for index in range(self.count):
+            handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+            rates = self.nvml.nvmlDeviceGetUtilizationRates(handle)
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+            busy.add_metric([str(index)], rates.gpu / 100)
+        yield from (used, total, busy)
 
 
 class EngineCollector:
@@ -46,4 +82,5 @@ def serve(port: int, queue: str, status: Callable[[], dict]) -> None:
     """Serve /metrics on `port` from a thread of its own."""
     registry = CollectorRegistry()
     registry.register(EngineCollector(queue, status))
+    registry.register(GpuCollector())
     start_http_server(port, addr="0.0.0.0", registry=registry)

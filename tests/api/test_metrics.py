@@ -1,9 +1,12 @@
 """Prometheus metrics: the gateway's /metrics, and each worker's own endpoint."""
 
+from types import SimpleNamespace
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import auth, chat_body, ndjson
+from tests.stack import wait_for
 
 
 def samples(url: str) -> dict[tuple, float]:
@@ -51,8 +54,16 @@ def test_gateway_counts_requests_refusals_and_gpu_seconds(worker, gateway, tenan
     assert grew("gpuhost_requests_total", route="/api/chat", method="POST", status="200") >= 1
     assert grew("gpuhost_requests_total", route="/api/chat", method="POST", status="429") == 1
     assert grew("gpuhost_refused_total", tier="free", reason="429") == 1
-    assert grew("gpuhost_billed_gpu_seconds_total", family="llava") > 0
+    assert grew("gpuhost_billed_gpu_seconds_total", family="llava", tier="free") > 0
     assert value(after, "gpuhost_request_seconds_count", route="/api/chat") >= 2
+    assert grew("gpuhost_jobs_total", model="llava-llama3", tier="free", outcome="completed") >= 1
+    assert grew("gpuhost_time_to_first_chunk_seconds_count", family="llava") >= 2
+    # The closed stream's slot comes back after the resume grace: in flight drops to 0 again.
+    wait_for(
+        lambda: value(samples(f"{gateway.url}/metrics"), "gpuhost_in_flight", tier="free") == 0,
+        30,
+        "the free tier's slot to be released",
+    )
 
 
 def test_worker_metrics(worker, gateway, tenant_factory):
@@ -70,6 +81,51 @@ def test_worker_metrics(worker, gateway, tenant_factory):
     labels = {"queue": "llava", "model": "llava-llama3"}
     assert value(found, "gpuhost_worker_loaded", **labels) == 1.0
     assert value(found, "gpuhost_worker_size_bytes", **labels) > 0
+    assert value(found, "gpuhost_worker_load_seconds", **labels) > 0
     busy = value(found, "gpuhost_worker_busy_seconds_total", **labels)
     assert busy > 0 and value(found, "gpuhost_worker_decode_steps_total", **labels) >= 2
     assert value(found, "gpuhost_worker_billed_seconds_total", **labels) <= busy + 1e-9
+
+
+async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
+    sessions, database_url, tenant_factory
+):
+    """Against a Redis database of its own: jobs pushed onto the queues' lists are counted."""
+    import redis.asyncio as aioredis
+
+    from api.metrics import GatewayMetrics, _read_backlogs
+    from api.settings import GatewaySettings
+    from billing.db import async_engine, async_session_factory, transaction
+    from tests.conftest import SERVICES
+    from tests.helpers import record_usage
+
+    url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/15"
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    await client.rpush("llava", "a", "b", "c")
+    await client.rpush("sd\x06\x169", "d")  # a priority step's list counts too
+    tenant_id, _, _ = tenant_factory.create("pro")
+    with transaction(sessions) as session:
+        record_usage(session, tenant_id, 1.25)  # no Stripe here: its outbox row stays unsent
+    engine = async_engine(database_url)
+    state = SimpleNamespace(
+        settings=GatewaySettings(database_url=database_url, redis_url=url),
+        redis=client,
+        sessions=async_session_factory(engine),
+        metrics=GatewayMetrics(),
+    )
+    try:
+        await _read_backlogs(state)
+    finally:
+        await client.flushdb()
+        await client.aclose()
+        await engine.dispose()
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in state.metrics.registry.collect()
+        for s in family.samples
+    }
+    assert value(found, "gpuhost_queue_depth", queue="llava") == 3
+    assert value(found, "gpuhost_queue_depth", queue="sd") == 1
+    assert value(found, "gpuhost_outbox_unsent") >= 1
+    assert value(found, "gpuhost_outbox_oldest_unsent_seconds") > 0

@@ -5,6 +5,7 @@ import threading
 import uuid
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -13,7 +14,7 @@ from billing.db import transaction
 from billing.models import OutboxEvent, Tenant
 from billing.settings import StripeSettings
 from tests.helpers import record_usage
-from tests.stack import Process, wait_for
+from tests.stack import Process, free_port, wait_for
 from tests.stripe_server import FakeStripe
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
@@ -215,6 +216,7 @@ class TestCommandLine:
             tenant = tenants.create_tenant(session, "beat-billing", "pro", TIERS)
             record_usage(session, tenant.id, 1.5)
             tenant_id = tenant.id
+        metrics_port = free_port()
         env = {
             "GPUHOST_DATABASE_URL": database_url,
             "GPUHOST_REDIS_URL": redis_url,
@@ -222,6 +224,7 @@ class TestCommandLine:
             "GPUHOST_STRIPE_API_BASE": fake.url,
             "GPUHOST_RELAY_INTERVAL_SECONDS": "1",
             "GPUHOST_RELAY_BEAT_SCHEDULE_FILE": str(tmp_path / "beat" / "schedule"),
+            "GPUHOST_RELAY_METRICS_PORT": str(metrics_port),
         }
         worker = Process("billing-worker", ["billing", "worker"], env, tmp_path)
 
@@ -236,8 +239,15 @@ class TestCommandLine:
 
         try:
             wait_for(relayed, 90, "the beat worker's relay passes")
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         finally:
             worker.stop()
+        sent = [
+            line
+            for line in scraped.splitlines()
+            if line.startswith("gpuhost_relay_events_sent_total")
+        ]
+        assert float(sent[0].split()[-1]) >= 1
         assert worker.popen.returncode == 0, worker.tail()
         with sessions() as session:
             row = session.get(Tenant, tenant_id)

@@ -178,6 +178,7 @@ class DiffusionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "context_length": 77,
+            "load_seconds": self.load_seconds,
             "busy_seconds": self.meter.busy_seconds,
             "billed_seconds": self.meter.billed_seconds,
             "active": self._waiting.qsize() + len(self._held) + self._running,

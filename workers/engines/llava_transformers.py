@@ -158,6 +158,7 @@ class TransformersLlava:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "context_length": self.context_window,
+            "load_seconds": self.load_seconds,
             "busy_seconds": self.meter.busy_seconds,
             "billed_seconds": self.meter.billed_seconds,
             "active": self.active(),

@@ -109,6 +109,7 @@ class VllmLlava:
             "device": "cuda",
             "dtype": "auto",
             "context_length": self.context_window,
+            "load_seconds": self.load_seconds,
             "busy_seconds": self.meter.meter.busy_seconds,
             "billed_seconds": self.meter.meter.billed_seconds,
             "active": self._active,
