@@ -30,6 +30,8 @@ class GatewaySettings(ModelSettings):
     # Stripe webhooks: the endpoint's signing secret, and which price is which tier (a price
     # whose lookup_key names a tier needs no entry).
     stripe_webhook_secret: str = ""
+    # The operator's token for /admin/... (empty: the admin API is off).
+    admin_token: str = ""
     stripe_price_tiers: dict[str, str] = Field(default_factory=dict)
     # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled.
     fetch_image_urls: bool = False

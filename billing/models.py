@@ -5,15 +5,18 @@ from datetime import datetime
 
 from sqlalchemy import (
     ARRAY,
+    BigInteger,
     DateTime,
     Double,
     ForeignKey,
+    Identity,
     Integer,
     String,
     Text,
     Uuid,
     func,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from billing.db import Base
@@ -101,3 +104,19 @@ class OutboxEvent(Base):
     retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # With aggregation on: the meter event this row is part of (fixed before it is sent).
     batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+
+
+class AuditEntry(Base):
+    """One operator action, written in the transaction of the change it records."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[dict] = mapped_column(JSONB, default=dict)
+    client: Mapped[str | None] = mapped_column(String(64))

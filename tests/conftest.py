@@ -22,6 +22,7 @@ from tests.stack import Gateway, Worker
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
 WEBHOOK_SECRET = "whsec_gpuhost_tests"
+ADMIN_TOKEN = "adm_gpuhost_tests_5e3f"
 
 
 class TestServices(BaseSettings):
@@ -127,6 +128,7 @@ def stack_env(database_url, redis_url, models_dir) -> dict[str, str]:
         "GPUHOST_QUEUE_TIMEOUT_SECONDS": "60",
         "GPUHOST_RESUME_GRACE_SECONDS": "1",
         "GPUHOST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "GPUHOST_ADMIN_TOKEN": ADMIN_TOKEN,
     }
 
 

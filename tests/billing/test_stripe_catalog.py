@@ -82,10 +82,12 @@ def test_a_price_stripe_cannot_hold_is_refused_by_name():
 
 
 def tenant(sessions, api, tier: str) -> uuid.UUID:
+    """A tenant with a customer on this module's server (other tenants in the shared test
+    database keep theirs: `ensure_customers` would give every one of them a customer here)."""
     with transaction(sessions) as session:
-        tenant_id = tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:6]}", tier, TIERS).id
-    stripe_meter.ensure_customers(sessions, api)
-    return tenant_id
+        row = tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:6]}", tier, TIERS)
+        row.stripe_customer_id = api.v1.customers.create({"name": row.name}).id
+        return row.id
 
 
 def subscription_of(sessions, fake, tenant_id) -> tuple[dict, Tenant]:

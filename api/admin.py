@@ -1,0 +1,322 @@
+"""The operator's HTTP API (`/admin/...`): tenants, tiers, keys, usage, and the audit log.
+
+Behind the admin token (`GPUHOST_ADMIN_TOKEN`, sent as `Authorization: Bearer <token>`); tenant
+keys are refused. Every change is written to the audit log in the change's own transaction:
+who (the token's holder as the `X-Actor` header names them, else "admin"), what, on what,
+when, and from which address.
+"""
+
+import hmac
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.deps import StateDep
+from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from api.state import AppState
+from billing import tenants, usage
+from billing.keys import well_formed
+from billing.models import ApiKey, AuditEntry, OutboxEvent, Tenant, UsageRecord
+from billing.plans import period_of
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def _require_admin(request: Request, state: StateDep) -> str:
+    """The actor's name, once the admin token checks out."""
+    expected = state.settings.admin_token
+    if not expected:
+        raise Forbidden("the admin API is off: set GPUHOST_ADMIN_TOKEN to turn it on")
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'")
+    if hmac.compare_digest(presented.encode(), expected.encode()):
+        return (request.headers.get("x-actor") or "admin")[:200]
+    if well_formed(presented):
+        raise Forbidden("operator routes need the admin token; tenant API keys are refused")
+    raise Unauthorized("invalid admin token")
+
+
+Actor = Annotated[str, Depends(_require_admin)]
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _audit(session: Session, request: Request, actor: str, action: str, target: str, **detail):
+    session.add(
+        AuditEntry(
+            actor=actor, action=action, target=target, detail=detail, client=_client(request)
+        )
+    )
+
+
+async def _run(state: AppState, work):
+    """Run `work(session)` (billing's synchronous admin functions) in one transaction."""
+    async with state.sessions() as session, session.begin():
+        try:
+            return await session.run_sync(work)
+        except tenants.NotFound as exc:
+            raise NotFound(str(exc)) from None
+        except tenants.InvalidArgument as exc:
+            raise BadRequest(str(exc)) from None
+
+
+def _tenant_json(tenant: Tenant, used: float | None = None, in_flight: int | None = None):
+    body = {
+        "id": str(tenant.id),
+        "name": tenant.name,
+        "tier": tenant.tier,
+        "created_at": tenant.created_at,
+        "stripe_customer_id": tenant.stripe_customer_id,
+    }
+    if used is not None:
+        body["gpu_seconds_this_period"] = round(used, 3)
+    if in_flight is not None:
+        body["in_flight"] = in_flight
+    return body
+
+
+def _key_json(row: ApiKey) -> dict:
+    return {
+        "id": str(row.id),
+        "tenant_id": str(row.tenant_id),
+        "prefix": row.prefix,
+        "last_four": row.last_four,
+        "scopes": list(row.scopes),
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+        "revoked_at": row.revoked_at,
+        "last_used_at": row.last_used_at,
+    }
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    tier: str = "free"
+
+
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tier: str
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scopes: list[str] = Field(default_factory=lambda: list(tenants.DEFAULT_SCOPES))
+    expires_in_days: float | None = Field(default=None, gt=0, le=3650)
+
+
+@router.get("/tenants")
+async def list_tenants(state: StateDep, actor: Actor) -> dict:
+    """Every tenant with its tier, GPU-seconds this billing period and requests in flight."""
+    period = period_of(datetime.now(UTC))
+    async with state.sessions() as session:
+        used = dict(
+            (
+                await session.execute(
+                    select(UsageRecord.tenant_id, func.sum(UsageRecord.gpu_seconds))
+                    .where(
+                        UsageRecord.finished_at >= period.start,
+                        UsageRecord.finished_at < period.end,
+                    )
+                    .group_by(UsageRecord.tenant_id)
+                )
+            ).all()
+        )
+        rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
+    return {
+        "period_start": period.start,
+        "period_end": period.end,
+        "tenants": [
+            _tenant_json(t, used.get(t.id, 0.0), await state.admission.in_flight(t.id))
+            for t in rows
+        ],
+    }
+
+
+@router.post("/tenants", status_code=201)
+async def create_tenant(
+    body: TenantCreate, request: Request, state: StateDep, actor: Actor
+) -> dict:
+    def work(session: Session):
+        tenant = tenants.create_tenant(session, body.name, body.tier, state.settings.tier_limits)
+        _audit(
+            session,
+            request,
+            actor,
+            "tenant.create",
+            str(tenant.id),
+            name=tenant.name,
+            tier=tenant.tier,
+        )
+        session.flush()
+        session.refresh(tenant)
+        return _tenant_json(tenant)
+
+    return await _run(state, work)
+
+
+@router.get("/tenants/{tenant_id}")
+async def get_tenant(tenant_id: str, state: StateDep, actor: Actor) -> dict:
+    def work(session: Session):
+        tenant = tenants.get_tenant(session, tenant_id)
+        keys = session.scalars(
+            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)
+        ).all()
+        return tenant, [_key_json(k) for k in keys]
+
+    tenant, keys = await _run(state, work)
+    period = period_of(datetime.now(UTC))
+    async with state.sessions() as session:
+        view = await usage.admission_view(session, tenant.id, period.start, period.end)
+    used = view[1] if view else 0.0
+    return _tenant_json(tenant, used, await state.admission.in_flight(tenant.id)) | {
+        "limit": state.settings.tier_limits.get(tenant.tier),
+        "keys": keys,
+    }
+
+
+@router.patch("/tenants/{tenant_id}")
+async def update_tenant(
+    tenant_id: str, body: TenantUpdate, request: Request, state: StateDep, actor: Actor
+) -> dict:
+    """Move a tenant to another tier: its next request is admitted on the new tier."""
+
+    def work(session: Session):
+        before = tenants.get_tenant(session, tenant_id).tier
+        tenant = tenants.set_tier(session, tenant_id, body.tier, state.settings.tier_limits)
+        _audit(
+            session,
+            request,
+            actor,
+            "tenant.set_tier",
+            str(tenant.id),
+            before=before,
+            after=tenant.tier,
+        )
+        return _tenant_json(tenant)
+
+    return await _run(state, work)
+
+
+@router.get("/tenants/{tenant_id}/keys")
+async def list_keys(tenant_id: str, state: StateDep, actor: Actor) -> dict:
+    def work(session: Session):
+        tenant = tenants.get_tenant(session, tenant_id)
+        rows = session.scalars(
+            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)
+        ).all()
+        return {"keys": [_key_json(k) for k in rows]}
+
+    return await _run(state, work)
+
+
+@router.post("/tenants/{tenant_id}/keys", status_code=201)
+async def create_key(
+    tenant_id: str, body: KeyCreate, request: Request, state: StateDep, actor: Actor
+) -> dict:
+    """A new key for the tenant. `key` is in this response only: it is never stored."""
+    expires = (
+        datetime.now(UTC) + timedelta(days=body.expires_in_days) if body.expires_in_days else None
+    )
+
+    def work(session: Session):
+        row, secret = tenants.create_key(session, tenant_id, tuple(body.scopes), expires)
+        _audit(
+            session,
+            request,
+            actor,
+            "key.create",
+            str(row.id),
+            tenant_id=str(row.tenant_id),
+            scopes=list(row.scopes),
+            prefix=row.prefix,
+            last_four=row.last_four,
+        )
+        session.flush()
+        session.refresh(row)
+        return _key_json(row) | {"key": secret}
+
+    return await _run(state, work)
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, request: Request, state: StateDep, actor: Actor) -> dict:
+    """Revoke a key: every gateway refuses it within GPUHOST_AUTH_CACHE_SECONDS."""
+
+    def work(session: Session):
+        row = tenants.revoke_key(session, key_id)
+        _audit(session, request, actor, "key.revoke", str(row.id), tenant_id=str(row.tenant_id))
+        return _key_json(row)
+
+    revoked = await _run(state, work)
+    state.key_cache.clear()  # this gateway at once; the others within their cache time
+    return revoked
+
+
+@router.get("/usage")
+async def usage_records(
+    state: StateDep,
+    actor: Actor,
+    tenant: Annotated[str, Query(description="tenant id")],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    def work(session: Session):
+        found = tenants.get_tenant(session, tenant)
+        return [usage.to_dict(r) for r in usage.for_tenant(session, found.id, limit)]
+
+    return {"tenant_id": tenant, "records": await _run(state, work)}
+
+
+@router.get("/outbox")
+async def outbox(state: StateDep, actor: Actor) -> dict:
+    """How far usage lags on its way to Stripe."""
+    async with state.sessions() as session:
+        unsent, oldest = (
+            await session.execute(
+                select(func.count(), func.min(OutboxEvent.created_at)).where(
+                    OutboxEvent.sent_at.is_(None)
+                )
+            )
+        ).one()
+    lag = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+    return {"unsent": unsent, "oldest_unsent_at": oldest, "lag_seconds": round(lag, 3)}
+
+
+@router.get("/audit")
+async def audit_log(
+    state: StateDep,
+    actor: Actor,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    target: Annotated[str | None, Query(description="only entries about this id")] = None,
+) -> dict:
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if target:
+        query = query.where(AuditEntry.target == target)
+    async with state.sessions() as session:
+        rows = (await session.scalars(query)).all()
+    return {
+        "entries": [
+            {
+                "id": r.id,
+                "at": r.at,
+                "actor": r.actor,
+                "action": r.action,
+                "target": r.target,
+                "detail": r.detail,
+                "client": r.client,
+            }
+            for r in rows
+        ]
+    }
