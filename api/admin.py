@@ -49,7 +49,7 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-def _audit(session: Session, request: Request, actor: str, action: str, target: str, **detail):
+def audit(session: Session, request: Request, actor: str, action: str, target: str, **detail):
     session.add(
         AuditEntry(
             actor=actor, action=action, target=target, detail=detail, client=_client(request)
@@ -151,7 +151,7 @@ async def create_tenant(
 ) -> dict:
     def work(session: Session):
         tenant = tenants.create_tenant(session, body.name, body.tier, state.settings.tier_limits)
-        _audit(
+        audit(
             session,
             request,
             actor,
@@ -196,7 +196,7 @@ async def update_tenant(
     def work(session: Session):
         before = tenants.get_tenant(session, tenant_id).tier
         tenant = tenants.set_tier(session, tenant_id, body.tier, state.settings.tier_limits)
-        _audit(
+        audit(
             session,
             request,
             actor,
@@ -233,7 +233,7 @@ async def create_key(
 
     def work(session: Session):
         row, secret = tenants.create_key(session, tenant_id, tuple(body.scopes), expires)
-        _audit(
+        audit(
             session,
             request,
             actor,
@@ -257,7 +257,7 @@ async def revoke_key(key_id: str, request: Request, state: StateDep, actor: Acto
 
     def work(session: Session):
         row = tenants.revoke_key(session, key_id)
-        _audit(session, request, actor, "key.revoke", str(row.id), tenant_id=str(row.tenant_id))
+        audit(session, request, actor, "key.revoke", str(row.id), tenant_id=str(row.tenant_id))
         return _key_json(row)
 
     revoked = await _run(state, work)

@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from api import admin, errors, health, jobs, metrics, stripe_webhook, usage
+from api import admin, dashboard, errors, health, jobs, metrics, stripe_webhook, usage
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
 from api.openai.router import router as openai_router
@@ -26,6 +26,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(stripe_webhook.router)
     app.include_router(admin.router)
+    dashboard.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(metrics.Instrument, metrics=observed)
     return app

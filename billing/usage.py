@@ -189,3 +189,48 @@ async def buckets(
         }
         for start, gpu, count, prompt, output, made in rows
     ]
+
+
+async def model_buckets(
+    session: AsyncSession, tenant_id: uuid.UUID, since: datetime, unit: str
+) -> list[tuple[str, str, float]]:
+    """GPU-seconds per hour or day and model since `since`: (bucket start, model, seconds)."""
+    bucket = func.date_trunc(unit, UsageRecord.finished_at, "UTC").label("bucket")
+    rows = await session.execute(
+        select(bucket, UsageRecord.model, func.sum(UsageRecord.gpu_seconds))
+        .where(UsageRecord.tenant_id == tenant_id, UsageRecord.finished_at >= since)
+        .group_by(bucket, UsageRecord.model)
+        .order_by(bucket)
+    )
+    return [
+        (start.replace(tzinfo=UTC).isoformat(), model, float(gpu)) for start, model, gpu in rows
+    ]
+
+
+async def page(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    offset: int,
+    limit: int,
+    model: str | None = None,
+) -> tuple[list[UsageRecord], int, list[str]]:
+    """One page of the tenant's records, newest first (optionally one model's), how many
+    there are in all, and the models the tenant has used."""
+    where = [UsageRecord.tenant_id == tenant_id]
+    if model:
+        where.append(UsageRecord.model == model)
+    rows = await session.scalars(
+        select(UsageRecord)
+        .where(*where)
+        .order_by(UsageRecord.finished_at.desc(), UsageRecord.id)
+        .offset(offset)
+        .limit(limit)
+    )
+    total = await session.scalar(select(func.count()).select_from(UsageRecord).where(*where))
+    models = await session.scalars(
+        select(UsageRecord.model)
+        .where(UsageRecord.tenant_id == tenant_id)
+        .group_by(UsageRecord.model)
+        .order_by(UsageRecord.model)
+    )
+    return list(rows), int(total or 0), list(models)

@@ -73,3 +73,16 @@ def test_the_local_ca_is_kept_and_its_key_is_private(tls):
     assert again.ca_certificate.read_bytes() == tls.ca_certificate.read_bytes()
     assert (tls.ca_certificate.parent / "ca-key.pem").stat().st_mode & 0o077 == 0
     assert tls.key.stat().st_mode & 0o077 == 0
+
+
+def test_the_dashboard_cookie_is_secure_over_https(https_gateway):
+    from tests.conftest import ADMIN_TOKEN
+
+    url, trusted = https_gateway
+    signed_in = httpx.post(
+        f"{url}/dashboard/login", data={"credential": ADMIN_TOKEN}, verify=trusted
+    )
+    assert signed_in.status_code == 303
+    cookie = signed_in.headers["set-cookie"].lower()
+    assert "gpuhost_session=" in cookie
+    assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie

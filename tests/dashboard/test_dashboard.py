@@ -1,0 +1,200 @@
+"""The billing dashboard in a real headless Chromium (Debian's, driven by Playwright) against
+the running gateway, with seeded usage."""
+
+import shutil
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+from sqlalchemy import select
+
+from billing import usage
+from billing.db import transaction
+from billing.keys import well_formed
+from billing.models import AuditEntry, Tenant
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers import auth
+from tests.stack import wait_for
+
+LLAVA, SD = "llava-llama3", "stable-diffusion"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = shutil.which("chromium")
+    assert executable, "the dashboard tests need Debian's chromium: apt-get install chromium"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser) -> Page:
+    context = browser.new_context()
+    yield context.new_page()
+    context.close()
+
+
+def seed(sessions, tenant_id, model: str, kind: str, seconds: list[float], days_ago: float):
+    when = datetime.now(UTC) - timedelta(days=days_ago)
+    with transaction(sessions) as session:
+        for i, value in enumerate(seconds):
+            usage.record(
+                session,
+                usage.UsageCreate(
+                    request_id=uuid.uuid4().hex,
+                    tenant_id=tenant_id,
+                    api_key_id=None,
+                    model=model,
+                    kind=kind,
+                    status="completed",
+                    gpu_seconds=value,
+                    queue_seconds=0.01,
+                    prompt_tokens=600,
+                    output_tokens=1 if kind == "txt2img" else 40,
+                    started_at=None,
+                    finished_at=when - timedelta(minutes=i),
+                ),
+            )
+
+
+@pytest.fixture
+def tenant_a(sessions, tenant_factory):
+    """A Pro tenant with 30 chat requests today and 2 image requests two days ago."""
+    tenant_id, key, key_id = tenant_factory.create("pro")
+    seed(sessions, tenant_id, LLAVA, "chat", [0.5] * 30, days_ago=0)
+    seed(sessions, tenant_id, SD, "txt2img", [4.0, 1.25], days_ago=2)
+    return tenant_id, key, key_id, 30 * 0.5 + 4.0 + 1.25
+
+
+def sign_in(page: Page, gateway, credential: str) -> None:
+    page.goto(f"{gateway.url}/dashboard")
+    expect(page).to_have_url(f"{gateway.url}/dashboard/login")
+    page.get_by_label("API key or admin token").fill(credential)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def labelled(page: Page) -> bool:
+    """Every visible form control has a label or an accessible name."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('input:not([type=hidden]), select, button')]
+                 .every(e => (e.labels && e.labels.length) || e.getAttribute('aria-label')
+                             || (e.tagName === 'BUTTON' && e.textContent.trim()))"""
+    )
+
+
+def test_a_tenant_sees_its_usage_and_manages_its_keys(page, gateway, tenant_a):
+    _, key, _, total = tenant_a
+    sign_in(page, gateway, key)
+    expect(page).to_have_url(f"{gateway.url}/dashboard/usage")
+    expect(page.locator("#plan")).to_contain_text("Pro")
+    expect(page.locator("#used")).to_have_text(f"{total:.3f}")
+    expect(page.locator("#invoice-total")).to_have_text("$20.00")  # all within the allowance
+    chart = page.locator("#chart")
+    expect(chart).to_have_attribute("data-drawn", "true")
+    assert float(chart.get_attribute("data-total")) == pytest.approx(total)
+    assert chart.locator("canvas").count() >= 1
+    expect(page.locator("#chart-total")).to_have_text(f"{total:.3f}")
+    assert labelled(page)
+
+    rows = page.locator("#requests tbody tr")
+    expect(rows).to_have_count(25)  # page 1 of 32 requests
+    page.get_by_role("link", name="Older").click()
+    expect(rows).to_have_count(7)
+    page.get_by_label("Model", exact=True).select_option(SD)
+    page.get_by_role("button", name="Filter").click()
+    expect(rows).to_have_count(2)
+    for text in rows.locator("td:nth-child(2)").all_inner_texts():
+        assert text == SD
+
+    page.get_by_role("link", name="API keys").click()
+    page.get_by_role("button", name="Create key").click()
+    made = page.locator("#new-key").inner_text().strip()
+    assert well_formed(made)
+    assert httpx.get(f"{gateway.url}/api/balance", headers=auth(made)).status_code == 200
+    page.get_by_role("button", name=f"Revoke key ending {made[-4:]}").click()
+    expect(page).to_have_url(f"{gateway.url}/dashboard/keys")
+    wait_for(
+        lambda: httpx.get(f"{gateway.url}/api/balance", headers=auth(made)).status_code == 401,
+        10,
+        "the revoked key to be refused by the API",
+    )
+    assert labelled(page)
+
+    page.get_by_role("button", name="Sign out").click()
+    page.goto(f"{gateway.url}/dashboard/usage")
+    expect(page).to_have_url(f"{gateway.url}/dashboard/login")
+
+
+def test_the_session_cookie_is_http_only_and_strict(page, gateway, tenant_a):
+    sign_in(page, gateway, tenant_a[1])
+    [cookie] = [c for c in page.context.cookies() if c["name"] == "gpuhost_session"]
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+
+
+def test_a_tenant_cannot_reach_another_tenants_data_or_operator_pages(
+    page, gateway, tenant_a, tenant_factory, sessions
+):
+    other_id, other_key, other_key_id = tenant_factory.create("max")
+    seed(sessions, other_id, LLAVA, "chat", [7.777], days_ago=0)
+    sign_in(page, gateway, tenant_a[1])
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    stolen = page.request.post(
+        f"{gateway.url}/dashboard/keys/{other_key_id}/revoke", form={"csrf": csrf}
+    )
+    assert stolen.status == 404
+    assert httpx.get(f"{gateway.url}/api/balance", headers=auth(other_key)).status_code == 200
+    page.goto(f"{gateway.url}/dashboard/usage?model={LLAVA}")
+    assert "7.777" not in page.content()
+    for path in ("/dashboard/admin", f"/dashboard/admin/tenants/{other_id}"):
+        refused = page.goto(f"{gateway.url}{path}")
+        assert refused.status == 403
+        expect(page.locator(".error")).to_contain_text("operator pages need the admin token")
+
+
+def test_forms_without_the_sessions_csrf_token_are_refused(page, gateway, tenant_a):
+    sign_in(page, gateway, tenant_a[1])
+    forged = page.request.post(f"{gateway.url}/dashboard/keys", form={"scope": "inference"})
+    assert forged.status == 403
+
+
+def test_revoking_the_sessions_own_key_ends_the_session(page, gateway, tenant_a):
+    sign_in(page, gateway, tenant_a[1])
+    page.goto(f"{gateway.url}/dashboard/keys")
+    page.get_by_role("button", name=f"Revoke key ending {tenant_a[1][-4:]}").click()
+    expect(page).to_have_url(f"{gateway.url}/dashboard/login")
+
+
+def test_bad_credentials_are_named(page, gateway):
+    page.goto(f"{gateway.url}/dashboard/login")
+    page.get_by_label("API key or admin token").fill("gph_" + "A" * 30)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_have_text("That key is not valid.")
+
+
+def test_an_operator_sees_everyone_and_changes_a_tier(page, gateway, tenant_a, sessions):
+    tenant_id, _, _, total = tenant_a
+    sign_in(page, gateway, ADMIN_TOKEN)
+    expect(page).to_have_url(f"{gateway.url}/dashboard/admin")
+    row = page.locator(f"tr[data-tenant-id='{tenant_id}']")
+    expect(row.locator("td").nth(2)).to_have_text(f"{total:.3f}")
+    assert labelled(page)
+    row.get_by_label("Tier of").select_option("max")
+    row.get_by_role("button", name="Set").click()
+    expect(page.locator(f"tr[data-tenant-id='{tenant_id}'] td.tier")).to_have_text("max")
+    with sessions() as session:
+        assert session.get(Tenant, tenant_id).tier == "max"
+        entry = session.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.target == str(tenant_id))
+            .order_by(AuditEntry.id.desc())
+        ).first()
+    assert entry.action == "tenant.set_tier" and entry.detail == {"before": "pro", "after": "max"}
+
+    page.locator(f"tr[data-tenant-id='{tenant_id}'] a").click()
+    page.get_by_role("button", name="Issue key").click()
+    issued = page.locator("#new-key").inner_text().strip()
+    assert httpx.get(f"{gateway.url}/api/balance", headers=auth(issued)).status_code == 200
