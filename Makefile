@@ -46,6 +46,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/llava_engine.py
 	$(PY) bench/sd_engine.py
 	$(PY) bench/billing.py
+	$(PY) bench/dashboard.py
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install --quiet ruff
