@@ -4,6 +4,7 @@ Ollama's server ignores Content-Type, and so do its users' scripts (`curl -d '{.
 application/x-www-form-urlencoded); FastAPI's body parameters would refuse those.
 """
 
+import copy
 from typing import TypeVar
 
 from fastapi import Request
@@ -32,3 +33,37 @@ def json_body(model: type[M]):
             raise RequestValidationError(exc.errors(include_url=False)) from None
 
     return parse
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` documenting `model` as the route's JSON body (parsed by `json_body`).
+
+    Pydantic's schema keeps nested models under "$defs" and points at them with "#/$defs/..."
+    references, which resolve against the root of the whole OpenAPI document, not this schema:
+    they are inlined here so that clients and generators see the full body.
+    """
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node, depth: int = 0):
+        if depth > 32:
+            raise ValueError(f"{model.__name__}'s schema nests too deeply to inline")
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                target = copy.deepcopy(definitions[ref.removeprefix("#/$defs/")])
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline(target | rest, depth + 1)
+            if "propertyName" in node and "mapping" in node:  # a discriminator: its mapping
+                return {"propertyName": node["propertyName"]}  # names the inlined $defs
+            return {key: inline(value, depth) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item, depth) for item in node]
+        return node
+
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline(schema)}},
+        }
+    }

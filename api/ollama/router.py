@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from api.body import json_body
+from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
 from api.errors import NotFound
 from api.ollama import catalog
@@ -20,16 +20,12 @@ ShowBody = Annotated[ShowRequest, Depends(json_body(ShowRequest))]
 VERSION = "0.1.0"
 
 
-def _schema(model) -> dict:
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
-@router.post("/api/chat", openapi_extra=_schema(ChatRequest))
+@router.post("/api/chat", openapi_extra=openapi_body(ChatRequest))
 async def chat(owner: InferenceKey, body: ChatBody, state: StateDep, request: Request) -> Response:
     return await OllamaServing(state).respond(body, owner, request)
 
 
-@router.post("/api/generate", openapi_extra=_schema(GenerateRequest))
+@router.post("/api/generate", openapi_extra=openapi_body(GenerateRequest))
 async def generate(
     owner: InferenceKey, body: GenerateBody, state: StateDep, request: Request
 ) -> Response:
@@ -48,7 +44,7 @@ async def running(_: TenantKey, state: StateDep) -> dict:
     return await catalog.running(state)
 
 
-@router.post("/api/show", openapi_extra=_schema(ShowRequest))
+@router.post("/api/show", openapi_extra=openapi_body(ShowRequest))
 async def show(_: TenantKey, body: ShowBody, state: StateDep) -> dict:
     name = body.model_name()
     if not state.serves(name):

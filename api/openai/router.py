@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from api.body import json_body
+from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
 from api.openai.schemas import ChatCompletionRequest
 from api.openai.serving import OpenAIServing
@@ -19,11 +19,7 @@ STARTED = int(time.time())
 
 @router.post(
     "/v1/chat/completions",
-    openapi_extra={
-        "requestBody": {
-            "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}}
-        }
-    },
+    openapi_extra=openapi_body(ChatCompletionRequest),
 )
 async def chat_completions(
     owner: InferenceKey, body: ChatBody, state: StateDep, request: Request

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from api.body import json_body
+from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
 from api.errors import BadRequest
 from api.sd.schemas import GenerationsRequest, ImagesRequest, parse_size
@@ -18,18 +18,14 @@ ImagesBody = Annotated[ImagesRequest, Depends(json_body(ImagesRequest))]
 GenerationsBody = Annotated[GenerationsRequest, Depends(json_body(GenerationsRequest))]
 
 
-def _schema(model) -> dict:
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
-@router.post("/api/images", openapi_extra=_schema(ImagesRequest))
+@router.post("/api/images", openapi_extra=openapi_body(ImagesRequest))
 async def images(
     owner: InferenceKey, body: ImagesBody, state: StateDep, request: Request
 ) -> Response:
     return await ImageServing(state).native(body, owner, request)
 
 
-@router.post("/v1/images/generations", openapi_extra=_schema(GenerationsRequest))
+@router.post("/v1/images/generations", openapi_extra=openapi_body(GenerationsRequest))
 async def generations(
     owner: InferenceKey, body: GenerationsBody, state: StateDep, request: Request
 ) -> Response:
