@@ -5,7 +5,6 @@ import torch
 
 from workers.contract import SamplingOptions
 
-
 # Below this temperature, sampling is greedy: dividing logits by a tinier one overflows
 # (a temperature of 1e-300 made every probability NaN).
 GREEDY_BELOW = 1e-3
