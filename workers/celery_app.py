@@ -23,6 +23,10 @@ def load_engine(settings: WorkerSettings):
             max_batch_images=settings.sd_max_batch_images,
             batch_window_seconds=settings.sd_batch_window_seconds,
         )
+    if settings.engine == "echo":
+        from workers.engines.echo import EchoEngine
+
+        return EchoEngine(settings.llava_model)
     if settings.engine == "vllm":
         from workers.engines.llava_vllm import VllmLlava, VllmOptions
 

@@ -10,8 +10,9 @@ class WorkerSettings(ModelSettings):
     # Requests a worker process takes from the queue at once (Celery threads).
     concurrency: int = 4
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # transformers: continuous batching in-process (CPU, GPU fallback); vllm: vLLM on GPUs.
-    engine: Literal["transformers", "vllm"] = "transformers"
+    # transformers: continuous batching in-process (CPU, GPU fallback); vllm: vLLM on GPUs;
+    # echo: no model at all, for measuring the rest of the service (bench/gateway.py).
+    engine: Literal["transformers", "vllm", "echo"] = "transformers"
     vllm_gpu_memory_utilization: float = 0.9
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool = False
