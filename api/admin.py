@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import StateDep
@@ -20,7 +20,7 @@ from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from api.state import AppState
 from billing import tenants, usage
 from billing.keys import well_formed
-from billing.models import ApiKey, AuditEntry, OutboxEvent, Tenant, UsageRecord
+from billing.models import ApiKey, AuditEntry, Tenant
 from billing.plans import period_of
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -122,18 +122,7 @@ async def list_tenants(state: StateDep, actor: Actor) -> dict:
     """Every tenant with its tier, GPU-seconds this billing period and requests in flight."""
     period = period_of(datetime.now(UTC))
     async with state.sessions() as session:
-        used = dict(
-            (
-                await session.execute(
-                    select(UsageRecord.tenant_id, func.sum(UsageRecord.gpu_seconds))
-                    .where(
-                        UsageRecord.finished_at >= period.start,
-                        UsageRecord.finished_at < period.end,
-                    )
-                    .group_by(UsageRecord.tenant_id)
-                )
-            ).all()
-        )
+        used = await usage.used_by_tenant(session, period.start, period.end)
         rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
     return {
         "period_start": period.start,
@@ -171,10 +160,7 @@ async def create_tenant(
 async def get_tenant(tenant_id: str, state: StateDep, actor: Actor) -> dict:
     def work(session: Session):
         tenant = tenants.get_tenant(session, tenant_id)
-        keys = session.scalars(
-            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)
-        ).all()
-        return tenant, [_key_json(k) for k in keys]
+        return tenant, [_key_json(k) for k in tenants.keys_of(session, tenant.id)]
 
     tenant, keys = await _run(state, work)
     period = period_of(datetime.now(UTC))
@@ -214,10 +200,7 @@ async def update_tenant(
 async def list_keys(tenant_id: str, state: StateDep, actor: Actor) -> dict:
     def work(session: Session):
         tenant = tenants.get_tenant(session, tenant_id)
-        rows = session.scalars(
-            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)
-        ).all()
-        return {"keys": [_key_json(k) for k in rows]}
+        return {"keys": [_key_json(k) for k in tenants.keys_of(session, tenant.id)]}
 
     return await _run(state, work)
 
@@ -283,15 +266,8 @@ async def usage_records(
 async def outbox(state: StateDep, actor: Actor) -> dict:
     """How far usage lags on its way to Stripe."""
     async with state.sessions() as session:
-        unsent, oldest = (
-            await session.execute(
-                select(func.count(), func.min(OutboxEvent.created_at)).where(
-                    OutboxEvent.sent_at.is_(None)
-                )
-            )
-        ).one()
-    lag = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
-    return {"unsent": unsent, "oldest_unsent_at": oldest, "lag_seconds": round(lag, 3)}
+        unsent, lag = await usage.outbox_backlog(session)
+    return {"unsent": unsent, "oldest_unsent_seconds": round(lag, 3)}
 
 
 @router.get("/audit")

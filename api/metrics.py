@@ -7,7 +7,6 @@ GET /metrics in Prometheus' text format.
 """
 
 import time
-from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -20,11 +19,10 @@ from prometheus_client import (
     generate_latest,
 )
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from billing.models import OutboxEvent
+from billing.usage import outbox_backlog
 from workers.contract import LLAVA_QUEUE, SD_QUEUE
 
 router = APIRouter(tags=["operations"])
@@ -148,18 +146,11 @@ async def _read_backlogs(state) -> None:
             observed.queue_depth.labels(queue).set(sum(lengths))
     try:
         async with state.sessions() as session:
-            unsent, oldest = (
-                await session.execute(
-                    select(func.count(), func.min(OutboxEvent.created_at)).where(
-                        OutboxEvent.sent_at.is_(None)
-                    )
-                )
-            ).one()
+            unsent, lag = await outbox_backlog(session)
     except SQLAlchemyError:
         return
     observed.outbox_unsent.set(unsent)
-    lag = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
-    observed.outbox_lag.set(max(0.0, lag))
+    observed.outbox_lag.set(lag)
 
 
 @router.get("/metrics", include_in_schema=False)

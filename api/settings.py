@@ -30,6 +30,9 @@ class GatewaySettings(ModelSettings):
     # Stripe webhooks: the endpoint's signing secret, and which price is which tier (a price
     # whose lookup_key names a tier needs no entry).
     stripe_webhook_secret: str = ""
+    # PostgreSQL connections a gateway keeps open (as many again for bursts): every request
+    # reads the tenant's quota, so this should cover the requests in flight through it.
+    db_pool_size: int = 20
     # The operator's token for /admin/... (empty: the admin API is off).
     admin_token: str = ""
     stripe_price_tiers: dict[str, str] = Field(default_factory=dict)

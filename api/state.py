@@ -49,7 +49,7 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics):
     @asynccontextmanager
     async def run(_: FastAPI) -> AsyncIterator[dict]:
         client = aioredis.Redis.from_url(settings.redis_url)
-        db = async_engine(settings.database_url)
+        db = async_engine(settings.database_url, settings.db_pool_size)
         celery = Celery("gpuhost-gateway")
         celery.conf.update(celery_config(**settings.celery()))
         state = AppState(

@@ -25,8 +25,9 @@ def sync_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def async_engine(url: str) -> AsyncEngine:
-    return create_async_engine(url, pool_pre_ping=True)
+def async_engine(url: str, pool_size: int = 5) -> AsyncEngine:
+    """`pool_size` connections kept open, as many again opened for bursts."""
+    return create_async_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -98,6 +98,15 @@ def create_key(
     return row, new.secret
 
 
+def keys_of(session: Session, tenant_id: uuid.UUID) -> list[ApiKey]:
+    """The tenant's keys, oldest first (revoked ones too)."""
+    return list(
+        session.scalars(
+            select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)
+        )
+    )
+
+
 def revoke_key(session: Session, key_id: str) -> ApiKey:
     row = session.get(ApiKey, _parse_id(key_id, "key"))
     if row is None:

@@ -8,7 +8,7 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from billing.models import Tenant, UsageRecord
+from billing.models import OutboxEvent, Tenant, UsageRecord
 
 IMAGE_KINDS = ("txt2img", "img2img", "inpaint")
 
@@ -234,3 +234,29 @@ async def page(
         .order_by(UsageRecord.model)
     )
     return list(rows), int(total or 0), list(models)
+
+
+async def used_by_tenant(
+    session: AsyncSession, start: datetime, end: datetime
+) -> dict[uuid.UUID, float]:
+    """GPU-seconds per tenant in [start, end) (tenants with none are absent)."""
+    rows = await session.execute(
+        select(UsageRecord.tenant_id, func.sum(UsageRecord.gpu_seconds))
+        .where(UsageRecord.finished_at >= start, UsageRecord.finished_at < end)
+        .group_by(UsageRecord.tenant_id)
+    )
+    return {tenant_id: float(seconds) for tenant_id, seconds in rows}
+
+
+async def outbox_backlog(session: AsyncSession) -> tuple[int, float]:
+    """Usage records not yet accepted by Stripe, and the age of the oldest in seconds (0:
+    none)."""
+    unsent, oldest = (
+        await session.execute(
+            select(func.count(), func.min(OutboxEvent.created_at)).where(
+                OutboxEvent.sent_at.is_(None)
+            )
+        )
+    ).one()
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
+    return int(unsent), max(0.0, age)

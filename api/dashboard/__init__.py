@@ -32,7 +32,7 @@ from api.errors import ApiError
 from api.state import AppState
 from billing import tenants, usage
 from billing.keys import PREFIX, well_formed
-from billing.models import ApiKey, OutboxEvent, Tenant, UsageRecord
+from billing.models import ApiKey, Tenant, UsageRecord
 from billing.plans import Balance, period_of
 
 HERE = Path(__file__).parent
@@ -268,11 +268,7 @@ async def usage_page(
 
 async def _tenant_keys(state: AppState, tenant_id: uuid.UUID) -> list[ApiKey]:
     async with state.sessions() as session:
-        return list(
-            await session.scalars(
-                select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)
-            )
-        )
+        return await session.run_sync(lambda s: tenants.keys_of(s, tenant_id))
 
 
 @router.get("/keys")
@@ -355,15 +351,7 @@ async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> 
     in_period = (UsageRecord.finished_at >= period.start, UsageRecord.finished_at < period.end)
     async with state.sessions() as session:
         rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
-        used = dict(
-            (
-                await session.execute(
-                    select(UsageRecord.tenant_id, func.sum(UsageRecord.gpu_seconds))
-                    .where(*in_period)
-                    .group_by(UsageRecord.tenant_id)
-                )
-            ).all()
-        )
+        used = await usage.used_by_tenant(session, period.start, period.end)
         by_model = (
             await session.execute(
                 select(UsageRecord.model, func.sum(UsageRecord.gpu_seconds))
@@ -372,13 +360,7 @@ async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> 
                 .order_by(UsageRecord.model)
             )
         ).all()
-        unsent, oldest = (
-            await session.execute(
-                select(func.count(), func.min(OutboxEvent.created_at)).where(
-                    OutboxEvent.sent_at.is_(None)
-                )
-            )
-        ).one()
+        unsent, lag = await usage.outbox_backlog(session)
     listed = []
     revenue = Decimal(0)
     for tenant in rows:
@@ -395,7 +377,6 @@ async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> 
                 "limit": state.settings.tier_limits.get(tenant.tier),
             }
         )
-    lag = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
     return render(
         request,
         "admin.html",

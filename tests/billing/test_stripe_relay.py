@@ -237,17 +237,19 @@ class TestCommandLine:
                 and fake.total(row.stripe_customer_id) == 1500
             )
 
+        def sent_metric() -> float:
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            line = next(
+                x for x in scraped.splitlines() if x.startswith("gpuhost_relay_events_sent_total")
+            )
+            return float(line.split()[-1])
+
         try:
             wait_for(relayed, 90, "the beat worker's relay passes")
-            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            # the pass counts what it sent once it ends
+            wait_for(lambda: sent_metric() >= 1, 30, "the relay's metrics to count the event")
         finally:
             worker.stop()
-        sent = [
-            line
-            for line in scraped.splitlines()
-            if line.startswith("gpuhost_relay_events_sent_total")
-        ]
-        assert float(sent[0].split()[-1]) >= 1
         assert worker.popen.returncode == 0, worker.tail()
         with sessions() as session:
             row = session.get(Tenant, tenant_id)
