@@ -2,8 +2,10 @@
 
 Each tenant has a sorted set whose members are the requests in flight, scored by the time
 their lease expires (Redis server time, so gateway clocks do not matter). Taking a slot first
-drops expired leases, so a crashed holder's slot comes back within the lease TTL. Holders renew
-while their request runs; release is a ZREM and may be repeated.
+drops expired leases, so a crashed holder's slot comes back within the lease TTL. The gateway
+renews a request's lease while it relays it, and the worker running it renews it too (so a job
+whose gateway died keeps its slot until it ends: `workers.streams.Claims`); release is a ZREM,
+done by both, and may be repeated.
 """
 
 import uuid
@@ -13,6 +15,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api.errors import TooManyRequests, Unavailable
+from workers.contract import LEASE_RENEW as RENEW
+from workers.contract import slots_key
 
 ACQUIRE = """
 local t = redis.call('TIME')
@@ -28,21 +32,6 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {1, held + 1}
 """
-
-RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[2]) == 1 then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  return 1
-end
-return 0
-"""
-
-
-def slots_key(tenant_id: uuid.UUID | str) -> str:
-    return f"gpuhost:slots:{tenant_id}"
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,6 @@ class GatewaySettings(ModelSettings):
     stripe_price_tiers: dict[str, str] = Field(default_factory=dict)
     # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled.
     fetch_image_urls: bool = False
-    # A slot is a lease: a gateway that dies returns its tenants' slots within this time.
-    lease_ttl_seconds: float = 30.0
     retry_after_seconds: int = 1
     # Keys are looked up at most this often per gateway: a revoked key stops within it.
     auth_cache_seconds: float = 5.0

@@ -26,6 +26,9 @@ class StackSettings(BaseSettings):
     broker_url: str = ""
     # Plans by tier (concurrency, allowance, prices); GPUHOST_PLANS as JSON replaces them.
     plans: dict[str, Plan] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
+    # A slot is a lease, renewed by the gateway and the worker of its request: one whose
+    # holders both died comes back within this time.
+    lease_ttl_seconds: float = 30.0
     # How long a job's chunks stay readable in Redis after it ends (resumable streams).
     stream_retention_seconds: int = 600
     # A job whose worker died is delivered again after this long (Redis broker).

@@ -78,7 +78,7 @@ def run_worker(settings: WorkerSettings) -> None:
         redis=client,
         sessions=sessions,
         engine=load_engine(settings),
-        claims=Claims(client, owner(), settings.claim_ttl_seconds),
+        claims=Claims(client, owner(), settings.claim_ttl_seconds, settings.lease_ttl_seconds),
         ledger=UsageWriter(sessions),
     )
     status = StatusPublisher(

@@ -113,6 +113,26 @@ def celery_config(
     }
 
 
+# Concurrency slots (api/admission.py): per tenant, a sorted set of the requests in flight
+# scored by when their lease expires (Redis server time, ms). The gateway takes and renews a
+# request's lease; the worker running it renews it too, so that a job whose gateway died
+# keeps its slot until it ends, and gives it back when it does.
+LEASE_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  return 1
+end
+return 0
+"""
+
+
+def slots_key(tenant_id: uuid.UUID | str) -> str:
+    return f"gpuhost:slots:{tenant_id}"
+
+
 CHUNK_FIELD = "c"
 
 

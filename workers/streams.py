@@ -2,10 +2,12 @@
 
 import logging
 import threading
+import uuid
 
 import redis
 
 from workers.contract import (
+    LEASE_RENEW,
     AnyChunk,
     ChatJob,
     ImageJob,
@@ -14,6 +16,7 @@ from workers.contract import (
     cancel_key,
     claim_key,
     encode_chunk,
+    slots_key,
     started_key,
     stream_key,
 )
@@ -37,37 +40,45 @@ class Claims:
     lost job from one that is still running or waiting for the engine.
     """
 
-    def __init__(self, client: redis.Redis, owner: str, ttl: float):
+    def __init__(self, client: redis.Redis, owner: str, ttl: float, lease_ttl: float = 30.0):
         self._redis = client
         self._owner = owner
         self._ttl_ms = int(ttl * 1000)
-        self._held: set[str] = set()
+        self._lease_ms = int(lease_ttl * 1000)
+        self._held: dict[str, str] = {}  # request id -> its tenant's slots key
         self._lock = threading.Lock()
         self._release = client.register_script(RELEASE)
+        self._renew_lease = client.register_script(LEASE_RENEW)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="claims", daemon=True)
         self._thread.start()
 
-    def take(self, request_id: str) -> bool:
+    def take(self, request_id: str, tenant_id: uuid.UUID | str | None = None) -> bool:
+        """Claim the job; while it is held, its tenant's slot lease (if any) is renewed too."""
         taken = self._redis.set(claim_key(request_id), self._owner, nx=True, px=self._ttl_ms)
         if taken:
             with self._lock:
-                self._held.add(request_id)
+                self._held[request_id] = slots_key(tenant_id) if tenant_id else ""
         return bool(taken)
 
     def release(self, request_id: str) -> None:
+        """The job is over: drop its claim, and give its slot back (a no-op if the gateway
+        already has)."""
         with self._lock:
-            self._held.discard(request_id)
+            slots = self._held.pop(request_id, "")
         self._release(keys=[claim_key(request_id)], args=[self._owner])
+        if slots:
+            self._redis.zrem(slots, request_id)
 
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join()
 
     def _renew(self) -> None:
-        while not self._stopped.wait(self._ttl_ms / 3000):
+        every = min(self._ttl_ms, self._lease_ms) / 3000
+        while not self._stopped.wait(every):
             with self._lock:
-                held = list(self._held)
+                held = dict(self._held)
             if not held:
                 continue
             try:
@@ -75,6 +86,9 @@ class Claims:
                 for request_id in held:
                     pipe.pexpire(claim_key(request_id), self._ttl_ms)
                 pipe.execute()
+                for request_id, slots in held.items():
+                    if slots:  # only while the lease is still there: XX never re-adds one
+                        self._renew_lease(keys=[slots], args=[self._lease_ms, request_id])
             except redis.RedisError as exc:
                 log.warning("could not renew %d claim(s): %s", len(held), exc)
 

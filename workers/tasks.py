@@ -104,7 +104,7 @@ def _run(
         if usage.exists(session, job.request_id):
             log.info("job %s delivered again after it finished; ignored", job.request_id)
             return "duplicate"
-    if not runtime.claims.take(job.request_id):
+    if not runtime.claims.take(job.request_id, job.tenant_id):
         log.info("job %s is running on another worker; this delivery ignored", job.request_id)
         return "duplicate"
     channel = JobChannel(runtime.redis, job, owner(), runtime.settings.stream_retention_seconds)
