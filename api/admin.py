@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from api.deps import StateDep
 from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from api.state import AppState
-from billing import tenants, usage
+from billing import operator, tenants, usage
 from billing.keys import well_formed
 from billing.models import ApiKey, AuditEntry, Tenant
 from billing.plans import period_of
@@ -49,12 +49,9 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-def audit(session: Session, request: Request, actor: str, action: str, target: str, **detail):
-    session.add(
-        AuditEntry(
-            actor=actor, action=action, target=target, detail=detail, client=_client(request)
-        )
-    )
+def who(request: Request, actor: str) -> tuple[str, str | None]:
+    """The actor and the address an operator action came from, for the audit log."""
+    return actor, _client(request)
 
 
 async def _run(state: AppState, work):
@@ -139,15 +136,8 @@ async def create_tenant(
     body: TenantCreate, request: Request, state: StateDep, actor: Actor
 ) -> dict:
     def work(session: Session):
-        tenant = tenants.create_tenant(session, body.name, body.tier, state.settings.tier_limits)
-        audit(
-            session,
-            request,
-            actor,
-            "tenant.create",
-            str(tenant.id),
-            name=tenant.name,
-            tier=tenant.tier,
+        tenant = operator.create_tenant(
+            session, who(request, actor), body.name, body.tier, state.settings.tier_limits
         )
         session.flush()
         session.refresh(tenant)
@@ -180,16 +170,8 @@ async def update_tenant(
     """Move a tenant to another tier: its next request is admitted on the new tier."""
 
     def work(session: Session):
-        before = tenants.get_tenant(session, tenant_id).tier
-        tenant = tenants.set_tier(session, tenant_id, body.tier, state.settings.tier_limits)
-        audit(
-            session,
-            request,
-            actor,
-            "tenant.set_tier",
-            str(tenant.id),
-            before=before,
-            after=tenant.tier,
+        tenant = operator.set_tier(
+            session, who(request, actor), tenant_id, body.tier, state.settings.tier_limits
         )
         return _tenant_json(tenant)
 
@@ -215,17 +197,8 @@ async def create_key(
     )
 
     def work(session: Session):
-        row, secret = tenants.create_key(session, tenant_id, tuple(body.scopes), expires)
-        audit(
-            session,
-            request,
-            actor,
-            "key.create",
-            str(row.id),
-            tenant_id=str(row.tenant_id),
-            scopes=list(row.scopes),
-            prefix=row.prefix,
-            last_four=row.last_four,
+        row, secret = operator.issue_key(
+            session, who(request, actor), tenant_id, tuple(body.scopes), expires
         )
         session.flush()
         session.refresh(row)
@@ -239,9 +212,7 @@ async def revoke_key(key_id: str, request: Request, state: StateDep, actor: Acto
     """Revoke a key: every gateway refuses it within GPUHOST_AUTH_CACHE_SECONDS."""
 
     def work(session: Session):
-        row = tenants.revoke_key(session, key_id)
-        audit(session, request, actor, "key.revoke", str(row.id), tenant_id=str(row.tenant_id))
-        return _key_json(row)
+        return _key_json(operator.revoke_key(session, who(request, actor), key_id))
 
     revoked = await _run(state, work)
     state.key_cache.clear()  # this gateway at once; the others within their cache time

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from billing import tenants, usage
+from billing import operator, tenants, usage
 from billing.db import session_factory, sync_engine, transaction
 from billing.settings import ModelSettings, StackSettings
 
@@ -51,6 +51,13 @@ def _admin(work):
         _fail(str(exc))
     finally:
         engine.dispose()
+
+
+def _who() -> tuple[str, None]:
+    """Who the audit log says made an admin command's change: this machine's user."""
+    import getpass
+
+    return f"cli:{getpass.getuser()}", None
 
 
 def _tenant_json(t) -> dict:
@@ -228,7 +235,11 @@ def tenant_create(
 ) -> None:
     """Create a tenant."""
     _print(
-        _admin(lambda s, cfg: _tenant_json(tenants.create_tenant(s, name, tier, cfg.tier_limits)))
+        _admin(
+            lambda s, cfg: _tenant_json(
+                operator.create_tenant(s, _who(), name, tier, cfg.tier_limits)
+            )
+        )
     )
 
 
@@ -236,7 +247,11 @@ def tenant_create(
 def tenant_set_tier(tenant_id: str, tier: str) -> None:
     """Move a tenant to another tier; takes effect on its next request."""
     _print(
-        _admin(lambda s, cfg: _tenant_json(tenants.set_tier(s, tenant_id, tier, cfg.tier_limits)))
+        _admin(
+            lambda s, cfg: _tenant_json(
+                operator.set_tier(s, _who(), tenant_id, tier, cfg.tier_limits)
+            )
+        )
     )
 
 
@@ -251,7 +266,7 @@ def key_create(
     def work(session, _):
         expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
         scopes = tuple(scope) if scope else tenants.DEFAULT_SCOPES
-        row, secret = tenants.create_key(session, tenant_id, scopes, expires)
+        row, secret = operator.issue_key(session, _who(), tenant_id, scopes, expires)
         return {
             "id": str(row.id),
             "tenant_id": str(row.tenant_id),
@@ -270,7 +285,7 @@ def key_revoke(key_id: str) -> None:
     """Revoke a key; every gateway refuses it within seconds."""
 
     def work(session, _):
-        row = tenants.revoke_key(session, key_id)
+        row = operator.revoke_key(session, _who(), key_id)
         return {"id": str(row.id), "revoked_at": row.revoked_at}
 
     _print(_admin(work))

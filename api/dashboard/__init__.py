@@ -26,11 +26,11 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.admin import audit
+from api.admin import who
 from api.deps import StateDep
 from api.errors import ApiError
 from api.state import AppState
-from billing import tenants, usage
+from billing import operator, tenants, usage
 from billing.keys import PREFIX, well_formed
 from billing.models import ApiKey, Tenant, UsageRecord
 from billing.plans import Balance, period_of
@@ -109,6 +109,10 @@ def _tenant(visitor: Visitor) -> uuid.UUID:
     if visitor.kind != "tenant":
         raise NotAllowed("these pages are a tenant's: sign in with an API key")
     return visitor.tenant_id
+
+
+def _who(request: Request) -> tuple[str, str | None]:
+    return who(request, "dashboard (admin token)")
 
 
 def _operator(visitor: Visitor) -> None:
@@ -414,16 +418,7 @@ async def admin_create_tenant(
     await _check_csrf(visitor, csrf)
 
     def work(session: Session) -> None:
-        tenant = tenants.create_tenant(session, name, tier, state.settings.tier_limits)
-        audit(
-            session,
-            request,
-            "dashboard (admin token)",
-            "tenant.create",
-            str(tenant.id),
-            name=tenant.name,
-            tier=tenant.tier,
-        )
+        operator.create_tenant(session, _who(request), name, tier, state.settings.tier_limits)
 
     error = await _operator_change(state, request, work)
     if error:
@@ -444,17 +439,7 @@ async def admin_set_tier(
     await _check_csrf(visitor, csrf)
 
     def work(session: Session) -> None:
-        before = tenants.get_tenant(session, tenant_id).tier
-        tenant = tenants.set_tier(session, tenant_id, tier, state.settings.tier_limits)
-        audit(
-            session,
-            request,
-            "dashboard (admin token)",
-            "tenant.set_tier",
-            str(tenant.id),
-            before=before,
-            after=tenant.tier,
-        )
+        operator.set_tier(session, _who(request), tenant_id, tier, state.settings.tier_limits)
 
     error = await _operator_change(state, request, work)
     if error:
@@ -496,16 +481,7 @@ async def admin_issue_key(
     made: dict = {}
 
     def work(session: Session) -> None:
-        row, secret = tenants.create_key(session, tenant_id, tuple(scope or ()))
-        audit(
-            session,
-            request,
-            "dashboard (admin token)",
-            "key.create",
-            str(row.id),
-            tenant_id=str(row.tenant_id),
-            scopes=list(row.scopes),
-        )
+        row, secret = operator.issue_key(session, _who(request), tenant_id, tuple(scope or ()))
         made.update(tenant=row.tenant_id, secret=secret)
 
     if not scope:
@@ -538,15 +514,7 @@ async def admin_revoke_key(
     owner: dict = {}
 
     def work(session: Session) -> None:
-        row = tenants.revoke_key(session, key_id)
-        audit(
-            session,
-            request,
-            "dashboard (admin token)",
-            "key.revoke",
-            str(row.id),
-            tenant_id=str(row.tenant_id),
-        )
+        row = operator.revoke_key(session, _who(request), key_id)
         owner["tenant"] = row.tenant_id
 
     error = await _operator_change(state, request, work)
