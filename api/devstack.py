@@ -255,6 +255,8 @@ gpuhost is ready at {url}
   demo tenant {tenant_id} ({DEMO_TIER} tier)
   API key     {key}   (shown once)
 
+  dashboard   {url}/dashboard   (sign in with the key)
+
   {curl} {url}/api/chat -H 'Authorization: Bearer {key}' -d '{body}'
 
   admin from another shell:
