@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from api import admin, dashboard, errors, health, jobs, metrics, stripe_webhook, usage
+from api import admin, async_jobs, dashboard, errors, health, jobs, metrics, stripe_webhook, usage
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
 from api.openai.router import router as openai_router
@@ -14,7 +14,10 @@ from api.state import lifespan
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     observed = metrics.GatewayMetrics()
-    app = FastAPI(title="gpuhost", version="0.1.0", lifespan=lifespan(settings, observed))
+    scheduler = [lambda state: async_jobs.Scheduler(state).run()]
+    app = FastAPI(
+        title="gpuhost", version="0.1.0", lifespan=lifespan(settings, observed, scheduler)
+    )
     app.state.metrics = observed
     errors.install(app)
     app.include_router(health.router)
@@ -23,6 +26,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(sd_router)
     app.include_router(jobs.router)
+    app.include_router(async_jobs.router)
     app.include_router(usage.router)
     app.include_router(stripe_webhook.router)
     app.include_router(admin.router)

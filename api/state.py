@@ -45,7 +45,10 @@ class AppState:
         return [name, f"{name}:latest"]
 
 
-def lifespan(settings: GatewaySettings, metrics: GatewayMetrics):
+def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
+    """The app's state for its lifetime; `background`: functions of the state that return
+    coroutines to run until shutdown (the job scheduler)."""
+
     @asynccontextmanager
     async def run(_: FastAPI) -> AsyncIterator[dict]:
         client = aioredis.Redis.from_url(settings.redis_url)
@@ -67,6 +70,8 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics):
             key_cache=TTLCache(maxsize=100_000, ttl=settings.auth_cache_seconds),
             metrics=metrics,
         )
+        for work in background:
+            state.spawn(work(state))
         try:
             yield {"gpuhost": state}
         finally:

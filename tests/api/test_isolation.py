@@ -10,7 +10,12 @@ from tests.conftest import ADMIN_TOKEN
 from tests.helpers import auth, chat_body
 
 # Every path of the OpenAPI document that names something by id, and who may use it.
-TENANT_SCOPED = {"/v1/images/files/{token}", "/api/jobs/{request_id}/stream"}
+TENANT_SCOPED = {
+    "/v1/images/files/{token}",
+    "/api/jobs/{request_id}/stream",
+    "/v1/jobs/{job_id}",  # and its cancel: tests/api/test_async_jobs.py
+    "/v1/jobs/{job_id}/cancel",
+}
 OPERATOR_ONLY = {
     "/admin/tenants/{tenant_id}",
     "/admin/tenants/{tenant_id}/keys",

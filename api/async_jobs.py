@@ -1,0 +1,337 @@
+"""Asynchronous jobs (`/v1/jobs`): a chat or image request that runs without holding a
+connection, polled (or waited on with `Prefer: wait=N`) and cancellable.
+
+A job is accepted whatever the tenant has in flight: over its tier's limit it waits in the
+tenant's queue instead of being refused. Every gateway runs a scheduler that takes, in turn,
+one waiting job per tenant (round robin: fair across tenants), takes a slot for it and
+enqueues it; a tenant at its limit is skipped until a slot frees. A submitted job's slot lease
+is renewed by the schedulers until its worker starts it, by the worker while it runs (which
+gives it back at the end). Outputs are read from the job's stream, kept for
+GPUHOST_STREAM_RETENTION_SECONDS; job records as long. Tenant-scoped: another tenant's id is
+a 404.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from api.admission import Lease
+from api.body import json_body, openapi_body
+from api.deps import InferenceKey, StateDep
+from api.dispatch import JobMeta, check_quota
+from api.errors import NotFound, TooManyRequests, Unavailable
+from api.ollama.schemas import ImageLimits as ChatImageLimits
+from api.ollama.schemas import new_request_id
+from api.openai.schemas import ChatCompletionRequest
+from api.sd.schemas import ImagesRequest
+from api.sd.serving import ImageServing
+from api.state import AppState
+from workers.contract import (
+    CHAT_TASK,
+    IMAGES_TASK,
+    LLAVA_QUEUE,
+    SD_QUEUE,
+    ChatJob,
+    DoneChunk,
+    ErrorChunk,
+    ImageJob,
+    ImagesChunk,
+    ProgressChunk,
+    TokenChunk,
+    cancel_key,
+    decode_chunk,
+    meta_key,
+    started_key,
+    stream_key,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+TENANTS_WAITING = "gpuhost:jobs:waiting-tenants"
+SUBMITTED = "gpuhost:jobs:submitted"  # enqueued, lease kept by the schedulers until started
+SCHEDULE_EVERY = 0.1
+MAX_WAIT = 60
+
+
+def record_key(job_id: str) -> str:
+    return f"gpuhost:jobs:{job_id}"
+
+
+def waiting_key(tenant_id: str) -> str:
+    return f"gpuhost:jobs:waiting:{tenant_id}"
+
+
+def index_key(tenant_id: str) -> str:
+    return f"gpuhost:jobs:by-tenant:{tenant_id}"
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["chat", "images"]
+    # chat: an OpenAI chat completion request (`stream` is ignored); images: /api/images's body
+    input: dict = Field(description="the request, as /v1/chat/completions or /api/images take it")
+
+
+async def _spec(state: AppState, body: JobCreate, owner) -> tuple[object, str]:
+    """Validate the input as its API would, and make the job the worker runs."""
+    job_id = new_request_id()
+    settings = state.settings
+    if body.type == "chat":
+        chat = _validated(ChatCompletionRequest, body.input)
+        if not state.serves(chat.model):
+            raise NotFound(f"The model '{chat.model}' does not exist", param="model")
+        limits = ChatImageLimits(
+            max_count=settings.max_images_per_request, max_pixels=settings.max_image_pixels
+        )
+        return chat.to_job(owner, job_id, limits, {}), chat.model
+    images = _validated(ImagesRequest, body.input)
+    serving = ImageServing(state)
+    model = serving._model(images.model)
+    return images.to_job(owner, job_id, model, serving._limits(owner.tier)), model
+
+
+def _validated(model, data: dict):
+    """The input's own validation errors, named by their field under `input`."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        for error in errors:
+            error["loc"] = ("input", *error["loc"])
+        raise RequestValidationError(errors) from None
+
+
+def _prefer_wait(prefer: str | None) -> float:
+    for part in (prefer or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(float(value), MAX_WAIT)
+    return 0.0
+
+
+async def _view(state: AppState, job_id: str, tenant_id: str) -> dict:
+    raw = await state.redis.hgetall(record_key(job_id))
+    record = {k.decode(): v.decode() for k, v in raw.items()}
+    if not record or record.get("tenant_id") != tenant_id:
+        raise NotFound(f"job {job_id} not found")
+    view = {
+        "id": job_id,
+        "type": record["type"],
+        "model": record["model"],
+        "created_at": float(record["created_at"]),
+        "status": "queued",
+        "progress": None,
+        "output": None,
+        "error": None,
+        "gpu_seconds": None,
+        "queue_seconds": None,
+    }
+    if record["state"] == "canceled":
+        return view | {"status": "canceled"}
+    if record["state"] != "submitted":
+        return view
+    entries = await state.redis.xrange(stream_key(job_id))
+    text, progress = [], None
+    for _, fields in entries:
+        chunk = decode_chunk(fields)
+        if isinstance(chunk, TokenChunk):
+            text.append(chunk.text)
+        elif isinstance(chunk, ProgressChunk):
+            progress = {"step": chunk.step, "steps": chunk.steps}
+        elif isinstance(chunk, DoneChunk):
+            status = "canceled" if chunk.done_reason == "cancelled" else "succeeded"
+            usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.output_tokens}
+            return view | {
+                "status": status,
+                "output": {"text": "".join(text), "finish_reason": chunk.done_reason, **usage},
+                "gpu_seconds": chunk.gpu_seconds,
+                "queue_seconds": chunk.queue_seconds,
+            }
+        elif isinstance(chunk, ImagesChunk):
+            return view | {
+                "status": "succeeded",
+                "output": {"images": chunk.images, "seed": chunk.seed},
+                "gpu_seconds": chunk.gpu_seconds,
+                "queue_seconds": chunk.queue_seconds,
+            }
+        elif isinstance(chunk, ErrorChunk):
+            return view | {"status": "failed", "error": chunk.message}
+    started = await state.redis.exists(started_key(job_id))
+    if text:
+        progress = {"tokens": len(text)}
+    return view | {"status": "running" if started else "queued", "progress": progress}
+
+
+async def _settled(state: AppState, job_id: str, tenant_id: str, wait: float) -> dict:
+    deadline = time.monotonic() + wait
+    while True:
+        view = await _view(state, job_id, tenant_id)
+        if view["status"] in ("succeeded", "failed", "canceled") or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(0.1)
+
+
+JobBody = Annotated[JobCreate, Depends(json_body(JobCreate))]
+
+
+@router.post("", status_code=202, openapi_extra=openapi_body(JobCreate))
+async def create(
+    owner: InferenceKey,
+    state: StateDep,
+    body: JobBody,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Accept a job: it waits its turn when the tenant is at its limit, then runs."""
+    await check_quota(state, owner)  # 402 when the allowance is spent, as for any request
+    spec, model = await _spec(state, body, owner)
+    tenant = str(owner.tenant_id)
+    job_id = spec.request_id
+    retention = state.settings.stream_retention_seconds
+    record = {
+        "tenant_id": tenant,
+        "tier": owner.tier,
+        "type": body.type,
+        "model": model,
+        "created_at": str(time.time()),
+        "state": "waiting",
+        "spec": spec.model_dump_json(),
+    }
+    try:
+        pipe = state.redis.pipeline(transaction=True)
+        pipe.hset(record_key(job_id), mapping=record)
+        pipe.expire(record_key(job_id), retention)
+        pipe.zadd(index_key(tenant), {job_id: time.time()})
+        pipe.expire(index_key(tenant), retention)
+        pipe.rpush(waiting_key(tenant), job_id)
+        pipe.sadd(TENANTS_WAITING, tenant)
+        await pipe.execute()
+    except RedisError as exc:
+        raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
+    view = await _settled(state, job_id, tenant, _prefer_wait(prefer))
+    status = 200 if view["status"] in ("succeeded", "failed", "canceled") else 202
+    return JSONResponse(view, status_code=status, headers={"X-Request-Id": job_id})
+
+
+@router.get("/{job_id}")
+async def get(
+    job_id: str,
+    owner: InferenceKey,
+    state: StateDep,
+    prefer: Annotated[str | None, Header()] = None,
+) -> dict:
+    return await _settled(state, job_id, str(owner.tenant_id), _prefer_wait(prefer))
+
+
+@router.get("")
+async def list_jobs(
+    owner: InferenceKey, state: StateDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> dict:
+    """The tenant's jobs, newest first."""
+    tenant = str(owner.tenant_id)
+    ids = await state.redis.zrevrange(index_key(tenant), 0, limit - 1)
+    views = []
+    for raw in ids:
+        try:
+            views.append(await _view(state, raw.decode(), tenant))
+        except NotFound:  # its record expired before the index entry
+            continue
+    return {"jobs": views}
+
+
+@router.post("/{job_id}/cancel")
+async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
+    """Cancel a job: a waiting one never runs; a running one stops (and is billed for the
+    time it ran)."""
+    tenant = str(owner.tenant_id)
+    await _view(state, job_id, tenant)  # 404 unless it is this tenant's
+    if await state.redis.lrem(waiting_key(tenant), 0, job_id):
+        await state.redis.hset(record_key(job_id), "state", "canceled")
+    else:
+        retention = state.settings.stream_retention_seconds
+        await state.redis.set(cancel_key(job_id), "1", ex=retention)
+    return await _settled(state, job_id, tenant, 2.0)
+
+
+class Scheduler:
+    """Takes waiting jobs into slots, one per tenant in turn, on every gateway."""
+
+    def __init__(self, state: AppState):
+        self.state = state
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.pass_once()
+            except RedisError as exc:
+                log.warning("job scheduler: %s", exc)
+            except Exception:  # a bad record must not stop every tenant's jobs
+                log.exception("job scheduler pass failed")
+            await asyncio.sleep(SCHEDULE_EVERY)
+
+    async def pass_once(self) -> None:
+        redis = self.state.redis
+        await self._keep_submitted_leases()
+        for raw in await redis.smembers(TENANTS_WAITING):
+            tenant = raw.decode()
+            job_id = await redis.lpop(waiting_key(tenant))
+            if job_id is None:
+                await redis.srem(TENANTS_WAITING, tenant)
+                continue
+            job_id = job_id.decode()
+            record = {
+                k.decode(): v.decode() for k, v in (await redis.hgetall(record_key(job_id))).items()
+            }
+            if not record or record["state"] != "waiting":
+                continue  # cancelled or expired meanwhile
+            try:
+                await self.state.admission.acquire(tenant, record["tier"], job_id)
+            except TooManyRequests:
+                await redis.lpush(waiting_key(tenant), job_id)  # its turn comes again
+                continue
+            await self._submit(job_id, record)
+
+    async def _submit(self, job_id: str, record: dict) -> None:
+        redis = self.state.redis
+        retention = self.state.settings.stream_retention_seconds
+        images = record["type"] == "images"
+        spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
+        spec.enqueued_at = time.time()
+        family = "images" if images else "openai-chat"
+        meta = JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
+        await redis.set(meta_key(job_id), meta.dump(), ex=retention)
+        await redis.hset(record_key(job_id), "state", "submitted")
+        await redis.hset(SUBMITTED, job_id, record["tenant_id"])
+
+        def send() -> None:
+            self.state.celery.send_task(
+                IMAGES_TASK if images else CHAT_TASK,
+                args=[spec.model_dump(mode="json")],
+                task_id=job_id,
+                queue=SD_QUEUE if images else LLAVA_QUEUE,
+            )
+
+        await anyio.to_thread.run_sync(send)
+
+    async def _keep_submitted_leases(self) -> None:
+        """Renew the slot of each job enqueued but not yet started; its worker takes over."""
+        redis = self.state.redis
+        for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items():
+            job_id, tenant = raw_id.decode(), raw_tenant.decode()
+            if await redis.exists(started_key(job_id)) or not await redis.exists(
+                record_key(job_id)
+            ):
+                await redis.hdel(SUBMITTED, job_id)
+                continue
+            await self.state.admission.renew(Lease(tenant, job_id))
