@@ -198,3 +198,32 @@ def test_an_operator_sees_everyone_and_changes_a_tier(page, gateway, tenant_a, s
     page.get_by_role("button", name="Issue key").click()
     issued = page.locator("#new-key").inner_text().strip()
     assert httpx.get(f"{gateway.url}/api/balance", headers=auth(issued)).status_code == 200
+
+
+def test_pages_fit_a_phone(browser, gateway, tenant_a):
+    """At 375 px wide nothing makes the page scroll sideways (wide tables scroll in place)."""
+    for credential, paths in (
+        (tenant_a[1], ("/dashboard/usage", "/dashboard/keys")),
+        (ADMIN_TOKEN, ("/dashboard/admin", f"/dashboard/admin/tenants/{tenant_a[0]}")),
+    ):
+        fits_a_phone(browser, gateway, credential, paths)
+
+
+def fits_a_phone(browser, gateway, credential: str, paths) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 812}, is_mobile=True)
+    page = context.new_page()
+    try:
+        sign_in(page, gateway, credential)
+        for path in paths:
+            page.goto(f"{gateway.url}{path}")
+            overflow = page.evaluate(
+                "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            wide = page.evaluate(
+                """() => [...document.querySelectorAll('body *')]
+                    .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)
+                    .map(e => e.tagName + '.' + e.className + '#' + e.id).slice(0, 8)"""
+            )
+            assert overflow <= 0, (path, overflow, wide)
+    finally:
+        context.close()
