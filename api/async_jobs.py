@@ -12,6 +12,7 @@ a 404.
 """
 
 import asyncio
+import hashlib
 import logging
 import time
 from typing import Annotated, Literal
@@ -26,7 +27,7 @@ from api.admission import Lease
 from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep
 from api.dispatch import JobMeta, check_quota
-from api.errors import NotFound, TooManyRequests, Unavailable
+from api.errors import Conflict, NotFound, TooManyRequests, Unavailable
 from api.ollama.schemas import ImageLimits as ChatImageLimits
 from api.ollama.schemas import new_request_id
 from api.openai.schemas import ChatCompletionRequest
@@ -81,9 +82,8 @@ class JobCreate(BaseModel):
     input: dict = Field(description="the request, as /v1/chat/completions or /api/images take it")
 
 
-async def _spec(state: AppState, body: JobCreate, owner) -> tuple[object, str]:
+async def _spec(state: AppState, body: JobCreate, owner, job_id: str) -> tuple[object, str]:
     """Validate the input as its API would, and make the job the worker runs."""
-    job_id = new_request_id()
     settings = state.settings
     if body.type == "chat":
         chat = _validated(ChatCompletionRequest, body.input)
@@ -192,13 +192,27 @@ async def create(
     state: StateDep,
     body: JobBody,
     prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
-    """Accept a job: it waits its turn when the tenant is at its limit, then runs."""
+    """Accept a job: it waits its turn when the tenant is at its limit, then runs. The same
+    `Idempotency-Key` again (within the retention time) answers with the job it made, never a
+    second one, so a client may retry after any network failure."""
     await check_quota(state, owner)  # 402 when the allowance is spent, as for any request
-    spec, model = await _spec(state, body, owner)
     tenant = str(owner.tenant_id)
-    job_id = spec.request_id
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    job_id = new_request_id()
     retention = state.settings.stream_retention_seconds
+    if idempotency_key:
+        job_id = hashlib.sha256(f"{tenant}:{idempotency_key}".encode()).hexdigest()[:32]
+        if not await state.redis.set(
+            f"{record_key(job_id)}:key", fingerprint, nx=True, ex=retention
+        ):
+            if await state.redis.get(f"{record_key(job_id)}:key") != fingerprint.encode():
+                raise Conflict("this Idempotency-Key was used with a different request")
+            view = await _settled(state, job_id, tenant, _prefer_wait(prefer))
+            status = 200 if view["status"] in ("succeeded", "failed", "canceled") else 202
+            return JSONResponse(view, status_code=status, headers={"X-Request-Id": job_id})
+    spec, model = await _spec(state, body, owner, job_id)
     record = {
         "tenant_id": tenant,
         "tier": owner.tier,

@@ -58,7 +58,7 @@ def test_over_the_limit_jobs_wait_their_turn(gateway, worker, tenant_factory, re
     ids = [r.json()["id"] for r in accepted]
     finished = [
         httpx.get(
-            f"{gateway.url}/v1/jobs/{job_id}", headers=auth(key) | {"Prefer": "wait=60"}
+            f"{gateway.url}/v1/jobs/{job_id}", headers=auth(key) | {"Prefer": "wait=60"}, timeout=90
         ).json()
         for job_id in ids
     ]
@@ -121,3 +121,29 @@ def test_another_tenants_job_is_not_found(gateway, worker, tenant_factory):
     refused = httpx.post(f"{gateway.url}/v1/jobs/{job['id']}/cancel", headers=auth(theirs))
     assert refused.status_code == 404
     assert httpx.get(f"{gateway.url}/v1/jobs", headers=auth(theirs)).json()["jobs"] == []
+
+
+def test_the_same_idempotency_key_never_makes_a_second_job(
+    gateway, worker, tenant_factory, sessions
+):
+    _, key, _ = tenant_factory.create("pro")
+    headers = auth(key) | {"Idempotency-Key": "order-7731"}
+    first = httpx.post(f"{gateway.url}/v1/jobs", json=chat(4), headers=headers, timeout=60)
+    again = httpx.post(
+        f"{gateway.url}/v1/jobs", json=chat(4), headers=headers | {"Prefer": "wait=60"}, timeout=90
+    )
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["status"] == "succeeded"
+    assert len(usage_rows(sessions, first.json()["id"])) == 1  # run and billed once
+    other = httpx.post(f"{gateway.url}/v1/jobs", json=chat(9), headers=headers, timeout=60)
+    assert other.status_code == 409
+    assert "Idempotency-Key was used with a different request" in other.json()["error"]["message"]
+    _, someone_else, _ = tenant_factory.create("pro")  # keys are per tenant
+    theirs = httpx.post(
+        f"{gateway.url}/v1/jobs",
+        json=chat(4),
+        headers=auth(someone_else) | {"Idempotency-Key": "order-7731"},
+        timeout=60,
+    )
+    assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
