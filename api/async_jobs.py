@@ -59,6 +59,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 TENANTS_WAITING = "gpuhost:jobs:waiting-tenants"
 SUBMITTED = "gpuhost:jobs:submitted"  # enqueued, lease kept by the schedulers until started
 SCHEDULE_EVERY = 0.1
+FINISHED = ("succeeded", "failed", "canceled")
 MAX_WAIT = 60
 
 
@@ -178,7 +179,7 @@ async def _settled(state: AppState, job_id: str, tenant_id: str, wait: float) ->
     deadline = time.monotonic() + wait
     while True:
         view = await _view(state, job_id, tenant_id)
-        if view["status"] in ("succeeded", "failed", "canceled") or time.monotonic() >= deadline:
+        if view["status"] in FINISHED or time.monotonic() >= deadline:
             return view
         await asyncio.sleep(0.1)
 
@@ -209,9 +210,7 @@ async def create(
         ):
             if await state.redis.get(f"{record_key(job_id)}:key") != fingerprint.encode():
                 raise Conflict("this Idempotency-Key was used with a different request")
-            view = await _settled(state, job_id, tenant, _prefer_wait(prefer))
-            status = 200 if view["status"] in ("succeeded", "failed", "canceled") else 202
-            return JSONResponse(view, status_code=status, headers={"X-Request-Id": job_id})
+            return await _answer(state, job_id, tenant, prefer)
     spec, model = await _spec(state, body, owner, job_id)
     record = {
         "tenant_id": tenant,
@@ -233,8 +232,13 @@ async def create(
         await pipe.execute()
     except RedisError as exc:
         raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
+    return await _answer(state, job_id, tenant, prefer)
+
+
+async def _answer(state: AppState, job_id: str, tenant: str, prefer: str | None) -> JSONResponse:
+    """The job as it stands once settled or after `Prefer: wait`: 200 if over, else 202."""
     view = await _settled(state, job_id, tenant, _prefer_wait(prefer))
-    status = 200 if view["status"] in ("succeeded", "failed", "canceled") else 202
+    status = 200 if view["status"] in FINISHED else 202
     return JSONResponse(view, status_code=status, headers={"X-Request-Id": job_id})
 
 
