@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from api.admission import Lease
-from api.body import json_body, openapi_body
+from api.body import json_body, openapi_body, validated
 from api.deps import InferenceKey, StateDep
 from api.dispatch import JobMeta, check_quota
 from api.errors import Conflict, NotFound, TooManyRequests, Unavailable
@@ -58,6 +58,15 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 TENANTS_WAITING = "gpuhost:jobs:waiting-tenants"
 SUBMITTED = "gpuhost:jobs:submitted"  # enqueued, lease kept by the schedulers until started
+# A job's state moves on only from the state the mover expects (waiting -> submitted by a
+# scheduler, waiting -> canceled by a cancel): whichever comes first wins, the other sees so.
+MOVE = """
+if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'state', ARGV[2])
+  return 1
+end
+return 0
+"""
 SCHEDULE_EVERY = 0.1
 FINISHED = ("succeeded", "failed", "canceled")
 MAX_WAIT = 60
@@ -87,31 +96,17 @@ async def _spec(state: AppState, body: JobCreate, owner, job_id: str) -> tuple[o
     """Validate the input as its API would, and make the job the worker runs."""
     settings = state.settings
     if body.type == "chat":
-        chat = _validated(ChatCompletionRequest, body.input)
+        chat = validated(ChatCompletionRequest, body.input, ("input",))
         if not state.serves(chat.model):
             raise NotFound(f"The model '{chat.model}' does not exist", param="model")
         limits = ChatImageLimits(
             max_count=settings.max_images_per_request, max_pixels=settings.max_image_pixels
         )
         return chat.to_job(owner, job_id, limits, {}), chat.model
-    images = _validated(ImagesRequest, body.input)
+    images = validated(ImagesRequest, body.input, ("input",))
     serving = ImageServing(state)
     model = serving._model(images.model)
     return images.to_job(owner, job_id, model, serving._limits(owner.tier)), model
-
-
-def _validated(model, data: dict):
-    """The input's own validation errors, named by their field under `input`."""
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
-
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        for error in errors:
-            error["loc"] = ("input", *error["loc"])
-        raise RequestValidationError(errors) from None
 
 
 def _prefer_wait(prefer: str | None) -> float:
@@ -274,9 +269,9 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     time it ran)."""
     tenant = str(owner.tenant_id)
     await _view(state, job_id, tenant)  # 404 unless it is this tenant's
-    if await state.redis.lrem(waiting_key(tenant), 0, job_id):
-        await state.redis.hset(record_key(job_id), "state", "canceled")
-    else:
+    if await state.redis.eval(MOVE, 1, record_key(job_id), "waiting", "canceled"):
+        await state.redis.lrem(waiting_key(tenant), 0, job_id)
+    else:  # a scheduler took it first: stop it on its worker
         retention = state.settings.stream_retention_seconds
         await state.redis.set(cancel_key(job_id), "1", ex=retention)
     return await _settled(state, job_id, tenant, 2.0)
@@ -287,6 +282,7 @@ class Scheduler:
 
     def __init__(self, state: AppState):
         self.state = state
+        self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
 
     async def run(self) -> None:
         while True:
@@ -314,11 +310,21 @@ class Scheduler:
             if not record or record["state"] != "waiting":
                 continue  # cancelled or expired meanwhile
             try:
-                await self.state.admission.acquire(tenant, record["tier"], job_id)
+                lease = await self.state.admission.acquire(tenant, record["tier"], job_id)
             except TooManyRequests:
                 await redis.lpush(waiting_key(tenant), job_id)  # its turn comes again
                 continue
-            await self._submit(job_id, record)
+            if not await redis.eval(MOVE, 1, record_key(job_id), "waiting", "submitted"):
+                await self.state.admission.release(lease)  # cancelled while it was taken
+                continue
+            try:
+                await self._submit(job_id, record)
+            except Exception:  # not enqueued: the slot back, the job first in line again
+                await self.state.admission.release(lease)
+                await redis.hset(record_key(job_id), "state", "waiting")
+                await redis.hdel(SUBMITTED, job_id)
+                await redis.lpush(waiting_key(tenant), job_id)
+                raise
 
     async def _submit(self, job_id: str, record: dict) -> None:
         redis = self.state.redis
@@ -329,7 +335,6 @@ class Scheduler:
         family = "images" if images else "openai-chat"
         meta = JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
         await redis.set(meta_key(job_id), meta.dump(), ex=retention)
-        await redis.hset(record_key(job_id), "state", "submitted")
         await redis.hset(SUBMITTED, job_id, record["tenant_id"])
 
         def send() -> None:
@@ -343,7 +348,12 @@ class Scheduler:
         await anyio.to_thread.run_sync(send)
 
     async def _keep_submitted_leases(self) -> None:
-        """Renew the slot of each job enqueued but not yet started; its worker takes over."""
+        """Renew the slot of each job enqueued but not yet started, three times per lease TTL;
+        its worker takes over once it starts."""
+        now = time.monotonic()
+        if now - self._renewed_at < self.state.settings.lease_ttl_seconds / 3:
+            return
+        self._renewed_at = now
         redis = self.state.redis
         for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items():
             job_id, tenant = raw_id.decode(), raw_tenant.decode()

@@ -35,6 +35,18 @@ def json_body(model: type[M]):
     return parse
 
 
+def validated(model: type[M], data: dict, under: tuple[str, ...] = ()) -> M:
+    """`data` (a part of a body `json_body` already parsed) as `model`; its errors name their
+    fields under `under`, as the body's own errors do."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        for error in errors:
+            error["loc"] = (*under, *error["loc"])
+        raise RequestValidationError(errors) from None
+
+
 def openapi_body(model: type[BaseModel]) -> dict:
     """`openapi_extra` documenting `model` as the route's JSON body (parsed by `json_body`).
 
