@@ -1,0 +1,150 @@
+"""What the dashboard's pages share: the router and templates, who is signed in (sessions in
+Redis), the checks every page and form makes, and the errors pages render."""
+
+import hmac
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from api.admin import who
+from api.deps import StateDep
+from api.errors import ApiError
+from api.state import AppState
+from billing import tenants
+from billing.models import ApiKey, Tenant
+from billing.plans import Balance
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(prefix="/dashboard", include_in_schema=False)
+
+COOKIE = "gpuhost_session"
+SESSION_SECONDS = 8 * 3600
+PAGE_SIZE = 25
+RANGES = {
+    "24h": (timedelta(hours=24), "hour"),
+    "7d": (timedelta(days=7), "day"),
+    "30d": (timedelta(days=30), "day"),
+}
+
+
+@dataclass(frozen=True)
+class Visitor:
+    kind: str  # tenant | operator
+    csrf: str
+    token: str  # the session's id (the cookie's value)
+    tenant_id: uuid.UUID | None = None
+    key_id: uuid.UUID | None = None
+
+
+class SignInRequired(ApiError):
+    status = 303
+
+
+class PageError(ApiError):
+    """Rendered as the error page with its status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class NotAllowed(PageError):
+    def __init__(self, message: str):
+        super().__init__(403, message)
+
+
+def session_key(token: str) -> str:
+    return f"dashboard:session:{token}"
+
+
+def secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+async def visitor_of(request: Request, state: StateDep) -> Visitor:
+    token = request.cookies.get(COOKIE, "")
+    raw = await state.redis.get(session_key(token)) if token else None
+    if raw is None:
+        raise SignInRequired("sign in first")
+    data = json.loads(raw)
+    visitor = Visitor(
+        kind=data["kind"],
+        csrf=data["csrf"],
+        token=token,
+        tenant_id=uuid.UUID(data["tenant_id"]) if data.get("tenant_id") else None,
+        key_id=uuid.UUID(data["key_id"]) if data.get("key_id") else None,
+    )
+    if visitor.kind == "tenant":
+        async with state.sessions() as session:
+            key = await session.get(ApiKey, visitor.key_id)
+        now = datetime.now(UTC)
+        if key is None or key.revoked_at or (key.expires_at and key.expires_at <= now):
+            await state.redis.delete(session_key(token))
+            raise SignInRequired("the key this session was opened with is no longer valid")
+    return visitor
+
+
+VisitorDep = Annotated[Visitor, Depends(visitor_of)]
+
+
+def tenant_of(visitor: Visitor) -> uuid.UUID:
+    if visitor.kind != "tenant":
+        raise NotAllowed("these pages are a tenant's: sign in with an API key")
+    return visitor.tenant_id
+
+
+def who_of(request: Request) -> tuple[str, str | None]:
+    return who(request, "dashboard (admin token)")
+
+
+def operator_only(visitor: Visitor) -> None:
+    if visitor.kind != "operator":
+        raise NotAllowed("operator pages need the admin token; tenant keys are refused")
+
+
+async def check_csrf(visitor: Visitor, csrf: str) -> None:
+    if not hmac.compare_digest(visitor.csrf.encode(), csrf.encode()):
+        raise NotAllowed("this form has expired or did not come from this dashboard; reload")
+
+
+def invoice(balance: Balance) -> dict:
+    monthly = balance.plan.monthly_price_usd
+    return {
+        "monthly": f"{monthly:.2f}",
+        "overage": f"{balance.overage_usd:.2f}",
+        "total": f"{(monthly + balance.overage_usd).quantize(Decimal('0.01')):.2f}",
+    }
+
+
+async def tenant_keys(state: AppState, tenant_id: uuid.UUID) -> list[ApiKey]:
+    async with state.sessions() as session:
+        return await session.run_sync(lambda s: tenants.keys_of(s, tenant_id))
+
+
+async def run_change(state: AppState, work, failed_status: int = 400):
+    """Run `work(session)` (a change with its audit entry) in one transaction; returns what
+    it returns. A refused change is the error page, with `failed_status`."""
+    try:
+        async with state.sessions() as session, session.begin():
+            return await session.run_sync(work)
+    except (tenants.NotFound, tenants.InvalidArgument) as exc:
+        raise PageError(failed_status, str(exc)) from None
+
+
+async def tenant_row(state: AppState, tenant_id: uuid.UUID) -> Tenant:
+    async with state.sessions() as session:
+        return await session.get(Tenant, tenant_id)

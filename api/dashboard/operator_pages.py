@@ -1,0 +1,163 @@
+"""The operator's pages: every tenant, their tiers and keys (changes audited)."""
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated
+
+from fastapi import Form, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import func, select
+
+from api.dashboard.common import (
+    VisitorDep,
+    check_csrf,
+    invoice,
+    operator_only,
+    render,
+    router,
+    run_change,
+    tenant_keys,
+    tenant_row,
+    who_of,
+)
+from api.deps import StateDep
+from billing import operator, tenants, usage
+from billing.models import Tenant, UsageRecord
+from billing.plans import Balance, period_of
+
+
+@router.get("/admin")
+async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> Response:
+    operator_only(visitor)
+    period = period_of(datetime.now(UTC))
+    in_period = (UsageRecord.finished_at >= period.start, UsageRecord.finished_at < period.end)
+    async with state.sessions() as session:
+        rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
+        used = await usage.used_by_tenant(session, period.start, period.end)
+        by_model = (
+            await session.execute(
+                select(UsageRecord.model, func.sum(UsageRecord.gpu_seconds))
+                .where(*in_period)
+                .group_by(UsageRecord.model)
+                .order_by(UsageRecord.model)
+            )
+        ).all()
+        unsent, lag = await usage.outbox_backlog(session)
+    listed = []
+    revenue = Decimal(0)
+    for tenant in rows:
+        plan = state.settings.plans.get(tenant.tier)
+        seconds = float(used.get(tenant.id, 0.0))
+        bill = invoice(Balance(plan, period, seconds)) if plan else None
+        revenue += Decimal(bill["total"]) if bill else 0
+        listed.append(
+            {
+                "tenant": tenant,
+                "used": round(seconds, 3),
+                "invoice": bill,
+                "in_flight": await state.admission.in_flight(tenant.id),
+                "limit": state.settings.tier_limits.get(tenant.tier),
+            }
+        )
+    return render(
+        request,
+        "admin.html",
+        visitor=visitor,
+        period=period,
+        tenants=listed,
+        revenue=f"{revenue:.2f}",
+        by_model=[(m, round(s, 3)) for m, s in by_model],
+        unsent=unsent,
+        lag=round(lag, 1),
+        tiers=list(state.settings.tier_limits),
+    )
+
+
+@router.post("/admin/tenants")
+async def admin_create_tenant(
+    request: Request,
+    state: StateDep,
+    visitor: VisitorDep,
+    csrf: Annotated[str, Form()] = "",
+    name: Annotated[str, Form()] = "",
+    tier: Annotated[str, Form()] = "free",
+) -> Response:
+    operator_only(visitor)
+    await check_csrf(visitor, csrf)
+    tiers = state.settings.tier_limits
+    await run_change(state, lambda s: operator.create_tenant(s, who_of(request), name, tier, tiers))
+    return RedirectResponse("/dashboard/admin", status_code=303)
+
+
+@router.post("/admin/tenants/{tenant_id}/tier")
+async def admin_set_tier(
+    tenant_id: str,
+    request: Request,
+    state: StateDep,
+    visitor: VisitorDep,
+    csrf: Annotated[str, Form()] = "",
+    tier: Annotated[str, Form()] = "",
+) -> Response:
+    operator_only(visitor)
+    await check_csrf(visitor, csrf)
+    tiers = state.settings.tier_limits
+    await run_change(state, lambda s: operator.set_tier(s, who_of(request), tenant_id, tier, tiers))
+    return RedirectResponse("/dashboard/admin", status_code=303)
+
+
+@router.get("/admin/tenants/{tenant_id}")
+async def admin_tenant_page(
+    tenant_id: str, request: Request, state: StateDep, visitor: VisitorDep
+) -> Response:
+    operator_only(visitor)
+    tenant = await run_change(state, lambda s: tenants.get_tenant(s, tenant_id), 404)
+    return _tenant_page(request, visitor, tenant, await tenant_keys(state, tenant.id))
+
+
+def _tenant_page(request, visitor, tenant, keys, status: int = 200, new_key: str = ""):
+    return render(
+        request,
+        "admin_tenant.html",
+        status,
+        visitor=visitor,
+        tenant=tenant,
+        keys=keys,
+        scopes=sorted(tenants.KNOWN_SCOPES),
+        new_key=new_key,
+    )
+
+
+@router.post("/admin/tenants/{tenant_id}/keys")
+async def admin_issue_key(
+    tenant_id: str,
+    request: Request,
+    state: StateDep,
+    visitor: VisitorDep,
+    csrf: Annotated[str, Form()] = "",
+    scope: Annotated[list[str] | None, Form()] = None,
+) -> Response:
+    operator_only(visitor)
+    await check_csrf(visitor, csrf)
+    if not scope:
+        return render(request, "error.html", 400, message="Choose at least one scope.")
+    row, secret = await run_change(
+        state, lambda s: operator.issue_key(s, who_of(request), tenant_id, tuple(scope))
+    )
+    tenant = await tenant_row(state, row.tenant_id)
+    keys = await tenant_keys(state, row.tenant_id)
+    return _tenant_page(request, visitor, tenant, keys, 201, new_key=secret)
+
+
+@router.post("/admin/keys/{key_id}/revoke")
+async def admin_revoke_key(
+    key_id: str,
+    request: Request,
+    state: StateDep,
+    visitor: VisitorDep,
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    operator_only(visitor)
+    await check_csrf(visitor, csrf)
+    row = await run_change(state, lambda s: operator.revoke_key(s, who_of(request), key_id), 404)
+    state.key_cache.clear()
+    return RedirectResponse(f"/dashboard/admin/tenants/{row.tenant_id}", status_code=303)

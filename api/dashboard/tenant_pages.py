@@ -1,0 +1,140 @@
+"""A tenant's pages: usage (plan, allowance, estimated invoice, chart, requests) and keys."""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
+
+from api.dashboard.common import (
+    PAGE_SIZE,
+    RANGES,
+    VisitorDep,
+    check_csrf,
+    invoice,
+    render,
+    router,
+    tenant_keys,
+    tenant_of,
+)
+from api.deps import StateDep
+from billing import tenants, usage
+from billing.models import ApiKey, Tenant
+from billing.plans import Balance, period_of
+
+
+@router.get("/usage")
+async def usage_page(
+    request: Request,
+    state: StateDep,
+    visitor: VisitorDep,
+    range: Annotated[str, Query(pattern="^(24h|7d|30d)$")] = "7d",  # noqa: A002
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> Response:
+    tenant_id = tenant_of(visitor)
+    period = period_of(datetime.now(UTC))
+    span, unit = RANGES[range]
+    async with state.sessions() as session:
+        tier, used = await usage.admission_view(session, tenant_id, period.start, period.end)
+        tenant = await session.get(Tenant, tenant_id)
+        series = await usage.model_buckets(session, tenant_id, datetime.now(UTC) - span, unit)
+        rows, total, models = await usage.page(
+            session, tenant_id, (page - 1) * PAGE_SIZE, PAGE_SIZE, model or None
+        )
+    plan = state.settings.plans[tier]
+    balance = Balance(plan, period, used)
+    chart = {"unit": unit, "series": {}}
+    for start, name, seconds in series:
+        chart["series"].setdefault(name, {})[start] = round(seconds, 3)
+    return render(
+        request,
+        "usage.html",
+        visitor=visitor,
+        tenant=tenant,
+        plan=plan,
+        balance=balance.to_dict(),
+        used_share=min(1.0, used / plan.included_gpu_seconds) if plan.included_gpu_seconds else 1.0,
+        invoice=invoice(balance),
+        chart=chart,
+        chart_total=round(sum(s for _, _, s in series), 3),
+        range=range,
+        ranges=list(RANGES),
+        records=[usage.to_dict(r) for r in rows],
+        total=total,
+        page=page,
+        pages=max(1, -(-total // PAGE_SIZE)),
+        model=model or "",
+        models=models,
+    )
+
+
+@router.get("/keys")
+async def keys_page(request: Request, state: StateDep, visitor: VisitorDep) -> Response:
+    tenant_id = tenant_of(visitor)
+    return render(
+        request,
+        "keys.html",
+        visitor=visitor,
+        keys=await tenant_keys(state, tenant_id),
+        scopes=sorted(tenants.KNOWN_SCOPES),
+    )
+
+
+@router.post("/keys")
+async def create_key(
+    request: Request,
+    state: StateDep,
+    visitor: VisitorDep,
+    csrf: Annotated[str, Form()] = "",
+    scope: Annotated[list[str] | None, Form()] = None,
+) -> Response:
+    tenant_id = tenant_of(visitor)
+    await check_csrf(visitor, csrf)
+    chosen = tuple(scope or ())
+    error, secret = None, None
+    if not chosen:
+        error = "Choose at least one scope."
+    else:
+        try:
+            async with state.sessions() as session, session.begin():
+                row, secret = await session.run_sync(
+                    lambda s: tenants.create_key(s, tenant_id, chosen)
+                )
+        except tenants.InvalidArgument as exc:
+            error = str(exc)
+    return render(
+        request,
+        "keys.html",
+        400 if error else 201,
+        visitor=visitor,
+        keys=await tenant_keys(state, tenant_id),
+        scopes=sorted(tenants.KNOWN_SCOPES),
+        error=error,
+        new_key=secret,
+    )
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(
+    key_id: str,
+    request: Request,
+    state: StateDep,
+    visitor: VisitorDep,
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    tenant_id = tenant_of(visitor)
+    await check_csrf(visitor, csrf)
+    try:
+        wanted = uuid.UUID(key_id)
+    except ValueError:
+        wanted = None
+    async with state.sessions() as session, session.begin():
+        row = await session.get(ApiKey, wanted) if wanted else None
+        if row is None or row.tenant_id != tenant_id:  # another tenant's key: not found
+            return render(request, "error.html", 404, message=f"key {key_id} not found")
+        if row.revoked_at is None:
+            row.revoked_at = datetime.now(UTC)
+    state.key_cache.clear()
+    return RedirectResponse("/dashboard/keys", status_code=303)
