@@ -2,21 +2,39 @@
 
 from fastapi import FastAPI
 
-from api import admin, async_jobs, dashboard, errors, health, jobs, metrics, stripe_webhook, usage
+from api import (
+    admin,
+    async_jobs,
+    batches,
+    dashboard,
+    errors,
+    fine_tuning,
+    health,
+    job_scheduler,
+    jobs,
+    metrics,
+    stripe_webhook,
+    usage,
+    webhooks,
+)
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
 from api.openai.router import router as openai_router
 from api.sd.router import router as sd_router
 from api.settings import GatewaySettings
 from api.state import lifespan
+from webhooks.sender import Sender
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     observed = metrics.GatewayMetrics()
-    scheduler = [lambda state: async_jobs.Scheduler(state).run()]
+    background = [
+        lambda state: job_scheduler.Scheduler(state, then=[batches.BatchRunner]).run(),
+        lambda state: Sender(state).run(),
+    ]
     app = FastAPI(
-        title="gpuhost", version="0.1.0", lifespan=lifespan(settings, observed, scheduler)
+        title="gpuhost", version="0.1.0", lifespan=lifespan(settings, observed, background)
     )
     app.state.metrics = observed
     errors.install(app)
@@ -27,10 +45,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(sd_router)
     app.include_router(jobs.router)
     app.include_router(async_jobs.router)
+    app.include_router(fine_tuning.router)
+    app.include_router(webhooks.router)
+    app.include_router(batches.router)
     app.include_router(usage.router)
     app.include_router(stripe_webhook.router)
     app.include_router(admin.router)
     dashboard.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        uploads={
+            fine_tuning.JOBS: settings.max_upload_bytes,
+            "/v1/batches": settings.max_upload_bytes,
+        },
+    )
     app.add_middleware(metrics.Instrument, metrics=observed)
     return app

@@ -4,9 +4,10 @@ connection, polled (or waited on with `Prefer: wait=N`) and cancellable.
 A job is accepted whatever the tenant has in flight: over its tier's limit it waits in the
 tenant's queue instead of being refused. Every gateway runs a scheduler that takes, in turn,
 one waiting job per tenant (round robin: fair across tenants), takes a slot for it and
-enqueues it; a tenant at its limit is skipped until a slot frees. A submitted job's slot lease
-is renewed by the schedulers until its worker starts it, by the worker while it runs (which
-gives it back at the end). Outputs are read from the job's stream, kept for
+enqueues it (api/job_scheduler.py); a tenant at its limit is skipped until a slot frees. A
+submitted job's slot lease is renewed by the schedulers until its worker starts it, by the
+worker while it runs (which gives it back at the end). A job may name a webhook for its start
+and end (webhooks/). Outputs are read from the job's stream, kept for
 GPUHOST_STREAM_RETENTION_SECONDS; job records as long. Tenant-scoped: another tenant's id is
 a 404.
 """
@@ -23,32 +24,25 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from api.admission import Lease
 from api.body import json_body, openapi_body, validated
 from api.deps import InferenceKey, StateDep
-from api.dispatch import JobMeta, check_quota
-from api.errors import Conflict, NotFound, TooManyRequests, Unavailable
+from api.dispatch import check_quota
+from api.errors import BadRequest, Conflict, NotFound, Unavailable
 from api.ollama.schemas import ImageLimits as ChatImageLimits
 from api.ollama.schemas import new_request_id
 from api.openai.schemas import ChatCompletionRequest
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing
 from api.state import AppState
+from webhooks.targets import TargetRefused, networks, resolve
 from workers.contract import (
-    CHAT_TASK,
-    IMAGES_TASK,
-    LLAVA_QUEUE,
-    SD_QUEUE,
-    ChatJob,
     DoneChunk,
     ErrorChunk,
-    ImageJob,
     ImagesChunk,
     ProgressChunk,
     TokenChunk,
     cancel_key,
     decode_chunk,
-    meta_key,
     started_key,
     stream_key,
 )
@@ -67,7 +61,8 @@ if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
 end
 return 0
 """
-SCHEDULE_EVERY = 0.1
+HOOKED = "gpuhost:jobs:hooked"  # jobs with a webhook whose last event is not recorded yet
+
 FINISHED = ("succeeded", "failed", "canceled")
 MAX_WAIT = 60
 
@@ -84,12 +79,24 @@ def index_key(tenant_id: str) -> str:
     return f"gpuhost:jobs:by-tenant:{tenant_id}"
 
 
+class WebhookSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2000, description="http(s) URL, on a public address")
+    events: list[Literal["start", "completed"]] = Field(
+        default_factory=lambda: ["completed"], min_length=1, max_length=2
+    )
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["chat", "images"]
     # chat: an OpenAI chat completion request (`stream` is ignored); images: /api/images's body
     input: dict = Field(description="the request, as /v1/chat/completions or /api/images take it")
+    # Called (signed with the tenant's secret, GET /v1/webhooks/secret) when the job starts
+    # and/or completes (succeeded, failed or canceled).
+    webhook: WebhookSpec | None = None
 
 
 async def _spec(state: AppState, body: JobCreate, owner, job_id: str) -> tuple[object, str]:
@@ -104,9 +111,8 @@ async def _spec(state: AppState, body: JobCreate, owner, job_id: str) -> tuple[o
         )
         return chat.to_job(owner, job_id, limits, {}), chat.model
     images = validated(ImagesRequest, body.input, ("input",))
-    serving = ImageServing(state)
-    model = serving._model(images.model)
-    return images.to_job(owner, job_id, model, serving._limits(owner.tier)), model
+    spec = await ImageServing(state).job(images, owner, job_id)
+    return spec, spec.model
 
 
 def _prefer_wait(prefer: str | None) -> float:
@@ -207,6 +213,8 @@ async def create(
                 raise Conflict("this Idempotency-Key was used with a different request")
             return await _answer(state, job_id, tenant, prefer)
     spec, model = await _spec(state, body, owner, job_id)
+    if body.webhook is not None:
+        await _check_webhook(state, body.webhook.url)
     record = {
         "tenant_id": tenant,
         "tier": owner.tier,
@@ -216,6 +224,8 @@ async def create(
         "state": "waiting",
         "spec": spec.model_dump_json(),
     }
+    if body.webhook is not None:
+        record |= {"webhook_url": body.webhook.url, "webhook_events": ",".join(body.webhook.events)}
     try:
         pipe = state.redis.pipeline(transaction=True)
         pipe.hset(record_key(job_id), mapping=record)
@@ -224,10 +234,20 @@ async def create(
         pipe.expire(index_key(tenant), retention)
         pipe.rpush(waiting_key(tenant), job_id)
         pipe.sadd(TENANTS_WAITING, tenant)
+        if body.webhook is not None:
+            pipe.sadd(HOOKED, job_id)
         await pipe.execute()
     except RedisError as exc:
         raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
     return await _answer(state, job_id, tenant, prefer)
+
+
+async def _check_webhook(state: AppState, url: str) -> None:
+    allowed = networks(state.settings.webhook_allowed_networks)
+    try:
+        await anyio.to_thread.run_sync(resolve, url, allowed)
+    except TargetRefused as exc:
+        raise BadRequest(f"field 'webhook.url': {exc}", param="webhook.url") from None
 
 
 async def _answer(state: AppState, job_id: str, tenant: str, prefer: str | None) -> JSONResponse:
@@ -275,91 +295,3 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
         retention = state.settings.stream_retention_seconds
         await state.redis.set(cancel_key(job_id), "1", ex=retention)
     return await _settled(state, job_id, tenant, 2.0)
-
-
-class Scheduler:
-    """Takes waiting jobs into slots, one per tenant in turn, on every gateway."""
-
-    def __init__(self, state: AppState):
-        self.state = state
-        self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.pass_once()
-            except RedisError as exc:
-                log.warning("job scheduler: %s", exc)
-            except Exception:  # a bad record must not stop every tenant's jobs
-                log.exception("job scheduler pass failed")
-            await asyncio.sleep(SCHEDULE_EVERY)
-
-    async def pass_once(self) -> None:
-        redis = self.state.redis
-        await self._keep_submitted_leases()
-        for raw in await redis.smembers(TENANTS_WAITING):
-            tenant = raw.decode()
-            job_id = await redis.lpop(waiting_key(tenant))
-            if job_id is None:
-                await redis.srem(TENANTS_WAITING, tenant)
-                continue
-            job_id = job_id.decode()
-            record = {
-                k.decode(): v.decode() for k, v in (await redis.hgetall(record_key(job_id))).items()
-            }
-            if not record or record["state"] != "waiting":
-                continue  # cancelled or expired meanwhile
-            try:
-                lease = await self.state.admission.acquire(tenant, record["tier"], job_id)
-            except TooManyRequests:
-                await redis.lpush(waiting_key(tenant), job_id)  # its turn comes again
-                continue
-            if not await redis.eval(MOVE, 1, record_key(job_id), "waiting", "submitted"):
-                await self.state.admission.release(lease)  # cancelled while it was taken
-                continue
-            try:
-                await self._submit(job_id, record)
-            except Exception:  # not enqueued: the slot back, the job first in line again
-                await self.state.admission.release(lease)
-                await redis.hset(record_key(job_id), "state", "waiting")
-                await redis.hdel(SUBMITTED, job_id)
-                await redis.lpush(waiting_key(tenant), job_id)
-                raise
-
-    async def _submit(self, job_id: str, record: dict) -> None:
-        redis = self.state.redis
-        retention = self.state.settings.stream_retention_seconds
-        images = record["type"] == "images"
-        spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
-        spec.enqueued_at = time.time()
-        family = "images" if images else "openai-chat"
-        meta = JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
-        await redis.set(meta_key(job_id), meta.dump(), ex=retention)
-        await redis.hset(SUBMITTED, job_id, record["tenant_id"])
-
-        def send() -> None:
-            self.state.celery.send_task(
-                IMAGES_TASK if images else CHAT_TASK,
-                args=[spec.model_dump(mode="json")],
-                task_id=job_id,
-                queue=SD_QUEUE if images else LLAVA_QUEUE,
-            )
-
-        await anyio.to_thread.run_sync(send)
-
-    async def _keep_submitted_leases(self) -> None:
-        """Renew the slot of each job enqueued but not yet started, three times per lease TTL;
-        its worker takes over once it starts."""
-        now = time.monotonic()
-        if now - self._renewed_at < self.state.settings.lease_ttl_seconds / 3:
-            return
-        self._renewed_at = now
-        redis = self.state.redis
-        for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items():
-            job_id, tenant = raw_id.decode(), raw_tenant.decode()
-            if await redis.exists(started_key(job_id)) or not await redis.exists(
-                record_key(job_id)
-            ):
-                await redis.hdel(SUBMITTED, job_id)
-                continue
-            await self.state.admission.renew(Lease(tenant, job_id))

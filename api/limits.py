@@ -8,12 +8,13 @@ from api.errors import error_body, error_body_openai
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = uploads or {}  # path: its own (larger) limit, e.g. dataset uploads
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"request body is larger than the limit of {self.max_bytes} bytes"
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
+        message = f"request body is larger than the limit of {limit} bytes"
         if scope["path"].startswith("/v1/"):
             shaped = error_body_openai(413, message, code="payload_too_large")
         else:
@@ -35,9 +36,10 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limit = self.uploads.get(scope["path"], self.max_bytes)
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(scope, send)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(scope, send, limit)
                 return
         # Read the body up to the limit (it is read whole by the app anyway), then replay it.
         chunks, size, more = [], 0, True
@@ -47,8 +49,8 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, send)
+            if size > limit:
+                await self._refuse(scope, send, limit)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)

@@ -17,6 +17,22 @@ class GatewaySettings(ModelSettings):
     ssl_keyfile: Path | None = None
     # Largest request body accepted, in bytes (HTTP 413 above it).
     max_body_bytes: int = 20 * 1024 * 1024
+    # Uploads (fine-tuning datasets) may be larger, up to this; each tier has its own limit too.
+    max_upload_bytes: int = 256 * 1024 * 1024
+    # Job webhooks: networks they may reach besides public addresses (CIDRs, e.g. an
+    # internal receiver's); how long a receiver has to answer; attempts before giving up, and
+    # the backoff between them (base x 2^(attempt - 1), at most the cap).
+    webhook_allowed_networks: list[str] = Field(default_factory=list)
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_base_seconds: float = 5.0
+    webhook_backoff_cap_seconds: float = 3600.0
+    webhook_poll_seconds: float = 0.5
+    # Batches: most lines in one, and how long a finished batch and its output are kept.
+    batch_max_lines: int = 10_000
+    batch_retention_seconds: int = 7 * 24 * 3600
+    # Fine-tuning: most images in a dataset.
+    dataset_max_images: int = 1000
     # Largest image accepted, in pixels (decompression bombs are refused).
     max_image_pixels: int = 4096 * 4096
     max_images_per_request: int = 8

@@ -16,6 +16,7 @@ from api.metrics import GatewayMetrics
 from api.settings import GatewaySettings
 from billing.db import async_engine, async_session_factory
 from billing.tenants import KeyOwner
+from storage import Storage
 from workers.contract import celery_config
 
 
@@ -29,6 +30,7 @@ class AppState:
     celery: Celery
     key_cache: TTLCache[str, KeyOwner]
     metrics: GatewayMetrics
+    storage: Storage
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, work: Coroutine) -> None:
@@ -69,6 +71,7 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
             celery=celery,
             key_cache=TTLCache(maxsize=100_000, ttl=settings.auth_cache_seconds),
             metrics=metrics,
+            storage=Storage(settings.storage_url),
         )
         for work in background:
             state.spawn(work(state))

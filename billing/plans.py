@@ -19,6 +19,9 @@ class Plan(BaseModel):
     concurrency: int  # requests in flight
     included_gpu_seconds: float  # per billing period
     overage_usd_per_gpu_second: Decimal | None  # None: no overage, the plan stops at its allowance
+    # Fine-tuning: jobs queued or running at once, and a dataset's size (uncompressed bytes).
+    training_jobs: int = 1
+    dataset_bytes: int = 50 * 1024 * 1024
 
 
 DEFAULT_PLANS: dict[str, Plan] = {
@@ -39,6 +42,8 @@ DEFAULT_PLANS: dict[str, Plan] = {
             concurrency=3,
             included_gpu_seconds=36_000,
             overage_usd_per_gpu_second=Decimal("0.0006"),
+            training_jobs=2,
+            dataset_bytes=200 * 1024 * 1024,
         ),
         Plan(
             tier="max",
@@ -47,6 +52,8 @@ DEFAULT_PLANS: dict[str, Plan] = {
             concurrency=10,
             included_gpu_seconds=360_000,
             overage_usd_per_gpu_second=Decimal("0.0004"),
+            training_jobs=4,
+            dataset_bytes=1024 * 1024 * 1024,
         ),
     )
 }

@@ -61,6 +61,8 @@ class ModelSettings(StackSettings):
     llava_path: Path | None = None
     sd_model: str = "stable-diffusion"
     sd_path: Path | None = None
+    # Uploads, results and adapters: a directory, or an fsspec URL (s3://bucket/prefix).
+    storage_url: str = ".gpuhost/storage"
 
     def llava_weights(self) -> Path:
         return self.llava_path or self.models_dir / self.llava_model

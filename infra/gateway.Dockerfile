@@ -7,12 +7,17 @@ COPY api api
 COPY workers workers
 COPY billing billing
 COPY migrations migrations
+COPY storage storage
+COPY tuning tuning
+COPY webhooks webhooks
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.12-slim
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin gpuhost
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# the storage volume's mount point, writable by the service user (GPUHOST_STORAGE_URL)
+RUN mkdir -p /data/storage && chown 10001:10001 /data/storage
 USER 10001
 WORKDIR /home/gpuhost
 ENV PYTHONUNBUFFERED=1 GPUHOST_LISTEN_HOST=0.0.0.0 GPUHOST_LISTEN_PORT=8080

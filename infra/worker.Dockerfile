@@ -13,9 +13,14 @@ COPY api api
 COPY workers workers
 COPY billing billing
 COPY migrations migrations
+COPY storage storage
+COPY tuning tuning
+COPY webhooks webhooks
 # vLLM pins the torch it is built for; it comes first and the project follows it.
 RUN pip install --no-cache-dir "vllm>=0.10" && pip install --no-cache-dir ".[models]" \
     && rm -rf /src
+# the storage volume's mount point, writable by the service user (GPUHOST_STORAGE_URL)
+RUN mkdir -p /data/storage && chown 10001:10001 /data/storage
 USER 10001
 WORKDIR /home/gpuhost
 ENV PYTHONUNBUFFERED=1 GPUHOST_DEVICE=cuda GPUHOST_MODELS_DIR=/models \

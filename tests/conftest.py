@@ -118,8 +118,14 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack_env(database_url, redis_url, models_dir) -> dict[str, str]:
+def stack_env(database_url, redis_url, models_dir, tmp_path_factory) -> dict[str, str]:
     return {
+        "GPUHOST_STORAGE_URL": str(tmp_path_factory.mktemp("storage")),
+        "GPUHOST_TRAIN_STALE_SECONDS": "3",
+        # the tests' webhook receivers listen on loopback; retries come quickly
+        "GPUHOST_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+        "GPUHOST_WEBHOOK_BACKOFF_BASE_SECONDS": "0.2",
+        "GPUHOST_WEBHOOK_MAX_ATTEMPTS": "3",
         "GPUHOST_DATABASE_URL": database_url,
         "GPUHOST_REDIS_URL": redis_url,
         "GPUHOST_MODELS_DIR": str(models_dir),

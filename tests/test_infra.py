@@ -68,15 +68,22 @@ def test_compose_services_and_images():
         "gateway",
         "worker-llava",
         "worker-sd",
+        "worker-train",
         "relay",
         "prometheus",
     } <= set(services)
     for name in ("worker-llava", "worker-sd"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
+    pyproject = (INFRA.parent / "pyproject.toml").read_text()
+    packages = re.search(r"include = \[(.*)\]", pyproject).group(1)
+    packages = {name.strip(' "*') for name in packages.split(",")}
+    assert {"api", "workers", "billing", "storage", "tuning", "webhooks"} <= packages
     for dockerfile in ("gateway.Dockerfile", "worker.Dockerfile"):
         text = (INFRA / dockerfile).read_text()
         assert "USER 10001" in text and "HEALTHCHECK" in text
+        for package in packages:  # the image holds every package the project installs
+            assert f"COPY {package} {package}" in text, (dockerfile, package)
     assert "[models]" not in (INFRA / "gateway.Dockerfile").read_text()  # no model runtimes
 
 

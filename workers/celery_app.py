@@ -5,6 +5,7 @@ from celery import Celery
 
 from billing.db import session_factory, sync_engine
 from billing.usage_writer import UsageWriter
+from storage import Storage
 from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, celery_config
 from workers.settings import WorkerSettings
 from workers.status import StatusPublisher
@@ -22,6 +23,7 @@ def load_engine(settings: WorkerSettings):
             device=settings.device,
             max_batch_images=settings.sd_max_batch_images,
             batch_window_seconds=settings.sd_batch_window_seconds,
+            storage=Storage(settings.storage_url),
         )
     if settings.engine == "echo":
         from workers.engines.echo import EchoEngine

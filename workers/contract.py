@@ -13,8 +13,11 @@ LLAVA_QUEUE = "llava"
 SD_QUEUE = "sd"  # reserved for Stable Diffusion workers
 QUEUES = (LLAVA_QUEUE, SD_QUEUE)
 
+TRAIN_QUEUE = "train"  # LoRA fine-tuning of Stable Diffusion (tuning/)
+
 CHAT_TASK = "gpuhost.llava.chat"
 IMAGES_TASK = "gpuhost.sd.images"
+TRAIN_TASK = "gpuhost.sd.train"
 
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 
@@ -108,7 +111,11 @@ def celery_config(
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_routes": {CHAT_TASK: {"queue": LLAVA_QUEUE}, IMAGES_TASK: {"queue": SD_QUEUE}},
+        "task_routes": {
+            CHAT_TASK: {"queue": LLAVA_QUEUE},
+            IMAGES_TASK: {"queue": SD_QUEUE},
+            TRAIN_TASK: {"queue": TRAIN_QUEUE},
+        },
         "worker_hijack_root_logger": False,
     }
 
@@ -196,7 +203,9 @@ class ImageJob(BaseModel):
     image: str | None = None  # base64, validated by the gateway
     mask: str | None = None
     strength: float = 0.8
-    lora: str | None = None
+    lora: str | None = None  # an adapter id: its file is `lora_key` in storage
+    lora_key: str | None = None
+    lora_weight: float = 1.0
     enqueued_at: float
 
 

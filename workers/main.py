@@ -8,4 +8,10 @@ def main(queue: str, concurrency: int | None = None) -> None:
     overrides: dict = {"queue": queue}
     if concurrency is not None:
         overrides["concurrency"] = concurrency
-    run_worker(WorkerSettings(**overrides))
+    settings = WorkerSettings(**overrides)
+    if settings.queue == "train":
+        from tuning.worker import run_train_worker
+
+        run_train_worker(settings)
+    else:
+        run_worker(settings)

@@ -6,7 +6,7 @@ from billing.settings import ModelSettings
 
 
 class WorkerSettings(ModelSettings):
-    queue: Literal["llava", "sd"] = "llava"
+    queue: Literal["llava", "sd", "train"] = "llava"
     # Requests a worker process takes from the queue at once (Celery threads).
     concurrency: int = 4
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -30,3 +30,6 @@ class WorkerSettings(ModelSettings):
     metrics_port: int = 0
     # A running job's claim expires this long after its worker stops renewing it.
     claim_ttl_seconds: float = 15.0
+    # Fine-tuning: a running job whose worker has not reported for this long is presumed
+    # lost and queued again (it resumes from its last checkpoint).
+    train_stale_seconds: float = 120.0

@@ -42,13 +42,22 @@ class ImagesRequest(BaseModel):
     image: str | None = None
     mask: str | None = None
     strength: float = Field(0.8, gt=0, le=1)
-    lora: str | None = Field(None, min_length=1, max_length=200)
+    lora: str | None = Field(None, min_length=1, max_length=64, description="an adapter id")
+    lora_weight: float = Field(1.0, ge=-4, le=4, description="how strongly the adapter applies")
     stream: bool = False
 
     _check_width = field_validator("width")(lambda cls, v: _multiple_of_8(v))
     _check_height = field_validator("height")(lambda cls, v: _multiple_of_8(v))
 
-    def to_job(self, owner, request_id: str, model: str, limits: ImageLimits) -> ImageJob:
+    def to_job(
+        self,
+        owner,
+        request_id: str,
+        model: str,
+        limits: ImageLimits,
+        lora_key: str | None = None,
+    ) -> ImageJob:
+        """The worker's job; `lora_key`: where the (already checked) adapter's file is."""
         if self.n > limits.max_n:
             raise BadRequest(
                 f"field 'n': {self.n} images; the {owner.tier} tier allows at most "
@@ -98,6 +107,8 @@ class ImagesRequest(BaseModel):
             mask=mask,
             strength=self.strength,
             lora=self.lora,
+            lora_key=lora_key,
+            lora_weight=self.lora_weight,
             enqueued_at=time.time(),
         )
 

@@ -17,7 +17,8 @@ from api.ollama.schemas import NS, new_request_id, timestamp
 from api.sd.schemas import ImageLimits, ImagesRequest
 from api.state import AppState
 from billing.tenants import KeyOwner
-from workers.contract import ImagesChunk, ProgressChunk
+from tuning import service as tuning
+from workers.contract import ImageJob, ImagesChunk, ProgressChunk
 
 NDJSON = "application/x-ndjson"
 
@@ -44,14 +45,31 @@ class ImageServing:
             max_n=s.sd_images_per_request.get(tier, 1),
         )
 
+    async def job(self, body: ImagesRequest, owner: KeyOwner, request_id: str) -> ImageJob:
+        """The worker's job for `body`; its adapter, if any, must be this tenant's and made
+        for this model."""
+        model = self._model(body.model)
+        lora_key = None
+        if body.lora is not None:
+            async with self.state.sessions() as session:
+                adapter = await tuning.get_adapter(session, owner.tenant_id, body.lora)
+            if adapter is None:
+                raise NotFound(f"field 'lora': adapter '{body.lora}' not found", param="lora")
+            if adapter.model != model:
+                raise BadRequest(
+                    f"field 'lora': adapter '{body.lora}' was trained for '{adapter.model}', "
+                    f"not '{model}'",
+                    param="lora",
+                )
+            lora_key = adapter.key
+        return body.to_job(owner, request_id, model, self._limits(owner.tier), lora_key)
+
     async def run(
         self, body: ImagesRequest, owner: KeyOwner, request: Request
     ) -> tuple[ImagesChunk, str, float]:
         """Run to completion: (final chunk, request id, start time)."""
         started = time.time()
-        spec = body.to_job(
-            owner, new_request_id(), self._model(body.model), self._limits(owner.tier)
-        )
+        spec = await self.job(body, owner, new_request_id())
         job, first = await submit(self.state, spec, owner, "images", request)
         _, final = await complete(job, first, request)
         return final, spec.request_id, started
@@ -66,9 +84,7 @@ class ImageServing:
 
     async def _native_stream(self, body: ImagesRequest, owner: KeyOwner, request: Request):
         started = time.time()
-        spec = body.to_job(
-            owner, new_request_id(), self._model(body.model), self._limits(owner.tier)
-        )
+        spec = await self.job(body, owner, new_request_id())
         job, first = await submit(self.state, spec, owner, "images", request)
 
         async def lines() -> AsyncIterator[str]:

@@ -181,16 +181,14 @@ class TestBadInput:
         assert message in response.json()["error"]
         assert in_flight(redis_client, tenant_id) == 0
 
-    def test_an_unknown_lora_adapter_is_refused_by_the_worker(
-        self, gateway, tenant_factory, sessions, redis_client
+    def test_an_unknown_lora_adapter_is_refused_at_the_door(
+        self, gateway, tenant_factory, redis_client
     ):
         tenant_id, key, _ = tenant_factory.create("free")
         response = images(gateway, key, lora="my-style")
-        assert response.status_code == 400
-        assert "LoRA adapter 'my-style' not found" in response.json()["error"]
-        [record] = usage_rows(sessions, response.headers["x-request-id"])
-        assert record.status == "rejected" and record.gpu_seconds == 0
-        assert in_flight(redis_client, tenant_id) == 0
+        assert response.status_code == 404
+        assert "field 'lora': adapter 'my-style' not found" in response.json()["error"]
+        assert in_flight(redis_client, tenant_id) == 0  # nothing was held or queued
 
 
 class TestOpenAIImages:

@@ -15,6 +15,16 @@ TENANT_SCOPED = {
     "/api/jobs/{request_id}/stream",
     "/v1/jobs/{job_id}",  # and its cancel: tests/api/test_async_jobs.py
     "/v1/jobs/{job_id}/cancel",
+    "/v1/jobs/{job_id}/webhooks",  # tests/webhooks/test_webhooks.py
+    # batches: tests/api/test_batches.py
+    "/v1/batches/{batch_id}",
+    "/v1/batches/{batch_id}/cancel",
+    "/v1/batches/{batch_id}/output",
+    # fine-tuning jobs and adapters: tests/tuning/test_fine_tuning.py
+    "/v1/fine_tuning/jobs/{job_id}",
+    "/v1/fine_tuning/jobs/{job_id}/cancel",
+    "/v1/adapters/{adapter_id}",
+    "/v1/adapters/{adapter_id}/content",
 }
 OPERATOR_ONLY = {
     "/admin/tenants/{tenant_id}",

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,10 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
+from storage import Storage
 from workers.contract import ImageJob
 from workers.engines.attention import without_cudnn_attention
 from workers.engines.base import InvalidRequest
@@ -83,6 +87,7 @@ class _Request:
             j.guidance_scale,
             j.strength,
             j.lora,
+            j.lora_weight,
         )
 
 
@@ -104,6 +109,8 @@ class DiffusionEngine:
         device: str = "auto",
         max_batch_images: int = 8,
         batch_window_seconds: float = 0.0,
+        storage: Storage | None = None,
+        max_adapters: int = 8,
     ):
         self.model_name = model_name
         self.device = torch.device(
@@ -115,6 +122,11 @@ class DiffusionEngine:
         self.max_batch_images = max_batch_images
         # An idle engine given a request waits this long for others of its shape to join it.
         self.batch_window_seconds = batch_window_seconds
+        # LoRA adapters (from fine-tuning) are read from storage on first use and kept
+        # loaded, the least recently used one unloaded beyond `max_adapters`.
+        self.storage = storage
+        self.max_adapters = max_adapters
+        self._adapters: OrderedDict[str, None] = OrderedDict()
         started = time.perf_counter()
         log.info("loading %s from %s on %s", model_name, path, self.device)
         text = StableDiffusionPipeline.from_pretrained(path, dtype=self.dtype)
@@ -144,7 +156,7 @@ class DiffusionEngine:
     # -- the calling (Celery task) thread ------------------------------------------------------
 
     def render(self, job: ImageJob, sink: ProgressSink) -> Rendering:
-        if job.lora is not None:
+        if job.lora is not None and (self.storage is None or job.lora_key is None):
             raise InvalidRequest(f"LoRA adapter '{job.lora}' not found")
         image = _decode(job.image, "RGB") if job.image else None
         mask = _decode(job.mask, "L") if job.mask else None
@@ -250,6 +262,7 @@ class DiffusionEngine:
     def _render(self, batch: list[_Request]) -> None:
         first = batch[0].job
         pipe = self.pipelines[first.kind]
+        self._use_adapter(first)
         pipe.scheduler = SCHEDULERS[first.scheduler].from_config(self.scheduler_config)
         prompts, negatives, generators, owners = [], [], [], []
         images, masks = [], []
@@ -312,6 +325,27 @@ class DiffusionEngine:
                 cancelled=cancelled,
             )
             request.done.set()
+
+    def _use_adapter(self, job: ImageJob) -> None:
+        """Put the batch's adapter (or none) on the UNet the three pipelines share."""
+        text = self.pipelines["txt2img"]
+        if job.lora is None:
+            if self._adapters:
+                text.disable_lora()
+            return
+        if job.lora not in self._adapters:
+            try:
+                state = load_safetensors(self.storage.get(job.lora_key))
+            except (FileNotFoundError, SafetensorError) as exc:
+                raise InvalidRequest(f"LoRA adapter '{job.lora}' not found") from exc
+            text.load_lora_weights(state, adapter_name=job.lora)
+            self._adapters[job.lora] = None
+            while len(self._adapters) > self.max_adapters:
+                old, _ = self._adapters.popitem(last=False)
+                text.delete_adapters(old)
+        self._adapters.move_to_end(job.lora)
+        text.enable_lora()
+        text.set_adapters([job.lora], adapter_weights=[job.lora_weight])
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

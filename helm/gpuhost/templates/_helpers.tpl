@@ -46,6 +46,8 @@ app.kubernetes.io/component: {{ .component }}
 - name: GPUHOST_REDIS_URL
   valueFrom:
     secretKeyRef: {name: {{ include "gpuhost.secretName" . }}, key: redis-url}
+- name: GPUHOST_STORAGE_URL
+  value: {{ .Values.storage.url | default .Values.storage.mountPath | quote }}
 {{- if .Values.plans }}
 - name: GPUHOST_PLANS
   valueFrom:
@@ -83,5 +85,23 @@ imagePullSecrets:
 {{- range . }}
   - name: {{ . }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "gpuhost.storageMount" -}}
+{{- if not .Values.storage.url }}
+- {name: storage, mountPath: {{ .Values.storage.mountPath | quote }}}
+{{- end }}
+{{- end -}}
+
+{{- define "gpuhost.storageVolume" -}}
+{{- if not .Values.storage.url }}
+- name: storage
+  {{- if .Values.storage.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.storage.existingClaim }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
 {{- end }}
 {{- end -}}

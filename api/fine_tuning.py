@@ -1,0 +1,264 @@
+"""Fine-tuning (`/v1/fine_tuning/jobs`) and the adapters it makes (`/v1/adapters`).
+
+A job is a dataset upload (a zip of images with captions, checked here before anything is
+kept) and training settings; it runs on a train worker as LoRA training of the Stable
+Diffusion UNet, reporting step and loss, checkpointing, resuming after a lost worker. It ends
+with an adapter the tenant owns and uses by id in image requests (`lora`, `lora_weight`).
+Each tier has a limit on jobs queued or running at once and on a dataset's size. Everything is
+tenant-scoped: another tenant's id is a 404.
+"""
+
+import logging
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from api.deps import InferenceKey, StateDep
+from api.dispatch import check_quota
+from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
+from api.sd.serving import ImageServing
+from api.state import AppState
+from storage import tenant_key
+from tuning import dataset
+from tuning import service as tuning
+from tuning.models import Adapter, FineTune, FineTuneSegment
+from tuning.params import TrainParams
+from workers.contract import TRAIN_QUEUE, TRAIN_TASK
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["fine-tuning"])
+JOBS = "/v1/fine_tuning/jobs"
+
+
+def _time(moment) -> int | None:
+    return int(moment.timestamp()) if moment else None
+
+
+def job_view(job: FineTune, segments: list[FineTuneSegment] | None = None) -> dict:
+    view = {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "model": job.model,
+        "status": job.status,
+        "created_at": _time(job.created_at),
+        "started_at": _time(job.started_at),
+        "finished_at": _time(job.finished_at),
+        "params": job.params,
+        "dataset": {"images": job.dataset_images, "bytes": job.dataset_bytes},
+        "progress": {"step": job.step, "steps": job.params["steps"], "loss": job.loss},
+        "checkpoint_step": job.checkpoint_step,
+        "attempts": job.attempts,
+        "gpu_seconds": job.gpu_seconds,
+        "adapter_id": job.adapter_id,
+        "error": job.error,
+    }
+    if segments is not None:
+        view["checkpoints"] = [
+            {
+                "step": s.to_step,
+                "from_step": s.from_step,
+                "loss": s.loss,
+                "gpu_seconds": s.gpu_seconds,
+            }
+            for s in segments
+        ]
+    return view
+
+
+def adapter_view(adapter: Adapter) -> dict:
+    return {
+        "id": adapter.id,
+        "object": "adapter",
+        "model": adapter.model,
+        "fine_tune_id": adapter.fine_tune_id,
+        "rank": adapter.rank,
+        "bytes": adapter.size_bytes,
+        "created_at": _time(adapter.created_at),
+    }
+
+
+def _params(fields: dict) -> dict:
+    try:
+        return TrainParams(**{k: v for k, v in fields.items() if v is not None}).model_dump()
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        name = ".".join(str(part) for part in error["loc"])
+        raise BadRequest(f"field '{name}': {error['msg']}", param=name) from None
+
+
+async def _job(state: AppState, owner, job_id: str) -> FineTune:
+    async with state.sessions() as session:
+        job = await tuning.get(session, owner.tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"fine-tuning job {job_id} not found")
+    return job
+
+
+@router.post(JOBS, status_code=201)
+async def create(
+    owner: InferenceKey,
+    state: StateDep,
+    dataset_file: Annotated[UploadFile, File(alias="dataset")],
+    model: Annotated[str | None, Form()] = None,
+    steps: Annotated[int | None, Form()] = None,
+    rank: Annotated[int | None, Form()] = None,
+    learning_rate: Annotated[float | None, Form()] = None,
+    batch_size: Annotated[int | None, Form()] = None,
+    resolution: Annotated[int | None, Form()] = None,
+    seed: Annotated[int | None, Form()] = None,
+    checkpoint_every: Annotated[int | None, Form()] = None,
+) -> JSONResponse:
+    """Upload a dataset (multipart field `dataset`: a zip of images with captions) and train a
+    LoRA adapter on it. Answers at once with the queued job; poll it for progress."""
+    tier = await check_quota(state, owner)
+    plan = state.settings.plans[tier]
+    model_name = ImageServing(state)._model(model)
+    params = _params(
+        {
+            "steps": steps,
+            "rank": rank,
+            "learning_rate": learning_rate,
+            "batch_size": batch_size,
+            "resolution": resolution,
+            "seed": seed,
+            "checkpoint_every": checkpoint_every,
+        }
+    )
+    if params["resolution"] is not None and params["resolution"] > state.settings.sd_max_side:
+        raise BadRequest(
+            f"field 'resolution': {params['resolution']} is over the limit of "
+            f"{state.settings.sd_max_side} pixels",
+            param="resolution",
+        )
+    data = await dataset_file.read()
+    if len(data) > plan.dataset_bytes:
+        raise PayloadTooLarge(
+            f"dataset: {len(data)} bytes; the {plan.name} plan allows {plan.dataset_bytes}",
+            param="dataset",
+        )
+    limits = dataset.DatasetLimits(
+        max_images=state.settings.dataset_max_images,
+        max_bytes=plan.dataset_bytes,
+        max_pixels=state.settings.max_image_pixels,
+    )
+    try:
+        examples = await anyio.to_thread.run_sync(dataset.validate, data, limits)
+    except dataset.DatasetError as exc:
+        error = PayloadTooLarge if exc.too_large else BadRequest
+        raise error(str(exc), param="dataset") from None
+    job_id = tuning.new_id("ft")
+    key = tenant_key(owner.tenant_id, "datasets", f"{job_id}.zip")
+    await anyio.to_thread.run_sync(state.storage.put, key, data)
+    try:
+        async with state.sessions() as session, session.begin():
+            job = await tuning.create(
+                session,
+                job_id=job_id,
+                tenant_id=owner.tenant_id,
+                api_key_id=owner.key_id,
+                model=model_name,
+                params=params,
+                dataset_key=key,
+                dataset_images=len(examples),
+                dataset_bytes=len(data),
+                max_active=plan.training_jobs,
+            )
+            view = job_view(job)
+    except tuning.LimitReached:
+        await anyio.to_thread.run_sync(state.storage.delete, key)
+        raise TooManyRequests(
+            f"the {plan.name} plan allows {plan.training_jobs} fine-tuning job(s) queued or "
+            "running at once; wait for one to finish or cancel one"
+        ) from None
+    except BaseException:
+        await anyio.to_thread.run_sync(state.storage.delete, key)
+        raise
+    try:  # enqueued only after the commit it depends on
+        await anyio.to_thread.run_sync(
+            lambda: state.celery.send_task(
+                TRAIN_TASK, args=[{"fine_tune_id": job_id}], queue=TRAIN_QUEUE
+            )
+        )
+    except Exception as exc:
+        async with state.sessions() as session, session.begin():
+            job = await tuning.get(session, owner.tenant_id, job_id)
+            await tuning.request_cancel(session, job)
+            job.error = "could not be queued"
+        raise Unavailable(f"the training queue is unavailable ({exc}); try again") from exc
+    return JSONResponse(view, status_code=201)
+
+
+@router.get(JOBS)
+async def list_jobs(
+    owner: InferenceKey, state: StateDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> dict:
+    async with state.sessions() as session:
+        jobs = await tuning.list_for(session, owner.tenant_id, limit)
+    return {"object": "list", "data": [job_view(job) for job in jobs]}
+
+
+@router.get(JOBS + "/{job_id}")
+async def get(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
+    job = await _job(state, owner, job_id)
+    async with state.sessions() as session:
+        segments = await tuning.segments(session, job_id)
+    return job_view(job, segments)
+
+
+@router.post(JOBS + "/{job_id}/cancel")
+async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
+    """A queued job never runs; a running one stops at its next step and is billed for the
+    steps it ran. A finished job is left as it is."""
+    async with state.sessions() as session, session.begin():
+        job = await tuning.get(session, owner.tenant_id, job_id)
+        if job is None:
+            raise NotFound(f"fine-tuning job {job_id} not found")
+        await tuning.request_cancel(session, job)
+        return job_view(job)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(owner: InferenceKey, state: StateDep) -> dict:
+    async with state.sessions() as session:
+        adapters = await tuning.list_adapters(session, owner.tenant_id)
+    return {"object": "list", "data": [adapter_view(a) for a in adapters]}
+
+
+async def _adapter(state: AppState, owner, adapter_id: str) -> Adapter:
+    async with state.sessions() as session:
+        adapter = await tuning.get_adapter(session, owner.tenant_id, adapter_id)
+    if adapter is None:
+        raise NotFound(f"adapter {adapter_id} not found")
+    return adapter
+
+
+@router.get("/v1/adapters/{adapter_id}")
+async def get_adapter(adapter_id: str, owner: InferenceKey, state: StateDep) -> dict:
+    return adapter_view(await _adapter(state, owner, adapter_id))
+
+
+@router.get("/v1/adapters/{adapter_id}/content")
+async def adapter_content(adapter_id: str, owner: InferenceKey, state: StateDep) -> Response:
+    """The adapter's weights: diffusers' LoRA format (safetensors), loadable elsewhere too."""
+    adapter = await _adapter(state, owner, adapter_id)
+    data = await anyio.to_thread.run_sync(state.storage.get, adapter.key)
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{adapter.id}.safetensors"'},
+    )
+
+
+@router.delete("/v1/adapters/{adapter_id}")
+async def delete_adapter(adapter_id: str, owner: InferenceKey, state: StateDep) -> dict:
+    async with state.sessions() as session, session.begin():
+        adapter = await tuning.get_adapter(session, owner.tenant_id, adapter_id)
+        if adapter is None:
+            raise NotFound(f"adapter {adapter_id} not found")
+        key = adapter.key
+        await tuning.delete_adapter(session, adapter)
+    await anyio.to_thread.run_sync(state.storage.delete, key)
+    return {"id": adapter_id, "object": "adapter", "deleted": True}

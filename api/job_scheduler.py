@@ -1,0 +1,183 @@
+"""The job schedulers: every gateway runs one. Each pass takes waiting jobs into slots, one
+per tenant in turn (fair across tenants); keeps the slot leases of jobs enqueued but not yet
+started; records webhook events as jobs start and end; then runs the parts given to it
+(batches, whose lines start only when no job waits)."""
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+import anyio
+from redis.exceptions import RedisError
+
+from api.admission import Lease
+from api.async_jobs import (
+    FINISHED,
+    HOOKED,
+    MOVE,
+    SUBMITTED,
+    TENANTS_WAITING,
+    _view,
+    record_key,
+    waiting_key,
+)
+from api.dispatch import JobMeta
+from api.errors import TooManyRequests
+from api.state import AppState
+from webhooks import service as webhooks
+from workers.contract import (
+    CHAT_TASK,
+    IMAGES_TASK,
+    LLAVA_QUEUE,
+    SD_QUEUE,
+    ChatJob,
+    ImageJob,
+    meta_key,
+    started_key,
+)
+
+log = logging.getLogger(__name__)
+SCHEDULE_EVERY = 0.1
+
+
+class Scheduler:
+    """Takes waiting jobs into slots, one per tenant in turn, on every gateway."""
+
+    def __init__(self, state: AppState, then=()):
+        """`then`: makers of (state, scheduler) -> a part with `pass_once`, run after the
+        waiting jobs in each pass (api.batches.BatchRunner)."""
+        self.state = state
+        self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
+        self._observed_at = 0.0
+        self.then = [make(state, self) for make in then]
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.pass_once()
+            except RedisError as exc:
+                log.warning("job scheduler: %s", exc)
+            except Exception:  # a bad record must not stop every tenant's jobs
+                log.exception("job scheduler pass failed")
+            await asyncio.sleep(SCHEDULE_EVERY)
+
+    async def pass_once(self) -> None:
+        redis = self.state.redis
+        await self._keep_submitted_leases()
+        await self._observe_webhooks()
+        for raw in await redis.smembers(TENANTS_WAITING):
+            tenant = raw.decode()
+            job_id = await redis.lpop(waiting_key(tenant))
+            if job_id is None:
+                await redis.srem(TENANTS_WAITING, tenant)
+                continue
+            job_id = job_id.decode()
+            record = {
+                k.decode(): v.decode() for k, v in (await redis.hgetall(record_key(job_id))).items()
+            }
+            if not record or record["state"] != "waiting":
+                continue  # cancelled or expired meanwhile
+            try:
+                lease = await self.state.admission.acquire(tenant, record["tier"], job_id)
+            except TooManyRequests:
+                await redis.lpush(waiting_key(tenant), job_id)  # its turn comes again
+                continue
+            if not await redis.eval(MOVE, 1, record_key(job_id), "waiting", "submitted"):
+                await self.state.admission.release(lease)  # cancelled while it was taken
+                continue
+            try:
+                await self._submit(job_id, record)
+            except Exception:  # not enqueued: the slot back, the job first in line again
+                await self.state.admission.release(lease)
+                await redis.hset(record_key(job_id), "state", "waiting")
+                await redis.hdel(SUBMITTED, job_id)
+                await redis.lpush(waiting_key(tenant), job_id)
+                raise
+
+        for part in self.then:
+            await part.pass_once()
+
+    async def _submit(self, job_id: str, record: dict) -> None:
+        redis = self.state.redis
+        retention = self.state.settings.stream_retention_seconds
+        images = record["type"] == "images"
+        spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
+        spec.enqueued_at = time.time()
+        family = "images" if images else "openai-chat"
+        meta = JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
+        await redis.set(meta_key(job_id), meta.dump(), ex=retention)
+        await redis.hset(SUBMITTED, job_id, record["tenant_id"])
+
+        def send() -> None:
+            self.state.celery.send_task(
+                IMAGES_TASK if images else CHAT_TASK,
+                args=[spec.model_dump(mode="json")],
+                task_id=job_id,
+                queue=SD_QUEUE if images else LLAVA_QUEUE,
+            )
+
+        await anyio.to_thread.run_sync(send)
+
+    async def _keep_submitted_leases(self) -> None:
+        """Renew the slot of each job enqueued but not yet started, three times per lease TTL;
+        its worker takes over once it starts."""
+        now = time.monotonic()
+        if now - self._renewed_at < self.state.settings.lease_ttl_seconds / 3:
+            return
+        self._renewed_at = now
+        redis = self.state.redis
+        for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items():
+            job_id, tenant = raw_id.decode(), raw_tenant.decode()
+            if await redis.exists(started_key(job_id)) or not await redis.exists(
+                record_key(job_id)
+            ):
+                await redis.hdel(SUBMITTED, job_id)
+                continue
+            await self.state.admission.renew(Lease(tenant, job_id))
+
+    async def _observe_webhooks(self) -> None:
+        """Record the events of jobs with webhooks as they happen (the sender delivers them);
+        a job leaves the watch once its last event is recorded."""
+        now = time.monotonic()
+        if now - self._observed_at < self.state.settings.webhook_poll_seconds:
+            return
+        self._observed_at = now
+        redis = self.state.redis
+        for raw in await redis.smembers(HOOKED):
+            job_id = raw.decode()
+            record = {
+                k.decode(): v.decode() for k, v in (await redis.hgetall(record_key(job_id))).items()
+            }
+            if not record:
+                await redis.srem(HOOKED, job_id)  # expired
+                continue
+            view = await _view(self.state, job_id, record["tenant_id"])
+            events = record["webhook_events"].split(",")
+            due = []
+            started = view["status"] in ("running", "succeeded", "failed") or (
+                view["status"] == "canceled" and await redis.exists(started_key(job_id))
+            )
+            if "start" in events and started:
+                due.append("start")
+            if "completed" in events and view["status"] in FINISHED:
+                due.append("completed")
+            if due:
+                async with self.state.sessions() as session, session.begin():
+                    for event in due:
+                        payload = {
+                            "type": f"job.{event}",
+                            "timestamp": datetime.now(UTC).isoformat(),
+                            "data": view,
+                        }
+                        await webhooks.record(
+                            session,
+                            uuid.UUID(record["tenant_id"]),
+                            job_id,
+                            event,
+                            record["webhook_url"],
+                            payload,
+                        )
+            if view["status"] in FINISHED:
+                await redis.srem(HOOKED, job_id)

@@ -1,0 +1,52 @@
+"""The tenant's webhook signing secret, and the deliveries of a job's webhook."""
+
+from fastapi import APIRouter
+
+from api.async_jobs import record_key
+from api.deps import InferenceKey, StateDep
+from api.errors import NotFound
+from webhooks import service
+
+router = APIRouter(tags=["webhooks"])
+
+
+@router.get("/v1/webhooks/secret")
+async def secret(owner: InferenceKey, state: StateDep) -> dict:
+    """The key job webhooks are signed with (Standard Webhooks: verify `webhook-signature`,
+    an HMAC-SHA256 over `webhook-id.webhook-timestamp.body`, with it)."""
+    async with state.sessions() as session, session.begin():
+        return {"key": await service.secret_of(session, owner.tenant_id)}
+
+
+@router.post("/v1/webhooks/secret/rotate")
+async def rotate(owner: InferenceKey, state: StateDep) -> dict:
+    """A new key; deliveries from now on are signed with it."""
+    async with state.sessions() as session, session.begin():
+        return {"key": await service.rotate_secret(session, owner.tenant_id)}
+
+
+@router.get("/v1/jobs/{job_id}/webhooks")
+async def deliveries(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
+    """Each event sent for the job: its status, attempts and the receiver's last answer."""
+    async with state.sessions() as session:
+        rows = await service.of_job(session, owner.tenant_id, job_id)
+    if not rows:
+        tenant = await state.redis.hget(record_key(job_id), "tenant_id")
+        if tenant is None or tenant.decode() != str(owner.tenant_id):
+            raise NotFound(f"job {job_id} not found")
+    return {
+        "data": [
+            {
+                "id": str(row.id),
+                "event": row.event,
+                "url": row.url,
+                "status": row.status,
+                "attempts": row.attempts,
+                "last_status_code": row.last_status_code,
+                "last_error": row.last_error,
+                "created_at": row.created_at.isoformat(),
+                "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
+            }
+            for row in rows
+        ]
+    }

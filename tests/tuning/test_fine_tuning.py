@@ -1,0 +1,254 @@
+"""Fine-tuning end to end, on tiny Stable Diffusion through real train and sd workers: the
+loss goes down, the adapter changes images, a killed worker's job resumes from its checkpoint
+and every step is billed once, cancel stops and bills what ran, and another tenant can read,
+cancel or use none of it."""
+
+import base64
+import signal
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tests.helpers import auth, usage_rows
+from tests.stack import Worker, wait_for
+from tests.tuning.datasets import picture, striped, zipped
+from tuning.models import FineTuneSegment
+
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+class TrainWorkers:
+    """Train workers for this module; a test may kill one and start another."""
+
+    def __init__(self, env, broker, log_dir):
+        self.env, self.broker, self.log_dir = env, broker, log_dir
+        self.started: list[Worker] = []
+
+    def start(self) -> Worker:
+        name = f"train-worker-{len(self.started)}"
+        process = Worker(name, self.env, self.log_dir, self.broker, "train")
+        self.started.append(process)
+        process.wait_ready()
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def trainers(stack_env, redis_url, tmp_path_factory) -> Iterator[TrainWorkers]:
+    workers = TrainWorkers(stack_env, redis_url, tmp_path_factory.mktemp("train-logs"))
+    workers.start()
+    try:
+        yield workers
+    finally:
+        workers.stop_all()
+
+
+def create(gateway, key: str, data: bytes, **params) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url}/v1/fine_tuning/jobs",
+        files={"dataset": ("pictures.zip", data, "application/zip")},
+        data={name: str(value) for name, value in params.items()},
+        headers=auth(key),
+        timeout=60,
+    )
+
+
+def job(gateway, key: str, job_id: str) -> dict:
+    answer = httpx.get(f"{gateway.url}/v1/fine_tuning/jobs/{job_id}", headers=auth(key))
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def finished(gateway, key: str, job_id: str, timeout: float = 180) -> dict:
+    return wait_for(
+        lambda: (view := job(gateway, key, job_id))["status"] in FINISHED and view,
+        timeout,
+        f"fine-tune {job_id} to finish",
+        interval=0.2,
+    )
+
+
+def image(gateway, key: str, **fields) -> httpx.Response:
+    body = {"prompt": "a striped picture", "width": 64, "height": 64, "seed": 7} | fields
+    body |= {"num_inference_steps": 4}
+    return httpx.post(f"{gateway.url}/api/images", json=body, headers=auth(key), timeout=120)
+
+
+def segments(sessions, job_id: str) -> list[FineTuneSegment]:
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(FineTuneSegment)
+                .where(FineTuneSegment.fine_tune_id == job_id)
+                .order_by(FineTuneSegment.from_step)
+            )
+        )
+
+
+def assert_billed_once(sessions, view: dict) -> None:
+    """The segments tile the steps run, no step twice; one usage record, their sum."""
+    kept = segments(sessions, view["id"])
+    assert [s.from_step for s in kept] == [0] + [s.to_step for s in kept[:-1]]
+    assert kept[-1].to_step == view["checkpoint_step"]
+    [record] = usage_rows(sessions, view["id"])
+    assert record.kind == "fine_tune"
+    assert record.gpu_seconds == pytest.approx(sum(s.gpu_seconds for s in kept))
+    assert record.gpu_seconds == pytest.approx(view["gpu_seconds"])
+
+
+def test_training_lowers_the_loss_and_the_adapter_changes_images(
+    gateway, sd_worker, trainers, tenant_factory, sessions
+):
+    _, key, _ = tenant_factory.create("pro")
+    made = create(
+        gateway, key, striped(4), steps=120, checkpoint_every=40, learning_rate=1e-3, rank=4
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["status"] == "queued" and made.json()["dataset"]["images"] == 4
+    view = finished(gateway, key, made.json()["id"])
+    assert view["status"] == "succeeded", view
+    assert view["progress"]["step"] == 120 and view["attempts"] == 1
+    losses = [checkpoint["loss"] for checkpoint in view["checkpoints"]]
+    assert [c["step"] for c in view["checkpoints"]] == [40, 80, 120]
+    assert losses[-1] < losses[0], losses
+    assert_billed_once(sessions, view)
+
+    adapter_id = view["adapter_id"]
+    listed = httpx.get(f"{gateway.url}/v1/adapters", headers=auth(key)).json()["data"]
+    assert [a["id"] for a in listed] == [adapter_id] and listed[0]["rank"] == 4
+    content = httpx.get(f"{gateway.url}/v1/adapters/{adapter_id}/content", headers=auth(key))
+    assert content.status_code == 200 and content.content[8:9] == b"{"  # a safetensors header
+
+    plain = image(gateway, key)
+    adapted = image(gateway, key, lora=adapter_id)
+    weightless = image(gateway, key, lora=adapter_id, lora_weight=0)
+    for answer in (plain, adapted, weightless):
+        assert answer.status_code == 200, answer.text
+    assert adapted.json()["images"] != plain.json()["images"]
+    assert weightless.json()["images"] == plain.json()["images"]
+
+    deleted = httpx.delete(f"{gateway.url}/v1/adapters/{adapter_id}", headers=auth(key))
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    gone = image(gateway, key, lora=adapter_id)
+    assert gone.status_code == 404 and "lora" in gone.text
+    assert httpx.get(f"{gateway.url}/v1/adapters", headers=auth(key)).json()["data"] == []
+
+
+def test_a_killed_worker_s_job_resumes_from_its_checkpoint_billed_once(
+    gateway, trainers, tenant_factory, sessions
+):
+    _, key, _ = tenant_factory.create("pro")
+    made = create(gateway, key, striped(3), steps=300, checkpoint_every=50, learning_rate=1e-3)
+    assert made.status_code == 201, made.text
+    job_id = made.json()["id"]
+    wait_for(
+        lambda: job(gateway, key, job_id)["checkpoint_step"] >= 50,
+        120,
+        "a first checkpoint",
+        interval=0.1,
+    )
+    victim = trainers.started[-1]
+    victim.stop(signal.SIGKILL)
+    at_kill = job(gateway, key, job_id)
+    assert at_kill["status"] == "running" and at_kill["checkpoint_step"] < 300
+    trainers.start()  # its sweep finds the job without a live worker and queues it again
+    view = finished(gateway, key, job_id)
+    assert view["status"] == "succeeded", view
+    assert view["attempts"] == 2 and view["progress"]["step"] == 300
+    kept = segments(sessions, job_id)
+    assert {s.attempt for s in kept} == {1, 2}
+    assert_billed_once(sessions, view)
+
+
+def test_cancel_stops_a_running_job_and_bills_the_steps_it_ran(
+    gateway, trainers, tenant_factory, sessions
+):
+    _, key, _ = tenant_factory.create("free")  # one training job at a time
+    made = create(gateway, key, striped(2), steps=5000, checkpoint_every=1000)
+    assert made.status_code == 201, made.text
+    job_id = made.json()["id"]
+    second = create(gateway, key, striped(2), steps=10)
+    assert second.status_code == 429 and "1 fine-tuning job" in second.text
+    wait_for(lambda: job(gateway, key, job_id)["progress"]["step"] >= 5, 60, "a few steps")
+    cancelled = httpx.post(f"{gateway.url}/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth(key))
+    assert cancelled.status_code == 200
+    view = finished(gateway, key, job_id)
+    assert view["status"] == "canceled" and view["adapter_id"] is None
+    assert 5 <= view["checkpoint_step"] < 5000
+    assert_billed_once(sessions, view)
+    [record] = usage_rows(sessions, job_id)
+    assert record.status == "cancelled" and record.gpu_seconds > 0
+    assert create(gateway, key, striped(2), steps=1).status_code == 201  # the limit is free again
+
+
+def test_another_tenant_can_read_cancel_or_use_none_of_it(
+    gateway, sd_worker, trainers, tenant_factory
+):
+    _, mine, _ = tenant_factory.create("pro")
+    _, theirs, _ = tenant_factory.create("max")
+    made = create(gateway, mine, striped(2), steps=4, checkpoint_every=2)
+    view = finished(gateway, mine, made.json()["id"])
+    assert view["status"] == "succeeded"
+    job_id, adapter_id = view["id"], view["adapter_id"]
+    tries = [
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}"),
+        ("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"),
+        ("GET", f"/v1/adapters/{adapter_id}"),
+        ("GET", f"/v1/adapters/{adapter_id}/content"),
+        ("DELETE", f"/v1/adapters/{adapter_id}"),
+    ]
+    for method, path in tries:
+        answer = httpx.request(method, f"{gateway.url}{path}", headers=auth(theirs))
+        assert answer.status_code == 404, (method, path, answer.text)
+    assert image(gateway, theirs, lora=adapter_id).status_code == 404
+    for listing in ("/v1/fine_tuning/jobs", "/v1/adapters"):
+        assert httpx.get(f"{gateway.url}{listing}", headers=auth(theirs)).json()["data"] == []
+    # still there for its owner
+    assert (
+        httpx.get(f"{gateway.url}/v1/adapters/{adapter_id}", headers=auth(mine)).status_code == 200
+    )
+
+
+class TestBadInput:
+    """Refused at the door, naming the problem; nothing is stored or queued."""
+
+    @pytest.mark.parametrize(
+        ("data", "params", "status", "named"),
+        [
+            (b"not a zip", {}, 400, "not a zip archive"),
+            (zipped({"a.png": picture(0)}), {}, 400, "a.png has no caption"),
+            (zipped({"a.png": picture(0, 16), "a.txt": "x"}), {}, 400, "a.png is 16x16"),
+            (striped(2), {"steps": 0}, 400, "field 'steps'"),
+            (striped(2), {"learning_rate": "nan"}, 400, "field 'learning_rate'"),
+            (striped(2), {"resolution": 100}, 400, "field 'resolution'"),
+            (striped(2), {"rank": 1000}, 400, "field 'rank'"),
+            (striped(2), {"model": "no-such-model"}, 404, "no-such-model"),
+        ],
+    )
+    def test_refused(self, gateway, tenant_factory, data, params, status, named):
+        _, key, _ = tenant_factory.create("pro")
+        answer = create(gateway, key, data, **params)
+        assert answer.status_code == status, answer.text
+        assert named in answer.text
+        assert (
+            httpx.get(f"{gateway.url}/v1/fine_tuning/jobs", headers=auth(key)).json()["data"] == []
+        )
+
+    def test_a_dataset_over_the_tier_s_limit(self, gateway, tenant_factory, stack_env):
+        _, key, _ = tenant_factory.create("free")
+        noise = base64.b64encode(bytes(range(256)) * 250_000)  # ~85 MB, over Free's 50 MB
+        answer = create(gateway, key, zipped({"a.png": picture(0), "a.txt": noise}))
+        assert answer.status_code == 413, answer.text
+        assert "limit" in answer.text
+
+    def test_no_dataset(self, gateway, tenant_factory):
+        _, key, _ = tenant_factory.create("pro")
+        answer = httpx.post(
+            f"{gateway.url}/v1/fine_tuning/jobs", data={"steps": "5"}, headers=auth(key)
+        )
+        assert answer.status_code == 400 and "dataset" in answer.text, answer.text

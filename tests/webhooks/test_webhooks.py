@@ -1,0 +1,167 @@
+"""Job webhooks end to end: events delivered signed with the tenant's secret, retried until
+the receiver takes them (or given up), every attempt recorded, bad targets refused."""
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from tests.helpers import auth
+from tests.stack import wait_for
+
+
+class Receiver:
+    """A webhook receiver on loopback: records what it gets, answers the statuses queued."""
+
+    def __init__(self):
+        self.received: list[tuple[dict, bytes]] = []
+        self.answers: list[int] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(outer.answers.pop(0) if outer.answers else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/gpuhost"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    listening = Receiver()
+    yield listening
+    listening.close()
+
+
+def chat_job(url: str, events: list[str]) -> dict:
+    return {
+        "type": "chat",
+        "input": {
+            "model": "llava-llama3",
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 3,
+        },
+        "webhook": {"url": url, "events": events},
+    }
+
+
+def deliveries(gateway, key: str, job_id: str) -> list[dict]:
+    answer = httpx.get(f"{gateway.url}/v1/jobs/{job_id}/webhooks", headers=auth(key))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+def settled(gateway, key: str, job_id: str, count: int) -> list[dict]:
+    return wait_for(
+        lambda: (
+            len(found := deliveries(gateway, key, job_id)) == count
+            and all(d["status"] != "pending" for d in found)
+            and found
+        ),
+        60,
+        f"{count} webhook deliveries to settle",
+        interval=0.1,
+    )
+
+
+def test_start_and_completed_are_delivered_signed(gateway, worker, tenant_factory, receiver):
+    _, key, _ = tenant_factory.create("pro")
+    secret = httpx.get(f"{gateway.url}/v1/webhooks/secret", headers=auth(key)).json()["key"]
+    assert secret.startswith("whsec_")
+    made = httpx.post(
+        f"{gateway.url}/v1/jobs",
+        json=chat_job(receiver.url, ["start", "completed"]),
+        headers=auth(key),
+    )
+    assert made.status_code in (200, 202), made.text
+    job_id = made.json()["id"]
+    sent = settled(gateway, key, job_id, 2)
+    assert [(d["event"], d["status"], d["attempts"]) for d in sent] == [
+        ("start", "delivered", 1),
+        ("completed", "delivered", 1),
+    ]
+    events = []
+    for headers, body in receiver.received:
+        payload = Webhook(secret).verify(body, headers)  # raises unless signed with the secret
+        assert headers["webhook-id"] in {d["id"] for d in sent}
+        events.append(payload)
+        with pytest.raises(WebhookVerificationError):
+            Webhook("whsec_" + "A" * 43).verify(body, headers)
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(body.replace(b"job.", b"jab."), headers)
+    by_type = {event["type"]: event["data"] for event in events}
+    assert set(by_type) == {"job.start", "job.completed"}
+    assert by_type["job.completed"]["id"] == job_id
+    assert by_type["job.completed"]["status"] == "succeeded"
+    assert by_type["job.completed"]["gpu_seconds"] > 0
+
+    rotated = httpx.post(f"{gateway.url}/v1/webhooks/secret/rotate", headers=auth(key)).json()
+    assert rotated["key"] != secret and rotated["key"].startswith("whsec_")
+
+
+def test_a_failing_receiver_is_retried_then_given_up(gateway, worker, tenant_factory, receiver):
+    _, key, _ = tenant_factory.create("pro")
+    receiver.answers = [500, 503]  # then 200
+    first = httpx.post(
+        f"{gateway.url}/v1/jobs", json=chat_job(receiver.url, ["completed"]), headers=auth(key)
+    ).json()["id"]
+    [delivery] = settled(gateway, key, first, 1)
+    assert delivery["status"] == "delivered" and delivery["attempts"] == 3
+    assert [json.loads(body)["type"] for _, body in receiver.received] == ["job.completed"] * 3
+    ids = {headers["webhook-id"] for headers, _ in receiver.received}
+    assert ids == {delivery["id"]}  # one message, retried: receivers dedupe on its id
+
+    receiver.answers = [500] * 10
+    second = httpx.post(
+        f"{gateway.url}/v1/jobs", json=chat_job(receiver.url, ["completed"]), headers=auth(key)
+    ).json()["id"]
+    [given_up] = settled(gateway, key, second, 1)
+    assert given_up["status"] == "failed" and given_up["attempts"] == 3  # the stack's maximum
+    assert given_up["last_status_code"] == 500 and given_up["last_error"] == "HTTP 500"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]:8080/hook",
+        "gopher://example.com/",
+    ],
+)
+def test_a_webhook_to_a_refused_address_refuses_the_job(gateway, tenant_factory, url):
+    _, key, _ = tenant_factory.create("pro")
+    answer = httpx.post(
+        f"{gateway.url}/v1/jobs", json=chat_job(url, ["completed"]), headers=auth(key)
+    )
+    assert answer.status_code == 400, answer.text
+    assert "webhook.url" in answer.text
+    assert httpx.get(f"{gateway.url}/v1/jobs", headers=auth(key)).json()["jobs"] == []
+
+
+def test_another_tenant_sees_no_deliveries(gateway, worker, tenant_factory, receiver):
+    _, mine, _ = tenant_factory.create("pro")
+    _, theirs, _ = tenant_factory.create("pro")
+    job_id = httpx.post(
+        f"{gateway.url}/v1/jobs", json=chat_job(receiver.url, ["completed"]), headers=auth(mine)
+    ).json()["id"]
+    settled(gateway, mine, job_id, 1)
+    stranger = httpx.get(f"{gateway.url}/v1/jobs/{job_id}/webhooks", headers=auth(theirs))
+    assert stranger.status_code == 404
+    mine_secret = httpx.get(f"{gateway.url}/v1/webhooks/secret", headers=auth(mine)).json()
+    theirs_secret = httpx.get(f"{gateway.url}/v1/webhooks/secret", headers=auth(theirs)).json()
+    assert mine_secret != theirs_secret

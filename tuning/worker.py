@@ -1,0 +1,216 @@
+"""The train worker (`gpuhost worker --queue train`): one resident trainer, one job at a time.
+
+A job is taken in PostgreSQL (queued -> running, first taker wins), so a duplicate delivery
+does nothing. Each step is reported (step, loss, heartbeat; the answer says whether to stop);
+each checkpoint is written to storage and then kept, with the segment of steps it bills, in
+one transaction. A worker that stops reporting for `train_stale_seconds` is presumed lost:
+any train worker's sweep queues its job again, and the next run resumes from the last
+checkpoint (the steps after it are redone, and billed once, in the redone segment).
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.db import session_factory, sync_engine, transaction
+from storage import Storage, tenant_key
+from tuning import dataset
+from tuning import service as tuning
+from tuning.models import CANCELED, FAILED, RUNNING, SUCCEEDED, Adapter, FineTune
+from tuning.params import TrainParams
+from tuning.trainer import Checkpoint, Hooks, Trainer
+from workers.contract import TRAIN_QUEUE, TRAIN_TASK, celery_config
+from workers.settings import WorkerSettings
+from workers.tasks import owner
+
+log = logging.getLogger(__name__)
+
+
+class Superseded(Exception):
+    """Another worker took this job (this one was presumed lost)."""
+
+
+@dataclass
+class TrainRuntime:
+    settings: WorkerSettings
+    sessions: sessionmaker[Session]
+    storage: Storage
+    trainer: Trainer
+    celery: Celery
+
+
+class _Hooks(Hooks):
+    def __init__(self, runtime: TrainRuntime, job_id: str, tenant_id, worker: str):
+        self.runtime, self.job_id, self.tenant_id, self.worker = runtime, job_id, tenant_id, worker
+
+    def step(self, step: int, loss: float) -> bool:
+        with transaction(self.runtime.sessions) as session:
+            return tuning.progress(session, self.job_id, self.worker, step, loss)
+
+    def checkpoint(self, checkpoint: Checkpoint, from_step: int, gpu_seconds: float, loss: float):
+        storage = self.runtime.storage
+        key = tenant_key(
+            self.tenant_id, "fine_tunes", self.job_id, f"checkpoint-{checkpoint.step}.pt"
+        )
+        storage.put(key, checkpoint.state)
+        with transaction(self.runtime.sessions) as session:
+            job = session.get(FineTune, self.job_id, with_for_update=True)
+            if job.worker != self.worker or job.status != RUNNING:
+                storage.delete(key)
+                raise Superseded(self.job_id)
+            previous = job.checkpoint_key
+            tuning.keep_checkpoint(
+                session,
+                job,
+                key=key,
+                from_step=from_step,
+                to_step=checkpoint.step,
+                gpu_seconds=gpu_seconds,
+                loss=loss,
+            )
+        if previous and previous != key:
+            storage.delete(previous)
+
+
+def run_training(runtime: TrainRuntime, payload: dict) -> str:
+    """Run (or resume) one fine-tune. Returns how it ended (for logs and tests)."""
+    job_id, worker = payload["fine_tune_id"], owner()
+    with transaction(runtime.sessions) as session:
+        job = tuning.take(session, job_id, worker)
+        if job is None:
+            log.info("fine-tune %s is not queued (done, cancelled or running); skipped", job_id)
+            return "skipped"
+        tenant_id, model, params = job.tenant_id, job.model, TrainParams(**job.params)
+        dataset_key, checkpoint_key = job.dataset_key, job.checkpoint_key
+        checkpoint_step = job.checkpoint_step
+    log.info("fine-tune %s: step %d of %d", job_id, checkpoint_step, params.steps)
+    storage = runtime.storage
+    try:
+        if model != runtime.trainer.model_name:
+            raise ValueError(f"this worker trains '{runtime.trainer.model_name}', not '{model}'")
+        data = storage.get(dataset_key)
+        examples = dataset.validate(
+            data, dataset.DatasetLimits(max_images=10**6, max_bytes=2**62, max_pixels=2**62)
+        )
+        items = dataset.load(data, examples, params.resolution or runtime.trainer.native_resolution)
+        resume = (
+            Checkpoint(checkpoint_step, storage.get(checkpoint_key)) if checkpoint_key else None
+        )
+        result = runtime.trainer.train(
+            params, items, resume, _Hooks(runtime, job_id, tenant_id, worker)
+        )
+    except Superseded:
+        log.warning("fine-tune %s was taken by another worker; this run stopped", job_id)
+        return "superseded"
+    except Exception as exc:
+        log.exception("fine-tune %s failed", job_id)
+        with transaction(runtime.sessions) as session:
+            job = session.get(FineTune, job_id, with_for_update=True)
+            if job.worker == worker and job.status == RUNNING:
+                tuning.finish(session, job, FAILED, error=f"training failed: {exc}")
+        return FAILED
+    adapter_key = None
+    if result.adapter is not None:
+        adapter_id = tuning.new_id("lora")
+        adapter_key = tenant_key(tenant_id, "adapters", f"{adapter_id}.safetensors")
+        storage.put(adapter_key, result.adapter)
+    try:
+        with transaction(runtime.sessions) as session:
+            job = session.get(FineTune, job_id, with_for_update=True)
+            if job.worker != worker or job.status != RUNNING:
+                raise Superseded(job_id)
+            if adapter_key is None:
+                status, adapter = CANCELED, None
+            else:
+                status = SUCCEEDED
+                adapter = Adapter(
+                    id=adapter_id,
+                    tenant_id=tenant_id,
+                    fine_tune_id=job_id,
+                    model=model,
+                    key=adapter_key,
+                    size_bytes=len(result.adapter),
+                    rank=params.rank,
+                )
+            tuning.finish(session, job, status, adapter=adapter)
+    except BaseException:
+        if adapter_key:
+            storage.delete(adapter_key)  # no row points at it
+        raise
+    # The adapter is made: the checkpoints are no longer needed.
+    storage.delete(tenant_key(tenant_id, "fine_tunes", job_id))
+    log.info("fine-tune %s %s after %d steps", job_id, status, result.steps)
+    return status
+
+
+class Sweeper:
+    """Queues again the jobs of train workers that stopped reporting (every worker sweeps;
+    the UPDATE that re-queues a job does so once)."""
+
+    def __init__(self, runtime: TrainRuntime):
+        self.runtime = runtime
+        self.interval = max(0.5, runtime.settings.train_stale_seconds / 4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="train-sweeper", daemon=True)
+        self._thread.start()
+
+    def sweep(self) -> list[str]:
+        with transaction(self.runtime.sessions) as session:
+            lost = tuning.orphans(session, self.runtime.settings.train_stale_seconds)
+        for job_id in lost:
+            log.warning("fine-tune %s lost its worker; queued again to resume", job_id)
+            self.runtime.celery.send_task(
+                TRAIN_TASK, args=[{"fine_tune_id": job_id}], queue=TRAIN_QUEUE
+            )
+        return lost
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("train sweep failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_train_worker(settings: WorkerSettings) -> None:
+    app = Celery("gpuhost")
+    app.conf.update(celery_config(**settings.celery()))
+    runtime = TrainRuntime(
+        settings=settings,
+        sessions=session_factory(sync_engine(settings.database_url)),
+        storage=Storage(settings.storage_url),
+        trainer=Trainer(settings.sd_model, settings.sd_weights(), device=settings.device),
+        celery=app,
+    )
+
+    @app.task(name=TRAIN_TASK)
+    def train(payload: dict) -> str:
+        return run_training(runtime, payload)
+
+    if settings.metrics_port:  # also the pod's probe: it opens once the model is loaded
+        from workers.metrics import serve
+
+        serve(settings.metrics_port, TRAIN_QUEUE, runtime.trainer.status)
+    sweeper = Sweeper(runtime)
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--queues={TRAIN_QUEUE}",
+                "--pool=threads",
+                "--concurrency=1",  # one training at a time: it has the device to itself
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                f"--hostname={TRAIN_QUEUE}@%h",
+            ]
+        )
+    finally:
+        sweeper.stop()
