@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 ACTIVE = "gpuhost:batches:active"
+EXPIRING = "gpuhost:batches:expiring"  # ended batches' storage folders, by when they go
+SWEEP_EVERY = 1.0
 URLS = {"/v1/chat/completions": "chat", "/api/images": "images"}
 ENDED = ("completed", "canceled")
 
@@ -166,6 +168,8 @@ async def create(
         "next": "0",
         "completed": "0",
         "failed": "0",
+        # promised at creation: whichever gateway ends the batch keeps it this long
+        "retention": str(state.settings.batch_retention_seconds),
     }
     pipe = state.redis.pipeline(transaction=True)
     pipe.hset(batch_key(batch_id), mapping=record)
@@ -227,8 +231,10 @@ class BatchRunner:
         self.state = state
         self.scheduler = scheduler
         self._specs: dict[str, list[dict]] = {}  # by batch, read once from storage
+        self._swept_at = 0.0
 
     async def pass_once(self) -> None:
+        await self._remove_expired()
         for raw in await self.state.redis.smembers(ACTIVE):
             batch_id = raw.decode()
             raw_record = await self.state.redis.hgetall(batch_key(batch_id))
@@ -237,6 +243,17 @@ class BatchRunner:
                 await self.state.redis.srem(ACTIVE, batch_id)
                 continue
             await self._advance(batch_id, record)
+
+    async def _remove_expired(self) -> None:
+        """Ended batches' files go when their retention is over (their records expire too)."""
+        if time.monotonic() - self._swept_at < SWEEP_EVERY:
+            return
+        self._swept_at = time.monotonic()
+        redis = self.state.redis
+        for raw in await redis.zrangebyscore(EXPIRING, "-inf", time.time()):
+            folder = raw.decode()
+            await anyio.to_thread.run_sync(self.state.storage.delete, folder)
+            await redis.zrem(EXPIRING, folder)
 
     async def _specs_of(self, batch_id: str, tenant: str) -> list[dict]:
         if batch_id not in self._specs:
@@ -294,7 +311,8 @@ class BatchRunner:
         if await redis.hlen(running_key(batch_id)) == 0 and (
             canceling or int(await redis.hget(batch_key(batch_id), "next")) >= total
         ):
-            await self._finish(batch_id, tenant, total, "canceled" if canceling else "completed")
+            status = "canceled" if canceling else "completed"
+            await self._finish(batch_id, record, status)
 
     async def _start(self, batch_id: str, record: dict, index: int, spec: dict) -> None:
         """The batch's next line: reported at once if it was bad, else run when a slot is free."""
@@ -340,8 +358,8 @@ class BatchRunner:
             await redis.hincrby(batch_key(batch_id), "next", -1)  # tried again next pass
             raise
 
-    async def _finish(self, batch_id: str, tenant: str, total: int, status: str) -> None:
-        storage = self.state.storage
+    async def _finish(self, batch_id: str, record: dict, status: str) -> None:
+        storage, tenant, total = self.state.storage, record["tenant_id"], int(record["total"])
 
         def assemble() -> None:
             lines = [storage.get(_line_key(tenant, batch_id, i)) for i in range(total)]
@@ -351,11 +369,12 @@ class BatchRunner:
             storage.delete(tenant_key(tenant, "batches", batch_id, "lines"))
 
         await anyio.to_thread.run_sync(assemble)
-        retention = self.state.settings.batch_retention_seconds
+        retention = int(record["retention"])
         pipe = self.state.redis.pipeline(transaction=True)
         pipe.hset(batch_key(batch_id), mapping={"status": status, "finished_at": str(time.time())})
         pipe.expire(batch_key(batch_id), retention)
         pipe.srem(ACTIVE, batch_id)
+        pipe.zadd(EXPIRING, {_folder(tenant, batch_id): time.time() + retention})
         await pipe.execute()
         self._specs.pop(batch_id, None)
         log.info("batch %s %s (%d lines)", batch_id, status, total)

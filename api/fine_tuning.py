@@ -24,7 +24,7 @@ from api.state import AppState
 from storage import tenant_key
 from tuning import dataset
 from tuning import service as tuning
-from tuning.models import Adapter, FineTune, FineTuneSegment
+from tuning.models import QUEUED, Adapter, FineTune, FineTuneSegment
 from tuning.params import TrainParams
 from workers.contract import TRAIN_QUEUE, TRAIN_TASK
 
@@ -187,6 +187,7 @@ async def create(
             job = await tuning.get(session, owner.tenant_id, job_id)
             await tuning.request_cancel(session, job)
             job.error = "could not be queued"
+        await anyio.to_thread.run_sync(state.storage.delete, key)
         raise Unavailable(f"the training queue is unavailable ({exc}); try again") from exc
     return JSONResponse(view, status_code=201)
 
@@ -216,8 +217,12 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
         job = await tuning.get(session, owner.tenant_id, job_id)
         if job is None:
             raise NotFound(f"fine-tuning job {job_id} not found")
+        was_queued = job.status == QUEUED
         await tuning.request_cancel(session, job)
-        return job_view(job)
+        view = job_view(job)
+    if was_queued:  # it will never run: its dataset goes now (a running one's with its run)
+        await anyio.to_thread.run_sync(state.storage.delete, job.dataset_key)
+    return view
 
 
 @router.get("/v1/adapters")

@@ -75,6 +75,12 @@ class _Hooks(Hooks):
             storage.delete(previous)
 
 
+def _clean_up(storage: Storage, tenant_id, job_id: str, dataset_key: str) -> None:
+    """A job that has ended keeps only its adapter: its checkpoints and dataset go."""
+    storage.delete(tenant_key(tenant_id, "fine_tunes", job_id))
+    storage.delete(dataset_key)
+
+
 def run_training(runtime: TrainRuntime, payload: dict) -> str:
     """Run (or resume) one fine-tune. Returns how it ended (for logs and tests)."""
     job_id, worker = payload["fine_tune_id"], owner()
@@ -109,8 +115,11 @@ def run_training(runtime: TrainRuntime, payload: dict) -> str:
         log.exception("fine-tune %s failed", job_id)
         with transaction(runtime.sessions) as session:
             job = session.get(FineTune, job_id, with_for_update=True)
-            if job.worker == worker and job.status == RUNNING:
+            ours = job.worker == worker and job.status == RUNNING
+            if ours:
                 tuning.finish(session, job, FAILED, error=f"training failed: {exc}")
+        if ours:
+            _clean_up(storage, tenant_id, job_id, dataset_key)
         return FAILED
     adapter_key = None
     if result.adapter is not None:
@@ -140,8 +149,7 @@ def run_training(runtime: TrainRuntime, payload: dict) -> str:
         if adapter_key:
             storage.delete(adapter_key)  # no row points at it
         raise
-    # The adapter is made: the checkpoints are no longer needed.
-    storage.delete(tenant_key(tenant_id, "fine_tunes", job_id))
+    _clean_up(storage, tenant_id, job_id, dataset_key)
     log.info("fine-tune %s %s after %d steps", job_id, status, result.steps)
     return status
 

@@ -3,11 +3,14 @@ line and the rest complete; cancel ends it with every line accounted for; anothe
 batch is not found."""
 
 import json
+from collections.abc import Iterator
 
 import httpx
+import pytest
 
+from storage import Storage
 from tests.helpers import auth, in_flight, usage_rows
-from tests.stack import wait_for
+from tests.stack import Gateway, wait_for
 
 
 def chat_line(custom_id: str, tokens: int = 3, openai_form: bool = False) -> dict:
@@ -162,3 +165,32 @@ def test_refused_files_and_another_tenant(gateway, worker, tenant_factory):
     assert [
         b["id"] for b in httpx.get(f"{gateway.url}/v1/batches", headers=auth(mine)).json()["data"]
     ] == [batch_id]
+
+
+@pytest.fixture(scope="module")
+def brief_gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
+    """A gateway that keeps ended batches two seconds."""
+    env = stack_env | {"GPUHOST_BATCH_RETENTION_SECONDS": "2"}
+    process = Gateway("gateway-brief", env, tmp_path_factory.mktemp("logs"))
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_an_ended_batch_and_its_files_go_after_the_retention(
+    brief_gateway, tenant_factory, stack_env
+):
+    tenant_id, key, _ = tenant_factory.create("pro")
+    batch_id = upload(brief_gateway, key, ["not json"]).json()["id"]  # ends at once: one bad line
+    ended(brief_gateway, key, batch_id)
+    assert [r["error"]["message"] for r in output(brief_gateway, key, batch_id)] == [
+        "line 1: not JSON"
+    ]
+    files = Storage(stack_env["GPUHOST_STORAGE_URL"])
+    folder = f"tenants/{tenant_id}/batches/{batch_id}"
+    assert files.list(folder) == [f"{folder}/output.jsonl", f"{folder}/specs.jsonl"]
+    wait_for(lambda: files.list(folder) == [], 20, "the batch's files to go")
+    gone = httpx.get(f"{brief_gateway.url}/v1/batches/{batch_id}", headers=auth(key))
+    assert gone.status_code == 404

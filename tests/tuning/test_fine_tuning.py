@@ -11,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from storage import Storage
 from tests.helpers import auth, usage_rows
 from tests.stack import Worker, wait_for
 from tests.tuning.datasets import picture, striped, zipped
@@ -90,6 +91,13 @@ def segments(sessions, job_id: str) -> list[FineTuneSegment]:
         )
 
 
+def stored(stack_env, tenant_id) -> list[str]:
+    """What storage holds for the tenant, by kind and name."""
+    prefix = f"tenants/{tenant_id}/"
+    keys = Storage(stack_env["GPUHOST_STORAGE_URL"]).list(prefix.rstrip("/"))
+    return [key.removeprefix(prefix) for key in keys]
+
+
 def assert_billed_once(sessions, view: dict) -> None:
     """The segments tile the steps run, no step twice; one usage record, their sum."""
     kept = segments(sessions, view["id"])
@@ -102,9 +110,9 @@ def assert_billed_once(sessions, view: dict) -> None:
 
 
 def test_training_lowers_the_loss_and_the_adapter_changes_images(
-    gateway, sd_worker, trainers, tenant_factory, sessions
+    gateway, sd_worker, trainers, tenant_factory, sessions, stack_env
 ):
-    _, key, _ = tenant_factory.create("pro")
+    tenant_id, key, _ = tenant_factory.create("pro")
     made = create(
         gateway, key, striped(4), steps=120, checkpoint_every=40, learning_rate=1e-3, rank=4
     )
@@ -119,6 +127,8 @@ def test_training_lowers_the_loss_and_the_adapter_changes_images(
     assert_billed_once(sessions, view)
 
     adapter_id = view["adapter_id"]
+    # the dataset and the checkpoints went with the run: only the adapter is kept
+    assert stored(stack_env, tenant_id) == [f"adapters/{adapter_id}.safetensors"]
     listed = httpx.get(f"{gateway.url}/v1/adapters", headers=auth(key)).json()["data"]
     assert [a["id"] for a in listed] == [adapter_id] and listed[0]["rank"] == 4
     content = httpx.get(f"{gateway.url}/v1/adapters/{adapter_id}/content", headers=auth(key))
@@ -137,6 +147,7 @@ def test_training_lowers_the_loss_and_the_adapter_changes_images(
     gone = image(gateway, key, lora=adapter_id)
     assert gone.status_code == 404 and "lora" in gone.text
     assert httpx.get(f"{gateway.url}/v1/adapters", headers=auth(key)).json()["data"] == []
+    assert stored(stack_env, tenant_id) == []
 
 
 def test_a_killed_worker_s_job_resumes_from_its_checkpoint_billed_once(
@@ -166,9 +177,9 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_billed_once(
 
 
 def test_cancel_stops_a_running_job_and_bills_the_steps_it_ran(
-    gateway, trainers, tenant_factory, sessions
+    gateway, trainers, tenant_factory, sessions, stack_env
 ):
-    _, key, _ = tenant_factory.create("free")  # one training job at a time
+    tenant_id, key, _ = tenant_factory.create("free")  # one training job at a time
     made = create(gateway, key, striped(2), steps=5000, checkpoint_every=1000)
     assert made.status_code == 201, made.text
     job_id = made.json()["id"]
@@ -183,7 +194,19 @@ def test_cancel_stops_a_running_job_and_bills_the_steps_it_ran(
     assert_billed_once(sessions, view)
     [record] = usage_rows(sessions, job_id)
     assert record.status == "cancelled" and record.gpu_seconds > 0
-    assert create(gateway, key, striped(2), steps=1).status_code == 201  # the limit is free again
+    assert stored(stack_env, tenant_id) == []  # no dataset, no checkpoint left behind
+    again = create(gateway, key, striped(2), steps=1)
+    assert again.status_code == 201  # the limit is free again
+    cancelled_queued = httpx.post(
+        f"{gateway.url}/v1/fine_tuning/jobs/{again.json()['id']}/cancel", headers=auth(key)
+    ).json()
+    assert cancelled_queued["status"] in ("canceled", "running", "succeeded")
+    finished(gateway, key, again.json()["id"])
+    wait_for(
+        lambda: not any(k.startswith("datasets/") for k in stored(stack_env, tenant_id)),
+        30,
+        "the dataset to go",
+    )
 
 
 def test_another_tenant_can_read_cancel_or_use_none_of_it(
