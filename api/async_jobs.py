@@ -123,6 +123,16 @@ def _prefer_wait(prefer: str | None) -> float:
     return 0.0
 
 
+def _ended(view: dict, chunk, entry_id: bytes) -> dict:
+    """When the job ended (its final chunk's stream time) and started (its queue time after
+    submission, as the worker measured it)."""
+    finished = int(entry_id.split(b"-")[0]) / 1000
+    started = None
+    if view["submitted_at"] is not None and not isinstance(chunk, ErrorChunk):
+        started = view["submitted_at"] + chunk.queue_seconds
+    return {"finished_at": finished, "started_at": started}
+
+
 async def _view(state: AppState, job_id: str, tenant_id: str) -> dict:
     raw = await state.redis.hgetall(record_key(job_id))
     record = {k.decode(): v.decode() for k, v in raw.items()}
@@ -133,6 +143,10 @@ async def _view(state: AppState, job_id: str, tenant_id: str) -> dict:
         "type": record["type"],
         "model": record["model"],
         "created_at": float(record["created_at"]),
+        # enqueued to a worker (a slot taken), started on it, ended: unix seconds or null
+        "submitted_at": float(record["submitted_at"]) if "submitted_at" in record else None,
+        "started_at": None,
+        "finished_at": None,
         "status": "queued",
         "progress": None,
         "output": None,
@@ -146,8 +160,10 @@ async def _view(state: AppState, job_id: str, tenant_id: str) -> dict:
         return view
     entries = await state.redis.xrange(stream_key(job_id))
     text, progress = [], None
-    for _, fields in entries:
+    for entry_id, fields in entries:
         chunk = decode_chunk(fields)
+        if isinstance(chunk, DoneChunk | ImagesChunk | ErrorChunk):
+            view |= _ended(view, chunk, entry_id)
         if isinstance(chunk, TokenChunk):
             text.append(chunk.text)
         elif isinstance(chunk, ProgressChunk):

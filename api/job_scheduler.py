@@ -105,6 +105,7 @@ class Scheduler:
         images = record["type"] == "images"
         spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
         spec.enqueued_at = time.time()
+        await redis.hset(record_key(job_id), "submitted_at", str(spec.enqueued_at))
         family = "images" if images else "openai-chat"
         meta = JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
         await redis.set(meta_key(job_id), meta.dump(), ex=retention)

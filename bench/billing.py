@@ -1,17 +1,20 @@
 """Billing throughput: usage records ingested per second into PostgreSQL (each with its outbox
 row, as workers write them), and relayed per second to a Stripe-compatible server.
 
-    python bench/billing.py [--records 20000] [--writers 64] [--aggregate 3600]
-                            [--no-group-commit]
+    python bench/billing.py [--records 20000] [--writers 64] [--processes 1]
+                            [--aggregate 3600] [--no-group-commit]
 
 Needs PostgreSQL (GPUHOST_TEST_POSTGRES_URL, default the local server); makes and drops a
 scratch database. Without --aggregate the relay sends one meter event per record (100 Stripe
 calls per 100 records); with it, one per tenant per window. Records go in through the
-workers' group-committing `UsageWriter` unless --no-group-commit.
+workers' group-committing `UsageWriter` unless --no-group-commit. --processes N splits the
+writer threads over N processes, each with its own `UsageWriter`, as N worker processes
+(one per GPU) write their usage in a deployment; the rate is all of them together.
 """
 
 import argparse
 import json
+import multiprocessing
 import sys
 import threading
 import time
@@ -63,6 +66,50 @@ def ingest(record, tenant_ids: list, records: int, writers: int, when: datetime)
     return per_writer * writers / (time.perf_counter() - started)
 
 
+def _process(url, tenant_ids, records, writers, when, ready, go, done) -> None:
+    """One worker process: its own connections and writer, started with the others."""
+    engine = sync_engine(url)
+    writer = UsageWriter(session_factory(engine))
+    ready.wait()
+    go.wait()
+    ingest(writer.record, tenant_ids, records, writers, when)
+    writer.close()
+    done.put(writer.commits)
+    engine.dispose()
+
+
+def ingest_processes(url, tenant_ids, records, writers, processes, when) -> tuple[float, int]:
+    """Records per second and commits, over `processes` processes writing at once."""
+    context = multiprocessing.get_context("spawn")
+    ready, go, done = context.Barrier(processes + 1), context.Event(), context.Queue()
+    children = [
+        context.Process(
+            target=_process,
+            args=(
+                url,
+                tenant_ids[i::processes],
+                records // processes,
+                writers // processes,
+                when,
+                ready,
+                go,
+                done,
+            ),
+        )
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    ready.wait()  # every process connected and waiting
+    started = time.perf_counter()
+    go.set()
+    commits = sum(done.get() for _ in children)
+    elapsed = time.perf_counter() - started
+    for child in children:
+        child.join()
+    return records / elapsed, commits
+
+
 def one_transaction_each(sessions):
     def record(item: usage.UsageCreate) -> None:
         with transaction(sessions) as session:
@@ -75,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--writers", type=int, default=64)
+    parser.add_argument("--processes", type=int, default=1, help="writer processes")
     parser.add_argument(
         "--aggregate",
         type=int,
@@ -88,6 +136,7 @@ def main() -> None:
         help="one transaction per record (as before group commits)",
     )
     args = parser.parse_args()
+    args.writers -= args.writers % args.processes
     args.records -= args.records % args.writers  # each writer writes as many
     name = f"gpuhost_bench_{uuid.uuid4().hex[:8]}"
     url = fresh_database(name)
@@ -103,7 +152,11 @@ def main() -> None:
             ]
         # Usage from two hours ago, so that aggregation windows are closed when relayed.
         when = datetime.now(UTC) - timedelta(hours=2)
-        if args.group_commit:
+        if args.group_commit and args.processes > 1:
+            rate, commits = ingest_processes(
+                url, ids, args.records, args.writers, args.processes, when
+            )
+        elif args.group_commit:
             writer = UsageWriter(sessions)
             rate = ingest(writer.record, ids, args.records, args.writers, when)
             writer.close()
@@ -130,6 +183,7 @@ def main() -> None:
                 {
                     "records": args.records,
                     "writers": args.writers,
+                    "processes": args.processes,
                     "ingest_commits": commits,
                     "aggregate_seconds": args.aggregate,
                     "ingested_per_second": round(rate),

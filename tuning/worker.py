@@ -22,6 +22,7 @@ from tuning import service as tuning
 from tuning.models import CANCELED, FAILED, RUNNING, SUCCEEDED, Adapter, FineTune
 from tuning.params import TrainParams
 from tuning.trainer import Checkpoint, Hooks, Trainer
+from workers.celery_app import consume
 from workers.contract import TRAIN_QUEUE, TRAIN_TASK, celery_config
 from workers.settings import WorkerSettings
 from workers.tasks import owner
@@ -188,19 +189,25 @@ class Sweeper:
 
 
 def run_train_worker(settings: WorkerSettings) -> None:
-    app = Celery("gpuhost")
-    app.conf.update(celery_config(**settings.celery()))
+    producer = Celery("gpuhost")  # the sweep's: queues lost jobs again
+    producer.conf.update(celery_config(**settings.celery()))
     runtime = TrainRuntime(
         settings=settings,
         sessions=session_factory(sync_engine(settings.database_url)),
         storage=Storage(settings.storage_url),
         trainer=Trainer(settings.sd_model, settings.sd_weights(), device=settings.device),
-        celery=app,
+        celery=producer,
     )
 
-    @app.task(name=TRAIN_TASK)
-    def train(payload: dict) -> str:
-        return run_training(runtime, payload)
+    def make_app() -> Celery:
+        app = Celery("gpuhost")
+        app.conf.update(celery_config(**settings.celery()))
+
+        @app.task(name=TRAIN_TASK, shared=False)
+        def train(payload: dict) -> str:
+            return run_training(runtime, payload)
+
+        return app
 
     if settings.metrics_port:  # also the pod's probe: it opens once the model is loaded
         from workers.metrics import serve
@@ -208,17 +215,6 @@ def run_train_worker(settings: WorkerSettings) -> None:
         serve(settings.metrics_port, TRAIN_QUEUE, runtime.trainer.status)
     sweeper = Sweeper(runtime)
     try:
-        app.worker_main(
-            [
-                "worker",
-                f"--queues={TRAIN_QUEUE}",
-                "--pool=threads",
-                "--concurrency=1",  # one training at a time: it has the device to itself
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                f"--hostname={TRAIN_QUEUE}@%h",
-            ]
-        )
+        consume(make_app, TRAIN_QUEUE, concurrency=1)  # one training at a time per device
     finally:
         sweeper.stop()

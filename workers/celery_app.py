@@ -1,7 +1,12 @@
 """The Celery application of a worker process, built from its settings."""
 
+import logging
+import threading
+import time
+from collections.abc import Callable
+
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 from billing.db import session_factory, sync_engine
 from billing.usage_writer import UsageWriter
@@ -11,6 +16,8 @@ from workers.settings import WorkerSettings
 from workers.status import StatusPublisher
 from workers.streams import Claims
 from workers.tasks import WorkerRuntime, owner, run_chat, run_images
+
+log = logging.getLogger(__name__)
 
 
 def load_engine(settings: WorkerSettings):
@@ -60,15 +67,50 @@ def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celer
     app = Celery("gpuhost")
     app.conf.update(celery_config(**settings.celery()))
 
-    @app.task(name=CHAT_TASK)
+    @app.task(name=CHAT_TASK, shared=False)
     def chat(payload: dict) -> str:
         return run_chat(runtime, payload)
 
-    @app.task(name=IMAGES_TASK)
+    @app.task(name=IMAGES_TASK, shared=False)
     def images(payload: dict) -> str:
         return run_images(runtime, payload)
 
     return app
+
+
+def consume(make_app: Callable[[], Celery], queue: str, concurrency: int) -> None:
+    """Run a Celery consumer on the queue until asked to stop (SIGTERM / SIGINT). A consumer
+    that dies of an error instead (kombu's Redis transport can, when the broker restarts while
+    messages are unacknowledged: "Unrecoverable error: AttributeError ... 'hostname'") is
+    started again in this process, with backoff: the model stays loaded, rather than the
+    process exiting and a supervisor loading it again."""
+    argv = [
+        "worker",
+        f"--queues={queue}",
+        "--pool=threads",
+        f"--concurrency={concurrency}",
+        "--loglevel=INFO",
+        "--without-gossip",
+        "--without-mingle",
+        f"--hostname={queue}@%h",
+    ]
+    asked = threading.Event()  # Celery's handlers of SIGTERM / SIGINT say so before stopping
+
+    def shutting_down(**_) -> None:
+        asked.set()
+
+    signals.worker_shutting_down.connect(shutting_down, weak=False)
+    pause = 1.0
+    while True:
+        started = time.monotonic()
+        make_app().worker_main(argv)
+        if asked.is_set():
+            return
+        if time.monotonic() - started > 60:
+            pause = 1.0  # it ran a good while: not a crash loop
+        log.error("the %s consumer stopped on an error; starting it again in %.0fs", queue, pause)
+        time.sleep(pause)
+        pause = min(30.0, pause * 2)
 
 
 def run_worker(settings: WorkerSettings) -> None:
@@ -94,19 +136,11 @@ def run_worker(settings: WorkerSettings) -> None:
         from workers.metrics import serve
 
         serve(settings.metrics_port, settings.queue, runtime.engine.status)
-    app = create_worker_app(settings, runtime)
     try:
-        app.worker_main(
-            [
-                "worker",
-                f"--queues={settings.queue}",
-                "--pool=threads",
-                f"--concurrency={settings.concurrency}",
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                f"--hostname={settings.queue}@%h",
-            ]
+        consume(
+            lambda: create_worker_app(settings, runtime),
+            settings.queue,
+            settings.concurrency,
         )
     finally:
         status.stop()

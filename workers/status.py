@@ -31,7 +31,10 @@ class StatusPublisher:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join()
-        self._redis.delete(self._key)
+        try:
+            self._redis.delete(self._key)
+        except redis.RedisError as exc:  # it expires by itself
+            log.warning("could not withdraw the worker status: %s", exc)
 
     def _run(self) -> None:
         while not self._stopped.wait(self._every):

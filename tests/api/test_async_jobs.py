@@ -34,6 +34,8 @@ def test_a_chat_job_waited_on(gateway, worker, tenant_factory, sessions):
     job = done.json()
     assert job["status"] == "succeeded" and job["output"]["completion_tokens"] == 6
     assert job["output"]["text"] and job["gpu_seconds"] > 0
+    times = [job[name] for name in ("created_at", "submitted_at", "started_at", "finished_at")]
+    assert times == sorted(times) and times[-1] - times[0] < 60, times
     [record] = usage_rows(sessions, job["id"])
     assert record.gpu_seconds == job["gpu_seconds"]
     again = httpx.get(f"{gateway.url}/v1/jobs/{job['id']}", headers=auth(key)).json()
