@@ -99,7 +99,7 @@ class JobCreate(BaseModel):
     webhook: WebhookSpec | None = None
 
 
-async def _spec(state: AppState, body: JobCreate, owner, job_id: str) -> tuple[object, str]:
+async def job_spec(state: AppState, body: JobCreate, owner, job_id: str) -> tuple[object, str]:
     """Validate the input as its API would, and make the job the worker runs."""
     settings = state.settings
     if body.type == "chat":
@@ -133,7 +133,7 @@ def _ended(view: dict, chunk, entry_id: bytes) -> dict:
     return {"finished_at": finished, "started_at": started}
 
 
-async def _view(state: AppState, job_id: str, tenant_id: str) -> dict:
+async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
     raw = await state.redis.hgetall(record_key(job_id))
     record = {k.decode(): v.decode() for k, v in raw.items()}
     if not record or record.get("tenant_id") != tenant_id:
@@ -195,7 +195,7 @@ async def _view(state: AppState, job_id: str, tenant_id: str) -> dict:
 async def _settled(state: AppState, job_id: str, tenant_id: str, wait: float) -> dict:
     deadline = time.monotonic() + wait
     while True:
-        view = await _view(state, job_id, tenant_id)
+        view = await job_view(state, job_id, tenant_id)
         if view["status"] in FINISHED or time.monotonic() >= deadline:
             return view
         await asyncio.sleep(0.1)
@@ -228,7 +228,7 @@ async def create(
             if await state.redis.get(f"{record_key(job_id)}:key") != fingerprint.encode():
                 raise Conflict("this Idempotency-Key was used with a different request")
             return await _answer(state, job_id, tenant, prefer)
-    spec, model = await _spec(state, body, owner, job_id)
+    spec, model = await job_spec(state, body, owner, job_id)
     if body.webhook is not None:
         await _check_webhook(state, body.webhook.url)
     record = {
@@ -293,7 +293,7 @@ async def list_jobs(
     views = []
     for raw in ids:
         try:
-            views.append(await _view(state, raw.decode(), tenant))
+            views.append(await job_view(state, raw.decode(), tenant))
         except NotFound:  # its record expired before the index entry
             continue
     return {"jobs": views}
@@ -304,7 +304,7 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """Cancel a job: a waiting one never runs; a running one stops (and is billed for the
     time it ran)."""
     tenant = str(owner.tenant_id)
-    await _view(state, job_id, tenant)  # 404 unless it is this tenant's
+    await job_view(state, job_id, tenant)  # 404 unless it is this tenant's
     if await state.redis.eval(MOVE, 1, record_key(job_id), "waiting", "canceled"):
         await state.redis.lrem(waiting_key(tenant), 0, job_id)
     else:  # a scheduler took it first: stop it on its worker

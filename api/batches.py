@@ -96,7 +96,7 @@ async def _check_line(state: AppState, owner, number: int, raw: str) -> tuple[st
     if kind not in ("chat", "images") or not isinstance(body, dict):
         raise BadRequest("a line needs 'type' (chat or images) and 'input' (an object)")
     create = async_jobs.JobCreate(type=kind, input=body)
-    spec, model = await async_jobs._spec(state, create, owner, f"line-{number}")
+    spec, model = await async_jobs.job_spec(state, create, owner, f"line-{number}")
     return custom_id, {"type": kind, "model": model, "spec": spec.model_dump(mode="json")}
 
 
@@ -277,7 +277,7 @@ class BatchRunner:
             if canceling:
                 retention = self.state.settings.stream_retention_seconds
                 await redis.set(cancel_key(job_id), "1", ex=retention)
-            view = await async_jobs._view(self.state, job_id, tenant)
+            view = await async_jobs.job_view(self.state, job_id, tenant)
             if view["status"] not in async_jobs.FINISHED:
                 continue
             ok = view["status"] == "succeeded"
@@ -350,7 +350,7 @@ class BatchRunner:
         pipe.hincrby(batch_key(batch_id), "next", 1)
         await pipe.execute()
         try:
-            await self.scheduler._submit(job_id, job)
+            await self.scheduler.submit(job_id, job)
         except Exception:
             await self.state.admission.release(lease)
             await redis.hdel(running_key(batch_id), job_id)

@@ -115,7 +115,7 @@ async def create(
     LoRA adapter on it. Answers at once with the queued job; poll it for progress."""
     tier = await check_quota(state, owner)
     plan = state.settings.plans[tier]
-    model_name = ImageServing(state)._model(model)
+    model_name = ImageServing(state).model(model)
     params = _params(
         {
             "steps": steps,

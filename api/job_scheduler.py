@@ -19,7 +19,7 @@ from api.async_jobs import (
     MOVE,
     SUBMITTED,
     TENANTS_WAITING,
-    _view,
+    job_view,
     record_key,
     waiting_key,
 )
@@ -88,7 +88,7 @@ class Scheduler:
                 await self.state.admission.release(lease)  # cancelled while it was taken
                 continue
             try:
-                await self._submit(job_id, record)
+                await self.submit(job_id, record)
             except Exception:  # not enqueued: the slot back, the job first in line again
                 await self.state.admission.release(lease)
                 await redis.hset(record_key(job_id), "state", "waiting")
@@ -99,7 +99,7 @@ class Scheduler:
         for part in self.then:
             await part.pass_once()
 
-    async def _submit(self, job_id: str, record: dict) -> None:
+    async def submit(self, job_id: str, record: dict) -> None:
         redis = self.state.redis
         retention = self.state.settings.stream_retention_seconds
         images = record["type"] == "images"
@@ -154,7 +154,7 @@ class Scheduler:
             if not record:
                 await redis.srem(HOOKED, job_id)  # expired
                 continue
-            view = await _view(self.state, job_id, record["tenant_id"])
+            view = await job_view(self.state, job_id, record["tenant_id"])
             events = record["webhook_events"].split(",")
             due = []
             started = view["status"] in ("running", "succeeded", "failed") or (

@@ -31,7 +31,7 @@ class ImageServing:
     def __init__(self, state: AppState):
         self.state = state
 
-    def _model(self, requested: str | None) -> str:
+    def model(self, requested: str | None) -> str:
         name = self.state.settings.sd_model
         if requested not in (None, name, f"{name}:latest"):
             raise NotFound(f"model '{requested}' not found; available: {name}", param="model")
@@ -48,7 +48,7 @@ class ImageServing:
     async def job(self, body: ImagesRequest, owner: KeyOwner, request_id: str) -> ImageJob:
         """The worker's job for `body`; its adapter, if any, must be this tenant's and made
         for this model."""
-        model = self._model(body.model)
+        model = self.model(body.model)
         lora_key = None
         if body.lora is not None:
             async with self.state.sessions() as session:
