@@ -242,7 +242,10 @@ class BatchRunner:
             if not record:
                 await self.state.redis.srem(ACTIVE, batch_id)
                 continue
-            await self._advance(batch_id, record)
+            try:
+                await self._advance(batch_id, record)
+            except Exception:  # this batch waits for the next pass; the others go on
+                log.exception("batch %s could not advance", batch_id)
 
     async def _remove_expired(self) -> None:
         """Ended batches' files go when their retention is over (their records expire too)."""

@@ -55,18 +55,28 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
-            try:
-                await self.pass_once()
-            except RedisError as exc:
-                log.warning("job scheduler: %s", exc)
-            except Exception:  # a bad record must not stop every tenant's jobs
-                log.exception("job scheduler pass failed")
+            await self.pass_once()
             await asyncio.sleep(SCHEDULE_EVERY)
 
     async def pass_once(self) -> None:
+        """Each step on its own: one that fails (Redis away, a bad record) is logged and the
+        others still run, so that no one job or batch can stop every tenant's."""
+        steps = [
+            self._keep_submitted_leases,
+            self._take_waiting,
+            self._observe_webhooks,
+            *(part.pass_once for part in self.then),
+        ]
+        for step in steps:
+            try:
+                await step()
+            except RedisError as exc:
+                log.warning("job scheduler, %s: %s", step.__name__, exc)
+            except Exception:
+                log.exception("job scheduler, %s failed", step.__name__)
+
+    async def _take_waiting(self) -> None:
         redis = self.state.redis
-        await self._keep_submitted_leases()
-        await self._observe_webhooks()
         for raw in await redis.smembers(TENANTS_WAITING):
             tenant = raw.decode()
             job_id = await redis.lpop(waiting_key(tenant))
@@ -95,9 +105,6 @@ class Scheduler:
                 await redis.hdel(SUBMITTED, job_id)
                 await redis.lpush(waiting_key(tenant), job_id)
                 raise
-
-        for part in self.then:
-            await part.pass_once()
 
     async def submit(self, job_id: str, record: dict) -> None:
         redis = self.state.redis
@@ -145,40 +152,40 @@ class Scheduler:
         if now - self._observed_at < self.state.settings.webhook_poll_seconds:
             return
         self._observed_at = now
-        redis = self.state.redis
-        for raw in await redis.smembers(HOOKED):
+        for raw in await self.state.redis.smembers(HOOKED):
             job_id = raw.decode()
-            record = {
-                k.decode(): v.decode() for k, v in (await redis.hgetall(record_key(job_id))).items()
-            }
-            if not record:
-                await redis.srem(HOOKED, job_id)  # expired
-                continue
-            view = await job_view(self.state, job_id, record["tenant_id"])
-            events = record["webhook_events"].split(",")
-            due = []
-            started = view["status"] in ("running", "succeeded", "failed") or (
-                view["status"] == "canceled" and await redis.exists(started_key(job_id))
-            )
-            if "start" in events and started:
-                due.append("start")
-            if "completed" in events and view["status"] in FINISHED:
-                due.append("completed")
-            if due:
-                async with self.state.sessions() as session, session.begin():
-                    for event in due:
-                        payload = {
-                            "type": f"job.{event}",
-                            "timestamp": datetime.now(UTC).isoformat(),
-                            "data": view,
-                        }
-                        await webhooks.record(
-                            session,
-                            uuid.UUID(record["tenant_id"]),
-                            job_id,
-                            event,
-                            record["webhook_url"],
-                            payload,
-                        )
-            if view["status"] in FINISHED:
-                await redis.srem(HOOKED, job_id)
+            try:
+                await self._observe_job(job_id)
+            except Exception:  # its events wait for the next pass; the others go on
+                log.exception("webhook events of job %s could not be recorded", job_id)
+
+    async def _observe_job(self, job_id: str) -> None:
+        redis = self.state.redis
+        raw = await redis.hgetall(record_key(job_id))
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        if not record:
+            await redis.srem(HOOKED, job_id)  # expired
+            return
+        view = await job_view(self.state, job_id, record["tenant_id"])
+        events = record["webhook_events"].split(",")
+        started = view["status"] in ("running", "succeeded", "failed") or (
+            view["status"] == "canceled" and await redis.exists(started_key(job_id))
+        )
+        due = [
+            event
+            for event, happened in (("start", started), ("completed", view["status"] in FINISHED))
+            if happened and event in events
+        ]
+        if due:
+            async with self.state.sessions() as session, session.begin():
+                for event in due:
+                    payload = {
+                        "type": f"job.{event}",
+                        "timestamp": datetime.now(UTC).isoformat(),
+                        "data": view,
+                    }
+                    tenant = uuid.UUID(record["tenant_id"])
+                    url = record["webhook_url"]
+                    await webhooks.record(session, tenant, job_id, event, url, payload)
+        if view["status"] in FINISHED:
+            await redis.srem(HOOKED, job_id)

@@ -4,7 +4,6 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, Uuid, func
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from billing.db import Base
@@ -36,7 +35,9 @@ class WebhookDelivery(Base):
     job_id: Mapped[str] = mapped_column(String(64))
     event: Mapped[str] = mapped_column(String(32))
     url: Mapped[str] = mapped_column(Text)
-    payload: Mapped[dict] = mapped_column(JSONB)
+    # The JSON body as sent (and signed), kept as text: JSONB would refuse what text a model
+    # may produce (a \u0000, say) and would not keep the bytes the signature covers.
+    body: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(

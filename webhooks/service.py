@@ -1,6 +1,7 @@
 """Every statement about webhook secrets and deliveries. Callers own the transaction."""
 
 import base64
+import json
 import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,8 @@ async def rotate_secret(session: AsyncSession, tenant_id: uuid.UUID) -> str:
 async def record(
     session: AsyncSession, tenant_id: uuid.UUID, job_id: str, event: str, url: str, payload: dict
 ) -> None:
-    """An event to deliver; once per job and event, however many gateways see it."""
+    """An event to deliver; once per job and event, however many gateways see it. Its body
+    is fixed now, as JSON text."""
     await session.execute(
         insert(WebhookDelivery)
         .values(
@@ -46,7 +48,7 @@ async def record(
             job_id=job_id,
             event=event,
             url=url,
-            payload=payload,
+            body=json.dumps(payload, separators=(",", ":")),
             status=PENDING,
             attempts=0,
             created_at=func.clock_timestamp(),  # events of one transaction keep their order

@@ -6,7 +6,6 @@ Revises: 0008
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision = "0009"
 down_revision = "0008"
@@ -41,7 +40,7 @@ def upgrade() -> None:
         sa.Column("job_id", sa.String(64), nullable=False),
         sa.Column("event", sa.String(32), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
-        sa.Column("payload", postgresql.JSONB(), nullable=False),
+        sa.Column("body", sa.Text(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column(

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from api.async_jobs import HOOKED, record_key
 from tests.helpers import auth
 from tests.stack import wait_for
 
@@ -165,3 +166,21 @@ def test_another_tenant_sees_no_deliveries(gateway, worker, tenant_factory, rece
     mine_secret = httpx.get(f"{gateway.url}/v1/webhooks/secret", headers=auth(mine)).json()
     theirs_secret = httpx.get(f"{gateway.url}/v1/webhooks/secret", headers=auth(theirs)).json()
     assert mine_secret != theirs_secret
+
+
+def test_a_broken_job_record_does_not_stop_other_jobs_webhooks(
+    gateway, worker, tenant_factory, receiver, redis_client
+):
+    broken = "broken-job-record"
+    redis_client.hset(record_key(broken), mapping={"tenant_id": "not-a-tenant", "type": "chat"})
+    redis_client.sadd(HOOKED, broken)
+    try:
+        _, key, _ = tenant_factory.create("pro")
+        job_id = httpx.post(
+            f"{gateway.url}/v1/jobs", json=chat_job(receiver.url, ["completed"]), headers=auth(key)
+        ).json()["id"]
+        [delivery] = settled(gateway, key, job_id, 1)
+        assert delivery["status"] == "delivered"
+    finally:
+        redis_client.srem(HOOKED, broken)
+        redis_client.delete(record_key(broken))
