@@ -49,6 +49,8 @@ def _check_tier(tier: str, tiers: dict[str, int]) -> str:
 def create_tenant(session: Session, name: str, tier: str, tiers: dict[str, int]) -> Tenant:
     if not name.strip():
         raise InvalidArgument("tenant name must not be empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument("tenant name must not contain control characters")
     tenant = Tenant(id=uuid.uuid4(), name=name.strip(), tier=_check_tier(tier, tiers))
     session.add(tenant)
     session.flush()

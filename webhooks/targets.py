@@ -48,6 +48,8 @@ def allowed(address: str, extra: list[Network]) -> bool:
 def parse(url: str) -> tuple[str, str, int, str]:
     if len(url) > 2000:
         raise TargetRefused("webhook URL is over 2000 characters")
+    if any(ord(c) < 33 or ord(c) == 127 for c in url):
+        raise TargetRefused("webhook URL must not contain spaces or control characters")
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -21,6 +21,12 @@ class TestTenants:
         with pytest.raises(tenants.InvalidArgument, match="unknown tier 'gold'"):
             tenants.create_tenant(db, "acme", "gold", TIERS)
 
+    @pytest.mark.parametrize("name", ["ac\x00me", "line\nbreak", "\x7f"])
+    def test_a_name_with_control_characters_is_refused(self, db, name):
+        # PostgreSQL cannot store a NUL in text: refused here, by name, not as a 500 there
+        with pytest.raises(tenants.InvalidArgument, match="control characters"):
+            tenants.create_tenant(db, name, "free", TIERS)
+
     def test_unknown_or_malformed_ids(self, db):
         with pytest.raises(tenants.NotFound):
             tenants.get_tenant(db, str(uuid.uuid4()))

@@ -21,6 +21,8 @@ from webhooks.targets import TargetRefused, networks, resolve
         ("ftp://example.com/hook", "http:// or https://"),
         ("https://user:pw@example.com/hook", "credentials"),
         ("http:///hook", "no host"),
+        ("http://example.com/a\x00b", "control characters"),
+        ("http://example.com/a b", "spaces"),
         ("http://example.com:99999/hook", "not a URL"),
         ("http://no-such-host.invalid/hook", "does not resolve"),
     ],
