@@ -23,10 +23,12 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import redis
+from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -81,6 +83,25 @@ async def load(url: str, keys: list[str], requests: int, concurrency: int) -> di
     }
 
 
+def stages(sessions, since: datetime) -> dict:
+    """Where a request's time went, from its usage record (medians, ms): from the gateway's
+    enqueue to the worker's start (the Celery hop), and on the worker up to its record."""
+    with sessions() as session:
+        rows = session.execute(
+            text(
+                "SELECT queue_seconds, extract(epoch FROM finished_at - started_at) "
+                "FROM usage_records WHERE finished_at >= :since"
+            ),
+            {"since": since},
+        ).all()
+    if not rows:
+        return {}
+    return {
+        "enqueue_to_worker_ms_p50": round(statistics.median(r[0] for r in rows) * 1000, 2),
+        "on_worker_ms_p50": round(statistics.median(float(r[1]) for r in rows) * 1000, 2),
+    }
+
+
 def run_gpuhost(requests: int) -> list[dict]:
     name = f"gpuhost_bench_gw_{uuid.uuid4().hex[:8]}"
     url = fresh_database(name)
@@ -119,11 +140,12 @@ def run_gpuhost(requests: int) -> list[dict]:
             "the echo worker",
         )
         asyncio.run(load(endpoint, keys, 100, 8))  # warm
-        return [
-            {"server": "gpuhost"}
-            | asyncio.run(load(endpoint, keys, requests * c // 8 or requests, c))
-            for c in (1, 32)
-        ]
+        results = []
+        for c in (1, 32):
+            since = datetime.now(UTC)
+            result = asyncio.run(load(endpoint, keys, requests * c // 8 or requests, c))
+            results.append({"server": "gpuhost"} | result | stages(sessions, since))
+        return results
     finally:
         for process in processes:
             process.stop()
