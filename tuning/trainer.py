@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
 from tuning.params import TrainParams
-from workers.engines.attention import without_cudnn_attention
+from workers.engines.device import place
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,7 @@ class TrainResult:
 class Trainer:
     def __init__(self, model_name: str, path: Path, device: str = "auto"):
         self.model_name = model_name
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        if self.device.type == "cuda":
-            without_cudnn_attention()
+        self.device, self.dtype = place(device, torch.float16)
         started = time.perf_counter()
         self.pipe = StableDiffusionPipeline.from_pretrained(path, dtype=self.dtype).to(self.device)
         for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):

@@ -34,8 +34,8 @@ from safetensors.torch import load as load_safetensors
 
 from storage import Storage
 from workers.contract import ImageJob
-from workers.engines.attention import without_cudnn_attention
 from workers.engines.base import InvalidRequest
+from workers.engines.device import place
 from workers.metering import Meter
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,7 @@ class DiffusionEngine:
         max_adapters: int = 8,
     ):
         self.model_name = model_name
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        if self.device.type == "cuda":
-            without_cudnn_attention()
+        self.device, self.dtype = place(device, torch.float16)
         self.max_batch_images = max_batch_images
         # An idle engine given a request waits this long for others of its shape to join it.
         self.batch_window_seconds = batch_window_seconds

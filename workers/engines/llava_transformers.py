@@ -32,9 +32,9 @@ from transformers import (
 )
 
 from workers.contract import ChatJob
-from workers.engines.attention import without_cudnn_attention
 from workers.engines.base import Generation, InvalidRequest, TokenSink
 from workers.engines.batch import CACHE, Batch
+from workers.engines.device import place
 from workers.engines.sampling import Sampler
 from workers.engines.text import Detokenizer
 from workers.metering import Meter
@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 
 CANCEL_POLL_SECONDS = 0.1
 IDLE_WAIT_SECONDS = 0.5
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _decode_image(data: str) -> Image.Image:
@@ -91,10 +85,7 @@ class TransformersLlava:
     ):
         self.model_name = model_name
         self.path = path
-        self.device = pick_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        if self.device.type == "cuda":
-            without_cudnn_attention()
+        self.device, self.dtype = place(device, torch.bfloat16)
         self.max_output_tokens = max_output_tokens
         self.max_batch = max_batch
         self.keep_alive = keep_alive  # seconds an idle model stays loaded; negative: forever

@@ -1,4 +1,5 @@
-"""Which attention kernels the engines let PyTorch choose on a GPU."""
+"""Where an engine runs, in which precision, and which attention kernels it lets PyTorch
+choose on a GPU."""
 
 import torch
 
@@ -13,3 +14,15 @@ def without_cudnn_attention() -> None:
     (bench/RESULTS.md). Flash and memory-efficient attention take any shape as it comes.
     """
     torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def place(name: str, gpu_dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """The device (`auto`: the GPU if there is one) and the weights' dtype (`gpu_dtype` on a
+    GPU, float32 on the CPU) of an engine; on a GPU, without cuDNN attention."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    )
+    if device.type == "cuda":
+        without_cudnn_attention()
+        return device, gpu_dtype
+    return device, torch.float32
