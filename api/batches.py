@@ -11,6 +11,7 @@ storage (`tenants/<id>/batches/<batch id>/`); the batch's state in Redis, for
 GPUHOST_BATCH_RETENTION_SECONDS after it ends. Tenant-scoped: another tenant's id is a 404.
 """
 
+import contextlib
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ import anyio
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import LockError
 
 from api import async_jobs
 from api.deps import InferenceKey, StateDep
@@ -36,6 +38,7 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 ACTIVE = "gpuhost:batches:active"
 EXPIRING = "gpuhost:batches:expiring"  # ended batches' storage folders, by when they go
 SWEEP_EVERY = 1.0
+LOCK_SECONDS = 30  # a gateway that died advancing a batch holds it up at most this long
 URLS = {"/v1/chat/completions": "chat", "/api/images": "images"}
 ENDED = ("completed", "canceled")
 
@@ -237,15 +240,28 @@ class BatchRunner:
         await self._remove_expired()
         for raw in await self.state.redis.smembers(ACTIVE):
             batch_id = raw.decode()
-            raw_record = await self.state.redis.hgetall(batch_key(batch_id))
-            record = {k.decode(): v.decode() for k, v in raw_record.items()}
-            if not record:
-                await self.state.redis.srem(ACTIVE, batch_id)
+            # One gateway at a time advances a batch: reading `next` and the running lines and
+            # acting on them is not atomic (two could start a line twice, or count it twice).
+            lock = self.state.redis.lock(f"{batch_key(batch_id)}:lock", timeout=LOCK_SECONDS)
+            if not await lock.acquire(blocking=False):
                 continue
             try:
-                await self._advance(batch_id, record)
+                await self._advance_locked(batch_id)
             except Exception:  # this batch waits for the next pass; the others go on
                 log.exception("batch %s could not advance", batch_id)
+            finally:
+                with contextlib.suppress(LockError):  # expired: another may hold it now
+                    await lock.release()
+
+    async def _advance_locked(self, batch_id: str) -> None:
+        raw = await self.state.redis.hgetall(batch_key(batch_id))
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        if not record:
+            await self.state.redis.srem(ACTIVE, batch_id)
+            return
+        if record["status"] in ENDED:  # ended by another gateway since the listing
+            return
+        await self._advance(batch_id, record)
 
     async def _remove_expired(self) -> None:
         """Ended batches' files go when their retention is over (their records expire too)."""
@@ -254,9 +270,13 @@ class BatchRunner:
         self._swept_at = time.monotonic()
         redis = self.state.redis
         for raw in await redis.zrangebyscore(EXPIRING, "-inf", time.time()):
-            folder = raw.decode()
-            await anyio.to_thread.run_sync(self.state.storage.delete, folder)
-            await redis.zrem(EXPIRING, folder)
+            if not await redis.zrem(EXPIRING, raw):
+                continue  # another gateway took it
+            try:
+                await anyio.to_thread.run_sync(self.state.storage.delete, raw.decode())
+            except Exception:
+                await redis.zadd(EXPIRING, {raw: time.time()})  # tried again next sweep
+                raise
 
     async def _specs_of(self, batch_id: str, tenant: str) -> list[dict]:
         if batch_id not in self._specs:

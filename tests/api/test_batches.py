@@ -194,3 +194,18 @@ def test_an_ended_batch_and_its_files_go_after_the_retention(
     wait_for(lambda: files.list(folder) == [], 20, "the batch's files to go")
     gone = httpx.get(f"{brief_gateway.url}/v1/batches/{batch_id}", headers=auth(key))
     assert gone.status_code == 404
+
+
+def test_two_gateways_run_a_batch_once(gateway, second_gateway, worker, tenant_factory, sessions):
+    """Every gateway's scheduler advances batches: each line still starts once, and its result
+    is counted once."""
+    _, key, _ = tenant_factory.create("max")
+    lines = [chat_line(str(i), tokens=2) for i in range(16)]
+    batch_id = upload(gateway, key, lines).json()["id"]
+    view = ended(second_gateway, key, batch_id)
+    assert view["request_counts"] == {"total": 16, "completed": 16, "failed": 0}
+    results = output(gateway, key, batch_id)
+    assert [r["custom_id"] for r in results] == [str(i) for i in range(16)]
+    assert [r["id"] for r in results] == [f"{batch_id}-{i}" for i in range(16)]
+    for result in results:
+        assert len(usage_rows(sessions, result["id"])) == 1
