@@ -89,14 +89,6 @@ def _params(fields: dict) -> dict:
         raise BadRequest(f"field '{name}': {error['msg']}", param=name) from None
 
 
-async def _job(state: AppState, owner, job_id: str) -> FineTune:
-    async with state.sessions() as session:
-        job = await tuning.get(session, owner.tenant_id, job_id)
-    if job is None:
-        raise NotFound(f"fine-tuning job {job_id} not found")
-    return job
-
-
 @router.post(JOBS, status_code=201)
 async def create(
     owner: InferenceKey,
@@ -203,10 +195,11 @@ async def list_jobs(
 
 @router.get(JOBS + "/{job_id}")
 async def get(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
-    job = await _job(state, owner, job_id)
     async with state.sessions() as session:
-        segments = await tuning.segments(session, job_id)
-    return job_view(job, segments)
+        job = await tuning.get(session, owner.tenant_id, job_id)
+        if job is None:
+            raise NotFound(f"fine-tuning job {job_id} not found")
+        return job_view(job, await tuning.segments(session, job_id))
 
 
 @router.post(JOBS + "/{job_id}/cancel")

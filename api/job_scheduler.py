@@ -112,11 +112,13 @@ class Scheduler:
         images = record["type"] == "images"
         spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
         spec.enqueued_at = time.time()
-        await redis.hset(record_key(job_id), "submitted_at", str(spec.enqueued_at))
         family = "images" if images else "openai-chat"
         meta = JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
-        await redis.set(meta_key(job_id), meta.dump(), ex=retention)
-        await redis.hset(SUBMITTED, job_id, record["tenant_id"])
+        pipe = redis.pipeline(transaction=False)  # one round trip for the three
+        pipe.hset(record_key(job_id), "submitted_at", str(spec.enqueued_at))
+        pipe.set(meta_key(job_id), meta.dump(), ex=retention)
+        pipe.hset(SUBMITTED, job_id, record["tenant_id"])
+        await pipe.execute()
 
         def send() -> None:
             self.state.celery.send_task(

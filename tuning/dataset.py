@@ -41,8 +41,10 @@ class DatasetLimits:
 class Example:
     name: str
     caption: str
-    width: int
-    height: int
+
+
+def _images(names: list[str]) -> list[str]:
+    return sorted(n for n in names if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _skipped(name: str) -> bool:
@@ -77,7 +79,7 @@ def _captions(archive: zipfile.ZipFile, names: list[str], images: list[str]) -> 
     }
 
 
-def _check_image(data: bytes, name: str, limits: DatasetLimits) -> tuple[int, int]:
+def _check_image(data: bytes, name: str, limits: DatasetLimits) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -103,11 +105,10 @@ def _check_image(data: bytes, name: str, limits: DatasetLimits) -> tuple[int, in
         raise DatasetError(f"dataset: {name} is a decompression bomb", too_large=True) from None
     except UnidentifiedImageError:
         raise DatasetError(f"dataset: {name} is not an image") from None
+    except DatasetError:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, DatasetError):
-            raise
         raise DatasetError(f"dataset: {name} is corrupt or truncated ({exc})") from None
-    return width, height
 
 
 def validate(data: bytes, limits: DatasetLimits) -> list[Example]:
@@ -125,7 +126,7 @@ def validate(data: bytes, limits: DatasetLimits) -> list[Example]:
                 too_large=True,
             )
         names = [info.filename for info in infos]
-        images = sorted(n for n in names if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
+        images = _images(names)
         for name in names:
             path = PurePosixPath(name)
             if name not in images and path.suffix != ".txt" and path.name != "metadata.jsonl":
@@ -160,9 +161,19 @@ def validate(data: bytes, limits: DatasetLimits) -> list[Example]:
                 raw = archive.read(name)
             except (zipfile.BadZipFile, OSError) as exc:
                 raise DatasetError(f"dataset: {name} cannot be read ({exc})") from None
-            width, height = _check_image(raw, name, limits)
-            examples.append(Example(name, caption, width, height))
+            _check_image(raw, name, limits)
+            examples.append(Example(name, caption))
         return examples
+
+
+def examples_of(data: bytes) -> list[Example]:
+    """A dataset `validate` has accepted, listed again without decoding its images (the train
+    worker's view of what the gateway checked)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = [info.filename for info in archive.infolist() if not _skipped(info.filename)]
+        images = _images(names)
+        captions = _captions(archive, names, images)
+        return [Example(name, captions[name].strip()) for name in images]
 
 
 def load(data: bytes, examples: list[Example], resolution: int) -> list[tuple[Image.Image, str]]:

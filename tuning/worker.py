@@ -99,9 +99,7 @@ def run_training(runtime: TrainRuntime, payload: dict) -> str:
         if model != runtime.trainer.model_name:
             raise ValueError(f"this worker trains '{runtime.trainer.model_name}', not '{model}'")
         data = storage.get(dataset_key)
-        examples = dataset.validate(
-            data, dataset.DatasetLimits(max_images=10**6, max_bytes=2**62, max_pixels=2**62)
-        )
+        examples = dataset.examples_of(data)  # checked at the gateway
         items = dataset.load(data, examples, params.resolution or runtime.trainer.native_resolution)
         resume = (
             Checkpoint(checkpoint_step, storage.get(checkpoint_key)) if checkpoint_key else None

@@ -14,23 +14,29 @@ from webhooks.models import DELIVERED, FAILED, PENDING, WebhookDelivery, Webhook
 
 
 async def secret_of(session: AsyncSession, tenant_id: uuid.UUID) -> str:
-    """The tenant's signing secret (`whsec_` + base64 of 32 random bytes), made on first use."""
-    fresh = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    await session.execute(
-        insert(WebhookSecret)
-        .values(tenant_id=tenant_id, secret=fresh)
-        .on_conflict_do_nothing(index_elements=["tenant_id"])
-    )
-    return await session.scalar(
-        select(WebhookSecret.secret).where(WebhookSecret.tenant_id == tenant_id)
-    )
+    """The tenant's signing secret (`whsec_` + base64 of 32 random bytes), made on first use
+    (a read for every delivery after that; two makers at once keep the first one's)."""
+    query = select(WebhookSecret.secret).where(WebhookSecret.tenant_id == tenant_id)
+    secret = await session.scalar(query)
+    if secret is None:
+        await session.execute(
+            insert(WebhookSecret)
+            .values(tenant_id=tenant_id, secret=_fresh_secret())
+            .on_conflict_do_nothing(index_elements=["tenant_id"])
+        )
+        secret = await session.scalar(query)
+    return secret
+
+
+def _fresh_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 async def rotate_secret(session: AsyncSession, tenant_id: uuid.UUID) -> str:
     await session.execute(
         update(WebhookSecret)
         .where(WebhookSecret.tenant_id == tenant_id)
-        .values(secret="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+        .values(secret=_fresh_secret())
     )
     return await secret_of(session, tenant_id)
 

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from tests.tuning.datasets import picture, striped, zipped
-from tuning.dataset import DatasetError, DatasetLimits, load, validate
+from tuning.dataset import DatasetError, DatasetLimits, examples_of, load, validate
 
 LIMITS = DatasetLimits(max_images=10, max_bytes=1_000_000, max_pixels=512 * 512)
 
@@ -18,6 +18,11 @@ class TestAccepted:
         assert [(e.name, e.caption) for e in examples] == [
             (f"img{i}.png", f"a striped picture number {i}") for i in range(3)
         ]
+
+    @pytest.mark.parametrize("captions", ["txt", "metadata"])
+    def test_the_train_worker_lists_what_was_accepted(self, captions):
+        data = striped(3, captions=captions)
+        assert examples_of(data) == validate(data, LIMITS)
 
     def test_loaded_as_squares_of_the_resolution(self):
         data = zipped({"wide.jpg": picture(0, 96, "JPEG"), "wide.txt": "a wide picture"})
