@@ -5,9 +5,12 @@ their lease expires (Redis server time, so gateway clocks do not matter). Taking
 drops expired leases, so a crashed holder's slot comes back within the lease TTL. The gateway
 renews a request's lease while it relays it, and the worker running it renews it too (so a job
 whose gateway died keeps its slot until it ends: `workers.streams.Claims`); release is a ZREM,
-done by both, and may be repeated.
+done by both, and may be repeated. A gateway renews all the leases it holds together, in one
+round trip (`LeaseKeeper`).
 """
 
+import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -18,6 +21,10 @@ from api.errors import TooManyRequests, Unavailable
 from workers.contract import LEASE_RENEW as RENEW
 from workers.contract import slots_key
 
+log = logging.getLogger(__name__)
+
+# KEYS: the tenant's slots[, a record to write if granted]. ARGV: limit, TTL (ms), holder[,
+# the record's value, its TTL (s)].
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -30,6 +37,9 @@ if held >= limit then
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl)
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+end
 return {1, held + 1}
 """
 
@@ -58,12 +68,23 @@ class Admission:
     def limit(self, tier: str) -> int:
         return self._limits.get(tier, 0)
 
-    async def acquire(self, tenant_id: uuid.UUID, tier: str, holder: str) -> Lease:
+    async def acquire(
+        self,
+        tenant_id: uuid.UUID | str,
+        tier: str,
+        holder: str,
+        record: tuple[str, str, int] | None = None,
+    ) -> Lease:
+        """A slot for `holder`, or TooManyRequests. `record` (key, value, TTL in seconds) is
+        written in the same step if the slot is granted, and not at all if it is refused."""
         limit = self.limit(tier)
+        keys, args = [slots_key(tenant_id)], [limit, self._ttl_ms, holder]
+        if record is not None:
+            key, value, ttl = record
+            keys.append(key)
+            args += [value, ttl]
         try:
-            granted, held = await self._acquire(
-                keys=[slots_key(tenant_id)], args=[limit, self._ttl_ms, holder]
-            )
+            granted, held = await self._acquire(keys=keys, args=args)
         except RedisError as exc:
             raise Unavailable(
                 f"admission is unavailable (Redis: {exc}); try again shortly"
@@ -82,6 +103,15 @@ class Admission:
             await self._renew(keys=[slots_key(lease.tenant_id)], args=[self._ttl_ms, lease.holder])
         )
 
+    async def renew_all(self, leases: list[Lease]) -> list[bool]:
+        """`renew` for many, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for lease in leases:
+            await self._renew(
+                keys=[slots_key(lease.tenant_id)], args=[self._ttl_ms, lease.holder], client=pipe
+            )
+        return [bool(renewed) for renewed in await pipe.execute()]
+
     async def release(self, lease: Lease) -> None:
         await self._redis.zrem(slots_key(lease.tenant_id), lease.holder)
 
@@ -90,3 +120,38 @@ class Admission:
         t = await self._redis.time()
         now_ms = t[0] * 1000 + t[1] // 1000
         return await self._redis.zcount(slots_key(tenant_id), f"({now_ms}", "+inf")
+
+
+class LeaseKeeper:
+    """Renews the leases of every request this gateway relays, three times per lease TTL, in
+    one round trip: a slow reader keeps its slot, and a thousand open streams cost one
+    pipeline, not a thousand timers."""
+
+    def __init__(self, admission: Admission, ttl_seconds: float):
+        self._admission = admission
+        self._every = ttl_seconds / 3
+        self._held: dict[tuple[str, str], Lease] = {}
+
+    def hold(self, lease: Lease) -> None:
+        self._held[(lease.tenant_id, lease.holder)] = lease
+
+    def drop(self, lease: Lease) -> None:
+        self._held.pop((lease.tenant_id, lease.holder), None)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._every)
+            await self.renew()
+
+    async def renew(self) -> None:
+        leases = list(self._held.values())
+        if not leases:
+            return
+        try:
+            renewed = await self._admission.renew_all(leases)
+        except RedisError as exc:
+            log.warning("could not renew %d lease(s): %s", len(leases), exc)
+            return
+        for lease, ok in zip(leases, renewed, strict=True):
+            if not ok and (lease.tenant_id, lease.holder) in self._held:
+                log.warning("the lease of %s had expired before it was renewed", lease.holder)

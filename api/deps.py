@@ -11,7 +11,7 @@ from billing.keys import hash_key
 from billing.tenants import KeyOwner, owner_of_key
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.state.gpuhost
 
 

@@ -5,43 +5,32 @@ One path under every API family: `submit` admits, enqueues and waits for the fir
 runs on for a grace period in which the stream can be resumed with `resume`).
 """
 
-import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import anyio
 from fastapi import Request
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
-from sqlalchemy.exc import OperationalError
 
 from api.admission import Lease
 from api.errors import (
     ApiError,
     BadRequest,
     ClientGone,
-    Forbidden,
     GatewayTimeout,
     NotFound,
     PaymentRequired,
     TooManyRequests,
-    Unauthorized,
     Unavailable,
     UpstreamError,
 )
 from api.state import AppState
-from billing import usage
-from billing.plans import Balance, period_of
 from billing.tenants import KeyOwner
 from workers.contract import (
-    CHAT_TASK,
-    IMAGES_TASK,
-    LLAVA_QUEUE,
-    SD_QUEUE,
     AnyChunk,
     ChatJob,
     DoneChunk,
@@ -55,6 +44,7 @@ from workers.contract import (
     decode_chunk,
     is_final,
     meta_key,
+    send_job,
     started_key,
     stream_key,
 )
@@ -87,16 +77,17 @@ async def submit(
     Everything that fails here releases the slot; the caller owns the returned job and must
     end it with `close()` or `abandon()`.
     """
+    meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time())
+    record = (meta_key(spec.request_id), meta.dump(), state.settings.stream_retention_seconds)
     try:
-        tier = await check_quota(state, owner)
-        lease = await state.admission.acquire(owner.tenant_id, tier, spec.request_id)
+        tier, lease = await admit(state, owner, spec.request_id, record)
     except (PaymentRequired, TooManyRequests) as refused:
         state.metrics.refused.labels(owner.tier, str(refused.status)).inc()
         raise
     job = Job(state, spec, lease, tier)
     try:
         admitted = time.perf_counter()
-        await job.enqueue(JobMeta(str(owner.tenant_id), family, spec.model, time.time()))
+        await job.enqueue()
         waiting = job.chunks(disconnected=request.is_disconnected)
         first = await anext(waiting, None)
         await waiting.aclose()
@@ -117,27 +108,28 @@ async def submit(
     return job, first
 
 
-async def check_quota(state: AppState, owner: KeyOwner) -> str:
-    """The tenant's current tier (a change applies to its next request), after checking that
-    its plan still covers another request this billing period (HTTP 402 if not)."""
-    period = period_of(datetime.now(UTC))
+async def check_quota(state: AppState, owner: KeyOwner, fresh: bool = False) -> str:
+    """The tenant's current tier, after checking that its plan still covers another request
+    this billing period (HTTP 402 if not). Read from the ledger at most once a second or so
+    per tenant (`api.quota`); `fresh` reads it now."""
+    return (await state.quotas.check(owner.tenant_id, fresh)).tier
+
+
+async def admit(
+    state: AppState, owner: KeyOwner, request_id: str, record: tuple[str, str, int]
+) -> tuple[str, Lease]:
+    """The tenant's tier and a slot for the request, its `record` (the job's metadata) written
+    with it (402 or 429 if refused, and nothing written). A refusal is decided on the tenant's
+    current tier: if a cached one refuses, it is read again."""
+    admission = state.admission
+    view = await state.quotas.check(owner.tenant_id)
     try:
-        async with state.sessions() as session:
-            view = await usage.admission_view(session, owner.tenant_id, period.start, period.end)
-    except (OperationalError, OSError) as exc:
-        raise Unavailable("the ledger is unavailable; try again shortly") from exc
-    if view is None:
-        raise Unauthorized("this key's tenant no longer exists")
-    tier, used = view
-    plan = state.settings.plans.get(tier)
-    if plan is None:
-        raise Forbidden(f"tier '{tier}' has no plan on this server")
-    if Balance(plan, period, used).exhausted:
-        raise PaymentRequired(
-            f"the {plan.name} plan's {plan.included_gpu_seconds:g} GPU-seconds for this period "
-            f"are used up; they renew at {period.end.isoformat()} (or upgrade your plan)"
-        )
-    return tier
+        return view.tier, await admission.acquire(owner.tenant_id, view.tier, request_id, record)
+    except TooManyRequests:
+        if not view.cached:
+            raise
+    tier = await check_quota(state, owner, fresh=True)
+    return tier, await admission.acquire(owner.tenant_id, tier, request_id, record)
 
 
 class Job:
@@ -153,43 +145,17 @@ class Job:
         self.delivered = 0  # chunks handed out so far (the next chunk's index)
         self._last_id = "0-0"
         self._released = False
-        # The lease is renewed on its own clock, not the client's: a slow reader keeps its slot.
-        self._renewal = asyncio.create_task(self._keep_lease())
+        # The lease is renewed on the gateway's clock, not the client's: a slow reader keeps
+        # its slot.
+        state.leases.hold(lease)
 
     @property
     def request_id(self) -> str:
         return self.job.request_id
 
-    async def _keep_lease(self) -> None:
-        every = self.state.settings.lease_ttl_seconds / 3
-        while True:
-            await asyncio.sleep(every)
-            try:
-                if not await self.state.admission.renew(self.lease):
-                    log.warning(
-                        "the lease of %s had expired before it was renewed", self.request_id
-                    )
-            except RedisError as exc:
-                log.warning("could not renew the lease of %s: %s", self.request_id, exc)
-
-    async def enqueue(self, meta: JobMeta) -> None:
-        retention = self.state.settings.stream_retention_seconds
+    async def enqueue(self) -> None:
         try:
-            await self.state.redis.set(meta_key(self.request_id), meta.dump(), ex=retention)
-        except RedisError as exc:
-            raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
-
-        def send() -> None:
-            images = isinstance(self.job, ImageJob)
-            self.state.celery.send_task(
-                IMAGES_TASK if images else CHAT_TASK,
-                args=[self.job.model_dump(mode="json")],
-                task_id=self.request_id,
-                queue=SD_QUEUE if images else LLAVA_QUEUE,
-            )
-
-        try:
-            await anyio.to_thread.run_sync(send)
+            await anyio.to_thread.run_sync(send_job, self.state.celery, self.job)
         except (KombuError, OSError) as exc:
             raise Unavailable(f"the job queue is unavailable ({exc}); try again shortly") from exc
 
@@ -290,7 +256,7 @@ class Job:
             return
         self._released = True
         self.state.metrics.in_flight.labels(self.tier).dec()
-        self._renewal.cancel()
+        self.state.leases.drop(self.lease)
         with anyio.CancelScope(shield=True):
             try:
                 if not self.finished:

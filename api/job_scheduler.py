@@ -27,16 +27,7 @@ from api.dispatch import JobMeta
 from api.errors import TooManyRequests
 from api.state import AppState
 from webhooks import service as webhooks
-from workers.contract import (
-    CHAT_TASK,
-    IMAGES_TASK,
-    LLAVA_QUEUE,
-    SD_QUEUE,
-    ChatJob,
-    ImageJob,
-    meta_key,
-    started_key,
-)
+from workers.contract import ChatJob, ImageJob, meta_key, send_job, started_key
 
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 0.1
@@ -120,15 +111,7 @@ class Scheduler:
         pipe.hset(SUBMITTED, job_id, record["tenant_id"])
         await pipe.execute()
 
-        def send() -> None:
-            self.state.celery.send_task(
-                IMAGES_TASK if images else CHAT_TASK,
-                args=[spec.model_dump(mode="json")],
-                task_id=job_id,
-                queue=SD_QUEUE if images else LLAVA_QUEUE,
-            )
-
-        await anyio.to_thread.run_sync(send)
+        await anyio.to_thread.run_sync(send_job, self.state.celery, spec)
 
     async def _keep_submitted_leases(self) -> None:
         """Renew the slot of each job enqueued but not yet started, three times per lease TTL;

@@ -46,9 +46,11 @@ class GatewaySettings(ModelSettings):
     # Stripe webhooks: the endpoint's signing secret, and which price is which tier (a price
     # whose lookup_key names a tier needs no entry).
     stripe_webhook_secret: str = ""
-    # PostgreSQL connections a gateway keeps open (as many again for bursts): every request
-    # reads the tenant's quota, so this should cover the requests in flight through it.
+    # PostgreSQL connections a gateway keeps open (as many again for bursts).
     db_pool_size: int = 20
+    # A tenant's tier and GPU-seconds used are read at most this often per gateway (api/quota.py:
+    # only fresh figures refuse a request; a downgrade applies within it; 0 reads every time).
+    quota_cache_seconds: float = 1.0
     # The operator's token for /admin/... (empty: the admin API is off).
     admin_token: str = ""
     stripe_price_tiers: dict[str, str] = Field(default_factory=dict)

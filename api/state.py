@@ -11,8 +11,9 @@ from celery import Celery
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from api.admission import Admission
+from api.admission import Admission, LeaseKeeper
 from api.metrics import GatewayMetrics
+from api.quota import Quotas
 from api.settings import GatewaySettings
 from billing.db import async_engine, async_session_factory
 from billing.tenants import KeyOwner
@@ -27,8 +28,10 @@ class AppState:
     db: AsyncEngine
     sessions: async_sessionmaker
     admission: Admission
+    leases: LeaseKeeper
     celery: Celery
     key_cache: TTLCache[str, KeyOwner]
+    quotas: Quotas
     metrics: GatewayMetrics
     storage: Storage
     tasks: set[asyncio.Task] = field(default_factory=set)
@@ -55,24 +58,26 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
     async def run(_: FastAPI) -> AsyncIterator[dict]:
         client = aioredis.Redis.from_url(settings.redis_url)
         db = async_engine(settings.database_url, settings.db_pool_size)
+        sessions = async_session_factory(db)
+        admission = Admission(
+            client, settings.tier_limits, settings.lease_ttl_seconds, settings.retry_after_seconds
+        )
         celery = Celery("gpuhost-gateway")
         celery.conf.update(celery_config(**settings.celery()))
         state = AppState(
             settings=settings,
             redis=client,
             db=db,
-            sessions=async_session_factory(db),
-            admission=Admission(
-                client,
-                settings.tier_limits,
-                settings.lease_ttl_seconds,
-                settings.retry_after_seconds,
-            ),
+            sessions=sessions,
+            admission=admission,
+            leases=LeaseKeeper(admission, settings.lease_ttl_seconds),
             celery=celery,
             key_cache=TTLCache(maxsize=100_000, ttl=settings.auth_cache_seconds),
+            quotas=Quotas(sessions, settings.plans, settings.quota_cache_seconds),
             metrics=metrics,
             storage=Storage(settings.storage_url),
         )
+        state.spawn(state.leases.run())
         for work in background:
             state.spawn(work(state))
         try:

@@ -67,15 +67,21 @@ def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celer
     app = Celery("gpuhost")
     app.conf.update(celery_config(**settings.celery()))
 
-    @app.task(name=CHAT_TASK, shared=False)
-    def chat(payload: dict) -> str:
-        return run_chat(runtime, payload)
+    @app.task(name=CHAT_TASK, shared=False, bind=True)
+    def chat(task, payload: dict) -> str:
+        return run_chat(runtime, payload, redelivered(task))
 
-    @app.task(name=IMAGES_TASK, shared=False)
-    def images(payload: dict) -> str:
-        return run_images(runtime, payload)
+    @app.task(name=IMAGES_TASK, shared=False, bind=True)
+    def images(task, payload: dict) -> str:
+        return run_images(runtime, payload, redelivered(task))
 
     return app
+
+
+def redelivered(task) -> bool:
+    """Whether the broker delivers this message again (kombu marks the messages it restores
+    from a lost consumer, RabbitMQ its redeliveries): only then may the job already be done."""
+    return bool((task.request.delivery_info or {}).get("redelivered"))
 
 
 def consume(make_app: Callable[[], Celery], queue: str, concurrency: int) -> None:

@@ -209,6 +209,22 @@ class ImageJob(BaseModel):
     enqueued_at: float
 
 
+def send_job(celery, job: "ChatJob | ImageJob") -> None:
+    """Enqueue a job on its family's queue, as task id = its request id (blocking: call it
+    from a thread). The message's `argsrepr` names the job rather than quoting it: Celery
+    would otherwise put up to 1 KiB of the prompt into the message headers, where monitoring
+    shows it, and spend the time to render it."""
+    images = isinstance(job, ImageJob)
+    celery.send_task(
+        IMAGES_TASK if images else CHAT_TASK,
+        args=[job.model_dump(mode="json")],
+        task_id=job.request_id,
+        queue=SD_QUEUE if images else LLAVA_QUEUE,
+        argsrepr=f"({job.kind} job {job.request_id})",
+        kwargsrepr="{}",
+    )
+
+
 class ProgressChunk(BaseModel):
     type: Literal["progress"] = "progress"
     step: int

@@ -2,7 +2,9 @@
 
 import logging
 import threading
+import time
 import uuid
+from dataclasses import dataclass
 
 import redis
 
@@ -23,13 +25,37 @@ from workers.contract import (
 
 log = logging.getLogger(__name__)
 
-# Delete the claim only if it is still ours (it may have expired and been taken since).
+# Claim a job, in one round trip: take its claim unless someone holds it (-1); mark it started
+# unless an earlier delivery did (that delivery died mid-run); and say whether it was cancelled.
+# KEYS: claim, started, cancel. ARGV: owner, claim TTL (ms), stream retention (s).
+TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return -1
+end
+local fresh = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[3])
+local cancelled = redis.call('EXISTS', KEYS[3])
+return (fresh and 0 or 1) + 2 * cancelled
+"""
+
+# Drop the claim only if it is still ours (it may have expired and been taken since), and give
+# the tenant's slot back (a no-op if the gateway already has). KEYS: claim, slots (or none).
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+end
+if KEYS[2] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
 end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a worker found when it claimed a job."""
+
+    started_before: bool  # an earlier delivery began running it and never finished
+    cancelled: bool  # the client cancelled it before it started
 
 
 class Claims:
@@ -47,28 +73,33 @@ class Claims:
         self._lease_ms = int(lease_ttl * 1000)
         self._held: dict[str, str] = {}  # request id -> its tenant's slots key
         self._lock = threading.Lock()
+        self._take = client.register_script(TAKE)
         self._release = client.register_script(RELEASE)
         self._renew_lease = client.register_script(LEASE_RENEW)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="claims", daemon=True)
         self._thread.start()
 
-    def take(self, request_id: str, tenant_id: uuid.UUID | str | None = None) -> bool:
-        """Claim the job; while it is held, its tenant's slot lease (if any) is renewed too."""
-        taken = self._redis.set(claim_key(request_id), self._owner, nx=True, px=self._ttl_ms)
-        if taken:
-            with self._lock:
-                self._held[request_id] = slots_key(tenant_id) if tenant_id else ""
-        return bool(taken)
+    def take(
+        self, request_id: str, tenant_id: uuid.UUID | str | None, retention: int
+    ) -> Start | None:
+        """Claim the job and mark it started (None: another worker holds it). While the claim
+        is held, its tenant's slot lease (if any) is renewed too."""
+        keys = [claim_key(request_id), started_key(request_id), cancel_key(request_id)]
+        found = self._take(keys=keys, args=[self._owner, self._ttl_ms, retention])
+        if found < 0:
+            return None
+        with self._lock:
+            self._held[request_id] = slots_key(tenant_id) if tenant_id else ""
+        return Start(started_before=bool(found & 1), cancelled=bool(found & 2))
 
     def release(self, request_id: str) -> None:
         """The job is over: drop its claim, and give its slot back (a no-op if the gateway
         already has)."""
         with self._lock:
             slots = self._held.pop(request_id, "")
-        self._release(keys=[claim_key(request_id)], args=[self._owner])
-        if slots:
-            self._redis.zrem(slots, request_id)
+        keys = [claim_key(request_id), slots] if slots else [claim_key(request_id)]
+        self._release(keys=keys, args=[self._owner, request_id])
 
     def stop(self) -> None:
         self._stopped.set()
@@ -96,16 +127,12 @@ class Claims:
 class JobChannel:
     """Publishes one job's chunks and tells the engine when the client has gone."""
 
-    def __init__(self, client: redis.Redis, job: ChatJob | ImageJob, owner: str, retention: int):
+    def __init__(self, client: redis.Redis, job: ChatJob | ImageJob, retention: int):
         self._redis = client
         self._id = job.request_id
-        self._owner = owner
         self._retention = retention
+        self._expiry_set_at = float("-inf")  # when the stream's expiry was last pushed back
         self.tokens_sent = 0
-
-    def started_before(self) -> bool:
-        """True when an earlier delivery of this job began running and never finished."""
-        return not self._redis.set(started_key(self._id), self._owner, nx=True, ex=self._retention)
 
     def cancelled(self) -> bool:
         return bool(self._redis.exists(cancel_key(self._id)))
@@ -130,7 +157,15 @@ class JobChannel:
         self._publish(chunk, final=True)
 
     def _publish(self, chunk: AnyChunk, final: bool = False) -> None:
+        """Append the chunk. The stream's expiry is set with its first chunk and its last, and
+        in between only every quarter of the retention time (XADD keeps a key's expiry), so a
+        token costs one command."""
         key = stream_key(self._id)
+        now = time.monotonic()
+        if not final and now - self._expiry_set_at < self._retention / 4:
+            self._redis.xadd(key, encode_chunk(chunk))
+            return
+        self._expiry_set_at = now
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(key, encode_chunk(chunk))
         pipe.expire(key, self._retention)

@@ -99,23 +99,29 @@ def _run(
     job: ChatJob | ImageJob,
     execute: Callable[[JobChannel, float], Outcome],
     cancelled_early: Callable[[float], AnyChunk],
+    redelivered: bool,
 ) -> str:
-    with runtime.sessions() as session:
-        if usage.exists(session, job.request_id):
-            log.info("job %s delivered again after it finished; ignored", job.request_id)
-            return "duplicate"
-    if not runtime.claims.take(job.request_id, job.tenant_id):
+    # A job runs once: a delivery after its record was written is a duplicate. The ledger is
+    # asked only when that can be so (the broker says it delivers the job again, or an earlier
+    # delivery marked it started), not on every job.
+    if redelivered and _recorded(runtime, job):
+        return "duplicate"
+    retention = runtime.settings.stream_retention_seconds
+    start = runtime.claims.take(job.request_id, job.tenant_id, retention)
+    if start is None:
         log.info("job %s is running on another worker; this delivery ignored", job.request_id)
         return "duplicate"
-    channel = JobChannel(runtime.redis, job, owner(), runtime.settings.stream_retention_seconds)
+    channel = JobChannel(runtime.redis, job, retention)
     try:
+        if start.started_before and not redelivered and _recorded(runtime, job):
+            return "duplicate"
         queue_seconds = max(0.0, time.time() - job.enqueued_at)
         started = datetime.now(UTC)
-        if channel.started_before():
+        if start.started_before:
             # An earlier delivery died mid-request (worker lost). The platform's fault: unbilled.
             message = "the worker running this request was lost; please retry"
             outcome = Outcome(FAILED, ErrorChunk(status=503, message=message))
-        elif channel.cancelled():
+        elif start.cancelled:
             outcome, started = Outcome(CANCELLED, cancelled_early(queue_seconds)), None
         else:
             outcome = _attempt(job, channel, queue_seconds, execute)
@@ -124,6 +130,14 @@ def _run(
         return outcome.status
     finally:
         runtime.claims.release(job.request_id)
+
+
+def _recorded(runtime: WorkerRuntime, job: ChatJob | ImageJob) -> bool:
+    with runtime.sessions() as session:
+        if usage.exists(session, job.request_id):
+            log.info("job %s delivered again after it finished; ignored", job.request_id)
+            return True
+    return False
 
 
 def _attempt(job, channel: JobChannel, queue_seconds: float, execute) -> Outcome:
@@ -140,7 +154,7 @@ def _attempt(job, channel: JobChannel, queue_seconds: float, execute) -> Outcome
 # -- LLaVA chat ----------------------------------------------------------------------------------
 
 
-def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
+def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool = False) -> str:
     """Run one chat job. Returns the status it ended with (for logs and tests)."""
     job = ChatJob.model_validate(payload)
     if not runtime.settings.honour_keep_alive:
@@ -179,13 +193,13 @@ def run_chat(runtime: WorkerRuntime, payload: dict) -> str:
             gpu_seconds=0.0,
         )
 
-    return _run(runtime, job, execute, cancelled_early)
+    return _run(runtime, job, execute, cancelled_early, redelivered)
 
 
 # -- Stable Diffusion ----------------------------------------------------------------------------
 
 
-def run_images(runtime: WorkerRuntime, payload: dict) -> str:
+def run_images(runtime: WorkerRuntime, payload: dict, redelivered: bool = False) -> str:
     """Run one image job. Returns the status it ended with."""
     job = ImageJob.model_validate(payload)
 
@@ -206,4 +220,4 @@ def run_images(runtime: WorkerRuntime, payload: dict) -> str:
     def cancelled_early(_: float) -> ErrorChunk:
         return ErrorChunk(status=499, message="the request was cancelled before it started")
 
-    return _run(runtime, job, execute, cancelled_early)
+    return _run(runtime, job, execute, cancelled_early, redelivered)

@@ -6,7 +6,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from api.admission import Admission
+from api.admission import Admission, LeaseKeeper
 from api.errors import TooManyRequests, Unavailable
 from tests.stack import free_port
 
@@ -99,6 +99,34 @@ class TestRelease:
             await asyncio.sleep(0.05)
         await gate.acquire(tenant, "free", "newcomer")  # drops the expired lease
         assert await gate.renew(lease) is False
+
+
+class TestRecordAndKeeper:
+    async def test_the_record_is_written_with_a_granted_slot_and_never_with_a_refusal(self, client):
+        gate, tenant = admission(client), uuid.uuid4()
+        granted, refused = f"gpuhost:test:{uuid.uuid4().hex}", f"gpuhost:test:{uuid.uuid4().hex}"
+        await gate.acquire(tenant, "free", "a", (granted, "meta-a", 60))
+        with pytest.raises(TooManyRequests):
+            await gate.acquire(tenant, "free", "b", (refused, "meta-b", 60))
+        assert await client.get(granted) == b"meta-a"
+        assert 0 < await client.ttl(granted) <= 60
+        assert await client.exists(refused) == 0
+        await client.delete(granted)
+
+    async def test_the_keeper_renews_every_lease_it_holds_and_none_it_dropped(self, client):
+        gate = admission(client, ttl=0.5)
+        keeper = LeaseKeeper(gate, 0.5)
+        tenants = [uuid.uuid4() for _ in range(3)]
+        leases = [await gate.acquire(t, "free", f"r-{i}") for i, t in enumerate(tenants)]
+        for lease in leases:
+            keeper.hold(lease)
+        keeper.drop(leases[2])
+        for _ in range(6):  # 0.9 s: well past the TTL, renewed at a third of it
+            await asyncio.sleep(0.15)
+            await keeper.renew()
+        assert [await gate.in_flight(t) for t in tenants] == [1, 1, 0]
+        for lease in leases:
+            await gate.release(lease)
 
 
 class TestRedisDown:
