@@ -141,7 +141,10 @@ class LeaseKeeper:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._every)
-            await self.renew()
+            try:
+                await self.renew()
+            except Exception:  # the keeper must outlive any one failure, or every lease lapses
+                log.exception("renewing leases failed; trying again in %.0fs", self._every)
 
     async def renew(self) -> None:
         leases = list(self._held.values())
