@@ -42,6 +42,7 @@ from workers.contract import (
     cancel_key,
     claim_key,
     decode_chunk,
+    done_key,
     is_final,
     meta_key,
     send_job,
@@ -194,17 +195,62 @@ class Job:
                 continue
             heard_at = now
             for entry_id, fields in reply[0][1]:
-                self._last_id = entry_id
-                chunk = decode_chunk(fields)
-                if is_final(chunk):
-                    # The work is over: the slot is free before the client hears so.
-                    self.finished = True
-                    await self.close()
-                    self._count(chunk)
-                self.delivered += 1
-                yield chunk
+                yield await self._accept(entry_id, fields)
                 if self.finished:
                     return
+
+    async def settled(
+        self, disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[Chunk]:
+        """The job's remaining chunks, read in one go once its final one is there: for an
+        answer that is not streamed, one wait and one read, where `chunks` reads once per
+        token or progress step. The worker signals the final chunk on a list of its own
+        (`workers.streams.JobChannel.publish_final`); twice a second meanwhile this watches
+        what `chunks` watches: the client, the worker, a model gone silent."""
+        redis = self.state.redis
+        signal, key = done_key(self.request_id), stream_key(self.request_id)
+        heard_at, length = time.monotonic(), -1
+        while not self.finished:
+            try:
+                signalled = await redis.blpop([signal], timeout=POLL_MS / 1000)
+                if signalled or await self._worker_lost():
+                    last = self._last_id
+                    last = last.decode() if isinstance(last, bytes) else last
+                    after = "-" if last == "0-0" else f"({last}"
+                    entries = await redis.xrange(key, min=after)
+                    if not signalled and not any(is_final(decode_chunk(f)) for _, f in entries):
+                        await self.cancel()
+                        raise Unavailable(
+                            "the worker running this request was lost; it was not billed, "
+                            "please retry"
+                        )
+                else:
+                    if disconnected is not None and await disconnected():
+                        await self.cancel()
+                        return
+                    now, seen = time.monotonic(), await redis.xlen(key)
+                    if seen != length:
+                        heard_at, length = now, seen
+                    await self._check_waiting(now - heard_at)
+                    continue
+            except RedisError as exc:
+                raise Unavailable(f"lost the connection to the job stream ({exc})") from exc
+            for entry_id, fields in entries:
+                yield await self._accept(entry_id, fields)
+                if self.finished:
+                    return
+
+    async def _accept(self, entry_id, fields) -> Chunk:
+        """One chunk read from the stream, in order; its final one ends the job."""
+        self._last_id = entry_id
+        chunk = decode_chunk(fields)
+        if is_final(chunk):
+            # The work is over: the slot is free before the client hears so.
+            self.finished = True
+            await self.close()
+            self._count(chunk)
+        self.delivered += 1
+        return chunk
 
     def _count(self, chunk: AnyChunk) -> None:
         metrics = self.state.metrics
@@ -340,7 +386,7 @@ async def complete(job: Job, first: Chunk, request: Request) -> tuple[str, AnyCh
         if not is_final(chunk):
             if isinstance(chunk, TokenChunk):
                 parts.append(chunk.text)
-            async for chunk in job.chunks(disconnected=request.is_disconnected):
+            async for chunk in job.settled(disconnected=request.is_disconnected):
                 if isinstance(chunk, TokenChunk):
                     parts.append(chunk.text)
         if isinstance(chunk, ErrorChunk):

@@ -35,6 +35,11 @@ def cancel_key(request_id: str) -> str:
     return f"gpuhost:job:{request_id}:cancel"
 
 
+def done_key(request_id: str) -> str:
+    """A list the worker pushes to when the job's final chunk is in its stream."""
+    return f"gpuhost:job:{request_id}:done"
+
+
 def meta_key(request_id: str) -> str:
     """Who owns the job and how its stream is rendered (set by the gateway, for resuming)."""
     return f"gpuhost:job:{request_id}:meta"

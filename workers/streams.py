@@ -17,6 +17,7 @@ from workers.contract import (
     TokenChunk,
     cancel_key,
     claim_key,
+    done_key,
     encode_chunk,
     slots_key,
     started_key,
@@ -171,4 +172,6 @@ class JobChannel:
         pipe.expire(key, self._retention)
         if final:
             pipe.expire(started_key(self._id), self._retention)
+            pipe.rpush(done_key(self._id), "1")  # after the chunk: a gateway waits on it
+            pipe.expire(done_key(self._id), self._retention)
         pipe.execute()

@@ -2,6 +2,7 @@
 recorded once (failed, not billed) when the job is delivered again to another worker."""
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -68,3 +69,41 @@ def test_worker_killed_mid_request(lost_env, lost_gateway, tenant_factory, sessi
         doomed.stop()
         if heir is not None:
             heir.stop()
+
+
+def test_worker_killed_during_an_answer_that_is_not_streamed(
+    lost_env, lost_gateway, tenant_factory, tmp_path
+):
+    """The gateway waits for such an answer's final chunk without reading each token, and
+    still notices that its worker died: 503, not billed, the slot back."""
+    client = redis.Redis.from_url(lost_env["GPUHOST_REDIS_URL"])
+    doomed = Worker("worker-doomed-2", lost_env, tmp_path, lost_env["GPUHOST_REDIS_URL"])
+    try:
+        doomed.wait_ready()
+        tenant_id, key, _ = tenant_factory.create("free")
+        body = chat_body(num_predict=4000, temperature=0) | {"stream": False}
+        earlier = set(job_streams(client))
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                httpx.post,
+                f"{lost_gateway.url}/api/chat",
+                json=body,
+                headers=auth(key),
+                timeout=60,
+            )
+            wait_for(
+                lambda: any(client.xlen(key) > 5 for key in set(job_streams(client)) - earlier),
+                30,
+                "the answer to be under way",
+            )
+            doomed.popen.send_signal(signal.SIGKILL)
+            response = answer.result()
+        assert response.status_code == 503, response.text
+        assert "worker running this request was lost" in response.json()["error"]
+        wait_for(lambda: in_flight(client, tenant_id) == 0, 10, "the slot to be released")
+    finally:
+        doomed.stop()
+
+
+def job_streams(client: redis.Redis) -> list[bytes]:
+    return list(client.scan_iter("gpuhost:job:*", _type="stream"))
