@@ -23,8 +23,8 @@ from api.async_jobs import (
     record_key,
     waiting_key,
 )
-from api.dispatch import JobMeta
 from api.errors import TooManyRequests
+from api.relay import JobMeta
 from api.state import AppState
 from webhooks import service as webhooks
 from workers.contract import ChatJob, ImageJob, meta_key, send_job, started_key
