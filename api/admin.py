@@ -125,8 +125,10 @@ async def list_tenants(state: StateDep, actor: Actor) -> dict:
         "period_start": period.start,
         "period_end": period.end,
         "tenants": [
-            _tenant_json(t, used.get(t.id, 0.0), await state.admission.in_flight(t.id))
-            for t in rows
+            _tenant_json(t, used.get(t.id, 0.0), held)
+            for t, held in zip(
+                rows, await state.admission.in_flight_of([t.id for t in rows]), strict=True
+            )
         ],
     }
 
@@ -167,7 +169,9 @@ async def get_tenant(tenant_id: str, state: StateDep, actor: Actor) -> dict:
 async def update_tenant(
     tenant_id: str, body: TenantUpdate, request: Request, state: StateDep, actor: Actor
 ) -> dict:
-    """Move a tenant to another tier: its next request is admitted on the new tier."""
+    """Move a tenant to another tier: its next request is admitted on the new tier (through
+    this gateway; through the others an upgrade at once, a downgrade within their quota cache
+    time, `api.quota`)."""
 
     def work(session: Session):
         tenant = operator.set_tier(
@@ -175,7 +179,9 @@ async def update_tenant(
         )
         return _tenant_json(tenant)
 
-    return await _run(state, work)
+    changed = await _run(state, work)
+    state.quotas.forget(changed["id"])
+    return changed
 
 
 @router.get("/tenants/{tenant_id}/keys")

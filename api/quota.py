@@ -60,6 +60,10 @@ class Quotas:
             )
         return view
 
+    def forget(self, tenant_id: uuid.UUID | str) -> None:
+        """Drop the tenant's cached view (its tier changed through this gateway)."""
+        self._views.pop(uuid.UUID(str(tenant_id)), None)
+
     async def view(self, tenant_id: uuid.UUID, fresh: bool = False) -> View:
         period = period_of(datetime.now(UTC))
         if self._enabled and not fresh:

@@ -45,7 +45,8 @@ async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> 
         unsent, lag = await usage.outbox_backlog(session)
     listed = []
     revenue = Decimal(0)
-    for tenant in rows:
+    in_flight = await state.admission.in_flight_of([tenant.id for tenant in rows])
+    for tenant, held in zip(rows, in_flight, strict=True):
         plan = state.settings.plans.get(tenant.tier)
         seconds = float(used.get(tenant.id, 0.0))
         bill = invoice(Balance(plan, period, seconds)) if plan else None
@@ -55,7 +56,7 @@ async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> 
                 "tenant": tenant,
                 "used": round(seconds, 3),
                 "invoice": bill,
-                "in_flight": await state.admission.in_flight(tenant.id),
+                "in_flight": held,
                 "limit": state.settings.tier_limits.get(tenant.tier),
             }
         )
@@ -101,7 +102,10 @@ async def admin_set_tier(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     tiers = state.settings.tier_limits
-    await run_change(state, lambda s: operator.set_tier(s, who_of(request), tenant_id, tier, tiers))
+    changed = await run_change(
+        state, lambda s: operator.set_tier(s, who_of(request), tenant_id, tier, tiers)
+    )
+    state.quotas.forget(changed.id)
     return RedirectResponse("/dashboard/admin", status_code=303)
 
 

@@ -129,6 +129,16 @@ class TestRecordAndKeeper:
             await gate.release(lease)
 
 
+class TestInFlight:
+    async def test_in_flight_of_many_tenants_at_once(self, client):
+        gate, busy, idle = admission(client), uuid.uuid4(), uuid.uuid4()
+        leases = [await gate.acquire(busy, "pro", f"r{i}") for i in range(2)]
+        assert await gate.in_flight_of([busy, idle, busy]) == [2, 0, 2]
+        assert await gate.in_flight_of([]) == []
+        for lease in leases:
+            await gate.release(lease)
+
+
 class TestRedisDown:
     async def test_unreachable_redis_refuses_with_503_never_allows(self):
         dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)

@@ -103,3 +103,15 @@ async def test_an_unknown_tenant_or_tier_is_refused(ledger, tenant_factory, sess
         session.execute(update(Tenant).where(Tenant.id == tenant_id).values(tier="gold"))
     with pytest.raises(Forbidden, match="tier 'gold' has no plan"):
         await quotas.check(tenant_id)
+
+
+async def test_a_tier_changed_through_this_gateway_is_read_again(ledger, tenant_factory, sessions):
+    quota_sessions, _ = ledger
+    quotas = Quotas(quota_sessions, dict(DEFAULT_PLANS), ttl=60)
+    tenant_id, _, _ = tenant_factory.create("max")
+    assert (await quotas.check(tenant_id)).tier == "max"
+    with transaction(sessions) as session:  # a downgrade: the cached tier would still admit
+        tenants.set_tier(session, str(tenant_id), "free", {"free": 1, "max": 10})
+    quotas.forget(str(tenant_id))
+    view = await quotas.check(tenant_id)
+    assert view.tier == "free" and not view.cached
