@@ -14,7 +14,6 @@ from redis.exceptions import RedisError
 
 from api.admission import Lease
 from api.async_jobs import (
-    FINISHED,
     HOOKED,
     MOVE,
     SUBMITTED,
@@ -27,7 +26,7 @@ from api.errors import TooManyRequests
 from api.relay import JobMeta
 from api.state import AppState
 from webhooks import service as webhooks
-from workers.contract import ChatJob, ImageJob, meta_key, send_job, started_key
+from workers.contract import ChatJob, ImageJob, done_key, meta_key, send_job, started_key
 
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 0.1
@@ -145,23 +144,30 @@ class Scheduler:
                 log.exception("webhook events of job %s could not be recorded", job_id)
 
     async def _observe_job(self, job_id: str) -> None:
+        """Record the job's events that have happened since the last pass. Whether one has is
+        told by two keys (the job's started mark, and the signal its worker gives with the
+        final chunk) or its cancellation: the job's view (its whole stream) is read, and the
+        ledger written, only when there is an event to record."""
         redis = self.state.redis
         raw = await redis.hgetall(record_key(job_id))
         record = {k.decode(): v.decode() for k, v in raw.items()}
         if not record:
             await redis.srem(HOOKED, job_id)  # expired
             return
-        view = await job_view(self.state, job_id, record["tenant_id"])
-        events = record["webhook_events"].split(",")
-        started = view["status"] in ("running", "succeeded", "failed") or (
-            view["status"] == "canceled" and await redis.exists(started_key(job_id))
-        )
+        recorded = set(filter(None, record.get("webhook_recorded", "").split(",")))
+        pending = [e for e in record["webhook_events"].split(",") if e not in recorded]
+        pipe = redis.pipeline(transaction=False)
+        pipe.exists(started_key(job_id))
+        pipe.exists(done_key(job_id))
+        started, ended = await pipe.execute()
+        ended = bool(ended) or record["state"] == "canceled"
         due = [
             event
-            for event, happened in (("start", started), ("completed", view["status"] in FINISHED))
-            if happened and event in events
+            for event, happened in (("start", bool(started)), ("completed", ended))
+            if happened and event in pending
         ]
         if due:
+            view = await job_view(self.state, job_id, record["tenant_id"])
             async with self.state.sessions() as session, session.begin():
                 for event in due:
                     payload = {
@@ -172,5 +178,7 @@ class Scheduler:
                     tenant = uuid.UUID(record["tenant_id"])
                     url = record["webhook_url"]
                     await webhooks.record(session, tenant, job_id, event, url, payload)
-        if view["status"] in FINISHED:
+            recorded |= set(due)
+            await redis.hset(record_key(job_id), "webhook_recorded", ",".join(sorted(recorded)))
+        if ended:
             await redis.srem(HOOKED, job_id)
