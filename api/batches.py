@@ -18,6 +18,7 @@ import time
 from typing import Annotated
 
 import anyio
+from cachetools import LRUCache
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -41,6 +42,7 @@ SWEEP_EVERY = 1.0
 LOCK_SECONDS = 30  # a gateway that died advancing a batch holds it up at most this long
 URLS = {"/v1/chat/completions": "chat", "/api/images": "images"}
 ENDED = ("completed", "canceled")
+SPECS_CACHED = 8  # batches whose lines a gateway keeps in memory
 
 
 def batch_key(batch_id: str) -> str:
@@ -233,13 +235,17 @@ class BatchRunner:
     def __init__(self, state: AppState, scheduler):
         self.state = state
         self.scheduler = scheduler
-        self._specs: dict[str, list[dict]] = {}  # by batch, read once from storage
+        # Lines of the batches this gateway advances, read once from storage: the few most
+        # recent, and only while the batch is active (another gateway may end it).
+        self._specs: LRUCache[str, list[dict]] = LRUCache(maxsize=SPECS_CACHED)
         self._swept_at = 0.0
 
     async def pass_once(self) -> None:
         await self._remove_expired()
-        for raw in await self.state.redis.smembers(ACTIVE):
-            batch_id = raw.decode()
+        active = {raw.decode() for raw in await self.state.redis.smembers(ACTIVE)}
+        for gone in set(self._specs) - active:
+            del self._specs[gone]
+        for batch_id in active:
             # One gateway at a time advances a batch: reading `next` and the running lines and
             # acting on them is not atomic (two could start a line twice, or count it twice).
             lock = self.state.redis.lock(f"{batch_key(batch_id)}:lock", timeout=LOCK_SECONDS)
