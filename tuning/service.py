@@ -240,11 +240,31 @@ def finish(
 def orphans(session: Session, stale_seconds: float) -> list[str]:
     """Running jobs whose worker stopped reporting: queued again, to resume from their last
     checkpoint on whichever worker takes them."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=stale_seconds)
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=stale_seconds)
     rows = session.execute(
         update(FineTune)
         .where(FineTune.status == RUNNING, FineTune.heartbeat_at < cutoff)
-        .values(status=QUEUED, worker=None)
+        .values(status=QUEUED, worker=None, heartbeat_at=now)  # sent again now
+        .returning(FineTune.id)
+    ).scalars()
+    return list(rows)
+
+
+def unclaimed(session: Session, stale_seconds: float) -> list[str]:
+    """Queued jobs that no worker took within `stale_seconds` of their last enqueue: asked by
+    an idle worker, which would have received their messages, so the broker lost them (a
+    Redis restart without persistence, say). Marked as sent again now; the caller sends them
+    (a duplicate delivery is harmless: `take` starts a job once)."""
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=stale_seconds)
+    rows = session.execute(
+        update(FineTune)
+        .where(
+            FineTune.status == QUEUED,
+            func.coalesce(FineTune.heartbeat_at, FineTune.created_at) < cutoff,
+        )
+        .values(heartbeat_at=now)
         .returning(FineTune.id)
     ).scalars()
     return list(rows)

@@ -5,12 +5,14 @@ does nothing. Each step is reported (step, loss, heartbeat; the answer says whet
 each checkpoint is written to storage and then kept, with the segment of steps it bills, in
 one transaction. A worker that stops reporting for `train_stale_seconds` is presumed lost:
 any train worker's sweep queues its job again, and the next run resumes from the last
-checkpoint (the steps after it are redone, and billed once, in the redone segment).
+checkpoint (the steps after it are redone, and billed once, in the redone segment). A job
+still queued `train_stale_seconds` after it was sent, while a worker sat idle, lost its
+message in the broker: that worker sends it again.
 """
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +43,7 @@ class TrainRuntime:
     storage: Storage
     trainer: Trainer
     celery: Celery
+    training: threading.Event = field(default_factory=threading.Event)  # a job runs here now
 
 
 class _Hooks(Hooks):
@@ -154,8 +157,9 @@ def run_training(runtime: TrainRuntime, payload: dict) -> str:
 
 
 class Sweeper:
-    """Queues again the jobs of train workers that stopped reporting (every worker sweeps;
-    the UPDATE that re-queues a job does so once)."""
+    """Queues again the jobs of train workers that stopped reporting, and, while this worker
+    is idle, queued jobs whose message the broker lost (every worker sweeps; the UPDATE that
+    picks a job does so once)."""
 
     def __init__(self, runtime: TrainRuntime):
         self.runtime = runtime
@@ -165,10 +169,19 @@ class Sweeper:
         self._thread.start()
 
     def sweep(self) -> list[str]:
+        stale = self.runtime.settings.train_stale_seconds
         with transaction(self.runtime.sessions) as session:
-            lost = tuning.orphans(session, self.runtime.settings.train_stale_seconds)
+            lost = tuning.orphans(session, stale)
         for job_id in lost:
             log.warning("fine-tune %s lost its worker; queued again to resume", job_id)
+        if not self.runtime.training.is_set():
+            # Idle, this worker would have been given any queued job's message by now.
+            with transaction(self.runtime.sessions) as session:
+                unsent = tuning.unclaimed(session, stale)
+            for job_id in unsent:
+                log.warning("fine-tune %s waited unclaimed (its message lost): sent again", job_id)
+            lost += unsent
+        for job_id in lost:
             self.runtime.celery.send_task(
                 TRAIN_TASK, args=[{"fine_tune_id": job_id}], queue=TRAIN_QUEUE
             )
@@ -203,7 +216,11 @@ def run_train_worker(settings: WorkerSettings) -> None:
 
         @app.task(name=TRAIN_TASK, shared=False)
         def train(payload: dict) -> str:
-            return run_training(runtime, payload)
+            runtime.training.set()
+            try:
+                return run_training(runtime, payload)
+            finally:
+                runtime.training.clear()
 
         return app
 

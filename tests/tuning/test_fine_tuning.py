@@ -16,6 +16,7 @@ from tests.helpers import auth, usage_rows
 from tests.stack import Worker, wait_for
 from tests.tuning.datasets import picture, striped, zipped
 from tuning.models import FineTuneSegment
+from workers.contract import TRAIN_QUEUE
 
 FINISHED = ("succeeded", "failed", "canceled")
 
@@ -174,6 +175,24 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_billed_once(
     kept = segments(sessions, job_id)
     assert {s.attempt for s in kept} == {1, 2}
     assert_billed_once(sessions, view)
+
+
+def test_a_job_whose_message_the_broker_lost_is_sent_again(
+    gateway, trainers, tenant_factory, redis_client
+):
+    """Redis restarted without persistence while a job was queued: the job is still queued
+    in the ledger, its message gone. An idle train worker notices and sends it again."""
+    trainers.stop_all()
+    _, key, _ = tenant_factory.create("pro")
+    made = create(gateway, key, striped(3), steps=20, checkpoint_every=10)
+    assert made.status_code == 201, made.text
+    job_id = made.json()["id"]
+    assert redis_client.delete(TRAIN_QUEUE) == 1  # the message, lost
+    assert job(gateway, key, job_id)["status"] == "queued"
+    trainers.start()
+    view = finished(gateway, key, job_id)
+    assert view["status"] == "succeeded", view
+    assert view["attempts"] == 1 and view["progress"]["step"] == 20
 
 
 def test_cancel_stops_a_running_job_and_bills_the_steps_it_ran(
