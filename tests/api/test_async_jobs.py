@@ -74,6 +74,11 @@ def test_a_waiting_job_cancelled_never_runs(gateway, worker, tenant_factory, ses
     _, key, _ = tenant_factory.create("free")
     first = post(gateway, key, chat(400)).json()
     second = post(gateway, key, chat(5)).json()
+
+    def status(job: dict) -> str:
+        return httpx.get(f"{gateway.url}/v1/jobs/{job['id']}", headers=auth(key)).json()["status"]
+
+    wait_for(lambda: status(first) == "running", 60, "the first job to start")
     cancelled = httpx.post(
         f"{gateway.url}/v1/jobs/{second['id']}/cancel", headers=auth(key), timeout=30
     ).json()
@@ -82,17 +87,11 @@ def test_a_waiting_job_cancelled_never_runs(gateway, worker, tenant_factory, ses
         f"{gateway.url}/v1/jobs/{first['id']}/cancel", headers=auth(key), timeout=30
     )
     assert stopped.status_code == 200
-    wait_for(
-        lambda: (
-            httpx.get(f"{gateway.url}/v1/jobs/{first['id']}", headers=auth(key)).json()["status"]
-            == "canceled"
-        ),
-        60,
-        "the running job to stop",
-    )
-    time.sleep(1)
+    assert status(first) == "canceled"
+    # it ran a while: recorded once, when its worker stopped it
+    wait_for(lambda: usage_rows(sessions, first["id"]), 60, "the running job to stop")
+    assert len(usage_rows(sessions, first["id"])) == 1
     assert usage_rows(sessions, second["id"]) == []  # it never ran
-    assert len(usage_rows(sessions, first["id"])) == 1  # it ran a while: recorded once
 
 
 def test_an_image_job(gateway, sd_worker, tenant_factory):
