@@ -26,7 +26,7 @@ from tuning import dataset
 from tuning import service as tuning
 from tuning.models import QUEUED, Adapter, FineTune, FineTuneSegment
 from tuning.params import TrainParams
-from workers.contract import TRAIN_QUEUE, TRAIN_TASK
+from workers.contract import send_training
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["fine-tuning"])
@@ -169,11 +169,7 @@ async def create(
         await anyio.to_thread.run_sync(state.storage.delete, key)
         raise
     try:  # enqueued only after the commit it depends on
-        await anyio.to_thread.run_sync(
-            lambda: state.celery.send_task(
-                TRAIN_TASK, args=[{"fine_tune_id": job_id}], queue=TRAIN_QUEUE
-            )
-        )
+        await anyio.to_thread.run_sync(send_training, state.celery, job_id)
     except Exception as exc:
         async with state.sessions() as session, session.begin():
             job = await tuning.get(session, owner.tenant_id, job_id)

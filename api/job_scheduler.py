@@ -120,6 +120,7 @@ class Scheduler:
             return
         self._renewed_at = now
         redis = self.state.redis
+        waiting = []
         for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items():
             job_id, tenant = raw_id.decode(), raw_tenant.decode()
             if await redis.exists(started_key(job_id)) or not await redis.exists(
@@ -127,7 +128,9 @@ class Scheduler:
             ):
                 await redis.hdel(SUBMITTED, job_id)
                 continue
-            await self.state.admission.renew(Lease(tenant, job_id))
+            waiting.append(Lease(tenant, job_id))
+        if waiting:
+            await self.state.admission.renew_all(waiting)
 
     async def _observe_webhooks(self) -> None:
         """Record the events of jobs with webhooks as they happen (the sender delivers them);

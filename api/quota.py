@@ -74,11 +74,11 @@ class Quotas:
         if reading is None or fresh:
             reading = asyncio.ensure_future(self._read(tenant_id, period))
             self._reading[tenant_id] = reading
-            reading.add_done_callback(lambda done: self._forget(tenant_id, done))
+            reading.add_done_callback(lambda done: self._read_ended(tenant_id, done))
         # shielded: a caller that is cancelled does not cancel the read the others wait for
         return await asyncio.shield(reading)
 
-    def _forget(self, tenant_id: uuid.UUID, done: asyncio.Future) -> None:
+    def _read_ended(self, tenant_id: uuid.UUID, done: asyncio.Future) -> None:
         if self._reading.get(tenant_id) is done:
             del self._reading[tenant_id]
         if not done.cancelled():

@@ -99,11 +99,7 @@ class Job:
                     # Its last words may have landed just before its claim went: read once more.
                     reply = await self.state.redis.xread({key: self._last_id}, count=64)
                     if not reply:
-                        await self.cancel()
-                        raise Unavailable(
-                            "the worker running this request was lost; it was not billed, "
-                            "please retry"
-                        )
+                        raise await self._given_up_as_lost()
             except RedisError as exc:
                 raise Unavailable(f"lost the connection to the job stream ({exc})") from exc
             now = time.monotonic()
@@ -136,16 +132,10 @@ class Job:
             try:
                 signalled = await redis.blpop([signal], timeout=POLL_MS / 1000)
                 if signalled or await self._worker_lost():
-                    last = self._last_id
-                    last = last.decode() if isinstance(last, bytes) else last
-                    after = "-" if last == "0-0" else f"({last}"
+                    after = "-" if self._last_id == "0-0" else f"({self._last_id}"
                     entries = await redis.xrange(key, min=after)
                     if not signalled and not any(is_final(decode_chunk(f)) for _, f in entries):
-                        await self.cancel()
-                        raise Unavailable(
-                            "the worker running this request was lost; it was not billed, "
-                            "please retry"
-                        )
+                        raise await self._given_up_as_lost()
                 else:
                     if disconnected is not None and await disconnected():
                         await self.cancel()
@@ -164,7 +154,7 @@ class Job:
 
     async def _accept(self, entry_id, fields) -> Chunk:
         """One chunk read from the stream, in order; its final one ends the job."""
-        self._last_id = entry_id
+        self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         chunk = decode_chunk(fields)
         if is_final(chunk):
             # The work is over: the slot is free before the client hears so.
@@ -186,6 +176,14 @@ class Job:
         else:
             outcome = str(getattr(chunk, "status", "error"))
         metrics.jobs.labels(self.job.model, self.tier, outcome).inc()
+
+    async def _given_up_as_lost(self) -> Unavailable:
+        """Its worker died: the job is cancelled (a redelivery records it unbilled); the error
+        to raise."""
+        await self.cancel()
+        return Unavailable(
+            "the worker running this request was lost; it was not billed, please retry"
+        )
 
     async def _worker_lost(self) -> bool:
         """A worker started the job, and its claim has expired: the worker died."""

@@ -25,7 +25,7 @@ from tuning.models import CANCELED, FAILED, RUNNING, SUCCEEDED, Adapter, FineTun
 from tuning.params import TrainParams
 from tuning.trainer import Checkpoint, Hooks, Trainer
 from workers.celery_app import consume
-from workers.contract import TRAIN_QUEUE, TRAIN_TASK, celery_config
+from workers.contract import TRAIN_QUEUE, TRAIN_TASK, celery_config, send_training
 from workers.settings import WorkerSettings
 from workers.tasks import owner
 
@@ -182,9 +182,7 @@ class Sweeper:
                 log.warning("fine-tune %s waited unclaimed (its message lost): sent again", job_id)
             lost += unsent
         for job_id in lost:
-            self.runtime.celery.send_task(
-                TRAIN_TASK, args=[{"fine_tune_id": job_id}], queue=TRAIN_QUEUE
-            )
+            send_training(self.runtime.celery, job_id)
         return lost
 
     def _run(self) -> None:

@@ -230,6 +230,11 @@ def send_job(celery, job: "ChatJob | ImageJob") -> None:
     )
 
 
+def send_training(celery, fine_tune_id: str) -> None:
+    """Enqueue a fine-tune for the train workers (blocking: call it from a thread)."""
+    celery.send_task(TRAIN_TASK, args=[{"fine_tune_id": fine_tune_id}], queue=TRAIN_QUEUE)
+
+
 class ProgressChunk(BaseModel):
     type: Literal["progress"] = "progress"
     step: int

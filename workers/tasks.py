@@ -154,7 +154,7 @@ def _attempt(job, channel: JobChannel, queue_seconds: float, execute) -> Outcome
 # -- LLaVA chat ----------------------------------------------------------------------------------
 
 
-def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool = False) -> str:
+def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool) -> str:
     """Run one chat job. Returns the status it ended with (for logs and tests)."""
     job = ChatJob.model_validate(payload)
     if not runtime.settings.honour_keep_alive:
@@ -199,7 +199,7 @@ def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool = False) -
 # -- Stable Diffusion ----------------------------------------------------------------------------
 
 
-def run_images(runtime: WorkerRuntime, payload: dict, redelivered: bool = False) -> str:
+def run_images(runtime: WorkerRuntime, payload: dict, redelivered: bool) -> str:
     """Run one image job. Returns the status it ended with."""
     job = ImageJob.model_validate(payload)
 
