@@ -17,6 +17,7 @@ from api import (
     usage,
     webhooks,
 )
+from api.batch_runner import BatchRunner
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
 from api.openai.router import router as openai_router
@@ -30,7 +31,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     observed = metrics.GatewayMetrics()
     background = [
-        lambda state: job_scheduler.Scheduler(state, then=[batches.BatchRunner]).run(),
+        lambda state: job_scheduler.Scheduler(state, then=[BatchRunner]).run(),
         lambda state: Sender(state).run(),
     ]
     app = FastAPI(

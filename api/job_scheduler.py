@@ -37,7 +37,7 @@ class Scheduler:
 
     def __init__(self, state: AppState, then=()):
         """`then`: makers of (state, scheduler) -> a part with `pass_once`, run after the
-        waiting jobs in each pass (api.batches.BatchRunner)."""
+        waiting jobs in each pass (api.batch_runner.BatchRunner)."""
         self.state = state
         self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
         self._observed_at = 0.0
