@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--image", action="store_true", help="one image with every request")
+    parser.add_argument(
+        "--decode", default="auto", choices=("auto", "slots", "dynamic"), help="decode batch"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
@@ -139,7 +142,11 @@ def main() -> None:
             model = make_llava(Path(scratch) / "llava-llama3")
         concurrency = [int(n) for n in args.streams.split(",")]
         engine = TransformersLlava(
-            "llava-llama3", model, device=args.device, max_batch=max(concurrency)
+            "llava-llama3",
+            model,
+            device=args.device,
+            max_batch=max(concurrency),
+            decode=args.decode,
         )
         engine.meter = TimedMeter()
         try:

@@ -89,18 +89,50 @@ def build(directory: Path, dims: tuple, device: str) -> Path:
     return directory
 
 
+def graph_steps(batch, span: int = 1024, repeats: int = 50) -> dict:
+    """A captured decode step alone (no sampling, no Python around it), per row count: the
+    floor that the engine's step time is compared with."""
+    graphs = getattr(batch, "_graphs", {})
+    timings = {}
+    for rows in (1, 8):
+        if (rows, span) not in graphs:
+            continue
+        graph = graphs[(rows, span)][0]
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        timings[f"rows{rows}_span{span}"] = round(start.elapsed_time(end) / repeats, 3)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llava8b"))
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--dry-run", action="store_true", help="a small model on the CPU")
+    parser.add_argument("--decode", default="auto", choices=("auto", "slots", "dynamic"))
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda":
         print(json.dumps({"device": torch.cuda.get_device_name(0)}), flush=True)
     path = build(args.dir, DRY_RUN if args.dry_run else REAL, device)
-    engine = TransformersLlava("llava-llama3", path, device=device, max_batch=8)
-    print(json.dumps({"load_seconds": round(engine.load_seconds, 1)}), flush=True)
+    engine = TransformersLlava("llava-llama3", path, device=device, max_batch=8, decode=args.decode)
+    capture = getattr(engine._batch, "capture_seconds", None)
+    print(
+        json.dumps(
+            {
+                "load_seconds": round(engine.load_seconds, 1),
+                "decode": type(engine._batch).__name__,
+                "graph_capture_seconds": capture,
+            }
+        ),
+        flush=True,
+    )
     engine.meter = TimedMeter()
     try:
         run(engine, 1, 8, image=True)  # warm-up
@@ -108,6 +140,7 @@ def main() -> None:
             result = run(engine, streams, args.tokens, image=True)
             print(json.dumps({"gpuhost_llava8b": result}), flush=True)
         if device == "cuda":
+            print(json.dumps({"graph_step_ms": graph_steps(engine._batch)}), flush=True)
             peak = torch.cuda.max_memory_allocated() / 2**30
             print(json.dumps({"peak_mem_GiB": round(peak, 2)}))
     finally:

@@ -31,6 +31,8 @@ def load_engine(settings: WorkerSettings):
             max_batch_images=settings.sd_max_batch_images,
             batch_window_seconds=settings.sd_batch_window_seconds,
             storage=Storage(settings.storage_url),
+            cudnn_attention=settings.sd_cudnn_attention,
+            warm_sizes=settings.sd_warm_sizes_parsed(),
         )
     if settings.engine == "echo":
         from workers.engines.echo import EchoEngine
@@ -59,6 +61,7 @@ def load_engine(settings: WorkerSettings):
         max_output_tokens=settings.max_output_tokens,
         max_batch=settings.concurrency,
         keep_alive=settings.keep_alive_seconds,
+        decode=settings.llava_decode,
     )
 
 

@@ -1,8 +1,13 @@
 """Settings of a worker process (`gpuhost worker`)."""
 
+import re
 from typing import Literal
 
+from pydantic import field_validator
+
 from billing.settings import ModelSettings
+
+SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 class WorkerSettings(ModelSettings):
@@ -17,11 +22,19 @@ class WorkerSettings(ModelSettings):
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool = False
     max_output_tokens: int = 2048
+    # The transformers engine's decode steps. slots: a KV cache allocated at load (max batch x
+    # context window), each step's shape replayed as a CUDA graph on a GPU; dynamic: a cache
+    # that grows with the sequences, one eager step after another; auto: slots on a GPU.
+    llava_decode: Literal["auto", "slots", "dynamic"] = "auto"
     # Stable Diffusion: most images run as one batch.
     sd_max_batch_images: int = 8
     # An idle Stable Diffusion engine given a request waits this long for others of its shape,
     # so that a burst runs as one batch (its first request would otherwise run alone).
     sd_batch_window_seconds: float = 0.02
+    # On a GPU: let attention use cuDNN (fastest on Stable Diffusion's fixed shapes, but each
+    # new shape first builds a plan), and build the plans of these sizes (WxH) at load.
+    sd_cudnn_attention: bool = True
+    sd_warm_sizes: list[str] = ["512x512"]
     # Seconds an idle model stays loaded; negative: for as long as the worker runs. A request's
     # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
     keep_alive_seconds: float = -1.0
@@ -33,3 +46,17 @@ class WorkerSettings(ModelSettings):
     # Fine-tuning: a running job whose worker has not reported for this long is presumed
     # lost and queued again (it resumes from its last checkpoint).
     train_stale_seconds: float = 120.0
+
+    @field_validator("sd_warm_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            match = SIZE.match(size)
+            if not match or any(int(side) % 8 or not int(side) for side in match.groups()):
+                raise ValueError(
+                    f"sd_warm_sizes: {size!r} is not WIDTHxHEIGHT in multiples of 8 (512x512)"
+                )
+        return sizes
+
+    def sd_warm_sizes_parsed(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(map(int, SIZE.match(size).groups())) for size in self.sd_warm_sizes)

@@ -1,4 +1,6 @@
-"""The continuous-batching LLaVA engine, in process, on the tiny model."""
+"""The continuous-batching LLaVA engine, in process, on the tiny model: every behaviour with
+both decode batches, the growing cache (`dynamic`, the CPU's default) and the slot cache
+(`slots`, the GPU's default, here without CUDA graphs)."""
 
 import threading
 import time
@@ -10,6 +12,7 @@ from tests.helpers import png
 from workers.contract import ChatJob, ChatTurn, SamplingOptions
 from workers.engines.base import InvalidRequest
 from workers.engines.llava_transformers import TransformersLlava
+from workers.engines.slots import SlotBatch, Unsupported
 
 
 class Sink:
@@ -42,11 +45,25 @@ def job(content: str, images=(), tokens=20, temperature=0.0, seed=1, keep_alive=
     )
 
 
-@pytest.fixture(scope="module")
-def engine(models_dir):
-    engine = TransformersLlava("llava-llama3", models_dir / "llava-llama3", device="cpu")
+DECODES = ["dynamic", "slots"]
+
+
+@pytest.fixture(scope="module", params=DECODES)
+def engine(models_dir, request):
+    engine = TransformersLlava(
+        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode=request.param
+    )
     yield engine
     engine.close()
+
+
+def one_by_one(engine, jobs) -> list[tuple]:
+    """Each job alone, one after another: (its result, its streamed text)."""
+    out = []
+    for j in jobs:
+        sink = Sink()
+        out.append((engine.generate(j, sink), sink.text))
+    return out
 
 
 def run_together(engine, jobs, sinks):
@@ -80,10 +97,7 @@ JOBS = [
 class TestBatching:
     def test_batched_rows_give_exactly_what_each_gives_alone(self, engine):
         jobs = [job(**spec) for spec in JOBS]
-        alone = []
-        for j in jobs:
-            sink = Sink()
-            alone.append((engine.generate(j, sink), sink.text))
+        alone = one_by_one(engine, jobs)
         steps_before, tokens_before = engine.decode_steps, engine.decode_tokens
         sinks = [Sink() for _ in jobs]
         together = run_together(engine, jobs, sinks)
@@ -97,11 +111,7 @@ class TestBatching:
     def test_cancelling_one_leaves_the_others_intact(self, engine):
         specs = [JOBS[0], JOBS[1] | {"tokens": 2000}, JOBS[2]]
         jobs = [job(**spec) for spec in specs]
-        expected = []
-        for j in jobs:
-            sink = Sink()
-            engine.generate(j, sink)
-            expected.append(sink.text)
+        expected = [text for _, text in one_by_one(engine, jobs)]
         sinks = [Sink(), Sink(stop_after=3), Sink()]
         results = run_together(engine, jobs, sinks)
         assert results[1].done_reason == "cancelled"
@@ -155,8 +165,11 @@ class TestEndOfTurn:
 
 
 class TestKeepAlive:
-    def test_keep_alive_zero_unloads_and_the_next_request_reloads(self, models_dir):
-        engine = TransformersLlava("llava-llama3", models_dir / "llava-llama3", device="cpu")
+    @pytest.mark.parametrize("decode", DECODES)
+    def test_keep_alive_zero_unloads_and_the_next_request_reloads(self, models_dir, decode):
+        engine = TransformersLlava(
+            "llava-llama3", models_dir / "llava-llama3", device="cpu", decode=decode
+        )
         try:
             first = engine.generate(job("hi", tokens=2, keep_alive=0), Sink())
             assert first.load_seconds == 0  # loaded at start, not for this request
@@ -173,3 +186,53 @@ class TestKeepAlive:
             assert engine.status()["expires_at"] is None  # default: stays loaded
         finally:
             engine.close()
+
+
+class TestSlotDecode:
+    def test_slots_decode_exactly_what_the_growing_cache_decodes(self, models_dir):
+        """Alone and batched (rows joining and leaving at different lengths, so slots move
+        down), greedy and seeded sampling: the same text token for token."""
+        texts = {}
+        for decode in DECODES:
+            engine = TransformersLlava(
+                "llava-llama3", models_dir / "llava-llama3", device="cpu", decode=decode
+            )
+            try:
+                jobs = [job(**spec) for spec in JOBS]
+                alone = [text for _, text in one_by_one(engine, jobs)]
+                sinks = [Sink() for _ in jobs]
+                run_together(engine, jobs, sinks)
+                texts[decode] = (alone, [sink.text for sink in sinks])
+                expected = SlotBatch if decode == "slots" else object
+                assert isinstance(engine._batch, expected)
+            finally:
+                engine.close()
+        assert texts["slots"] == texts["dynamic"]
+        assert all(texts["slots"][0]), "every request should have produced text"
+
+    def test_a_rope_that_changes_with_length_keeps_the_growing_cache(self, models_dir):
+        engine = TransformersLlava(
+            "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="dynamic"
+        )
+        try:
+            config = engine.model.model.language_model.config
+            config.rope_parameters = {**config.rope_parameters, "rope_type": "dynamic"}
+            with pytest.raises(Unsupported, match="rope type 'dynamic'"):
+                SlotBatch(engine.model, 2, 512, graphs=False)
+        finally:
+            engine.close()
+
+    def test_the_cache_is_the_size_it_is_said_to_be_before_it_is_made(self, models_dir):
+        engine = TransformersLlava(
+            "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="slots"
+        )
+        try:
+            batch = engine._batch
+            expected = SlotBatch.bytes_for(engine.model, engine.max_batch, engine.context_window)
+            assert batch.cache_bytes == expected > 0
+        finally:
+            engine.close()
+
+    def test_an_unknown_decode_is_refused_by_name(self, models_dir):
+        with pytest.raises(ValueError, match="decode must be auto, slots or dynamic"):
+            TransformersLlava("llava-llama3", models_dir / "llava-llama3", decode="fast")

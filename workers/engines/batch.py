@@ -10,6 +10,8 @@ import inspect
 import torch
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
+from workers.engines.device import to_device
+
 # The KV cache argument (and output field) of a model's forward: `cache` in recent
 # transformers releases, `past_key_values` before.
 CACHE = (
@@ -30,7 +32,8 @@ def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class Batch:
-    def __init__(self) -> None:
+    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+        self.model = model
         self.rows: list = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [batch, columns], 1 where a real token is
@@ -61,20 +64,22 @@ class Batch:
         self.rows.append(row)
         self.lengths.append(length)
 
-    def step_inputs(self, tokens: list[int]) -> dict:
-        """Model inputs for one decode step: each row's last token at its own position."""
+    def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:
+        """One decode step: each row's last token at its own position goes in; the rows'
+        next-token logits ([rows, vocabulary], float) come out."""
         device = self.mask.device
+        if isinstance(tokens, list):
+            tokens = to_device(tokens, device)
         self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
-        return {
-            "input_ids": torch.tensor(tokens, device=device).unsqueeze(1),
-            "attention_mask": self.mask,
-            "position_ids": torch.tensor(self.lengths, device=device).unsqueeze(1),
-            CACHE: self.cache,
-        }
-
-    def advanced(self) -> None:
-        """Every row took one more token."""
+        out = self.model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=to_device(self.lengths, device).unsqueeze(1),
+            use_cache=True,
+            **{CACHE: self.cache},
+        )
         self.lengths = [n + 1 for n in self.lengths]
+        return out.logits[:, -1].float()
 
     def keep(self, keep: list[int]) -> None:
         """Keep only the rows at these indices."""

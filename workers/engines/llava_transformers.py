@@ -7,23 +7,32 @@ requests: each is prefilled on its own (images included), then joins the running
 rows then decode together, one token per row per step, each row streaming, sampling with its
 own options and seed, and leaving the batch as soon as it finishes or is cancelled.
 
+Decode steps run over one of two batches with the same contract: on a GPU, `SlotBatch`, a KV
+cache allocated at load with every step's shape captured as a CUDA graph
+(`workers.engines.slots`); on the CPU (or with `decode="dynamic"`), `Batch`, a cache that grows
+with the sequences (`workers.engines.batch`).
+
+Decode steps are pipelined: the engine launches step t+1 (its input, step t's sampled tokens,
+never leaves the device) before it waits for step t's tokens and hands them to the requests,
+so detokenising, streaming and the step's bookkeeping run on the CPU while the device computes.
+A row that finished at step t rode along in step t+1 for nothing; that step's time is charged
+to the rows still live in it, and a step whose rows had all finished is billed to nobody and
+not counted as busy time.
+
 Every step's device time is charged to the requests that were in it (`workers.metering`):
-a prefill to its request alone, a decode step equally to its rows (one token each).
+a prefill to its request alone, a decode step equally to its live rows (one token each). On a
+GPU a step's time is read from CUDA events around it, so it is the device's time, however the
+CPU's work overlapped it.
 """
 
-import base64
 import gc
-import io
 import logging
 import queue
-import random
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -32,45 +41,21 @@ from transformers import (
 )
 
 from workers.contract import ChatJob
-from workers.engines.base import Generation, InvalidRequest, TokenSink
+from workers.engines.base import Generation, TokenSink
 from workers.engines.batch import CACHE, Batch
-from workers.engines.device import place
-from workers.engines.sampling import Sampler
-from workers.engines.text import Detokenizer
+from workers.engines.device import Step, clock, place, to_device
+from workers.engines.llava_requests import Request, prepare
+from workers.engines.sampling import pick
+from workers.engines.slots import SlotBatch, Unsupported
 from workers.metering import Meter
 
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_SECONDS = 0.1
+# With decode="auto", a GPU keeps this much free beside the slot cache (prefills' activations),
+# or the engine decodes with the growing cache instead.
+SLOT_HEADROOM_BYTES = 2 * 2**30
 IDLE_WAIT_SECONDS = 0.5
-
-
-def _decode_image(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-
-
-@dataclass(eq=False)
-class _Request:
-    """One request inside the engine."""
-
-    job: ChatJob
-    sink: TokenSink
-    inputs: dict
-    prompt_tokens: int
-    max_new_tokens: int
-    sampler: Sampler
-    detok: Detokenizer
-    done: threading.Event = field(default_factory=threading.Event)
-    next_token: int = -1
-    output_tokens: int = 0
-    started_at: float = 0.0
-    first_token_at: float | None = None
-    finished_at: float = 0.0
-    next_poll: float = 0.0
-    reason: str | None = None  # stop | length | cancelled, once finished
-    error: BaseException | None = None
-    gpu_seconds: float = 0.0
-    load_seconds: float = 0.0
 
 
 class TransformersLlava:
@@ -82,6 +67,7 @@ class TransformersLlava:
         max_output_tokens: int = 2048,
         max_batch: int = 8,
         keep_alive: float = -1.0,
+        decode: str = "auto",
     ):
         self.model_name = model_name
         self.path = path
@@ -89,6 +75,13 @@ class TransformersLlava:
         self.max_output_tokens = max_output_tokens
         self.max_batch = max_batch
         self.keep_alive = keep_alive  # seconds an idle model stays loaded; negative: forever
+        if decode not in ("auto", "slots", "dynamic"):
+            raise ValueError(f"decode must be auto, slots or dynamic, not {decode!r}")
+        # auto: slots (static cache, CUDA graphs) on a GPU; the growing cache on the CPU.
+        self._decode_choice = decode
+        self.decode = (
+            ("slots" if self.device.type == "cuda" else "dynamic") if decode == "auto" else decode
+        )
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
         self.config = AutoConfig.from_pretrained(path)
@@ -96,14 +89,17 @@ class TransformersLlava:
         generation = GenerationConfig.from_pretrained(path)
         self.eos_ids = set(_as_list(generation.eos_token_id))
         self.suppressed = _as_list(generation.suppress_tokens)
+        self._suppressed = torch.tensor(self.suppressed, dtype=torch.long, device=self.device)
         self.meter = Meter()
         self.decode_steps = 0  # batched decode steps run
         self.decode_tokens = 0  # tokens they produced: / decode_steps = mean batch occupancy
         self.model: LlavaForConditionalGeneration | None = None
         self.load_seconds = 0.0
         self.expires_at: float | None = None  # unix time; None: no expiry
-        self._waiting: queue.Queue[_Request] = queue.Queue()
-        self._batch = Batch()
+        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._batch: Batch | SlotBatch | None = None  # made with the model
+        self._inflight: Step | None = None  # launched, tokens not yet handed out
+        self._next: torch.Tensor | None = None  # the batch rows' next input tokens (device)
         self._stopping = threading.Event()
         self._load()
         self._thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
@@ -118,19 +114,48 @@ class TransformersLlava:
             self.path, dtype=self.dtype, device_map=str(self.device)
         )
         self.model = model.eval()
+        self._batch = self._new_batch(model)
         self.load_seconds = time.perf_counter() - started
         log.info(
-            "loaded %s in %.2fs (context %d, batches of up to %d)",
+            "loaded %s in %.2fs (context %d, batches of up to %d, %s decode)",
             self.model_name,
             self.load_seconds,
             self.context_window,
             self.max_batch,
+            "slot" if isinstance(self._batch, SlotBatch) else "dynamic",
         )
         return self.load_seconds
+
+    @torch.inference_mode()
+    def _new_batch(self, model: LlavaForConditionalGeneration) -> Batch | SlotBatch:
+        if self.decode == "dynamic":
+            return Batch(model)
+        if self.device.type == "cuda" and self._decode_choice == "auto":
+            needed = SlotBatch.bytes_for(model, self.max_batch, self.context_window)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if needed + SLOT_HEADROOM_BYTES > free:
+                log.warning(
+                    "decoding %s with a growing cache: a slot cache of %d x %d tokens needs "
+                    "%.1f GiB and %.1f GiB are free (GPUHOST_CONCURRENCY sets the slots)",
+                    self.model_name,
+                    self.max_batch,
+                    self.context_window,
+                    needed / 2**30,
+                    free / 2**30,
+                )
+                return Batch(model)
+        try:
+            return SlotBatch(
+                model, self.max_batch, self.context_window, graphs=self.device.type == "cuda"
+            )
+        except Unsupported as exc:
+            log.warning("decoding %s with a growing cache: %s", self.model_name, exc)
+            return Batch(model)
 
     def _unload(self) -> None:
         log.info("unloading %s (keep_alive expired)", self.model_name)
         self.model = None
+        self._batch = None
         self.expires_at = None
         gc.collect()
         if self.device.type == "cuda":
@@ -153,6 +178,7 @@ class TransformersLlava:
             "busy_seconds": self.meter.busy_seconds,
             "billed_seconds": self.meter.billed_seconds,
             "active": self.active(),
+            "decode": self.decode,
             "decode_steps": self.decode_steps,
             "decode_tokens": self.decode_tokens,
         }
@@ -160,7 +186,10 @@ class TransformersLlava:
     # -- the calling (Celery task) thread ------------------------------------------------------
 
     def generate(self, job: ChatJob, sink: TokenSink) -> Generation:
-        request = self._prepare(job, sink)  # CPU work in the caller's thread: not billed
+        # CPU work in the caller's thread: not billed
+        request = prepare(
+            job, sink, self.processor, self.context_window, self.max_output_tokens, self.device
+        )
         self._waiting.put(request)
         request.done.wait()
         if request.error is not None:
@@ -177,47 +206,15 @@ class TransformersLlava:
         )
 
     def active(self) -> int:
-        return len(self._batch) + self._waiting.qsize()
+        return self._rows() + self._waiting.qsize()
+
+    def _rows(self) -> int:
+        batch = self._batch
+        return 0 if batch is None else len(batch)
 
     def close(self) -> None:
         self._stopping.set()
         self._thread.join()
-
-    def _prepare(self, job: ChatJob, sink: TokenSink) -> _Request:
-        conversation, images = [], []
-        for turn in job.messages:
-            parts = [{"type": "image"} for _ in turn.images]
-            parts.append({"type": "text", "text": turn.content})
-            conversation.append({"role": turn.role, "content": parts})
-            images.extend(_decode_image(b64) for b64 in turn.images)
-        prompt = self.processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
-        )
-        inputs = self.processor(images=images or None, text=prompt, return_tensors="pt")
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        if prompt_tokens >= self.context_window:
-            text_tokens = len(self.processor.tokenizer(prompt).input_ids) - len(images)
-            raise InvalidRequest(
-                f"prompt is {prompt_tokens} tokens (of which {prompt_tokens - text_tokens} for "
-                f"{len(images)} image(s)); "
-                f"the model's context window is {self.context_window} tokens"
-            )
-        options = job.options
-        room = min(self.max_output_tokens, self.context_window - prompt_tokens)
-        wanted = options.max_tokens if options.max_tokens is not None else room
-        seed = options.seed if options.seed is not None else random.getrandbits(63)
-        return _Request(
-            job=job,
-            sink=sink,
-            inputs=dict(inputs),
-            prompt_tokens=prompt_tokens,
-            max_new_tokens=max(1, min(wanted, room)),
-            sampler=Sampler(options, seed, self.device),
-            detok=Detokenizer(
-                lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=True),
-                options.stop,
-            ),
-        )
 
     # -- the engine thread -----------------------------------------------------------------------
 
@@ -225,15 +222,18 @@ class TransformersLlava:
         while not self._stopping.is_set():
             try:
                 self._admit()
-                if len(self._batch):
+                if self._rows() or self._inflight is not None:
                     self._decode()
                 elif self._expired():
                     self._unload()
             except Exception as exc:  # a failed step fails the requests in it, not the engine
-                log.exception("engine step failed; failing %d request(s)", len(self._batch))
-                for request in self._batch.rows:
-                    self._finish(request, None, error=exc)
-                self._batch.keep([])
+                log.exception("engine step failed; failing %d request(s)", self._rows())
+                self._inflight = self._next = None
+                if self._batch is not None:
+                    for request in self._batch.rows:
+                        if not request.done.is_set():
+                            self._finish(request, None, error=exc)
+                    self._batch.keep([])
 
     def _expired(self) -> bool:
         return (
@@ -244,9 +244,10 @@ class TransformersLlava:
         )
 
     def _admit(self) -> None:
-        while len(self._batch) < self.max_batch:
+        while self._rows() < self.max_batch:
             try:
-                wait = None if len(self._batch) else IDLE_WAIT_SECONDS
+                busy = self._rows() or self._inflight is not None
+                wait = None if busy else IDLE_WAIT_SECONDS
                 request = self._waiting.get(block=wait is not None, timeout=wait)
             except queue.Empty:
                 return
@@ -259,7 +260,7 @@ class TransformersLlava:
                 self._finish(request, None, error=exc)
 
     @torch.inference_mode()
-    def _prefill(self, request: _Request) -> None:
+    def _prefill(self, request: Request) -> None:
         if request.sink.should_stop():
             self.meter.open(request)
             self._finish(request, "cancelled")
@@ -277,22 +278,49 @@ class TransformersLlava:
         request.inputs = {}  # the prompt now lives in the KV cache
         if self._accept(request, token):
             self._batch.add(request, getattr(out, CACHE), request.prompt_tokens)
+            first = to_device([token], self.device)
+            self._next = first if self._next is None else torch.cat([self._next, first])
 
     @torch.inference_mode()
     def _decode(self) -> None:
+        """Launch the next step (if a row needs one), then finish the one before it."""
         batch = self._batch
-        self._sync()
-        started = time.perf_counter()
-        out = self.model(**batch.step_inputs([r.next_token for r in batch.rows]), use_cache=True)
-        batch.advanced()
-        logits = out.logits[:, -1]
-        tokens = [request.sampler(self._logits(logits[i])) for i, request in enumerate(batch.rows)]
-        self._sync()
-        self.meter.charge(time.perf_counter() - started, {r: 1.0 for r in batch.rows})
-        self.decode_steps += 1
-        self.decode_tokens += len(batch.rows)
-        keep = [i for i, r in enumerate(batch.rows) if self._accept(r, tokens[i])]
-        batch.keep(keep)
+        needed = any(1 + r.launched < r.max_new_tokens for r in batch.rows)
+        # (with nothing in flight a row always needs one: its tokens are all handed out)
+        launch = batch.rows and (needed or self._inflight is None)
+        step = self._launch(batch) if launch else None
+        if self._inflight is not None:
+            self._complete(self._inflight)
+        self._inflight = step
+        keep = [i for i, r in enumerate(batch.rows) if not r.done.is_set()]
+        if len(keep) < len(batch.rows):
+            batch.keep(keep)
+            self._next = self._next[to_device(keep, self.device)] if keep else None
+
+    def _launch(self, batch: Batch | SlotBatch) -> Step:
+        rows = list(batch.rows)
+        started = clock(self.device)
+        logits = batch.step(self._next)
+        if self.suppressed:
+            logits.index_fill_(1, self._suppressed, float("-inf"))
+        tokens = pick([r.sampler for r in rows], logits)
+        host = tokens.to("cpu", non_blocking=True) if self.device.type == "cuda" else tokens
+        for request in rows:
+            request.launched += 1
+        self._next = tokens
+        return Step(rows, tokens, host, started, clock(self.device))
+
+    def _complete(self, step: Step) -> None:
+        """Wait for a step's tokens; charge its time to its live rows, hand them their tokens."""
+        step.wait()
+        live = [r for r in step.rows if not r.done.is_set()]
+        if live:  # a step of rows that had all finished was waste: nobody is billed for it
+            self.meter.charge(step.seconds(), {r: 1.0 for r in live})
+            self.decode_steps += 1
+            self.decode_tokens += len(live)
+        for request, token in zip(step.rows, step.host.tolist(), strict=True):
+            if not request.done.is_set():
+                self._accept(request, token)
 
     def _logits(self, row: torch.Tensor) -> torch.Tensor:
         if self.suppressed:
@@ -300,7 +328,7 @@ class TransformersLlava:
             row[self.suppressed] = float("-inf")
         return row
 
-    def _accept(self, request: _Request, token: int) -> bool:
+    def _accept(self, request: Request, token: int) -> bool:
         """Take a sampled token; False once the request is finished."""
         now = time.perf_counter()
         if request.first_token_at is None:
@@ -324,15 +352,14 @@ class TransformersLlava:
             if request.sink.should_stop():
                 self._finish(request, "cancelled")
                 return False
-        request.next_token = token
         return True
 
-    def _flush(self, request: _Request) -> None:
+    def _flush(self, request: Request) -> None:
         text = request.detok.flush()
         if text:
             request.sink.token(text)
 
-    def _finish(self, request: _Request, reason: str | None, error: BaseException | None = None):
+    def _finish(self, request: Request, reason: str | None, error: BaseException | None = None):
         if reason == "stop" and not request.detok.stopped:
             self._flush(request)
         request.reason = reason
@@ -344,7 +371,7 @@ class TransformersLlava:
         self.expires_at = None if keep_alive < 0 else time.time() + keep_alive
         request.done.set()
 
-    def _drop(self, request: _Request) -> float:
+    def _drop(self, request: Request) -> float:
         try:
             return self.meter.close(request)
         except KeyError:  # failed before it was ever charged

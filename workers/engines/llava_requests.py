@@ -1,0 +1,88 @@
+"""A LLaVA request as the transformers engine holds it, and how a job becomes one: the chat
+template, the images, the prompt's tokens and the limits of the context window."""
+
+import base64
+import io
+import random
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from workers.contract import ChatJob
+from workers.engines.base import InvalidRequest, TokenSink
+from workers.engines.sampling import Sampler
+from workers.engines.text import Detokenizer
+
+
+def _image(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+@dataclass(eq=False)
+class Request:
+    """One request inside the engine."""
+
+    job: ChatJob
+    sink: TokenSink
+    inputs: dict
+    prompt_tokens: int
+    max_new_tokens: int
+    sampler: Sampler
+    detok: Detokenizer
+    done: threading.Event = field(default_factory=threading.Event)
+    launched: int = 0  # decode steps launched for this request (its tokens: 1 + launched)
+    output_tokens: int = 0
+    started_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float = 0.0
+    next_poll: float = 0.0
+    reason: str | None = None  # stop | length | cancelled, once finished
+    error: BaseException | None = None
+    gpu_seconds: float = 0.0
+    load_seconds: float = 0.0
+
+
+def prepare(
+    job: ChatJob,
+    sink: TokenSink,
+    processor,
+    context_window: int,
+    max_output_tokens: int,
+    device: torch.device,
+) -> Request:
+    """`job` as model inputs (on the CPU) with its sampler, detokeniser and token budget; a
+    prompt past the context window is refused, naming how much of it the images are."""
+    conversation, images = [], []
+    for turn in job.messages:
+        parts = [{"type": "image"} for _ in turn.images]
+        parts.append({"type": "text", "text": turn.content})
+        conversation.append({"role": turn.role, "content": parts})
+        images.extend(_image(b64) for b64 in turn.images)
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    if prompt_tokens >= context_window:
+        text_tokens = len(processor.tokenizer(prompt).input_ids) - len(images)
+        raise InvalidRequest(
+            f"prompt is {prompt_tokens} tokens (of which {prompt_tokens - text_tokens} for "
+            f"{len(images)} image(s)); "
+            f"the model's context window is {context_window} tokens"
+        )
+    options = job.options
+    room = min(max_output_tokens, context_window - prompt_tokens)
+    wanted = options.max_tokens if options.max_tokens is not None else room
+    seed = options.seed if options.seed is not None else random.getrandbits(63)
+    return Request(
+        job=job,
+        sink=sink,
+        inputs=dict(inputs),
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max(1, min(wanted, room)),
+        sampler=Sampler(options, seed, device),
+        detok=Detokenizer(
+            lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True),
+            options.stop,
+        ),
+    )
