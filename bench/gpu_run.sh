@@ -28,16 +28,18 @@ echo "== reference probe"
 PYTHONPATH=$site timeout 180 python3 "$probe" >"$out/probe.log" 2>&1
 grep '^{' "$out/probe.log"; grep -A3 Traceback "$out/probe.log" | tail -4
 
-echo "== gpuhost Stable Diffusion engine (SD 1.5 architecture, 512x512, 25 steps)"
-PYTHONPATH=$ours timeout 140 python3 bench/sd_engine.py --arch sd15 --device cuda \
-  --size 512 --steps 25 >"$out/sd.log" 2>&1
-grep '^{' "$out/sd.log"; grep -A3 Traceback "$out/sd.log" | tail -4
-
 echo "== gpuhost LLaVA engine (LLaVA-Llama-3-8B architecture, one image per request)"
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 \
   >"$out/llava_gpu_util.csv" 2>/dev/null &
 sampler=$!
-PYTHONPATH=$ours timeout 240 python3 bench/llava_gpu.py --tokens 128 >"$out/llava.log" 2>&1
+PYTHONPATH=$ours timeout 300 python3 bench/llava_gpu.py --tokens 128 >"$out/llava.log" 2>&1
 kill $sampler 2>/dev/null
-grep '^{' "$out/llava.log"; grep -A3 Traceback "$out/llava.log" | tail -4
+grep '^{' "$out/llava.log"; grep -q Traceback "$out/llava.log" && tail -25 "$out/llava.log"
 awk -F'[ ,%]+' '{ if ($1 > 0) { n++; s += $1 } } END { if (n) print "mean GPU utilisation while busy:", s / n, "% over", n, "samples" }' "$out/llava_gpu_util.csv"
+
+echo "== gpuhost Stable Diffusion engine (SD 1.5 architecture, 512x512, 25 steps)"
+for variant in "" "--no-cudnn-attention --no-warm"; do
+  PYTHONPATH=$ours timeout 100 python3 bench/sd_engine.py --arch sd15 --device cuda \
+    --size 512 --steps 25 --model /tmp/sd15 $variant >"$out/sd.log" 2>&1
+  grep '^{' "$out/sd.log"; grep -q Traceback "$out/sd.log" && tail -25 "$out/sd.log"
+done

@@ -74,3 +74,21 @@ def test_an_idle_engine_waits_its_window_for_a_burst(models_dir, window, expecte
     assert [r.batch_images for r in results] == expected
     # However they were grouped, each request's image is its own seed's.
     assert len({r.images[0] for r in results}) == 3
+
+
+def test_warming_shapes_at_load_is_never_billed_and_changes_no_image(models_dir):
+    """The GPU warm-up (every batch size of a size, at load) runs the real pipeline: called
+    here on the CPU, it leaves the meter and the images requests get as they were."""
+    engine = DiffusionEngine(
+        "stable-diffusion", models_dir / "stable-diffusion", device="cpu", max_batch_images=3
+    )
+    try:
+        before = staggered(engine, 1, 0)[0]
+        busy, billed = engine.meter.busy_seconds, engine.meter.billed_seconds
+        engine._warm(((64, 64), (64, 32)))
+        assert (engine.meter.busy_seconds, engine.meter.billed_seconds) == (busy, billed)
+        assert engine.batches == 1  # warm-up batches are not requests' batches
+        after = staggered(engine, 1, 0)[0]
+    finally:
+        engine.close()
+    assert after.images == before.images  # same seed, same image: warm-up left no state

@@ -111,9 +111,15 @@ class DiffusionEngine:
         batch_window_seconds: float = 0.0,
         storage: Storage | None = None,
         max_adapters: int = 8,
+        cudnn_attention: bool = False,
+        cudnn_benchmark: bool = False,
+        warm_sizes: tuple[tuple[int, int], ...] = (),
     ):
         self.model_name = model_name
-        self.device, self.dtype = place(device, torch.float16)
+        self.device, self.dtype = place(device, torch.float16, cudnn_attention)
+        if cudnn_benchmark and self.device.type == "cuda":
+            # cuDNN times its convolution algorithms on each new shape and keeps the fastest.
+            torch.backends.cudnn.benchmark = True
         self.max_batch_images = max_batch_images
         # An idle engine given a request waits this long for others of its shape to join it.
         self.batch_window_seconds = batch_window_seconds
@@ -136,6 +142,8 @@ class DiffusionEngine:
         for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = text.scheduler.config
+        if self.device.type == "cuda":
+            self._warm(warm_sizes)
         self.load_seconds = time.perf_counter() - started
         self.meter = Meter()
         self.batches = 0
@@ -147,6 +155,26 @@ class DiffusionEngine:
         self._thread = threading.Thread(target=self._run, name="sd-engine", daemon=True)
         self._thread.start()
         log.info("loaded %s in %.2fs", model_name, self.load_seconds)
+
+    @torch.inference_mode()
+    def _warm(self, sizes: tuple[tuple[int, int], ...]) -> None:
+        """Run every batch size at each of `sizes` once, two steps, at load: the first batch
+        of a shape pays for the GPU libraries' plans and kernel loading (cuDNN's attention
+        most of all), and load time is never billed; without this, the tenant whose request
+        first made a shape would pay for it."""
+        pipe = self.pipelines["txt2img"]
+        for width, height in sizes:
+            for n in range(1, self.max_batch_images + 1):
+                pipe(
+                    prompt=["warm-up"] * n,
+                    negative_prompt=[""] * n,
+                    num_inference_steps=2,
+                    width=width,
+                    height=height,
+                    output_type="pil",
+                )
+        if sizes:
+            log.info("warmed %s for batches of 1..%d", sizes, self.max_batch_images)
 
     # -- the calling (Celery task) thread ------------------------------------------------------
 
