@@ -157,7 +157,7 @@ async def get_tenant(tenant_id: str, state: StateDep, actor: Actor) -> dict:
     tenant, keys = await _run(state, work)
     period = period_of(datetime.now(UTC))
     async with state.sessions() as session:
-        view = await usage.admission_view(session, tenant.id, period.start, period.end)
+        view = await usage.admission_view(session, tenant.id, period)
     used = view[1] if view else 0.0
     return _tenant_json(tenant, used, await state.admission.in_flight(tenant.id)) | {
         "limit": state.settings.tier_limits.get(tenant.tier),

@@ -2,8 +2,9 @@
 billing period, read at most once per `ttl` seconds per tenant by each gateway.
 
 Reading them from PostgreSQL on every request cost about a third of the gateway's time on
-its hot path (bench/gateway.py), and the sum grows with the tenant's records. A cached view
-may admit a request; a refusal (402 here, 429 at admission) is only ever given on a fresh one,
+its hot path (bench/gateway.py); the GPU-seconds are one row (a monthly total the database
+keeps beside the records, migration 0010), no longer a sum over the month's records. A cached
+view may admit a request; a refusal (402 here, 429 at admission) is only ever given on a fresh one,
 so a tenant that upgraded or whose period rolled over is never refused on old figures. What
 the cache costs: a downgrade applies within `ttl`, and a tenant on a plan without overage
 can spend past its allowance by what it runs in `ttl` (at most its tier's requests in flight).
@@ -87,7 +88,7 @@ class Quotas:
     async def _read(self, tenant_id: uuid.UUID, period: Period) -> View:
         try:
             async with self._sessions() as session:
-                found = await usage.admission_view(session, tenant_id, period.start, period.end)
+                found = await usage.admission_view(session, tenant_id, period)
         except (OperationalError, OSError) as exc:
             raise Unavailable("the ledger is unavailable; try again shortly") from exc
         if found is None:

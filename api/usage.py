@@ -74,7 +74,7 @@ async def balance(owner: UsageKey, state: StateDep) -> dict:
     """This billing period: the plan's allowance, what is used, what remains, when it renews."""
     period = period_of(datetime.now(UTC))
     async with state.sessions() as session:
-        view = await usage.admission_view(session, owner.tenant_id, period.start, period.end)
+        view = await usage.admission_view(session, owner.tenant_id, period)
     tier, used = view
     plan = state.settings.plans.get(tier)
     if plan is None:

@@ -2,7 +2,8 @@
 row, as workers write them), and relayed per second to a Stripe-compatible server.
 
     python bench/billing.py [--records 20000] [--writers 64] [--processes 1]
-                            [--aggregate 3600] [--no-group-commit]
+                            [--aggregate 3600] [--no-group-commit] [--tenants N]
+                            [--schema REVISION]
 
 Needs PostgreSQL (GPUHOST_TEST_POSTGRES_URL, default the local server); makes and drops a
 scratch database. Without --aggregate the relay sends one meter event per record (100 Stripe
@@ -10,6 +11,9 @@ calls per 100 records); with it, one per tenant per window. Records go in throug
 workers' group-committing `UsageWriter` unless --no-group-commit. --processes N splits the
 writer threads over N processes, each with its own `UsageWriter`, as N worker processes
 (one per GPU) write their usage in a deployment; the rate is all of them together.
+--tenants N spreads the records over N tenants (default: one per writer thread; 1: every
+record adds to the same monthly total). --schema migrates the scratch database only so far
+(0009: before the monthly totals and their trigger) to measure what a migration costs.
 """
 
 import argparse
@@ -30,6 +34,7 @@ from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from billing.settings import StripeSettings  # noqa: E402
 from billing.usage_writer import UsageWriter  # noqa: E402
 from tests.conftest import drop_database, fresh_database  # noqa: E402
+from tests.helpers import usage_create  # noqa: E402
 from tests.stripe_server import FakeStripe  # noqa: E402
 
 
@@ -41,19 +46,8 @@ def ingest(record, tenant_ids: list, records: int, writers: int, when: datetime)
         tenant_id = tenant_ids[index % len(tenant_ids)]
         for _ in range(per_writer):
             record(
-                usage.UsageCreate(
-                    request_id=uuid.uuid4().hex,
-                    tenant_id=tenant_id,
-                    api_key_id=None,
-                    model="llava-llama3",
-                    kind="chat",
-                    status="completed",
-                    gpu_seconds=0.731,
-                    queue_seconds=0.01,
-                    prompt_tokens=600,
-                    output_tokens=128,
-                    started_at=None,
-                    finished_at=when,
+                usage_create(
+                    tenant_id, 0.731, finished_at=when, prompt_tokens=600, output_tokens=128
                 )
             )
 
@@ -87,7 +81,7 @@ def ingest_processes(url, tenant_ids, records, writers, processes, when) -> tupl
             target=_process,
             args=(
                 url,
-                tenant_ids[i::processes],
+                tenant_ids[i::processes] or tenant_ids,  # fewer tenants: all share them
                 records // processes,
                 writers // processes,
                 when,
@@ -129,6 +123,8 @@ def main() -> None:
         default=0,
         help="relay aggregation window in seconds (0: one event per record)",
     )
+    parser.add_argument("--tenants", type=int, help="tenants (default: one per writer)")
+    parser.add_argument("--schema", default="head", help="migrate the scratch database to this")
     parser.add_argument(
         "--no-group-commit",
         dest="group_commit",
@@ -143,12 +139,12 @@ def main() -> None:
     fake = FakeStripe().start()
     engine = sync_engine(url)
     try:
-        migrations.upgrade(url)
+        migrations.upgrade(url, args.schema)
         sessions = session_factory(engine)
         with transaction(sessions) as session:
             ids = [
                 tenants.create_tenant(session, f"bench-{i}", "pro", {"pro": 3}).id
-                for i in range(args.writers)
+                for i in range(args.tenants or args.writers)
             ]
         # Usage from two hours ago, so that aggregation windows are closed when relayed.
         when = datetime.now(UTC) - timedelta(hours=2)
@@ -184,6 +180,8 @@ def main() -> None:
                     "records": args.records,
                     "writers": args.writers,
                     "processes": args.processes,
+                    "tenants": len(ids),
+                    "schema": args.schema,
                     "ingest_commits": commits,
                     "aggregate_seconds": args.aggregate,
                     "ingested_per_second": round(rate),

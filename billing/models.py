@@ -82,6 +82,20 @@ class UsageRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class UsageTotal(Base):
+    """A tenant's GPU-seconds in one calendar month (UTC), kept equal to the sum of its usage
+    records by a trigger on usage_records (migration 0010): read, never written, by code."""
+
+    __tablename__ = "usage_totals"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Double)
+    records: Mapped[int] = mapped_column(Integer)
+
+
 class OutboxEvent(Base):
     """A usage record on its way to Stripe's meter: written in the usage record's transaction,
     marked sent only after Stripe has acknowledged it (the relay is a later step)."""

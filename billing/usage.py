@@ -8,7 +8,8 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from billing.models import OutboxEvent, Tenant, UsageRecord
+from billing.models import OutboxEvent, Tenant, UsageRecord, UsageTotal
+from billing.plans import Period
 
 IMAGE_KINDS = ("txt2img", "img2img", "inpaint")
 
@@ -142,19 +143,20 @@ def to_dict(row: UsageRecord) -> dict:
 
 
 async def admission_view(
-    session: AsyncSession, tenant_id: uuid.UUID, start: datetime, end: datetime
+    session: AsyncSession, tenant_id: uuid.UUID, period: Period
 ) -> tuple[str, float] | None:
-    """The tenant's current tier and the GPU-seconds it used in [start, end); None if gone."""
+    """The tenant's current tier and the GPU-seconds it used in `period` (a calendar month);
+    None if the tenant is gone. One row's read: the month's total is kept by the database."""
     used = (
-        select(func.coalesce(func.sum(UsageRecord.gpu_seconds), 0.0))
-        .where(
-            UsageRecord.tenant_id == tenant_id,
-            UsageRecord.finished_at >= start,
-            UsageRecord.finished_at < end,
-        )
+        select(UsageTotal.gpu_seconds)
+        .where(UsageTotal.tenant_id == tenant_id, UsageTotal.period_start == period.start)
         .scalar_subquery()
     )
-    row = (await session.execute(select(Tenant.tier, used).where(Tenant.id == tenant_id))).first()
+    row = (
+        await session.execute(
+            select(Tenant.tier, func.coalesce(used, 0.0)).where(Tenant.id == tenant_id)
+        )
+    ).first()
     return (row[0], float(row[1])) if row else None
 
 

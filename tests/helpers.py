@@ -78,38 +78,42 @@ def idle_status(redis_client, after: float, queue: str = "llava"):
     return wait_for(fresh, 30, "an idle worker status", interval=0.1) or time.time()
 
 
-def record_usage(
-    session,
+def usage_create(
     tenant_id,
     gpu_seconds: float,
     request_id: str | None = None,
     finished_at=None,
     prompt_tokens: int = 1,
     output_tokens: int = 1,
-) -> bool:
-    """Write a completed chat usage record (and its outbox row) straight into the ledger."""
+):
+    """A completed chat request's usage record (`billing.usage.UsageCreate`), not yet written."""
     import uuid
     from datetime import UTC, datetime
 
     from billing import usage
 
-    return usage.record(
-        session,
-        usage.UsageCreate(
-            request_id=request_id or uuid.uuid4().hex,
-            tenant_id=tenant_id,
-            api_key_id=None,
-            model=MODEL,
-            kind="chat",
-            status="completed",
-            gpu_seconds=gpu_seconds,
-            queue_seconds=0.0,
-            prompt_tokens=prompt_tokens,
-            output_tokens=output_tokens,
-            started_at=None,
-            finished_at=finished_at or datetime.now(UTC),
-        ),
+    return usage.UsageCreate(
+        request_id=request_id or uuid.uuid4().hex,
+        tenant_id=tenant_id,
+        api_key_id=None,
+        model=MODEL,
+        kind="chat",
+        status="completed",
+        gpu_seconds=gpu_seconds,
+        queue_seconds=0.0,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        started_at=None,
+        finished_at=finished_at or datetime.now(UTC),
     )
+
+
+def record_usage(session, tenant_id, gpu_seconds: float, *args, **fields) -> bool:
+    """Write a completed chat usage record (and its outbox row) straight into the ledger;
+    the rest as `usage_create` takes it."""
+    from billing import usage
+
+    return usage.record(session, usage_create(tenant_id, gpu_seconds, *args, **fields))
 
 
 def png_bomb(side: int) -> str:

@@ -37,7 +37,7 @@ async def usage_page(
     period = period_of(datetime.now(UTC))
     span, unit = RANGES[range]
     async with state.sessions() as session:
-        tier, used = await usage.admission_view(session, tenant_id, period.start, period.end)
+        tier, used = await usage.admission_view(session, tenant_id, period)
         tenant = await session.get(Tenant, tenant_id)
         series = await usage.model_buckets(session, tenant_id, datetime.now(UTC) - span, unit)
         rows, total, models = await usage.page(

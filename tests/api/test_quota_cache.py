@@ -32,7 +32,7 @@ async def ledger(database_url):
 
 
 def quota_reads(statements: list[str]) -> int:
-    return sum("usage_records" in sql for sql in statements)
+    return sum("usage_totals" in sql for sql in statements)
 
 
 def spend(sessions, tenant_id, seconds: float) -> str:

@@ -4,7 +4,6 @@ after its record is committed, one bad record failing only its own caller."""
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -14,23 +13,11 @@ from billing.db import transaction
 from billing.models import OutboxEvent, UsageRecord
 from billing.usage import UsageCreate
 from billing.usage_writer import UsageWriter, WriterClosed
+from tests.helpers import usage_create
 
 
 def usage_for(tenant_id, request_id=None, gpu_seconds=0.25) -> UsageCreate:
-    return UsageCreate(
-        request_id=request_id or uuid.uuid4().hex,
-        tenant_id=tenant_id,
-        api_key_id=None,
-        model="llava-llama3",
-        kind="chat",
-        status="completed",
-        gpu_seconds=gpu_seconds,
-        queue_seconds=0.0,
-        prompt_tokens=5,
-        output_tokens=7,
-        started_at=None,
-        finished_at=datetime.now(UTC),
-    )
+    return usage_create(tenant_id, gpu_seconds, request_id, prompt_tokens=5, output_tokens=7)
 
 
 def counts(sessions, request_ids) -> tuple[int, int]:

@@ -198,7 +198,8 @@ class SlotBatch:
                     self._forward(rows, span)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # thread_local: another thread's CUDA work (none is expected) cannot break it
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     logits = self._forward(rows, span)
                 pool = graph.pool()
                 self._graphs[(rows, span)] = (graph, logits)
