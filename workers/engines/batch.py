@@ -64,12 +64,10 @@ class Batch:
         self.rows.append(row)
         self.lengths.append(length)
 
-    def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:
-        """One decode step: each row's last token at its own position goes in; the rows'
-        next-token logits ([rows, vocabulary], float) come out."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step: each row's last token (on the device) at its own position goes in;
+        the rows' next-token logits ([rows, vocabulary], float) come out."""
         device = self.mask.device
-        if isinstance(tokens, list):
-            tokens = to_device(tokens, device)
         self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
         out = self.model(
             input_ids=tokens.unsqueeze(1),

@@ -88,8 +88,9 @@ class TransformersLlava:
         self.context_window = int(self.config.text_config.max_position_embeddings)
         generation = GenerationConfig.from_pretrained(path)
         self.eos_ids = set(_as_list(generation.eos_token_id))
-        self.suppressed = _as_list(generation.suppress_tokens)
-        self._suppressed = torch.tensor(self.suppressed, dtype=torch.long, device=self.device)
+        self.suppressed = torch.tensor(
+            _as_list(generation.suppress_tokens), dtype=torch.long, device=self.device
+        )
         self.meter = Meter()
         self.decode_steps = 0  # batched decode steps run
         self.decode_tokens = 0  # tokens they produced: / decode_steps = mean batch occupancy
@@ -272,13 +273,13 @@ class TransformersLlava:
         self._sync()
         request.started_at = time.perf_counter()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        token = request.sampler(self._logits(out.logits[0, -1]))
+        first = self._choose([request.sampler], out.logits[:, -1].float())
+        token = int(first[0])
         self._sync()
         self.meter.charge(time.perf_counter() - request.started_at, {request: 1.0})
         request.inputs = {}  # the prompt now lives in the KV cache
         if self._accept(request, token):
             self._batch.add(request, getattr(out, CACHE), request.prompt_tokens)
-            first = to_device([token], self.device)
             self._next = first if self._next is None else torch.cat([self._next, first])
 
     @torch.inference_mode()
@@ -300,10 +301,7 @@ class TransformersLlava:
     def _launch(self, batch: Batch | SlotBatch) -> Step:
         rows = list(batch.rows)
         started = clock(self.device)
-        logits = batch.step(self._next)
-        if self.suppressed:
-            logits.index_fill_(1, self._suppressed, float("-inf"))
-        tokens = pick([r.sampler for r in rows], logits)
+        tokens = self._choose([r.sampler for r in rows], batch.step(self._next))
         host = tokens.to("cpu", non_blocking=True) if self.device.type == "cuda" else tokens
         for request in rows:
             request.launched += 1
@@ -322,11 +320,11 @@ class TransformersLlava:
             if not request.done.is_set():
                 self._accept(request, token)
 
-    def _logits(self, row: torch.Tensor) -> torch.Tensor:
-        if self.suppressed:
-            row = row.clone()
-            row[self.suppressed] = float("-inf")
-        return row
+    def _choose(self, samplers: list, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (on the device); suppressed tokens are never chosen."""
+        if self.suppressed.numel():
+            logits.index_fill_(1, self.suppressed, float("-inf"))
+        return pick(samplers, logits)
 
     def _accept(self, request: Request, token: int) -> bool:
         """Take a sampled token; False once the request is finished."""

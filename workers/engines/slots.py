@@ -16,12 +16,11 @@ Padding rows of a bucket attend to their own slot's first column and their logit
 """
 
 import logging
+import math
 import time
 
 import torch
 from transformers import DynamicCache
-
-from workers.engines.device import to_device
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,16 @@ def _buckets(smallest: int, largest: int) -> list[int]:
         sizes.append(size)
         size *= 2
     return [*sizes, largest]
+
+
+def _cache_shape(model, max_batch: int, context: int) -> tuple[int, int, int, int, int]:
+    """The keys' (and the values') shape: layers, slots, kv heads, context, head dim."""
+    config = model.model.language_model.config
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    return layers, max_batch, kv_heads, context, head_dim
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -61,12 +70,11 @@ class SlotBatch:
         self.inv_freq = text.rotary_emb.inv_freq.float()
         self.rope_scaling = float(text.rotary_emb.attention_scaling)
         self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        shape = _cache_shape(model, max_batch, context)
+        _, _, self.kv_heads, _, self.head_dim = shape
         weight = self.head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.max_batch, self.context = max_batch, context
-        shape = (len(self.layers), max_batch, self.kv_heads, context, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # Static inputs of a step: each slot's next token and its position (= tokens before it).
@@ -93,12 +101,8 @@ class SlotBatch:
     @staticmethod
     def bytes_for(model, max_batch: int, context: int) -> int:
         """What the cache of `max_batch` slots of `context` tokens takes, before making it."""
-        config = model.model.language_model.config
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-        return per_token * max_batch * context * model.lm_head.weight.element_size()
+        keys = math.prod(_cache_shape(model, max_batch, context))
+        return 2 * keys * model.lm_head.weight.element_size()
 
     @torch.inference_mode()
     def add(self, row, cache: DynamicCache, length: int) -> None:
@@ -114,12 +118,10 @@ class SlotBatch:
         self.lengths.append(length)
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor | list[int]) -> torch.Tensor:
-        """One decode step: `tokens` (one per row) go in; the rows' next-token logits
-        ([rows, vocabulary], float) come out."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step: `tokens` (one per row, on the device) go in; the rows' next-token
+        logits ([rows, vocabulary], float) come out."""
         n = len(self.rows)
-        if isinstance(tokens, list):
-            tokens = to_device(tokens, self.device)
         self.tokens[:n] = tokens
         rows = next(b for b in self.row_buckets if b >= n)
         span = next(s for s in self.span_buckets if s > max(self.lengths))
