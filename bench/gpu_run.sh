@@ -3,15 +3,22 @@
 #
 #   bench/gpu_run.sh [OUTDIR]
 #
+# GPUHOST_BENCH_SECONDS: the whole run's budget (570); GPUHOST_BENCH_SECTIONS: which of
+# "probe sd llava" to run (all); GPUHOST_SD_VARIANTS: which Stable Diffusion variants (below).
+#
 # Run from the repository root on a GPU machine whose python3 has torch (CUDA) and transformers.
 # Wheels in .whl/ (diffusers, importlib_metadata, pydantic, ..., and transformers) are
 # installed first when present, for machines without a package index; transformers from .whl
 # goes to gpuhost's benchmarks only, so the reference probe (.whl/reference_gpu_probe.py or
 # ../shared/bench/reference_gpu_probe.py) runs on the machine's own stack.
+# Sections run in order of what they settle; one that would overrun the budget gets what is
+# left of it (and is cut there), so a short lease still returns the first ones whole.
 set -u
 out="${1:-${OUT:-/tmp/gpuhost-bench}}"
 mkdir -p "$out"
+deadline=$((SECONDS + ${GPUHOST_BENCH_SECONDS:-570}))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCHINDUCTOR_CACHE_DIR=/tmp/gpuhost-inductor
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/gpuhost-site $(ls .whl/*.whl | grep -v /transformers-) || exit 1
@@ -22,24 +29,63 @@ site=/tmp/gpuhost-site
 ours="/tmp/gpuhost-tf:$site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
+# within SECONDS_AT_MOST, or what is left of the budget: COMMAND...
+within() {
+  local most=$1 left=$((deadline - SECONDS))
+  shift
+  if [ "$left" -lt 20 ]; then echo "skipped (budget spent): $*"; return 1; fi
+  timeout $((most < left ? most : left)) "$@"
+}
+
 probe=.whl/reference_gpu_probe.py
 [ -f "$probe" ] || probe=../shared/bench/reference_gpu_probe.py
-echo "== reference probe"
-PYTHONPATH=$site timeout 180 python3 "$probe" >"$out/probe.log" 2>&1
-grep '^{' "$out/probe.log"; grep -A3 Traceback "$out/probe.log" | tail -4
+sections=" ${GPUHOST_BENCH_SECTIONS:-probe sd llava} "
+if [[ $sections == *" probe "* ]]; then
+  echo "== reference probe"
+  PYTHONPATH=$site within 180 python3 "$probe" >"$out/probe.log" 2>&1
+  grep '^{' "$out/probe.log"; grep -A3 Traceback "$out/probe.log" | tail -4
+fi
 
-echo "== gpuhost LLaVA engine (LLaVA-Llama-3-8B architecture, one image per request)"
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 500 \
-  >"$out/llava_gpu_util.csv" 2>/dev/null &
-sampler=$!
-PYTHONPATH=$ours timeout 300 python3 bench/llava_gpu.py --tokens 128 >"$out/llava.log" 2>&1
-kill $sampler 2>/dev/null
-grep '^{' "$out/llava.log"; grep -q Traceback "$out/llava.log" && tail -25 "$out/llava.log"
-awk -F'[ ,%]+' '{ if ($1 > 0) { n++; s += $1 } } END { if (n) print "mean GPU utilisation while busy:", s / n, "% over", n, "samples" }' "$out/llava_gpu_util.csv"
-
+[[ $sections == *" sd "* ]] && {
 echo "== gpuhost Stable Diffusion engine (SD 1.5 architecture, 512x512, 25 steps)"
-for variant in "" "--no-cudnn-attention --no-warm"; do
-  PYTHONPATH=$ours timeout 100 python3 bench/sd_engine.py --arch sd15 --device cuda \
-    --size 512 --steps 25 --model /tmp/sd15 $variant >"$out/sd.log" 2>&1
-  grep '^{' "$out/sd.log"; grep -q Traceback "$out/sd.log" && tail -25 "$out/sd.log"
+# compiled with NHWC weights (the workers' default on a GPU), uncompiled (the default before),
+# compiled with NCHW weights, uncompiled with NHWC weights (what a batch the compiled graph does
+# not cover costs; GPUHOST_SD_VARIANTS picks some of these)
+for variant in ${GPUHOST_SD_VARIANTS:-compiled uncompiled compiled-nchw uncompiled-nhwc}; do
+  case $variant in
+    compiled) flags="--rounds 2" ;;
+    uncompiled) flags="--no-compile" ;;
+    compiled-nchw) flags="--no-channels-last" ;;
+    uncompiled-nhwc) flags="--no-compile --channels-last" ;;
+  esac
+  name=$variant
+  echo "-- $name"
+  PYTHONPATH=$ours TORCH_LOGS=recompiles within 240 python3 bench/sd_engine.py --arch sd15 --device cuda \
+    --size 512 --steps 25 --model /tmp/sd15 --save "$out/sd-$name.png" $flags \
+    >"$out/sd-$name.log" 2>&1
+  grep '^{' "$out/sd-$name.log"; grep -i -m3 -A4 "recompil" "$out/sd-$name.log"
+  grep -q Traceback "$out/sd-$name.log" && tail -25 "$out/sd-$name.log"
 done
+PYTHONPATH=$ours python3 - "$out" <<'EOF'
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+out = Path(sys.argv[1])
+base = out / "sd-uncompiled.png"
+for name in ("compiled", "compiled-nchw", "uncompiled-nhwc"):
+    if base.exists() and (out / f"sd-{name}.png").exists():
+        a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (base, out / f"sd-{name}.png"))
+        print(f"seed 0, {name} against uncompiled: mean |difference| {np.abs(a - b).mean():.2f}"
+              f" of 255, largest {np.abs(a - b).max()}")
+EOF
+}
+
+[[ $sections == *" llava "* ]] && {
+echo "== gpuhost LLaVA engine (LLaVA-Llama-3-8B architecture, one image per request)"
+PYTHONPATH=$ours within 200 python3 bench/llava_gpu.py --tokens 128 >"$out/llava.log" 2>&1
+grep '^{' "$out/llava.log"; grep -q Traceback "$out/llava.log" && tail -25 "$out/llava.log"
+}
+echo "== done with $((deadline - SECONDS)) s of the budget left"

@@ -9,6 +9,7 @@ request asks for one image of the same shape, so concurrent requests share batch
 """
 
 import argparse
+import base64
 import json
 import tempfile
 import threading
@@ -159,6 +160,22 @@ def main() -> None:
         default=True,
         help="build the GPU plans of --size at load (the workers' default, 512x512)",
     )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the UNet at load for --size (default: on a GPU, as the workers do)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the UNet's weights as NHWC (default: when compiled, as the workers do)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="times to run the 1, 4, 8 sequence (default 1)"
+    )
+    parser.add_argument("--save", type=Path, help="write the image of seed 0, alone, here (PNG)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
@@ -177,21 +194,34 @@ def main() -> None:
             cudnn_attention=args.cudnn_attention,
             cudnn_benchmark=args.cudnn_benchmark,
             warm_sizes=((args.size, args.size),) if args.warm else (),
+            compiled=args.compile,
+            channels_last=args.channels_last,
         )
         variant = {
             "cudnn_attention": args.cudnn_attention,
             "cudnn_benchmark": args.cudnn_benchmark,
             "warm": args.warm,
+            "compiled": engine.compiled,
+            "channels_last": engine.channels_last,
         }
         print(json.dumps({"load_seconds": round(engine.load_seconds, 1), **variant}), flush=True)
         try:
             run(engine, 1, args.size, 2)  # warm-up
-            for concurrent in (1, 4, 8):
-                # The first batch of a shape pays for loading its kernels; a serving engine
-                # runs the same few shapes all day, so the second is the one to quote.
-                for pass_ in ("first", "again"):
-                    result = run(engine, concurrent, args.size, args.steps)
-                    print(json.dumps({"pass": pass_, **result}), flush=True)
+            for round_ in range(1, args.rounds + 1):
+                for concurrent in (1, 4, 8):
+                    # The first batch of a shape pays for loading its kernels; a serving
+                    # engine runs the same few shapes all day, so the second is the one to quote.
+                    for pass_ in ("first", "again"):
+                        result = run(engine, concurrent, args.size, args.steps)
+                        print(json.dumps({"round": round_, "pass": pass_, **result}), flush=True)
+            if args.save:
+                alone = engine.render(job(args.size, args.steps, 0), Sink())
+                args.save.write_bytes(base64.b64decode(alone.images[0]))
+            if args.device.startswith("cuda"):
+                import torch
+
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(json.dumps({"peak_gpu_memory_gib": round(peak, 2)}), flush=True)
         finally:
             engine.close()
 

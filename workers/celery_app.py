@@ -33,6 +33,7 @@ def load_engine(settings: WorkerSettings):
             storage=Storage(settings.storage_url),
             cudnn_attention=settings.sd_cudnn_attention,
             warm_sizes=settings.sd_warm_sizes_parsed(),
+            compiled=settings.sd_compile_wanted(),
         )
     if settings.engine == "echo":
         from workers.engines.echo import EchoEngine

@@ -89,6 +89,7 @@ class WorkerStatus(BaseModel):
     decode_tokens: int = 0  # tokens those steps produced (/ decode_steps: mean batch size)
     batches: int = 0  # Stable Diffusion: batches run
     batch_requests: int = 0  # requests they held (/ batches: mean requests per batch)
+    compiled: bool = False  # Stable Diffusion: the UNet compiled at load for the warm sizes
     updated_at: float
 
 

@@ -35,6 +35,9 @@ class WorkerSettings(ModelSettings):
     # new shape first builds a plan), and build the plans of these sizes (WxH) at load.
     sd_cudnn_attention: bool = True
     sd_warm_sizes: list[str] = ["512x512"]
+    # Compile the UNet (torch.compile) at load for the warm sizes (auto: on a GPU). Loading
+    # takes a minute or more longer; batches of other sizes run uncompiled.
+    sd_compile: Literal["auto", "on", "off"] = "auto"
     # Seconds an idle model stays loaded; negative: for as long as the worker runs. A request's
     # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
     keep_alive_seconds: float = -1.0
@@ -57,6 +60,9 @@ class WorkerSettings(ModelSettings):
                     f"sd_warm_sizes: {size!r} is not WIDTHxHEIGHT in multiples of 8 (512x512)"
                 )
         return sizes
+
+    def sd_compile_wanted(self) -> bool | None:
+        return {"auto": None, "on": True, "off": False}[self.sd_compile]
 
     def sd_warm_sizes_parsed(self) -> tuple[tuple[int, int], ...]:
         return tuple(tuple(map(int, SIZE.match(size).groups())) for size in self.sd_warm_sizes)

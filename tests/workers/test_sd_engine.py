@@ -1,12 +1,24 @@
 """The Stable Diffusion engine in process: how requests that arrive together are batched."""
 
+import base64
+import io
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
 
-from workers.contract import ImageJob
+from storage import Storage, tenant_key
+from workers.contract import ImageJob, WorkerStatus
 from workers.engines.diffusion import DiffusionEngine
 
 
@@ -92,3 +104,122 @@ def test_warming_shapes_at_load_is_never_billed_and_changes_no_image(models_dir)
     finally:
         engine.close()
     assert after.images == before.images  # same seed, same image: warm-up left no state
+
+
+def graphs_compiled() -> int:
+    """How many graphs this process has compiled so far (the compiler's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def random_adapter(model: Path) -> bytes:
+    """A LoRA adapter file for the model's UNet, its weights random (an untrained adapter's
+    second matrices are zero, and would change nothing)."""
+    unet = StableDiffusionPipeline.from_pretrained(model).unet
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config, adapter_name="random")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, weight in unet.named_parameters():
+            if "lora_" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="random"))
+    with tempfile.TemporaryDirectory() as directory:
+        StableDiffusionPipeline.save_lora_weights(
+            directory, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+        )
+        return (Path(directory) / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def pixels(png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.int16)
+
+
+def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load(
+    models_dir, tmp_path
+):
+    """The worker's GPU default, run here on the CPU: the UNet compiled at load for the warm
+    size. Batches of that size (any batch size, any scheduler) take the compiled graph; a
+    size not warmed and an adapter run eagerly; after the adapter the UNet is the compiled
+    one again. Every image is the uncompiled engine's, to within rounding, and no request
+    compiles anything."""
+    model = models_dir / "stable-diffusion"
+    storage = Storage(str(tmp_path / "storage"))
+    key = tenant_key(uuid.uuid4(), "adapters", "random.safetensors")
+    storage.put(key, random_adapter(model))
+    adapted = {"lora": "random", "lora_key": key}
+    torch._dynamo.reset()  # as in a fresh worker: no graph compiled by an earlier test
+    before = graphs_compiled()
+    jobs = [
+        # integer timesteps (Euler's are floats). Not DDIM: on random weights its clipped
+        # predictions turn rounding differences into another image, uncompiled too (NHWC).
+        job(1).model_copy(update={"scheduler": "dpmpp_2m"}),
+        job(2).model_copy(update={"width": 32, "height": 32}),  # not warmed
+        job(3).model_copy(update=adapted),
+        job(3),  # the adapter unloaded, compiled again
+    ]
+    engines = [
+        DiffusionEngine("sd", model, device="cpu", max_batch_images=2, storage=storage),
+        DiffusionEngine(
+            "sd",
+            model,
+            device="cpu",
+            max_batch_images=2,
+            batch_window_seconds=2.0,
+            storage=storage,
+            warm_sizes=((64, 64),),
+            compiled=True,
+        ),
+    ]
+    eager, compiled = engines
+    try:
+        assert (compiled.compiled, compiled.channels_last) == (True, True)
+        assert not eager.compiled and not eager.channels_last
+        published = WorkerStatus(owner="w", queue="sd", updated_at=0.0, **compiled.status())
+        assert published.compiled is True  # operators see it in the worker's status
+        at_load = graphs_compiled()
+        assert at_load == before + 1  # at load, one graph for every batch size
+        drawn = {}
+        for name, engine in (("eager", eager), ("compiled", compiled)):
+            pair = staggered(engine, 2, 0)  # seeds 0 and 1, one batch on the compiled engine
+            singles = [engine.render(j, Sink()) for j in jobs]
+            drawn[name] = [pixels(r.images[0]) for r in pair + singles]
+        assert max(r.batch_images for r in pair) == 2
+        assert compiled.adapters.loaded() == []  # the last job needed none
+        assert graphs_compiled() == at_load  # nothing compiled for a request
+    finally:
+        for engine in engines:
+            engine.close()
+    for mine, theirs in zip(drawn["compiled"], drawn["eager"], strict=True):
+        assert mine.shape == theirs.shape
+        assert np.abs(mine - theirs).max() <= 1  # float rounding, not another image
+    # the adapter did change the image: it was applied, not skipped by the compiled graph
+    assert np.abs(drawn["compiled"][4] - drawn["compiled"][5]).mean() > 0.5
+
+
+def test_a_unet_that_fails_to_compile_runs_uncompiled(models_dir, monkeypatch, caplog):
+    """Where compiling fails at load (on a GPU host without a C compiler for Triton, say;
+    here Inductor made to fail), the worker says so and serves the same images uncompiled."""
+    import torch._inductor.compile_fx
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", no_compiler)
+    torch._dynamo.reset()  # as in a fresh worker: no graph compiled by an earlier test
+    model = models_dir / "stable-diffusion"
+    failed = DiffusionEngine(
+        "sd", model, device="cpu", max_batch_images=1, warm_sizes=((64, 64),), compiled=True
+    )
+    try:
+        assert (failed.compiled, failed.channels_last) == (False, False)
+        image = staggered(failed, 1, 0)[0]
+    finally:
+        failed.close()
+    assert "compiling the UNet failed: it runs uncompiled" in caplog.text
+    eager = DiffusionEngine("sd", model, device="cpu", max_batch_images=1)
+    try:
+        assert image.images == staggered(eager, 1, 0)[0].images
+    finally:
+        eager.close()
