@@ -119,7 +119,7 @@ async def list_tenants(state: StateDep, actor: Actor) -> dict:
     """Every tenant with its tier, GPU-seconds this billing period and requests in flight."""
     period = period_of(datetime.now(UTC))
     async with state.sessions() as session:
-        used = await usage.used_by_tenant(session, period.start, period.end)
+        used = await usage.used_by_tenant(session, period)
         rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
     return {
         "period_start": period.start,

@@ -238,14 +238,13 @@ async def page(
     return list(rows), int(total or 0), list(models)
 
 
-async def used_by_tenant(
-    session: AsyncSession, start: datetime, end: datetime
-) -> dict[uuid.UUID, float]:
-    """GPU-seconds per tenant in [start, end) (tenants with none are absent)."""
+async def used_by_tenant(session: AsyncSession, period: Period) -> dict[uuid.UUID, float]:
+    """GPU-seconds per tenant in `period`, a calendar month (tenants with none are absent):
+    the totals the database keeps, a row per tenant rather than every record of the month."""
     rows = await session.execute(
-        select(UsageRecord.tenant_id, func.sum(UsageRecord.gpu_seconds))
-        .where(UsageRecord.finished_at >= start, UsageRecord.finished_at < end)
-        .group_by(UsageRecord.tenant_id)
+        select(UsageTotal.tenant_id, UsageTotal.gpu_seconds).where(
+            UsageTotal.period_start == period.start
+        )
     )
     return {tenant_id: float(seconds) for tenant_id, seconds in rows}
 

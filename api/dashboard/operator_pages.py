@@ -33,7 +33,7 @@ async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> 
     in_period = (UsageRecord.finished_at >= period.start, UsageRecord.finished_at < period.end)
     async with state.sessions() as session:
         rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
-        used = await usage.used_by_tenant(session, period.start, period.end)
+        used = await usage.used_by_tenant(session, period)
         by_model = (
             await session.execute(
                 select(UsageRecord.model, func.sum(UsageRecord.gpu_seconds))

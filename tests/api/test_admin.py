@@ -40,7 +40,9 @@ def test_an_operator_manages_a_tenant_from_creation_to_revoked_key(gateway, sess
     assert [k["id"] for k in shown["keys"]] == [key_id]
     assert "key" not in shown["keys"][0]  # the secret is never shown again
     listed = admin(gateway, "GET", "/admin/tenants").json()["tenants"]
-    assert any(t["id"] == tenant_id and t["in_flight"] == 0 for t in listed)
+    [listed_here] = [t for t in listed if t["id"] == tenant_id]
+    assert listed_here["in_flight"] == 0
+    assert listed_here["gpu_seconds_this_period"] == pytest.approx(2.5)
     records = admin(gateway, "GET", f"/admin/usage?tenant={tenant_id}").json()["records"]
     assert [r["gpu_seconds"] for r in records] == [2.5]
 
