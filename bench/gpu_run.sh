@@ -50,13 +50,15 @@ fi
 echo "== gpuhost Stable Diffusion engine (SD 1.5 architecture, 512x512, 25 steps)"
 # compiled with NHWC weights (the workers' default on a GPU), uncompiled (the default before),
 # compiled with NCHW weights, uncompiled with NHWC weights (what a batch the compiled graph does
-# not cover costs; GPUHOST_SD_VARIANTS picks some of these)
+# not cover costs); GPUHOST_SD_VARIANTS picks some of these or the LoRA ones below
 for variant in ${GPUHOST_SD_VARIANTS:-compiled uncompiled compiled-nchw uncompiled-nhwc}; do
   case $variant in
     compiled) flags="--rounds 2" ;;
     uncompiled) flags="--no-compile" ;;
     compiled-nchw) flags="--no-channels-last" ;;
     uncompiled-nhwc) flags="--no-compile --channels-last" ;;
+    compiled-lora) flags="--lora" ;;  # every request with an adapter (fused, compiled)
+    uncompiled-lora) flags="--no-compile --lora" ;;  # the same as layers, uncompiled
   esac
   name=$variant
   echo "-- $name"

@@ -88,7 +88,7 @@ def build_sd15(out: Path) -> Path:
     return out
 
 
-def job(size: int, steps: int, seed: int) -> ImageJob:
+def job(size: int, steps: int, seed: int, adapter: dict | None = None) -> ImageJob:
     return ImageJob(
         request_id=uuid.uuid4().hex,
         tenant_id=uuid.uuid4(),
@@ -104,15 +104,18 @@ def job(size: int, steps: int, seed: int) -> ImageJob:
         seed=seed,
         n=1,
         enqueued_at=time.time(),
+        **(adapter or {}),
     )
 
 
-def run(engine: DiffusionEngine, concurrent: int, size: int, steps: int) -> dict:
+def run(
+    engine: DiffusionEngine, concurrent: int, size: int, steps: int, adapter: dict | None = None
+) -> dict:
     results = [None] * concurrent
     busy = engine.meter.busy_seconds
 
     def one(i: int) -> None:
-        results[i] = engine.render(job(size, steps, i), Sink())
+        results[i] = engine.render(job(size, steps, i, adapter), Sink())
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrent)]
     started = time.perf_counter()
@@ -175,6 +178,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="times to run the 1, 4, 8 sequence (default 1)"
     )
+    parser.add_argument(
+        "--lora", action="store_true", help="every request with a random LoRA adapter"
+    )
     parser.add_argument("--save", type=Path, help="write the image of seed 0, alone, here (PNG)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -185,6 +191,15 @@ def main() -> None:
             from workers.tiny import make_stable_diffusion
 
             model = make_stable_diffusion(Path(scratch) / "stable-diffusion")
+        storage, adapter = None, None
+        if args.lora:
+            from storage import Storage, tenant_key
+            from workers.tiny import make_lora_adapter
+
+            storage = Storage(str(Path(scratch) / "storage"))
+            key = tenant_key(uuid.uuid4(), "adapters", "random.safetensors")
+            storage.put(key, make_lora_adapter(model))
+            adapter = {"lora": "random", "lora_key": key}
         engine = DiffusionEngine(
             "sd",
             model,
@@ -196,6 +211,7 @@ def main() -> None:
             warm_sizes=((args.size, args.size),) if args.warm else (),
             compiled=args.compile,
             channels_last=args.channels_last,
+            storage=storage,
         )
         variant = {
             "cudnn_attention": args.cudnn_attention,
@@ -203,19 +219,20 @@ def main() -> None:
             "warm": args.warm,
             "compiled": engine.compiled,
             "channels_last": engine.channels_last,
+            "lora": args.lora,
         }
         print(json.dumps({"load_seconds": round(engine.load_seconds, 1), **variant}), flush=True)
         try:
-            run(engine, 1, args.size, 2)  # warm-up
+            run(engine, 1, args.size, 2, adapter)  # warm-up
             for round_ in range(1, args.rounds + 1):
                 for concurrent in (1, 4, 8):
                     # The first batch of a shape pays for loading its kernels; a serving
                     # engine runs the same few shapes all day, so the second is the one to quote.
                     for pass_ in ("first", "again"):
-                        result = run(engine, concurrent, args.size, args.steps)
+                        result = run(engine, concurrent, args.size, args.steps, adapter)
                         print(json.dumps({"round": round_, "pass": pass_, **result}), flush=True)
             if args.save:
-                alone = engine.render(job(args.size, args.steps, 0), Sink())
+                alone = engine.render(job(args.size, args.steps, 0, adapter), Sink())
                 args.save.write_bytes(base64.b64decode(alone.images[0]))
             if args.device.startswith("cuda"):
                 import torch

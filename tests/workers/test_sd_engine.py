@@ -2,24 +2,19 @@
 
 import base64
 import io
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from storage import Storage, tenant_key
 from workers.contract import ImageJob, WorkerStatus
 from workers.engines.diffusion import DiffusionEngine
+from workers.tiny import make_lora_adapter
 
 
 class Sink:
@@ -113,25 +108,6 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def random_adapter(model: Path) -> bytes:
-    """A LoRA adapter file for the model's UNet, its weights random (an untrained adapter's
-    second matrices are zero, and would change nothing)."""
-    unet = StableDiffusionPipeline.from_pretrained(model).unet
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    unet.add_adapter(config, adapter_name="random")
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, weight in unet.named_parameters():
-            if "lora_" in name:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="random"))
-    with tempfile.TemporaryDirectory() as directory:
-        StableDiffusionPipeline.save_lora_weights(
-            directory, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
-        )
-        return (Path(directory) / "pytorch_lora_weights.safetensors").read_bytes()
-
-
 def pixels(png: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.int16)
 
@@ -140,14 +116,15 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
     models_dir, tmp_path
 ):
     """The worker's GPU default, run here on the CPU: the UNet compiled at load for the warm
-    size. Batches of that size (any batch size, any scheduler) take the compiled graph; a
-    size not warmed and an adapter run eagerly; after the adapter the UNet is the compiled
-    one again. Every image is the uncompiled engine's, to within rounding, and no request
-    compiles anything."""
+    size. Batches of that size (any batch size, any scheduler, an adapter fused into the
+    weights at either weight) take the compiled graph, a size not warmed runs eagerly, and
+    after the adapter the weights are the model's again. Every image is the uncompiled
+    engine's (adapters as layers there), to within rounding, and no request compiles
+    anything."""
     model = models_dir / "stable-diffusion"
     storage = Storage(str(tmp_path / "storage"))
     key = tenant_key(uuid.uuid4(), "adapters", "random.safetensors")
-    storage.put(key, random_adapter(model))
+    storage.put(key, make_lora_adapter(model))
     adapted = {"lora": "random", "lora_key": key}
     torch._dynamo.reset()  # as in a fresh worker: no graph compiled by an earlier test
     before = graphs_compiled()
@@ -157,7 +134,8 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
         job(1).model_copy(update={"scheduler": "dpmpp_2m"}),
         job(2).model_copy(update={"width": 32, "height": 32}),  # not warmed
         job(3).model_copy(update=adapted),
-        job(3),  # the adapter unloaded, compiled again
+        job(3).model_copy(update=adapted | {"lora_weight": 0.5}),
+        job(3),  # the adapter's weights taken out again
     ]
     engines = [
         DiffusionEngine("sd", model, device="cpu", max_batch_images=2, storage=storage),
@@ -186,7 +164,7 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
             singles = [engine.render(j, Sink()) for j in jobs]
             drawn[name] = [pixels(r.images[0]) for r in pair + singles]
         assert max(r.batch_images for r in pair) == 2
-        assert compiled.adapters.loaded() == []  # the last job needed none
+        assert compiled.adapters.fused is None  # the last job needed none
         assert graphs_compiled() == at_load  # nothing compiled for a request
     finally:
         for engine in engines:
@@ -194,8 +172,9 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
     for mine, theirs in zip(drawn["compiled"], drawn["eager"], strict=True):
         assert mine.shape == theirs.shape
         assert np.abs(mine - theirs).max() <= 1  # float rounding, not another image
-    # the adapter did change the image: it was applied, not skipped by the compiled graph
-    assert np.abs(drawn["compiled"][4] - drawn["compiled"][5]).mean() > 0.5
+    # the adapter did change the image, by its weight: applied, not skipped
+    plain, full, half = drawn["compiled"][6], drawn["compiled"][4], drawn["compiled"][5]
+    assert np.abs(full - plain).mean() > np.abs(half - plain).mean() > 0.5
 
 
 def test_a_unet_that_fails_to_compile_runs_uncompiled(models_dir, monkeypatch, caplog):

@@ -8,7 +8,8 @@ gives the same image alone or in a batch. The batch's device time is split among
 by their share of the work, steps x pixels per image (`workers.metering`).
 
 On a GPU the UNet is compiled at load for the sizes the worker warms (`unet_compile`): a batch
-of such a size runs the compiled graph, any other batch the eager UNet.
+of such a size runs the compiled graph (an adapter fused into the weights, `sd_adapters`), any
+other batch the eager UNet.
 """
 
 import logging

@@ -4,9 +4,10 @@ worker warms.
 Compiling takes a minute or more on a GPU host, so it happens only while the worker loads
 (never billed), and a request only ever uses what was compiled then: each batch runs under the
 compiler's `eager_on_recompile` stance, so a batch the compiled graph does not cover (a size
-not warmed, an adapter's layers on the UNet) runs eagerly, as it would uncompiled, instead of
-compiling on a tenant's time. The guards that decide this are the compiler's own: a graph is
-used only where it computes what the eager UNet would.
+not warmed, say) runs eagerly, as it would uncompiled, instead of compiling on a tenant's
+time. The guards that decide this are the compiler's own: a graph is used only where it
+computes what the eager UNet would. (LoRA adapters are fused into the weights rather than
+added as layers, `sd_adapters`, so that the graph covers their batches too.)
 """
 
 import contextlib
@@ -18,7 +19,8 @@ from diffusers import UNet2DConditionModel
 def compile_unet(unet: UNet2DConditionModel) -> None:
     """Compile `unet`'s forward in place: the pipelines that share the module share the
     compiled code, and adapters are still loaded into (and unloaded from) the module itself.
-    Nothing is compiled until the first call."""
+    Nothing is compiled until the first call; the weights are the graph's inputs, so changed
+    values (a fused adapter) need no new graph."""
     compiled = torch.compile(unet.forward)
 
     def forward(sample: torch.Tensor, timestep, *args, **kwargs):
