@@ -210,17 +210,16 @@ class Trainer:
                     return TrainResult(None, done, losses)
         finally:
             unet.eval()
-        return TrainResult(self._adapter_file(config), params.steps, losses)
+        return TrainResult(adapter_file(self.pipe.unet, config, ADAPTER), params.steps, losses)
 
-    def _adapter_file(self, config: LoraConfig) -> bytes:
-        """The adapter in diffusers' LoRA format (what `load_lora_weights` reads)."""
-        layers = convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER)
+
+def adapter_file(unet: torch.nn.Module, config: LoraConfig, name: str) -> bytes:
+    """The UNet's adapter `name` in diffusers' LoRA format (what `load_lora_weights` reads)."""
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
+    with tempfile.TemporaryDirectory() as directory:
+        StableDiffusionPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=config.to_dict(),
         )
-        with tempfile.TemporaryDirectory() as directory:
-            StableDiffusionPipeline.save_lora_weights(
-                directory,
-                unet_lora_layers=layers,
-                unet_lora_adapter_metadata=config.to_dict(),
-            )
-            return (Path(directory) / "pytorch_lora_weights.safetensors").read_bytes()
+        return (Path(directory) / "pytorch_lora_weights.safetensors").read_bytes()

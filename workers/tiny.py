@@ -258,30 +258,23 @@ def make_stable_diffusion(out: Path, seed: int = 0) -> Path:
 
 def make_lora_adapter(model: Path, seed: int = 7, scale: float = 0.1) -> bytes:
     """A LoRA adapter file (diffusers' safetensors format, what fine-tuning writes) for the
-    attention of the Stable Diffusion model's UNet, its weights random: an untrained adapter's
-    second matrices are zero and would change nothing."""
-    import tempfile
-
+    layers of the Stable Diffusion model's UNet that fine-tuning adapts, its weights random: an
+    untrained adapter's second matrices are zero and would change nothing."""
     import torch
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+
+    from tuning.trainer import TARGETS, adapter_file
 
     unet = StableDiffusionPipeline.from_pretrained(model).unet
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS)
     unet.add_adapter(config, adapter_name="random")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, weight in unet.named_parameters():
             if "lora_" in name:
                 weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="random"))
-    with tempfile.TemporaryDirectory() as directory:
-        StableDiffusionPipeline.save_lora_weights(
-            directory, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
-        )
-        return (Path(directory) / "pytorch_lora_weights.safetensors").read_bytes()
+    return adapter_file(unet, config, "random")
 
 
 def make_all(directory: Path, llava_name: str, sd_name: str) -> dict[str, Path]:

@@ -73,7 +73,6 @@ class DiffusionEngine:
         self.max_batch_images = max_batch_images
         # An idle engine given a request waits this long for others of its shape to join it.
         self.batch_window_seconds = batch_window_seconds
-        self.storage = storage
         started = time.perf_counter()
         log.info("loading %s from %s on %s", model_name, path, self.device)
         text = StableDiffusionPipeline.from_pretrained(path, dtype=self.dtype)
@@ -171,7 +170,7 @@ class DiffusionEngine:
     # -- the calling (Celery task) thread ------------------------------------------------------
 
     def render(self, job: ImageJob, sink: ProgressSink) -> Rendering:
-        if job.lora is not None and (self.storage is None or job.lora_key is None):
+        if job.lora is not None and (self.adapters.storage is None or job.lora_key is None):
             raise InvalidRequest(f"LoRA adapter '{job.lora}' not found")
         image = decode_image(job.image, "RGB") if job.image else None
         mask = decode_image(job.mask, "L") if job.mask else None

@@ -36,9 +36,6 @@ class Adapters:
         self.fused: tuple[str, float] | None = None  # the adapter and weight in the UNet's weights
         self._originals: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
 
-    def loaded(self) -> list[str]:
-        return list(self._loaded)
-
     def use(self, job: ImageJob) -> None:
         """Put the job's adapter (or none) on the UNet (the engine has checked that a job
         naming one has its storage key)."""
