@@ -23,17 +23,20 @@ KUBERNETES = ["1.30.0", kubernetes_validate.latest_version()]
 CUSTOM_RESOURCES = {"ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
 
 
-def render(values: dict) -> list[dict]:
+def render_files(values: dict) -> dict[str, list[dict]]:
+    """Each template's rendered manifests, by the template's file name."""
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(values)
         files = chart.render(values, name="gpuhost", namespace="gpuhost", is_install=True)
-    return [
-        doc
+    return {
+        Path(path).name: [doc for doc in yaml.safe_load_all(text) if doc]
         for path, text in files.items()
         if path.endswith(".yaml")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
+    }
+
+
+def render(values: dict) -> list[dict]:
+    return [doc for docs in render_files(values).values() for doc in docs]
 
 
 def of_kind(docs: list[dict], kind: str) -> list[dict]:
@@ -72,6 +75,20 @@ def test_every_manifest_is_valid_kubernetes(case, version):
         kubernetes_validate.validate(doc, version, strict=True)
         checked += 1
     assert checked >= 12
+
+
+@pytest.mark.parametrize("values", [DEFAULTS, GPU_EXAMPLE], ids=["defaults", "gpu-cluster"])
+def test_one_kind_of_resource_per_template_named_kind_component(values):
+    """STYLE.md: one resource per template, `<kind>-<component>.yaml` (a template that ranges
+    over the workers renders one of its kind per worker)."""
+    rendered = render_files(values)
+    assert len(rendered) >= 15
+    for name, docs in rendered.items():
+        kinds = {doc["kind"] for doc in docs}
+        assert len(kinds) <= 1, f"{name} renders {sorted(kinds)}"
+        if kinds:
+            kind = kinds.pop().lower()
+            assert name.startswith(f"{kind}-"), f"{name} holds a {kind}"
 
 
 def test_workers_get_their_gpus_and_time_to_load(case):
