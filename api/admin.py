@@ -12,15 +12,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from api.deps import StateDep
+from api.deps import SessionDep, StateDep
 from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from api.state import AppState
 from billing import operator, tenants, usage
 from billing.keys import well_formed
-from billing.models import ApiKey, AuditEntry, Tenant
+from billing.models import ApiKey, Tenant
 from billing.plans import period_of
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -54,15 +53,23 @@ def who(request: Request, actor: str) -> tuple[str, str | None]:
     return actor, _client(request)
 
 
-async def _run(state: AppState, work):
-    """Run `work(session)` (billing's synchronous admin functions) in one transaction."""
+async def _run(session: AsyncSession, work):
+    """Run `work(session)` (billing's synchronous admin functions) in the request's
+    transaction, its refusals as HTTP errors."""
+    try:
+        return await session.run_sync(work)
+    except tenants.NotFound as exc:
+        raise NotFound(str(exc)) from None
+    except tenants.InvalidArgument as exc:
+        raise BadRequest(str(exc)) from None
+
+
+async def _run_committed(state, work):
+    """`_run` in a transaction of its own, committed when this returns: for a change whose
+    caches must be dropped only once it is committed (else a request in between caches the
+    old state again)."""
     async with state.sessions() as session, session.begin():
-        try:
-            return await session.run_sync(work)
-        except tenants.NotFound as exc:
-            raise NotFound(str(exc)) from None
-        except tenants.InvalidArgument as exc:
-            raise BadRequest(str(exc)) from None
+        return await _run(session, work)
 
 
 def _tenant_json(tenant: Tenant, used: float | None = None, in_flight: int | None = None):
@@ -115,12 +122,11 @@ class KeyCreate(BaseModel):
 
 
 @router.get("/tenants")
-async def list_tenants(state: StateDep, actor: Actor) -> dict:
+async def list_tenants(state: StateDep, session: SessionDep, actor: Actor) -> dict:
     """Every tenant with its tier, GPU-seconds this billing period and requests in flight."""
     period = period_of(datetime.now(UTC))
-    async with state.sessions() as session:
-        used = await usage.used_by_tenant(session, period)
-        rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
+    used = await usage.used_by_tenant(session, period)
+    rows = await tenants.all_tenants(session)
     return {
         "period_start": period.start,
         "period_end": period.end,
@@ -135,7 +141,7 @@ async def list_tenants(state: StateDep, actor: Actor) -> dict:
 
 @router.post("/tenants", status_code=201)
 async def create_tenant(
-    body: TenantCreate, request: Request, state: StateDep, actor: Actor
+    body: TenantCreate, request: Request, state: StateDep, session: SessionDep, actor: Actor
 ) -> dict:
     def work(session: Session):
         tenant = operator.create_tenant(
@@ -145,19 +151,17 @@ async def create_tenant(
         session.refresh(tenant)
         return _tenant_json(tenant)
 
-    return await _run(state, work)
+    return await _run(session, work)
 
 
 @router.get("/tenants/{tenant_id}")
-async def get_tenant(tenant_id: str, state: StateDep, actor: Actor) -> dict:
+async def get_tenant(tenant_id: str, state: StateDep, session: SessionDep, actor: Actor) -> dict:
     def work(session: Session):
         tenant = tenants.get_tenant(session, tenant_id)
         return tenant, [_key_json(k) for k in tenants.keys_of(session, tenant.id)]
 
-    tenant, keys = await _run(state, work)
-    period = period_of(datetime.now(UTC))
-    async with state.sessions() as session:
-        view = await usage.admission_view(session, tenant.id, period)
+    tenant, keys = await _run(session, work)
+    view = await usage.admission_view(session, tenant.id, period_of(datetime.now(UTC)))
     used = view[1] if view else 0.0
     return _tenant_json(tenant, used, await state.admission.in_flight(tenant.id)) | {
         "limit": state.settings.tier_limits.get(tenant.tier),
@@ -179,23 +183,23 @@ async def update_tenant(
         )
         return _tenant_json(tenant)
 
-    changed = await _run(state, work)
+    changed = await _run_committed(state, work)
     state.quotas.forget(changed["id"])
     return changed
 
 
 @router.get("/tenants/{tenant_id}/keys")
-async def list_keys(tenant_id: str, state: StateDep, actor: Actor) -> dict:
+async def list_keys(tenant_id: str, session: SessionDep, actor: Actor) -> dict:
     def work(session: Session):
         tenant = tenants.get_tenant(session, tenant_id)
         return {"keys": [_key_json(k) for k in tenants.keys_of(session, tenant.id)]}
 
-    return await _run(state, work)
+    return await _run(session, work)
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201)
 async def create_key(
-    tenant_id: str, body: KeyCreate, request: Request, state: StateDep, actor: Actor
+    tenant_id: str, body: KeyCreate, request: Request, session: SessionDep, actor: Actor
 ) -> dict:
     """A new key for the tenant. `key` is in this response only: it is never stored."""
     expires = (
@@ -210,7 +214,7 @@ async def create_key(
         session.refresh(row)
         return _key_json(row) | {"key": secret}
 
-    return await _run(state, work)
+    return await _run(session, work)
 
 
 @router.delete("/keys/{key_id}")
@@ -220,14 +224,14 @@ async def revoke_key(key_id: str, request: Request, state: StateDep, actor: Acto
     def work(session: Session):
         return _key_json(operator.revoke_key(session, who(request, actor), key_id))
 
-    revoked = await _run(state, work)
+    revoked = await _run_committed(state, work)
     state.key_cache.clear()  # this gateway at once; the others within their cache time
     return revoked
 
 
 @router.get("/usage")
 async def usage_records(
-    state: StateDep,
+    session: SessionDep,
     actor: Actor,
     tenant: Annotated[str, Query(description="tenant id")],
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -236,29 +240,24 @@ async def usage_records(
         found = tenants.get_tenant(session, tenant)
         return [usage.to_dict(r) for r in usage.for_tenant(session, found.id, limit)]
 
-    return {"tenant_id": tenant, "records": await _run(state, work)}
+    return {"tenant_id": tenant, "records": await _run(session, work)}
 
 
 @router.get("/outbox")
-async def outbox(state: StateDep, actor: Actor) -> dict:
+async def outbox(session: SessionDep, actor: Actor) -> dict:
     """How far usage lags on its way to Stripe."""
-    async with state.sessions() as session:
-        unsent, lag = await usage.outbox_backlog(session)
+    unsent, lag = await usage.outbox_backlog(session)
     return {"unsent": unsent, "oldest_unsent_seconds": round(lag, 3)}
 
 
 @router.get("/audit")
 async def audit_log(
-    state: StateDep,
+    session: SessionDep,
     actor: Actor,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     target: Annotated[str | None, Query(description="only entries about this id")] = None,
 ) -> dict:
-    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
-    if target:
-        query = query.where(AuditEntry.target == target)
-    async with state.sessions() as session:
-        rows = (await session.scalars(query)).all()
+    rows = await operator.audit_entries(session, limit, target)
     return {
         "entries": [
             {

@@ -18,30 +18,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api.errors import TooManyRequests, Unavailable
-from workers.contract import LEASE_RENEW as RENEW
-from workers.contract import slots_key
+from workers.keyspace import SLOT_ACQUIRE, SLOT_RENEW, slots_key
 
 log = logging.getLogger(__name__)
-
-# KEYS: the tenant's slots[, a record to write if granted]. ARGV: limit, TTL (ms), holder[,
-# the record's value, its TTL (s)].
-ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = redis.call('ZCARD', KEYS[1])
-if held >= limit then
-  return {0, held}
-end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl)
-if KEYS[2] then
-  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
-end
-return {1, held + 1}
-"""
 
 
 @dataclass(frozen=True)
@@ -62,8 +41,8 @@ class Admission:
         self._limits = limits
         self._ttl_ms = int(ttl_seconds * 1000)
         self._retry_after = retry_after_seconds
-        self._acquire = client.register_script(ACQUIRE)
-        self._renew = client.register_script(RENEW)
+        self._acquire = client.register_script(SLOT_ACQUIRE)
+        self._renew = client.register_script(SLOT_RENEW)
 
     def limit(self, tier: str) -> int:
         return self._limits.get(tier, 0)

@@ -10,16 +10,17 @@ from api import (
     errors,
     fine_tuning,
     health,
-    job_scheduler,
-    jobs,
+    job_webhooks,
     metrics,
-    stripe_webhook,
+    resume,
+    stripe_events,
     usage,
-    webhooks,
 )
-from api.batch_runner import BatchRunner
+from api.jobs.batch_runner import BatchRunner
+from api.jobs.scheduler import Scheduler
 from api.limits import BodyLimit
 from api.ollama.router import router as ollama_router
+from api.openai.images import router as openai_images_router
 from api.openai.router import router as openai_router
 from api.sd.router import router as sd_router
 from api.settings import GatewaySettings
@@ -31,7 +32,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     observed = metrics.GatewayMetrics()
     background = [
-        lambda state: job_scheduler.Scheduler(state, then=[BatchRunner]).run(),
+        lambda state: Scheduler(state, then=[BatchRunner]).run(),
         lambda state: Sender(state).run(),
     ]
     app = FastAPI(
@@ -44,13 +45,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(ollama_router)
     app.include_router(openai_router)
     app.include_router(sd_router)
-    app.include_router(jobs.router)
+    app.include_router(openai_images_router)
+    app.include_router(resume.router)
     app.include_router(async_jobs.router)
     app.include_router(fine_tuning.router)
-    app.include_router(webhooks.router)
+    app.include_router(job_webhooks.router)
     app.include_router(batches.router)
     app.include_router(usage.router)
-    app.include_router(stripe_webhook.router)
+    app.include_router(stripe_events.router)
     app.include_router(admin.router)
     dashboard.install(app)
     app.add_middleware(

@@ -4,7 +4,7 @@ connection, polled (or waited on with `Prefer: wait=N`) and cancellable.
 A job is accepted whatever the tenant has in flight: over its tier's limit it waits in the
 tenant's queue instead of being refused. Every gateway runs a scheduler that takes, in turn,
 one waiting job per tenant (round robin: fair across tenants), takes a slot for it and
-enqueues it (api/job_scheduler.py); a tenant at its limit is skipped until a slot frees. A
+enqueues it (api/jobs/scheduler.py); a tenant at its limit is skipped until a slot frees. A
 submitted job's slot lease is renewed by the schedulers until its worker starts it, by the
 worker while it runs (which gives it back at the end). A job may name a webhook for its start
 and end (webhooks/). Outputs are read from the job's stream, kept for
@@ -12,7 +12,6 @@ GPUHOST_STREAM_RETENTION_SECONDS; job records as long. Tenant-scoped: another te
 a 404.
 """
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -26,57 +25,22 @@ from redis.exceptions import RedisError
 
 from api.body import json_body, openapi_body, validated
 from api.deps import InferenceKey, StateDep
-from api.dispatch import check_quota
-from api.errors import BadRequest, Conflict, NotFound, Unavailable
-from api.ollama.schemas import ImageLimits as ChatImageLimits
-from api.ollama.schemas import new_request_id
+from api.errors import BadRequest, NotFound, Unavailable
+from api.jobs import store
+from api.jobs.submit import check_quota
+from api.jobs.view import FINISHED, job_view, settled_view
 from api.openai.schemas import ChatCompletionRequest
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing
 from api.state import AppState
+from api.wire import ChatImageLimits, new_request_id
 from webhooks.targets import TargetRefused, networks, resolve
-from workers.contract import (
-    DoneChunk,
-    ErrorChunk,
-    ImagesChunk,
-    ProgressChunk,
-    TokenChunk,
-    cancel_key,
-    decode_chunk,
-    started_key,
-    stream_key,
-)
+from workers.keyspace import cancel_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-TENANTS_WAITING = "gpuhost:jobs:waiting-tenants"
-SUBMITTED = "gpuhost:jobs:submitted"  # enqueued, lease kept by the schedulers until started
-# A job's state moves on only from the state the mover expects (waiting -> submitted by a
-# scheduler, waiting -> canceled by a cancel): whichever comes first wins, the other sees so.
-MOVE = """
-if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'state', ARGV[2])
-  return 1
-end
-return 0
-"""
-HOOKED = "gpuhost:jobs:hooked"  # jobs with a webhook whose last event is not recorded yet
-
-FINISHED = ("succeeded", "failed", "canceled")
 MAX_WAIT = 60
-
-
-def record_key(job_id: str) -> str:
-    return f"gpuhost:jobs:{job_id}"
-
-
-def waiting_key(tenant_id: str) -> str:
-    return f"gpuhost:jobs:waiting:{tenant_id}"
-
-
-def index_key(tenant_id: str) -> str:
-    return f"gpuhost:jobs:by-tenant:{tenant_id}"
 
 
 class WebhookSpec(BaseModel):
@@ -95,7 +59,7 @@ class JobCreate(BaseModel):
     # chat: an OpenAI chat completion request (`stream` is ignored); images: /api/images's body
     input: dict = Field(description="the request, as /v1/chat/completions or /api/images take it")
     # Called (signed with the tenant's secret, GET /v1/webhooks/secret) when the job starts
-    # and/or completes (succeeded, failed or canceled).
+    # and/or completes (succeeded, failed or cancelled).
     webhook: WebhookSpec | None = None
 
 
@@ -106,10 +70,7 @@ async def job_spec(state: AppState, body: JobCreate, owner, job_id: str) -> tupl
         chat = validated(ChatCompletionRequest, body.input, ("input",))
         if not state.serves(chat.model):
             raise NotFound(f"The model '{chat.model}' does not exist", param="model")
-        limits = ChatImageLimits(
-            max_count=settings.max_images_per_request, max_pixels=settings.max_image_pixels
-        )
-        return chat.to_job(owner, job_id, limits, {}), chat.model
+        return chat.to_job(owner, job_id, ChatImageLimits.of(settings), {}), chat.model
     images = validated(ImagesRequest, body.input, ("input",))
     spec = await ImageServing(state).job(images, owner, job_id)
     return spec, spec.model
@@ -121,84 +82,6 @@ def _prefer_wait(prefer: str | None) -> float:
         if name.strip().lower() == "wait" and value.strip().isdigit():
             return min(float(value), MAX_WAIT)
     return 0.0
-
-
-def _ended(view: dict, chunk, entry_id: bytes) -> dict:
-    """When the job ended (its final chunk's stream time) and started (its queue time after
-    submission, as the worker measured it)."""
-    finished = int(entry_id.split(b"-")[0]) / 1000
-    started = None
-    if view["submitted_at"] is not None and not isinstance(chunk, ErrorChunk):
-        started = view["submitted_at"] + chunk.queue_seconds
-    return {"finished_at": finished, "started_at": started}
-
-
-async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
-    raw = await state.redis.hgetall(record_key(job_id))
-    record = {k.decode(): v.decode() for k, v in raw.items()}
-    if not record or record.get("tenant_id") != tenant_id:
-        raise NotFound(f"job {job_id} not found")
-    view = {
-        "id": job_id,
-        "type": record["type"],
-        "model": record["model"],
-        "created_at": float(record["created_at"]),
-        # enqueued to a worker (a slot taken), started on it, ended: unix seconds or null
-        "submitted_at": float(record["submitted_at"]) if "submitted_at" in record else None,
-        "started_at": None,
-        "finished_at": None,
-        "status": "queued",
-        "progress": None,
-        "output": None,
-        "error": None,
-        "gpu_seconds": None,
-        "queue_seconds": None,
-    }
-    if record["state"] == "canceled":
-        return view | {"status": "canceled"}
-    if record["state"] != "submitted":
-        return view
-    entries = await state.redis.xrange(stream_key(job_id))
-    text, progress = [], None
-    for entry_id, fields in entries:
-        chunk = decode_chunk(fields)
-        if isinstance(chunk, DoneChunk | ImagesChunk | ErrorChunk):
-            view |= _ended(view, chunk, entry_id)
-        if isinstance(chunk, TokenChunk):
-            text.append(chunk.text)
-        elif isinstance(chunk, ProgressChunk):
-            progress = {"step": chunk.step, "steps": chunk.steps}
-        elif isinstance(chunk, DoneChunk):
-            status = "canceled" if chunk.done_reason == "cancelled" else "succeeded"
-            usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.output_tokens}
-            return view | {
-                "status": status,
-                "output": {"text": "".join(text), "finish_reason": chunk.done_reason, **usage},
-                "gpu_seconds": chunk.gpu_seconds,
-                "queue_seconds": chunk.queue_seconds,
-            }
-        elif isinstance(chunk, ImagesChunk):
-            return view | {
-                "status": "succeeded",
-                "output": {"images": chunk.images, "seed": chunk.seed},
-                "gpu_seconds": chunk.gpu_seconds,
-                "queue_seconds": chunk.queue_seconds,
-            }
-        elif isinstance(chunk, ErrorChunk):
-            return view | {"status": "failed", "error": chunk.message}
-    started = await state.redis.exists(started_key(job_id))
-    if text:
-        progress = {"tokens": len(text)}
-    return view | {"status": "running" if started else "queued", "progress": progress}
-
-
-async def _settled(state: AppState, job_id: str, tenant_id: str, wait: float) -> dict:
-    deadline = time.monotonic() + wait
-    while True:
-        view = await job_view(state, job_id, tenant_id)
-        if view["status"] in FINISHED or time.monotonic() >= deadline:
-            return view
-        await asyncio.sleep(0.1)
 
 
 JobBody = Annotated[JobCreate, Depends(json_body(JobCreate))]
@@ -222,37 +105,25 @@ async def create(
     retention = state.settings.stream_retention_seconds
     if idempotency_key:
         job_id = hashlib.sha256(f"{tenant}:{idempotency_key}".encode()).hexdigest()[:32]
-        if not await state.redis.set(
-            f"{record_key(job_id)}:key", fingerprint, nx=True, ex=retention
-        ):
-            if await state.redis.get(f"{record_key(job_id)}:key") != fingerprint.encode():
-                raise Conflict("this Idempotency-Key was used with a different request")
+        if not await store.claim_idempotency(state.redis, job_id, fingerprint, retention):
             return await _answer(state, job_id, tenant, prefer)
     spec, model = await job_spec(state, body, owner, job_id)
     if body.webhook is not None:
         await _check_webhook(state, body.webhook.url)
+    now = time.time()
     record = {
         "tenant_id": tenant,
         "tier": owner.tier,
         "type": body.type,
         "model": model,
-        "created_at": str(time.time()),
-        "state": "waiting",
+        "created_at": str(now),
         "spec": spec.model_dump_json(),
     }
     if body.webhook is not None:
         record |= {"webhook_url": body.webhook.url, "webhook_events": ",".join(body.webhook.events)}
     try:
-        pipe = state.redis.pipeline(transaction=True)
-        pipe.hset(record_key(job_id), mapping=record)
-        pipe.expire(record_key(job_id), retention)
-        pipe.zadd(index_key(tenant), {job_id: time.time()})
-        pipe.expire(index_key(tenant), retention)
-        pipe.rpush(waiting_key(tenant), job_id)
-        pipe.sadd(TENANTS_WAITING, tenant)
-        if body.webhook is not None:
-            pipe.sadd(HOOKED, job_id)
-        await pipe.execute()
+        hooked = body.webhook is not None
+        await store.add_waiting_job(state.redis, job_id, record, retention, hooked, now)
     except RedisError as exc:
         raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
     return await _answer(state, job_id, tenant, prefer)
@@ -268,7 +139,7 @@ async def _check_webhook(state: AppState, url: str) -> None:
 
 async def _answer(state: AppState, job_id: str, tenant: str, prefer: str | None) -> JSONResponse:
     """The job as it stands once settled or after `Prefer: wait`: 200 if over, else 202."""
-    view = await _settled(state, job_id, tenant, _prefer_wait(prefer))
+    view = await settled_view(state, job_id, tenant, _prefer_wait(prefer))
     status = 200 if view["status"] in FINISHED else 202
     return JSONResponse(view, status_code=status, headers={"X-Request-Id": job_id})
 
@@ -280,7 +151,7 @@ async def get(
     state: StateDep,
     prefer: Annotated[str | None, Header()] = None,
 ) -> dict:
-    return await _settled(state, job_id, str(owner.tenant_id), _prefer_wait(prefer))
+    return await settled_view(state, job_id, str(owner.tenant_id), _prefer_wait(prefer))
 
 
 @router.get("")
@@ -289,11 +160,10 @@ async def list_jobs(
 ) -> dict:
     """The tenant's jobs, newest first."""
     tenant = str(owner.tenant_id)
-    ids = await state.redis.zrevrange(index_key(tenant), 0, limit - 1)
     views = []
-    for raw in ids:
+    for job_id in await store.tenant_job_ids(state.redis, tenant, limit):
         try:
-            views.append(await job_view(state, raw.decode(), tenant))
+            views.append(await job_view(state, job_id, tenant))
         except NotFound:  # its record expired before the index entry
             continue
     return {"jobs": views}
@@ -305,9 +175,9 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     time it ran)."""
     tenant = str(owner.tenant_id)
     await job_view(state, job_id, tenant)  # 404 unless it is this tenant's
-    if await state.redis.eval(MOVE, 1, record_key(job_id), "waiting", "canceled"):
-        await state.redis.lrem(waiting_key(tenant), 0, job_id)
+    if await store.move_job(state.redis, job_id, store.WAITING, store.CANCELLED):
+        await store.unqueue(state.redis, tenant, job_id)
     else:  # a scheduler took it first: stop it on its worker
         retention = state.settings.stream_retention_seconds
         await state.redis.set(cancel_key(job_id), "1", ex=retention)
-    return await _settled(state, job_id, tenant, 2.0)
+    return await settled_view(state, job_id, tenant, 2.0)

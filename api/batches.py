@@ -21,43 +21,19 @@ from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from api import async_jobs
+from api.async_jobs import JobCreate, job_spec
 from api.deps import InferenceKey, StateDep
-from api.dispatch import check_quota
 from api.errors import ApiError, BadRequest, Conflict, NotFound
-from api.ollama.schemas import new_request_id
+from api.jobs import store
+from api.jobs.batch_runner import ENDED, stored
+from api.jobs.submit import check_quota
 from api.state import AppState
-from storage import tenant_key
+from api.wire import new_request_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-ACTIVE = "gpuhost:batches:active"
-EXPIRING = "gpuhost:batches:expiring"  # ended batches' storage folders, by when they go
 URLS = {"/v1/chat/completions": "chat", "/api/images": "images"}
-ENDED = ("completed", "canceled")
-
-
-def batch_key(batch_id: str) -> str:
-    return f"gpuhost:batches:{batch_id}"
-
-
-def running_key(batch_id: str) -> str:
-    return f"gpuhost:batches:{batch_id}:running"  # line job id -> line index
-
-
-def index_key(tenant_id: str) -> str:
-    return f"gpuhost:batches:by-tenant:{tenant_id}"
-
-
-def stored(tenant: str, batch_id: str, *parts: str) -> str:
-    """A batch's folder in storage, or a file in it."""
-    return tenant_key(tenant, "batches", batch_id, *parts)
-
-
-def line_key(tenant: str, batch_id: str, index: int) -> str:
-    """Where one line's result is kept until the output is written."""
-    return stored(tenant, batch_id, "lines", f"{index:08d}.json")
 
 
 def _error_text(exc: Exception) -> str:
@@ -95,8 +71,8 @@ async def _check_line(state: AppState, owner, number: int, raw: str) -> tuple[st
         kind, body = line.get("type"), line.get("input")
     if kind not in ("chat", "images") or not isinstance(body, dict):
         raise BadRequest("a line needs 'type' (chat or images) and 'input' (an object)")
-    create = async_jobs.JobCreate(type=kind, input=body)
-    spec, model = await async_jobs.job_spec(state, create, owner, f"line-{number}")
+    create = JobCreate(type=kind, input=body)
+    spec, model = await job_spec(state, create, owner, f"line-{number}")
     return custom_id, {"type": kind, "model": model, "spec": spec.model_dump(mode="json")}
 
 
@@ -115,14 +91,6 @@ def _view(batch_id: str, record: dict) -> dict:
         },
         "output_url": f"/v1/batches/{batch_id}/output" if status in ENDED else None,
     }
-
-
-async def _record(state: AppState, batch_id: str, tenant: str) -> dict:
-    raw = await state.redis.hgetall(batch_key(batch_id))
-    record = {k.decode(): v.decode() for k, v in raw.items()}
-    if not record or record["tenant_id"] != tenant:
-        raise NotFound(f"batch {batch_id} not found")
-    return record
 
 
 @router.post("", status_code=201)
@@ -171,11 +139,7 @@ async def create(
         # promised at creation: whichever gateway ends the batch keeps it this long
         "retention": str(state.settings.batch_retention_seconds),
     }
-    pipe = state.redis.pipeline(transaction=True)
-    pipe.hset(batch_key(batch_id), mapping=record)
-    pipe.zadd(index_key(tenant), {batch_id: time.time()})
-    pipe.sadd(ACTIVE, batch_id)
-    await pipe.execute()
+    await store.add_batch(state.redis, batch_id, record, time.time())
     return JSONResponse(_view(batch_id, record), status_code=201)
 
 
@@ -185,9 +149,9 @@ async def list_batches(
 ) -> dict:
     tenant = str(owner.tenant_id)
     views = []
-    for raw in await state.redis.zrevrange(index_key(tenant), 0, limit - 1):
+    for batch_id in await store.tenant_batch_ids(state.redis, tenant, limit):
         try:
-            views.append(_view(raw.decode(), await _record(state, raw.decode(), tenant)))
+            views.append(_view(batch_id, await store.batch_record(state.redis, batch_id, tenant)))
         except NotFound:  # expired
             continue
     return {"object": "list", "data": views}
@@ -195,18 +159,18 @@ async def list_batches(
 
 @router.get("/{batch_id}")
 async def get(batch_id: str, owner: InferenceKey, state: StateDep) -> dict:
-    return _view(batch_id, await _record(state, batch_id, str(owner.tenant_id)))
+    return _view(batch_id, await store.batch_record(state.redis, batch_id, str(owner.tenant_id)))
 
 
 @router.post("/{batch_id}/cancel")
 async def cancel(batch_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """Lines not started never run; running ones are cancelled (billed for what they ran).
-    The batch ends `canceled`, its output holding every line's result so far."""
+    The batch ends `cancelled`, its output holding every line's result so far."""
     tenant = str(owner.tenant_id)
-    record = await _record(state, batch_id, tenant)
+    record = await store.batch_record(state.redis, batch_id, tenant)
     if record["status"] == "in_progress":
-        await state.redis.hset(batch_key(batch_id), "status", "canceling")
-        record["status"] = "canceling"
+        await store.cancel_batch(state.redis, batch_id)
+        record["status"] = "cancelling"
     return _view(batch_id, record)
 
 
@@ -215,7 +179,7 @@ async def output(batch_id: str, owner: InferenceKey, state: StateDep) -> Respons
     """One JSON line per input line, in input order: `custom_id`, and `response`
     (`status_code`, `body`) or `error`."""
     tenant = str(owner.tenant_id)
-    record = await _record(state, batch_id, tenant)
+    record = await store.batch_record(state.redis, batch_id, tenant)
     if record["status"] not in ENDED:
         raise Conflict(f"batch {batch_id} is {record['status']}; its output comes when it ends")
     key = stored(tenant, batch_id, "output.jsonl")

@@ -1,9 +1,11 @@
 """FastAPI dependencies, as Annotated aliases."""
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.errors import Forbidden, Unauthorized, Unavailable
 from api.state import AppState
@@ -16,6 +18,18 @@ async def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def db_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    """The request's database session: one transaction, committed when the route returns and
+    before its response is sent (scope "function"), rolled back if it raises. It takes a
+    connection only at its first statement. A route whose work must follow the commit
+    (deleting a file, enqueueing a task) opens its own transaction instead and says so."""
+    async with state.sessions() as session, session.begin():
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(db_session, scope="function")]
 
 
 async def authenticate(request: Request, state: StateDep) -> KeyOwner:

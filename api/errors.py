@@ -3,7 +3,12 @@
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as db
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# The database is away (refused, dropped, the pool exhausted): 503, whichever route noticed.
+DATABASE_AWAY = (db.OperationalError, db.InterfaceError, db.TimeoutError)
+DATABASE_AWAY_MESSAGE = "the database is unavailable; try again shortly"
 
 
 class ApiError(Exception):
@@ -150,6 +155,16 @@ def install(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = _describe_validation(exc)
         return _render(request, 400, message, param=_first_field(exc), code="invalid_request")
+
+    async def database_away(request: Request, exc: Exception) -> JSONResponse:
+        outage = isinstance(exc, DATABASE_AWAY) or getattr(exc, "connection_invalidated", False)
+        if not outage:
+            raise exc  # a bug, not an outage: the server error it is
+        headers = {"Retry-After": "1"}
+        return _render(request, 503, DATABASE_AWAY_MESSAGE, headers, code="unavailable")
+
+    for kind in (*DATABASE_AWAY, db.DBAPIError):
+        app.add_exception_handler(kind, database_away)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

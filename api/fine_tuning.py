@@ -15,12 +15,13 @@ import anyio
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import InferenceKey, StateDep
-from api.dispatch import check_quota
+from api.deps import InferenceKey, SessionDep, StateDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
+from api.jobs.submit import check_quota
 from api.sd.serving import ImageServing
-from api.state import AppState
+from billing.tenants import KeyOwner
 from storage import tenant_key
 from tuning import dataset
 from tuning import service as tuning
@@ -182,26 +183,25 @@ async def create(
 
 @router.get(JOBS)
 async def list_jobs(
-    owner: InferenceKey, state: StateDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    owner: InferenceKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict:
-    async with state.sessions() as session:
-        jobs = await tuning.list_for(session, owner.tenant_id, limit)
+    jobs = await tuning.list_for(session, owner.tenant_id, limit)
     return {"object": "list", "data": [job_view(job) for job in jobs]}
 
 
 @router.get(JOBS + "/{job_id}")
-async def get(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
-    async with state.sessions() as session:
-        job = await tuning.get(session, owner.tenant_id, job_id)
-        if job is None:
-            raise NotFound(f"fine-tuning job {job_id} not found")
-        return job_view(job, await tuning.segments(session, job_id))
+async def get(job_id: str, owner: InferenceKey, session: SessionDep) -> dict:
+    job = await tuning.get(session, owner.tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"fine-tuning job {job_id} not found")
+    return job_view(job, await tuning.segments(session, job_id))
 
 
 @router.post(JOBS + "/{job_id}/cancel")
 async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """A queued job never runs; a running one stops at its next step and is billed for the
-    steps it ran. A finished job is left as it is."""
+    steps it ran. A finished job is left as it is. (Its own transaction: the dataset goes only
+    once the cancellation is committed.)"""
     async with state.sessions() as session, session.begin():
         job = await tuning.get(session, owner.tenant_id, job_id)
         if job is None:
@@ -215,29 +215,29 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
 
 
 @router.get("/v1/adapters")
-async def list_adapters(owner: InferenceKey, state: StateDep) -> dict:
-    async with state.sessions() as session:
-        adapters = await tuning.list_adapters(session, owner.tenant_id)
+async def list_adapters(owner: InferenceKey, session: SessionDep) -> dict:
+    adapters = await tuning.list_adapters(session, owner.tenant_id)
     return {"object": "list", "data": [adapter_view(a) for a in adapters]}
 
 
-async def _adapter(state: AppState, owner, adapter_id: str) -> Adapter:
-    async with state.sessions() as session:
-        adapter = await tuning.get_adapter(session, owner.tenant_id, adapter_id)
+async def _adapter(session: AsyncSession, owner: KeyOwner, adapter_id: str) -> Adapter:
+    adapter = await tuning.get_adapter(session, owner.tenant_id, adapter_id)
     if adapter is None:
         raise NotFound(f"adapter {adapter_id} not found")
     return adapter
 
 
 @router.get("/v1/adapters/{adapter_id}")
-async def get_adapter(adapter_id: str, owner: InferenceKey, state: StateDep) -> dict:
-    return adapter_view(await _adapter(state, owner, adapter_id))
+async def get_adapter(adapter_id: str, owner: InferenceKey, session: SessionDep) -> dict:
+    return adapter_view(await _adapter(session, owner, adapter_id))
 
 
 @router.get("/v1/adapters/{adapter_id}/content")
-async def adapter_content(adapter_id: str, owner: InferenceKey, state: StateDep) -> Response:
+async def adapter_content(
+    adapter_id: str, owner: InferenceKey, state: StateDep, session: SessionDep
+) -> Response:
     """The adapter's weights: diffusers' LoRA format (safetensors), loadable elsewhere too."""
-    adapter = await _adapter(state, owner, adapter_id)
+    adapter = await _adapter(session, owner, adapter_id)
     data = await anyio.to_thread.run_sync(state.storage.get, adapter.key)
     return Response(
         data,
@@ -248,6 +248,7 @@ async def adapter_content(adapter_id: str, owner: InferenceKey, state: StateDep)
 
 @router.delete("/v1/adapters/{adapter_id}")
 async def delete_adapter(adapter_id: str, owner: InferenceKey, state: StateDep) -> dict:
+    """(Its own transaction: the file goes only once the adapter's row is gone.)"""
     async with state.sessions() as session, session.begin():
         adapter = await tuning.get_adapter(session, owner.tenant_id, adapter_id)
         if adapter is None:

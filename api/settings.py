@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.settings import ModelSettings
 
@@ -67,17 +66,3 @@ class GatewaySettings(ModelSettings):
     # /api/jobs/{id}/stream); after it, with no one reading, the request is cancelled and its
     # slot freed. The time it ran on is billed. 0: cancel at once.
     resume_grace_seconds: float = 5.0
-
-
-class ClientSettings(BaseSettings):
-    """The `gpuhost run / ps / list / usage` client: which server, with which key."""
-
-    model_config = SettingsConfigDict(env_prefix="GPUHOST_", env_file=".env", extra="ignore")
-
-    host: str = "http://127.0.0.1:8080"
-    api_key: str = ""
-    timeout_seconds: float = 600.0
-
-    def base_url(self) -> str:
-        host = self.host if "://" in self.host else f"http://{self.host}"
-        return host.rstrip("/")

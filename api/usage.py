@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import StateDep, require
+from api.deps import SessionDep, StateDep, require
 from api.errors import Forbidden
 from billing import usage
 from billing.plans import Balance, period_of
@@ -26,11 +26,10 @@ RANGES = {
 
 @router.get("/api/usage/requests")
 async def requests(
-    owner: UsageKey, state: StateDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    owner: UsageKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50
 ) -> dict:
     """This tenant's most recent requests with what each cost, newest first."""
-    async with state.sessions() as session:
-        rows = await usage.recent(session, owner.tenant_id, limit)
+    rows = await usage.recent(session, owner.tenant_id, limit)
     records = [usage.to_dict(row) for row in rows]
     return {
         "requests": records,
@@ -42,14 +41,14 @@ async def requests(
 async def summary(
     owner: UsageKey,
     state: StateDep,
+    session: SessionDep,
     range: Annotated[Literal["24h", "7d", "30d"], Query()] = "24h",  # noqa: A002 (API name)
 ) -> dict:
     """Totals and hourly (24h) or daily (7d, 30d) buckets: GPU-seconds, requests, tokens,
     images, and their cost at the plan's per-GPU-second price."""
     span, unit = RANGES[range]
     since = datetime.now(UTC) - span
-    async with state.sessions() as session:
-        rows = await usage.buckets(session, owner.tenant_id, since, unit)
+    rows = await usage.buckets(session, owner.tenant_id, since, unit)
     plan = state.settings.plans.get(owner.tier)
     price = plan.overage_usd_per_gpu_second if plan and plan.overage_usd_per_gpu_second else 0
     for row in rows:
@@ -70,12 +69,10 @@ async def summary(
 
 
 @router.get("/api/balance")
-async def balance(owner: UsageKey, state: StateDep) -> dict:
+async def balance(owner: UsageKey, state: StateDep, session: SessionDep) -> dict:
     """This billing period: the plan's allowance, what is used, what remains, when it renews."""
     period = period_of(datetime.now(UTC))
-    async with state.sessions() as session:
-        view = await usage.admission_view(session, owner.tenant_id, period)
-    tier, used = view
+    tier, used = await usage.admission_view(session, owner.tenant_id, period)
     plan = state.settings.plans.get(tier)
     if plan is None:
         raise Forbidden(f"tier '{tier}' has no plan on this server")

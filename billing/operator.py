@@ -4,6 +4,8 @@ transaction: the one place the admin API and the dashboard's operator pages make
 import uuid
 from datetime import datetime
 
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from billing import tenants
@@ -65,3 +67,11 @@ def revoke_key(session: Session, who: tuple[str, str | None], key_id: str) -> Ap
     row = tenants.revoke_key(session, key_id)
     _audit(session, who, "key.revoke", row.id, tenant_id=str(row.tenant_id))
     return row
+
+
+async def audit_entries(session: AsyncSession, limit: int, target: str | None) -> list[AuditEntry]:
+    """The newest entries of the audit log first; with `target`, only those about that id."""
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if target:
+        query = query.where(AuditEntry.target == target)
+    return list((await session.scalars(query)).all())

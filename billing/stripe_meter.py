@@ -1,4 +1,5 @@
-"""GPU-seconds to Stripe, exactly once: the outbox relay.
+"""GPU-seconds to Stripe, exactly once: the outbox's step of each billing relay pass
+(`billing.relay`), and the customers the meter events need.
 
 Every billable usage record has an outbox row, written in the record's own transaction. The
 relay takes unsent rows (`FOR UPDATE SKIP LOCKED`, so concurrent relays never take the same
@@ -9,7 +10,8 @@ Stripe's 2xx but before its commit leaves the row unsent: the next relay sends i
 Stripe keeps one event (same identifier, same idempotency key). Failures are counted on the
 row and retried on a later pass; nothing is dropped.
 
-This module is the only one that imports the `stripe` SDK.
+Only billing's Stripe modules (this one, `stripe_catalog`, `stripe_events`, `relay`) and the
+operator's command line import the `stripe` SDK; the gateway and workers never do.
 """
 
 import logging

@@ -100,6 +100,11 @@ def create_key(
     return row, new.secret
 
 
+async def all_tenants(session: AsyncSession) -> list[Tenant]:
+    """Every tenant, oldest first."""
+    return list((await session.scalars(select(Tenant).order_by(Tenant.created_at))).all())
+
+
 def keys_of(session: Session, tenant_id: uuid.UUID) -> list[ApiKey]:
     """The tenant's keys, oldest first (revoked ones too)."""
     return list(

@@ -249,6 +249,18 @@ async def used_by_tenant(session: AsyncSession, period: Period) -> dict[uuid.UUI
     return {tenant_id: float(seconds) for tenant_id, seconds in rows}
 
 
+async def used_by_model(session: AsyncSession, period: Period) -> list[tuple[str, float]]:
+    """GPU-seconds per model in `period`, by model name."""
+    in_period = (UsageRecord.finished_at >= period.start, UsageRecord.finished_at < period.end)
+    rows = await session.execute(
+        select(UsageRecord.model, func.sum(UsageRecord.gpu_seconds))
+        .where(*in_period)
+        .group_by(UsageRecord.model)
+        .order_by(UsageRecord.model)
+    )
+    return [(model, float(seconds)) for model, seconds in rows]
+
+
 async def outbox_backlog(session: AsyncSession) -> tuple[int, float]:
     """Usage records not yet accepted by Stripe, and the age of the oldest in seconds (0:
     none)."""

@@ -4,6 +4,7 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api api
+COPY cli cli
 COPY workers workers
 COPY billing billing
 COPY migrations migrations

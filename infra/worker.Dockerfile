@@ -13,6 +13,7 @@ RUN python3 -m venv $VIRTUAL_ENV
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api api
+COPY cli cli
 COPY workers workers
 COPY billing billing
 COPY migrations migrations

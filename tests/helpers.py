@@ -9,8 +9,8 @@ import httpx
 from PIL import Image
 from sqlalchemy import select
 
-from api.admission import slots_key
 from billing.models import UsageRecord
+from workers.keyspace import slots_key
 
 MODEL = "llava-llama3"
 
@@ -55,7 +55,8 @@ def in_flight(redis_client, tenant_id) -> int:
 
 
 def worker_statuses(redis_client) -> list:
-    from workers.contract import WORKER_KEY_PREFIX, WorkerStatus
+    from workers.contract import WorkerStatus
+    from workers.keyspace import WORKER_KEY_PREFIX
 
     keys = list(redis_client.scan_iter(match=WORKER_KEY_PREFIX + "*"))
     if not keys:

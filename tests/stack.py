@@ -33,14 +33,14 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
 
 
 class Process:
-    """A `python -m api ...` child with its output in a log file."""
+    """A `python -m cli ...` child with its output in a log file."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
         self.name = name
         self.log = log_dir / f"{name}.log"
         self._file = self.log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "api", *args],
+            [sys.executable, "-m", "cli", *args],
             env={**os.environ, **env},
             stdout=self._file,
             stderr=subprocess.STDOUT,

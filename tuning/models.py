@@ -9,12 +9,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from billing.db import Base
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
     "running",
     "succeeded",
     "failed",
-    "canceled",
+    "cancelled",
 )
 ACTIVE = (QUEUED, RUNNING)
 

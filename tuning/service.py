@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from billing import usage
 from tuning.models import (
     ACTIVE,
-    CANCELED,
+    CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -112,7 +112,7 @@ async def request_cancel(session: AsyncSession, job: FineTune) -> None:
     """A queued job is cancelled at once (its worker will skip it); a running one is asked
     to stop, and stops at its next step (billed for the steps it ran)."""
     if job.status == QUEUED:
-        job.status = CANCELED
+        job.status = CANCELLED
         job.finished_at = datetime.now(UTC)
     elif job.status == RUNNING:
         job.cancel_requested = True

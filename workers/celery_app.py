@@ -15,7 +15,7 @@ from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, cel
 from workers.settings import WorkerSettings
 from workers.status import StatusPublisher
 from workers.streams import Claims
-from workers.tasks import WorkerRuntime, owner, run_chat, run_images
+from workers.tasks import WorkerRuntime, process_name, run_chat, run_images
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,16 @@ def run_worker(settings: WorkerSettings) -> None:
         redis=client,
         sessions=sessions,
         engine=load_engine(settings),
-        claims=Claims(client, owner(), settings.claim_ttl_seconds, settings.lease_ttl_seconds),
+        claims=Claims(
+            client, process_name(), settings.claim_ttl_seconds, settings.lease_ttl_seconds
+        ),
         ledger=UsageWriter(sessions),
     )
     status = StatusPublisher(
         client,
-        owner(),
+        process_name(),
         lambda: WorkerStatus(
-            owner=owner(), queue=settings.queue, updated_at=0.0, **runtime.engine.status()
+            process=process_name(), queue=settings.queue, updated_at=0.0, **runtime.engine.status()
         ),
     )
     if settings.metrics_port:

@@ -1,4 +1,5 @@
-"""What the gateway and the workers agree on: task names, queues, jobs, chunks, Redis keys.
+"""What the gateway and the workers agree on: task names, queues, jobs, chunks (Redis keys and
+scripts: `workers.keyspace`).
 
 Imports neither torch nor any model code: the gateway imports this module.
 """
@@ -7,7 +8,7 @@ import json
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter
 
 LLAVA_QUEUE = "llava"
 SD_QUEUE = "sd"  # reserved for Stable Diffusion workers
@@ -25,53 +26,11 @@ SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 COMPLETED, CANCELLED, FAILED, REJECTED = "completed", "cancelled", "failed", "rejected"
 
 
-def stream_key(request_id: str) -> str:
-    """Redis Stream the worker writes the job's chunks to and the gateway reads."""
-    return f"gpuhost:job:{request_id}"
-
-
-def cancel_key(request_id: str) -> str:
-    """Set by the gateway when the client goes away; the worker stops at the next token."""
-    return f"gpuhost:job:{request_id}:cancel"
-
-
-def done_key(request_id: str) -> str:
-    """A list the worker pushes to when the job's final chunk is in its stream."""
-    return f"gpuhost:job:{request_id}:done"
-
-
-def meta_key(request_id: str) -> str:
-    """Who owns the job and how its stream is rendered (set by the gateway, for resuming)."""
-    return f"gpuhost:job:{request_id}:meta"
-
-
-def attached_key(request_id: str) -> str:
-    """Refreshed by a gateway while a client reads a resumed stream."""
-    return f"gpuhost:job:{request_id}:attached"
-
-
-def claim_key(request_id: str) -> str:
-    """Held (with a TTL, renewed) by the worker that runs the job."""
-    return f"gpuhost:job:{request_id}:claim"
-
-
-def started_key(request_id: str) -> str:
-    """Set once a worker has started the job; outlives the claim."""
-    return f"gpuhost:job:{request_id}:started"
-
-
-WORKER_KEY_PREFIX = "gpuhost:worker:"
-
-
-def worker_key(owner: str) -> str:
-    """Where a worker process publishes its `WorkerStatus` (expires if it stops publishing)."""
-    return WORKER_KEY_PREFIX + owner
-
-
 class WorkerStatus(BaseModel):
     """What a worker publishes about itself, every second or so (for /api/ps and operators)."""
 
-    owner: str
+    # host:pid of the worker process (`owner` before; read too, while a rollout mixes versions)
+    process: str = Field(validation_alias=AliasChoices("process", "owner"))
     queue: str
     model: str
     loaded: bool
@@ -124,26 +83,6 @@ def celery_config(
         },
         "worker_hijack_root_logger": False,
     }
-
-
-# Concurrency slots (api/admission.py): per tenant, a sorted set of the requests in flight
-# scored by when their lease expires (Redis server time, ms). The gateway takes and renews a
-# request's lease; the worker running it renews it too, so that a job whose gateway died
-# keeps its slot until it ends, and gives it back when it does.
-LEASE_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[2]) == 1 then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  return 1
-end
-return 0
-"""
-
-
-def slots_key(tenant_id: uuid.UUID | str) -> str:
-    return f"gpuhost:slots:{tenant_id}"
 
 
 CHUNK_FIELD = "c"

@@ -10,7 +10,7 @@ def main(queue: str, concurrency: int | None = None) -> None:
         overrides["concurrency"] = concurrency
     settings = WorkerSettings(**overrides)
     if settings.queue == "train":
-        from tuning.worker import run_train_worker
+        from workers.training.worker import run_train_worker
 
         run_train_worker(settings)
     else:

@@ -6,16 +6,17 @@ import time
 
 import redis
 
-from workers.contract import WorkerStatus, worker_key
+from workers.contract import WorkerStatus
+from workers.keyspace import worker_key
 
 log = logging.getLogger(__name__)
 
 
 class StatusPublisher:
-    def __init__(self, client: redis.Redis, owner: str, describe, every: float = 0.5):
+    def __init__(self, client: redis.Redis, process: str, describe, every: float = 0.5):
         """`describe()` returns the current `WorkerStatus` (without `updated_at`)."""
         self._redis = client
-        self._key = worker_key(owner)
+        self._key = worker_key(process)
         self._describe = describe
         self._every = every
         self._stopped = threading.Event()

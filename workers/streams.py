@@ -8,47 +8,20 @@ from dataclasses import dataclass
 
 import redis
 
-from workers.contract import (
-    LEASE_RENEW,
-    AnyChunk,
-    ChatJob,
-    ImageJob,
-    ProgressChunk,
-    TokenChunk,
+from workers.contract import AnyChunk, ChatJob, ImageJob, ProgressChunk, TokenChunk, encode_chunk
+from workers.keyspace import (
+    JOB_RELEASE,
+    JOB_TAKE,
+    SLOT_RENEW,
     cancel_key,
     claim_key,
     done_key,
-    encode_chunk,
     slots_key,
     started_key,
     stream_key,
 )
 
 log = logging.getLogger(__name__)
-
-# Claim a job, in one round trip: take its claim unless someone holds it (-1); mark it started
-# unless an earlier delivery did (that delivery died mid-run); and say whether it was cancelled.
-# KEYS: claim, started, cancel. ARGV: owner, claim TTL (ms), stream retention (s).
-TAKE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return -1
-end
-local fresh = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[3])
-local cancelled = redis.call('EXISTS', KEYS[3])
-return (fresh and 0 or 1) + 2 * cancelled
-"""
-
-# Drop the claim only if it is still ours (it may have expired and been taken since), and give
-# the tenant's slot back (a no-op if the gateway already has). KEYS: claim, slots (or none).
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-end
-if KEYS[2] then
-  redis.call('ZREM', KEYS[2], ARGV[2])
-end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -67,16 +40,16 @@ class Claims:
     lost job from one that is still running or waiting for the engine.
     """
 
-    def __init__(self, client: redis.Redis, owner: str, ttl: float, lease_ttl: float = 30.0):
+    def __init__(self, client: redis.Redis, process: str, ttl: float, lease_ttl: float = 30.0):
         self._redis = client
-        self._owner = owner
+        self._process = process
         self._ttl_ms = int(ttl * 1000)
         self._lease_ms = int(lease_ttl * 1000)
         self._held: dict[str, str] = {}  # request id -> its tenant's slots key
         self._lock = threading.Lock()
-        self._take = client.register_script(TAKE)
-        self._release = client.register_script(RELEASE)
-        self._renew_lease = client.register_script(LEASE_RENEW)
+        self._take = client.register_script(JOB_TAKE)
+        self._release = client.register_script(JOB_RELEASE)
+        self._renew_lease = client.register_script(SLOT_RENEW)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="claims", daemon=True)
         self._thread.start()
@@ -87,7 +60,7 @@ class Claims:
         """Claim the job and mark it started (None: another worker holds it). While the claim
         is held, its tenant's slot lease (if any) is renewed too."""
         keys = [claim_key(request_id), started_key(request_id), cancel_key(request_id)]
-        found = self._take(keys=keys, args=[self._owner, self._ttl_ms, retention])
+        found = self._take(keys=keys, args=[self._process, self._ttl_ms, retention])
         if found < 0:
             return None
         with self._lock:
@@ -100,7 +73,7 @@ class Claims:
         with self._lock:
             slots = self._held.pop(request_id, "")
         keys = [claim_key(request_id), slots] if slots else [claim_key(request_id)]
-        self._release(keys=keys, args=[self._owner, request_id])
+        self._release(keys=keys, args=[self._process, request_id])
 
     def stop(self) -> None:
         self._stopped.set()

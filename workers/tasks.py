@@ -39,8 +39,8 @@ from workers.streams import Claims, JobChannel
 log = logging.getLogger(__name__)
 
 
-def owner() -> str:
-    """Who runs a job: this host and process."""
+def process_name() -> str:
+    """This worker process, as claims and statuses name it: its host and process id."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 

@@ -264,7 +264,7 @@ def make_lora_adapter(model: Path, seed: int = 7, scale: float = 0.1) -> bytes:
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
 
-    from tuning.trainer import TARGETS, adapter_file
+    from workers.training.trainer import TARGETS, adapter_file
 
     unet = StableDiffusionPipeline.from_pretrained(model).unet
     config = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS)

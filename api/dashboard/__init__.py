@@ -5,7 +5,7 @@ GPU-seconds by model over time, their requests, the period's estimated invoice, 
 keys. Operators sign in with the admin token and see every tenant, change tiers, issue and
 revoke keys (each action in the audit log, as through /admin).
 
-Sessions live in Redis (`dashboard:session:<random>`), named by an HttpOnly, SameSite=Strict
+Sessions live in Redis (`gpuhost:dashboard:session:<random>`), named by an HttpOnly, SameSite=Strict
 cookie (Secure when served over HTTPS); every form carries the session's CSRF token. A tenant
 session ends as soon as the key it was opened with is revoked or expires.
 """
@@ -29,12 +29,12 @@ from api.dashboard.common import (
     render,
     router,
     secure,
-    session_key,
     visitor_of,
 )
 from api.deps import StateDep
 from billing import tenants
 from billing.keys import PREFIX, well_formed
+from workers.keyspace import dashboard_session_key
 
 
 def install(app) -> None:
@@ -100,7 +100,7 @@ async def login(
             request, "login.html", 401, error="Enter an API key (gph_...) or the admin token."
         )
     token = secrets.token_urlsafe(32)
-    await state.redis.set(session_key(token), json.dumps(session), ex=SESSION_SECONDS)
+    await state.redis.set(dashboard_session_key(token), json.dumps(session), ex=SESSION_SECONDS)
     target = "/dashboard/usage" if session["kind"] == "tenant" else "/dashboard/admin"
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
@@ -120,7 +120,7 @@ async def logout(
     request: Request, state: StateDep, visitor: VisitorDep, csrf: Annotated[str, Form()] = ""
 ) -> Response:
     await check_csrf(visitor, csrf)
-    await state.redis.delete(session_key(visitor.token))
+    await state.redis.delete(dashboard_session_key(visitor.token))
     response = RedirectResponse("/dashboard/login", status_code=303)
     response.delete_cookie(COOKIE, path="/dashboard")
     return response

@@ -21,6 +21,7 @@ from api.state import AppState
 from billing import tenants
 from billing.models import ApiKey, Tenant
 from billing.plans import Balance
+from workers.keyspace import dashboard_session_key
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -63,10 +64,6 @@ class NotAllowed(PageError):
         super().__init__(403, message)
 
 
-def session_key(token: str) -> str:
-    return f"dashboard:session:{token}"
-
-
 def secure(request: Request) -> bool:
     return request.url.scheme == "https"
 
@@ -77,7 +74,7 @@ def render(request: Request, name: str, status: int = 200, **context) -> HTMLRes
 
 async def visitor_of(request: Request, state: StateDep) -> Visitor:
     token = request.cookies.get(COOKIE, "")
-    raw = await state.redis.get(session_key(token)) if token else None
+    raw = await state.redis.get(dashboard_session_key(token)) if token else None
     if raw is None:
         raise SignInRequired("sign in first")
     data = json.loads(raw)
@@ -93,7 +90,7 @@ async def visitor_of(request: Request, state: StateDep) -> Visitor:
             key = await session.get(ApiKey, visitor.key_id)
         now = datetime.now(UTC)
         if key is None or key.revoked_at or (key.expires_at and key.expires_at <= now):
-            await state.redis.delete(session_key(token))
+            await state.redis.delete(dashboard_session_key(token))
             raise SignInRequired("the key this session was opened with is no longer valid")
     return visitor
 

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import Form, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import func, select
 
 from api.dashboard.common import (
     VisitorDep,
@@ -22,7 +21,6 @@ from api.dashboard.common import (
 )
 from api.deps import StateDep
 from billing import operator, tenants, usage
-from billing.models import Tenant, UsageRecord
 from billing.plans import Balance, period_of
 
 
@@ -30,18 +28,10 @@ from billing.plans import Balance, period_of
 async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> Response:
     operator_only(visitor)
     period = period_of(datetime.now(UTC))
-    in_period = (UsageRecord.finished_at >= period.start, UsageRecord.finished_at < period.end)
     async with state.sessions() as session:
-        rows = (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
+        rows = await tenants.all_tenants(session)
         used = await usage.used_by_tenant(session, period)
-        by_model = (
-            await session.execute(
-                select(UsageRecord.model, func.sum(UsageRecord.gpu_seconds))
-                .where(*in_period)
-                .group_by(UsageRecord.model)
-                .order_by(UsageRecord.model)
-            )
-        ).all()
+        by_model = await usage.used_by_model(session, period)
         unsent, lag = await usage.outbox_backlog(session)
     listed = []
     revenue = Decimal(0)

@@ -4,7 +4,8 @@
 from datetime import UTC, datetime
 
 from api.state import AppState
-from workers.contract import WORKER_KEY_PREFIX, WorkerStatus
+from workers.contract import WorkerStatus
+from workers.keyspace import WORKER_KEY_PREFIX
 
 FAMILY = {"format": "safetensors", "family": "llava", "families": ["llama", "clip"]}
 SD = {"format": "diffusers", "family": "stable-diffusion", "families": ["unet", "vae", "clip"]}

@@ -2,17 +2,14 @@
 
 import re
 import time
-import uuid
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
 from api.images import check_image
+from api.wire import NS, ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
-
-NS = 1_000_000_000
 
 
 class Options(BaseModel):
@@ -104,22 +101,17 @@ class _Request(BaseModel):
         )
 
 
-def _images(images: list[str] | None, field: str, limits: "ImageLimits") -> list[str]:
+def _images(images: list[str] | None, field: str, limits: "ChatImageLimits") -> list[str]:
     images = images or []
     if len(images) > limits.max_count:
         raise BadRequest(f"{field}: {len(images)} images; at most {limits.max_count} per request")
     return [check_image(b64, f"{field}[{i}]", limits.max_pixels) for i, b64 in enumerate(images)]
 
 
-class ImageLimits(BaseModel):
-    max_count: int
-    max_pixels: int
-
-
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
 
-    def to_job(self, owner, request_id: str, limits: ImageLimits) -> ChatJob:
+    def to_job(self, owner, request_id: str, limits: ChatImageLimits) -> ChatJob:
         total = sum(len(m.images or []) for m in self.messages)
         if total > limits.max_count:
             raise BadRequest(
@@ -145,7 +137,7 @@ class GenerateRequest(_Request):
         """Ollama clients send an empty prompt to load a model."""
         return not self.prompt and not self.images
 
-    def to_job(self, owner, request_id: str, limits: ImageLimits) -> ChatJob:
+    def to_job(self, owner, request_id: str, limits: ChatImageLimits) -> ChatJob:
         turns = []
         if self.system:
             turns.append(ChatTurn(role="system", content=self.system))
@@ -167,14 +159,6 @@ class ShowRequest(BaseModel):
         if not (self.model or self.name):
             raise BadRequest("field 'model': required")
         return self.model or self.name
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def timestamp() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def final_fields(done: DoneChunk, total_seconds: float) -> dict:

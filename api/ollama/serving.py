@@ -7,17 +7,12 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.dispatch import Chunk, complete, live, submit
 from api.errors import ApiError, NotFound
-from api.ollama.schemas import (
-    ChatRequest,
-    GenerateRequest,
-    ImageLimits,
-    final_fields,
-    new_request_id,
-    timestamp,
-)
+from api.jobs.stream import Chunk
+from api.jobs.submit import complete, live, submit
+from api.ollama.schemas import ChatRequest, GenerateRequest, final_fields
 from api.state import AppState
+from api.wire import ChatImageLimits, new_request_id, timestamp
 from billing.tenants import KeyOwner
 from workers.contract import DoneChunk, TokenChunk
 
@@ -27,10 +22,6 @@ NDJSON = "application/x-ndjson"
 class OllamaServing:
     def __init__(self, state: AppState):
         self.state = state
-
-    def _limits(self) -> ImageLimits:
-        s = self.state.settings
-        return ImageLimits(max_count=s.max_images_per_request, max_pixels=s.max_image_pixels)
 
     async def respond(
         self, body: ChatRequest | GenerateRequest, owner: KeyOwner, request: Request
@@ -49,7 +40,9 @@ class OllamaServing:
                     "done_reason": "load",
                 }
             )
-        spec = body.to_job(owner, new_request_id(), self._limits())  # validates before admission
+        spec = body.to_job(
+            owner, new_request_id(), ChatImageLimits.of(self.state.settings)
+        )  # validates before admission
         chat = isinstance(body, ChatRequest)
         family = "ollama-chat" if chat else "ollama-generate"
         job, first = await submit(self.state, spec, owner, family, request)

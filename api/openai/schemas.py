@@ -7,7 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
 from api.images import check_image
-from api.ollama.schemas import ImageLimits
+from api.sd.schemas import ImagesRequest
+from api.wire import ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
 
@@ -72,7 +73,7 @@ class ChatCompletionRequest(BaseModel):
         return found
 
     def to_job(
-        self, owner, request_id: str, limits: ImageLimits, fetched: dict[str, str]
+        self, owner, request_id: str, limits: ChatImageLimits, fetched: dict[str, str]
     ) -> ChatJob:
         """`fetched`: base64 images already downloaded for the non-data URLs, by URL."""
         if self.response_format not in (None, {"type": "text"}):
@@ -126,3 +127,30 @@ def usage(done: DoneChunk) -> dict:
 
 def finish_reason(done: DoneChunk) -> str:
     return "length" if done.done_reason == "length" else "stop"
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    width, sep, height = size.partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise BadRequest(f"field 'size': {size!r} is not WIDTHxHEIGHT, e.g. 512x512", param="size")
+    if int(width) % 8 or int(height) % 8:
+        raise BadRequest(f"field 'size': {size} is not a multiple of 8 on each side", param="size")
+    return int(width), int(height)
+
+
+class GenerationsRequest(BaseModel):
+    """OpenAI's POST /v1/images/generations."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str = "512x512"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+
+    def native(self) -> ImagesRequest:
+        width, height = parse_size(self.size)
+        return ImagesRequest(
+            model=self.model, prompt=self.prompt, n=self.n, width=width, height=height
+        )

@@ -9,11 +9,12 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.dispatch import Chunk, complete, live, submit
 from api.errors import ApiError, BadRequest, NotFound, error_body_openai
-from api.ollama.schemas import ImageLimits, new_request_id
+from api.jobs.stream import Chunk
+from api.jobs.submit import complete, live, submit
 from api.openai.schemas import ChatCompletionRequest, finish_reason, usage
 from api.state import AppState
+from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
 from workers.contract import DoneChunk, TokenChunk
 
@@ -28,13 +29,10 @@ class OpenAIServing:
     async def chat(
         self, body: ChatCompletionRequest, owner: KeyOwner, request: Request
     ) -> Response:
-        settings = self.state.settings
         if not self.state.serves(body.model):
             raise NotFound(f"The model '{body.model}' does not exist", param="model")
         fetched = await self._fetch_images(body)
-        limits = ImageLimits(
-            max_count=settings.max_images_per_request, max_pixels=settings.max_image_pixels
-        )
+        limits = ChatImageLimits.of(self.state.settings)
         request_id = new_request_id()
         spec = body.to_job(owner, request_id, limits, fetched)
         job, first = await submit(self.state, spec, owner, "openai-chat", request)

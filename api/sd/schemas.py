@@ -111,30 +111,3 @@ class ImagesRequest(BaseModel):
             lora_weight=self.lora_weight,
             enqueued_at=time.time(),
         )
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    width, sep, height = size.partition("x")
-    if not (sep and width.isdigit() and height.isdigit()):
-        raise BadRequest(f"field 'size': {size!r} is not WIDTHxHEIGHT, e.g. 512x512", param="size")
-    if int(width) % 8 or int(height) % 8:
-        raise BadRequest(f"field 'size': {size} is not a multiple of 8 on each side", param="size")
-    return int(width), int(height)
-
-
-class GenerationsRequest(BaseModel):
-    """OpenAI's POST /v1/images/generations."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str = Field(min_length=1, max_length=4000)
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str = "512x512"
-    response_format: Literal["b64_json", "url"] = "b64_json"
-
-    def native(self) -> ImagesRequest:
-        width, height = parse_size(self.size)
-        return ImagesRequest(
-            model=self.model, prompt=self.prompt, n=self.n, width=width, height=height
-        )

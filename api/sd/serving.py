@@ -1,4 +1,4 @@
-"""Runs image requests through the shared dispatch path and shapes their answers."""
+"""Runs image requests through the job path (api.jobs) and shapes their answers."""
 
 import base64
 import io
@@ -11,20 +11,17 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
-from api.dispatch import complete, live, submit
 from api.errors import ApiError, BadRequest, NotFound
-from api.ollama.schemas import NS, new_request_id, timestamp
+from api.jobs.submit import complete, live, submit
 from api.sd.schemas import ImageLimits, ImagesRequest
 from api.state import AppState
+from api.wire import NS, new_request_id, timestamp
 from billing.tenants import KeyOwner
 from tuning import service as tuning
 from workers.contract import ImageJob, ImagesChunk, ProgressChunk
+from workers.keyspace import image_file_key
 
 NDJSON = "application/x-ndjson"
-
-
-def file_key(token: str) -> str:
-    return f"gpuhost:file:{token}"
 
 
 class ImageServing:
@@ -125,11 +122,11 @@ class ImageServing:
         token = secrets.token_urlsafe(24)
         ttl = self.state.settings.image_url_ttl_seconds
         value = json.dumps({"tenant_id": str(owner.tenant_id), "png": png})
-        await self.state.redis.set(file_key(token), value, ex=ttl)
+        await self.state.redis.set(image_file_key(token), value, ex=ttl)
         return str(request.url_for("image_file", token=token))
 
     async def file(self, token: str, owner: KeyOwner) -> Response:
-        raw = await self.state.redis.get(file_key(token))
+        raw = await self.state.redis.get(image_file_key(token))
         stored = json.loads(raw) if raw else None
         if stored is None or stored["tenant_id"] != str(owner.tenant_id):
             raise NotFound("image not found (unknown, someone else's, or expired)")

@@ -82,12 +82,12 @@ def test_a_waiting_job_cancelled_never_runs(gateway, worker, tenant_factory, ses
     cancelled = httpx.post(
         f"{gateway.url}/v1/jobs/{second['id']}/cancel", headers=auth(key), timeout=30
     ).json()
-    assert cancelled["status"] == "canceled"
+    assert cancelled["status"] == "cancelled"
     stopped = httpx.post(
         f"{gateway.url}/v1/jobs/{first['id']}/cancel", headers=auth(key), timeout=30
     )
     assert stopped.status_code == 200
-    assert status(first) == "canceled"
+    assert status(first) == "cancelled"
     # it ran a while: recorded once, when its worker stopped it
     wait_for(lambda: usage_rows(sessions, first["id"]), 60, "the running job to stop")
     assert len(usage_rows(sessions, first["id"])) == 1

@@ -45,7 +45,7 @@ def ended(gateway, key: str, batch_id: str) -> dict:
             (view := httpx.get(f"{gateway.url}/v1/batches/{batch_id}", headers=auth(key)).json())[
                 "status"
             ]
-            in ("completed", "canceled")
+            in ("completed", "cancelled")
             and view
         ),
         120,
@@ -127,9 +127,12 @@ def test_cancel_ends_the_batch_with_every_line_accounted_for(
         "a first line to complete",
     )
     cancelled = httpx.post(f"{gateway.url}/v1/batches/{batch_id}/cancel", headers=auth(key))
-    assert cancelled.status_code == 200 and cancelled.json()["status"] in ("canceling", "canceled")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] in (
+        "cancelling",
+        "cancelled",
+    )
     view = ended(gateway, key, batch_id)
-    assert view["status"] == "canceled"
+    assert view["status"] == "cancelled"
     results = output(gateway, key, batch_id)
     assert [r["custom_id"] for r in results] == [str(i) for i in range(12)]
     assert results[0]["error"] is None

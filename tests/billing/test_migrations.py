@@ -1,9 +1,10 @@
 """Migrations go up and down cleanly on PostgreSQL."""
 
 import os
+import uuid
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 import migrations
 from tests.conftest import drop_database, fresh_database
@@ -43,3 +44,31 @@ def test_usage_request_id_is_unique(scratch_url):
     finally:
         engine.dispose()
     assert ["request_id"] in [u["column_names"] for u in uniques]
+
+
+def test_cancelled_fine_tunes_are_spelt_one_way_after_0011(scratch_url):
+    migrations.upgrade(scratch_url, "0010")
+    engine = create_engine(scratch_url)
+    tenant = uuid.uuid4()
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO tenants (id, name, tier) VALUES (:id, 'old', 'pro')"),
+                {"id": tenant},
+            )
+            for job, status in (("ft-a", "canceled"), ("ft-b", "succeeded")):
+                connection.execute(
+                    text(
+                        "INSERT INTO fine_tunes (id, tenant_id, model, status, params, dataset_key,"
+                        " dataset_images, dataset_bytes, step, checkpoint_step, gpu_seconds,"
+                        " attempts, cancel_requested) VALUES (:id, :tenant, 'sd', :status, '{}',"
+                        " 'k', 1, 1, 0, 0, 0, 0, false)"
+                    ),
+                    {"id": job, "tenant": tenant, "status": status},
+                )
+        migrations.upgrade(scratch_url)
+        with engine.connect() as connection:
+            statuses = dict(connection.execute(text("SELECT id, status FROM fine_tunes")).all())
+        assert statuses == {"ft-a": "cancelled", "ft-b": "succeeded"}
+    finally:
+        engine.dispose()

@@ -14,7 +14,7 @@ from billing.models import AuditEntry, Tenant
 
 def gpuhost(database_url: str, *args: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "api", "admin", *args],
+        [sys.executable, "-m", "cli", "admin", *args],
         env=os.environ | {"GPUHOST_DATABASE_URL": database_url},
         capture_output=True,
         text=True,
@@ -51,7 +51,7 @@ def test_a_bad_tier_fails_with_its_name_and_audits_nothing(database_url, session
     with sessions() as session:
         before = session.query(AuditEntry).count()
     done = subprocess.run(
-        [sys.executable, "-m", "api", "admin", "tenant", "create", "x", "--tier", "gold"],
+        [sys.executable, "-m", "cli", "admin", "tenant", "create", "x", "--tier", "gold"],
         env=os.environ | {"GPUHOST_DATABASE_URL": database_url},
         capture_output=True,
         text=True,

@@ -194,7 +194,7 @@ class TestCommandLine:
 
         def gpuhost(*args):
             done = subprocess.run(
-                [sys.executable, "-m", "api", *args],
+                [sys.executable, "-m", "cli", *args],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -284,7 +284,7 @@ class TestReconcile:
 
         def reconcile() -> tuple[int, dict]:
             done = subprocess.run(
-                [sys.executable, "-m", "api", "billing", "reconcile", "--customer", customer],
+                [sys.executable, "-m", "cli", "billing", "reconcile", "--customer", customer],
                 env=env,
                 capture_output=True,
                 text=True,

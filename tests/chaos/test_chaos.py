@@ -19,7 +19,7 @@ import redis
 from tests.conftest import TIERS, redis_database
 from tests.helpers import auth, chat_body, in_flight, usage_rows
 from tests.stack import Gateway, Worker, wait_for
-from workers.contract import claim_key
+from workers.keyspace import claim_key
 
 LEASE_TTL = 5.0
 REQUESTS = 36

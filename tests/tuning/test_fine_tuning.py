@@ -18,7 +18,7 @@ from tests.tuning.datasets import picture, striped, zipped
 from tuning.models import FineTuneSegment
 from workers.contract import TRAIN_QUEUE
 
-FINISHED = ("succeeded", "failed", "canceled")
+FINISHED = ("succeeded", "failed", "cancelled")
 
 
 class TrainWorkers:
@@ -208,7 +208,7 @@ def test_cancel_stops_a_running_job_and_bills_the_steps_it_ran(
     cancelled = httpx.post(f"{gateway.url}/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth(key))
     assert cancelled.status_code == 200
     view = finished(gateway, key, job_id)
-    assert view["status"] == "canceled" and view["adapter_id"] is None
+    assert view["status"] == "cancelled" and view["adapter_id"] is None
     assert 5 <= view["checkpoint_step"] < 5000
     assert_billed_once(sessions, view)
     [record] = usage_rows(sessions, job_id)
@@ -219,7 +219,7 @@ def test_cancel_stops_a_running_job_and_bills_the_steps_it_ran(
     cancelled_queued = httpx.post(
         f"{gateway.url}/v1/fine_tuning/jobs/{again.json()['id']}/cancel", headers=auth(key)
     ).json()
-    assert cancelled_queued["status"] in ("canceled", "running", "succeeded")
+    assert cancelled_queued["status"] in ("cancelled", "running", "succeeded")
     finished(gateway, key, again.json()["id"])
     wait_for(
         lambda: not any(k.startswith("datasets/") for k in stored(stack_env, tenant_id)),

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from api.async_jobs import HOOKED, record_key
 from tests.helpers import auth
 from tests.stack import wait_for
+from workers.keyspace import HOOKED, job_record_key
 
 
 class Receiver:
@@ -172,7 +172,7 @@ def test_a_broken_job_record_does_not_stop_other_jobs_webhooks(
     gateway, worker, tenant_factory, receiver, redis_client
 ):
     broken = "broken-job-record"
-    redis_client.hset(record_key(broken), mapping={"tenant_id": "not-a-tenant", "type": "chat"})
+    redis_client.hset(job_record_key(broken), mapping={"tenant_id": "not-a-tenant", "type": "chat"})
     redis_client.sadd(HOOKED, broken)
     try:
         _, key, _ = tenant_factory.create("pro")
@@ -183,4 +183,4 @@ def test_a_broken_job_record_does_not_stop_other_jobs_webhooks(
         assert delivery["status"] == "delivered"
     finally:
         redis_client.srem(HOOKED, broken)
-        redis_client.delete(record_key(broken))
+        redis_client.delete(job_record_key(broken))

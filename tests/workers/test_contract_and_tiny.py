@@ -21,7 +21,7 @@ def test_make_tiny_writes_models_the_real_loaders_accept(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     done = subprocess.run(
-        [sys.executable, "-m", "api", "models", "make-tiny", str(tmp_path)],
+        [sys.executable, "-m", "cli", "models", "make-tiny", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -11,8 +11,8 @@ import pytest
 from tests.helpers import png
 from workers.contract import ChatJob, ChatTurn, SamplingOptions
 from workers.engines.base import InvalidRequest
+from workers.engines.kv_cache import SlotBatch, Unsupported
 from workers.engines.llava_transformers import TransformersLlava
-from workers.engines.slots import SlotBatch, Unsupported
 
 
 class Sink:

@@ -20,8 +20,8 @@ from workers.contract import (
     SamplingOptions,
     celery_config,
     decode_chunk,
-    stream_key,
 )
+from workers.keyspace import stream_key
 
 
 @pytest.fixture(scope="module")

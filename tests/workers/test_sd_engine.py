@@ -154,7 +154,7 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
     try:
         assert (compiled.compiled, compiled.channels_last) == (True, True)
         assert not eager.compiled and not eager.channels_last
-        published = WorkerStatus(owner="w", queue="sd", updated_at=0.0, **compiled.status())
+        published = WorkerStatus(process="w", queue="sd", updated_at=0.0, **compiled.status())
         assert published.compiled is True  # operators see it in the worker's status
         at_load = graphs_compiled()
         assert at_load == before + 1  # at load, one graph for every batch size

@@ -279,7 +279,7 @@ class DiffusionEngine:
         pipe = self.pipelines[first.kind]
         self.adapters.use(first)
         pipe.scheduler = SCHEDULERS[first.scheduler].from_config(self.scheduler_config)
-        prompts, negatives, generators, owners = [], [], [], []
+        prompts, negatives, generators, image_requests = [], [], [], []
         images, masks = [], []
         for request in batch:
             job = request.job
@@ -287,7 +287,7 @@ class DiffusionEngine:
                 prompts.append(job.prompt)
                 negatives.append(job.negative_prompt)
                 generators.append(torch.Generator(self.device).manual_seed(job.seed + i))
-                owners.append(request)
+                image_requests.append(request)
                 if request.image is not None:
                     images.append(request.image)
                 if request.mask is not None:
@@ -330,14 +330,14 @@ class DiffusionEngine:
         self.batch_requests += len(batch)
         cancelled = bool(getattr(pipe, "_interrupt", False))
         pngs: dict[ImageRequest, list[str]] = {r: [] for r in batch}
-        for owner, image in zip(owners, out.images, strict=True):
-            pngs[owner].append(png(image))
+        for asked_by, image in zip(image_requests, out.images, strict=True):
+            pngs[asked_by].append(png(image))
         for request in batch:
             request.result = Rendering(
                 images=pngs[request],
                 gpu_seconds=self.meter.close(request),
                 run_seconds=seconds,
-                batch_images=len(owners),
+                batch_images=len(image_requests),
                 cancelled=cancelled,
             )
             request.done.set()

@@ -9,7 +9,7 @@ own options and seed, and leaving the batch as soon as it finishes or is cancell
 
 Decode steps run over one of two batches with the same contract: on a GPU, `SlotBatch`, a KV
 cache allocated at load with every step's shape captured as a CUDA graph
-(`workers.engines.slots`); on the CPU (or with `decode="dynamic"`), `Batch`, a cache that grows
+(`workers.engines.kv_cache`); on the CPU (or with `decode="dynamic"`), `Batch`, a cache that grows
 with the sequences (`workers.engines.batch`).
 
 Decode steps are pipelined: the engine launches step t+1 (its input, step t's sampled tokens,
@@ -44,9 +44,9 @@ from workers.contract import ChatJob
 from workers.engines.base import Generation, TokenSink
 from workers.engines.batch import CACHE, Batch
 from workers.engines.device import Step, clock, place, to_device
+from workers.engines.kv_cache import SlotBatch, Unsupported
 from workers.engines.llava_requests import Request, prepare
 from workers.engines.sampling import pick
-from workers.engines.slots import SlotBatch, Unsupported
 from workers.metering import Meter
 
 log = logging.getLogger(__name__)

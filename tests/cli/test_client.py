@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("worker")
 def gpuhost(gateway, key: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = os.environ | {"GPUHOST_HOST": gateway.url, "GPUHOST_API_KEY": key}
     return subprocess.run(
-        [sys.executable, "-m", "api", *args],
+        [sys.executable, "-m", "cli", *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -24,7 +24,7 @@ def processes_under(path: str) -> list[psutil.Process]:
 def test_dev_serves_a_request_and_ctrl_c_stops_everything(tmp_path):
     state_dir, port = tmp_path / "state", free_port()
     dev = subprocess.Popen(
-        [sys.executable, "-m", "api", "dev", "--port", str(port), "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "cli", "dev", "--port", str(port), "--state-dir", str(state_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

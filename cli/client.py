@@ -12,7 +12,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from api.settings import ClientSettings
+from cli.settings import ClientSettings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
 NS = 1e9

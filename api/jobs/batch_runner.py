@@ -1,4 +1,4 @@
-"""The batches' side of every gateway's job scheduler (api/job_scheduler.py): starts a batch's
+"""The batches' side of every gateway's job scheduler (api.jobs.scheduler): starts a batch's
 lines when nothing else waits, collects their results, writes the batch's output when its last
 line ends, and deletes ended batches' files when their retention is over."""
 
@@ -11,17 +11,38 @@ import anyio
 from cachetools import LRUCache
 from redis.exceptions import LockError
 
-from api import async_jobs
-from api.batches import ACTIVE, ENDED, EXPIRING, batch_key, line_key, running_key, stored
 from api.errors import TooManyRequests
+from api.jobs import store
+from api.jobs.scheduler import meta
+from api.jobs.submit import take_slot
+from api.jobs.view import FINISHED, job_view
 from api.state import AppState
-from workers.contract import cancel_key
+from storage import tenant_key
+from workers.keyspace import (
+    BATCHES_ACTIVE,
+    BATCHES_EXPIRING,
+    batch_key,
+    batch_lock_key,
+    batch_running_key,
+    cancel_key,
+)
 
 log = logging.getLogger(__name__)
 
 SWEEP_EVERY = 1.0
 LOCK_SECONDS = 30  # a gateway that died advancing a batch holds it up at most this long
 SPECS_CACHED = 8  # batches whose lines a gateway keeps in memory
+ENDED = ("completed", "cancelled")
+
+
+def stored(tenant: str, batch_id: str, *parts: str) -> str:
+    """A batch's folder in storage, or a file in it."""
+    return tenant_key(tenant, "batches", batch_id, *parts)
+
+
+def line_key(tenant: str, batch_id: str, index: int) -> str:
+    """Where one line's result is kept until the output is written."""
+    return stored(tenant, batch_id, "lines", f"{index:08d}.json")
 
 
 class BatchRunner:
@@ -38,13 +59,13 @@ class BatchRunner:
 
     async def pass_once(self) -> None:
         await self._remove_expired()
-        active = {raw.decode() for raw in await self.state.redis.smembers(ACTIVE)}
+        active = {raw.decode() for raw in await self.state.redis.smembers(BATCHES_ACTIVE)}
         for gone in set(self._specs) - active:
             del self._specs[gone]
         for batch_id in active:
             # One gateway at a time advances a batch: reading `next` and the running lines and
             # acting on them is not atomic (two could start a line twice, or count it twice).
-            lock = self.state.redis.lock(f"{batch_key(batch_id)}:lock", timeout=LOCK_SECONDS)
+            lock = self.state.redis.lock(batch_lock_key(batch_id), timeout=LOCK_SECONDS)
             if not await lock.acquire(blocking=False):
                 continue
             try:
@@ -56,10 +77,9 @@ class BatchRunner:
                     await lock.release()
 
     async def _advance_locked(self, batch_id: str) -> None:
-        raw = await self.state.redis.hgetall(batch_key(batch_id))
-        record = {k.decode(): v.decode() for k, v in raw.items()}
+        record = await store.batch_record(self.state.redis, batch_id)
         if not record:
-            await self.state.redis.srem(ACTIVE, batch_id)
+            await self.state.redis.srem(BATCHES_ACTIVE, batch_id)
             return
         if record["status"] in ENDED:  # ended by another gateway since the listing
             return
@@ -71,13 +91,13 @@ class BatchRunner:
             return
         self._swept_at = time.monotonic()
         redis = self.state.redis
-        for raw in await redis.zrangebyscore(EXPIRING, "-inf", time.time()):
-            if not await redis.zrem(EXPIRING, raw):
+        for raw in await redis.zrangebyscore(BATCHES_EXPIRING, "-inf", time.time()):
+            if not await redis.zrem(BATCHES_EXPIRING, raw):
                 continue  # another gateway took it
             try:
                 await anyio.to_thread.run_sync(self.state.storage.delete, raw.decode())
             except Exception:
-                await redis.zadd(EXPIRING, {raw: time.time()})  # tried again next sweep
+                await redis.zadd(BATCHES_EXPIRING, {raw: time.time()})  # tried again next sweep
                 raise
 
     async def _specs_of(self, batch_id: str, tenant: str) -> list[dict]:
@@ -96,14 +116,14 @@ class BatchRunner:
     async def _advance(self, batch_id: str, record: dict) -> None:
         redis, tenant = self.state.redis, record["tenant_id"]
         specs = await self._specs_of(batch_id, tenant)
-        canceling = record["status"] == "canceling"
-        for raw_job, raw_index in (await redis.hgetall(running_key(batch_id))).items():
+        cancelling = record["status"] == "cancelling"
+        for raw_job, raw_index in (await redis.hgetall(batch_running_key(batch_id))).items():
             job_id, index = raw_job.decode(), int(raw_index)
-            if canceling:
+            if cancelling:
                 retention = self.state.settings.stream_retention_seconds
                 await redis.set(cancel_key(job_id), "1", ex=retention)
-            view = await async_jobs.job_view(self.state, job_id, tenant)
-            if view["status"] not in async_jobs.FINISHED:
+            view = await job_view(self.state, job_id, tenant)
+            if view["status"] not in FINISHED:
                 continue
             ok = view["status"] == "succeeded"
             body = {
@@ -118,10 +138,10 @@ class BatchRunner:
                 "error": None if ok else {"message": view["error"] or view["status"]},
             }
             await self._result(batch_id, tenant, index, line, ok)
-            await redis.hdel(running_key(batch_id), job_id)
+            await redis.hdel(batch_running_key(batch_id), job_id)
         following = int(record["next"])
         total = int(record["total"])
-        if canceling:
+        if cancelling:
             for index in range(following, total):
                 line = {
                     "id": None,
@@ -131,12 +151,12 @@ class BatchRunner:
                 }
                 await self._result(batch_id, tenant, index, line, False)
             await redis.hset(batch_key(batch_id), "next", str(total))
-        elif following < total and not await redis.llen(async_jobs.waiting_key(tenant)):
+        elif following < total and not await store.has_waiting(redis, tenant):
             await self._start(batch_id, record, following, specs[following])
-        if await redis.hlen(running_key(batch_id)) == 0 and (
-            canceling or int(await redis.hget(batch_key(batch_id), "next")) >= total
+        if await redis.hlen(batch_running_key(batch_id)) == 0 and (
+            cancelling or int(await redis.hget(batch_key(batch_id), "next")) >= total
         ):
-            status = "canceled" if canceling else "completed"
+            status = "cancelled" if cancelling else "completed"
             await self._finish(batch_id, record, status)
 
     async def _start(self, batch_id: str, record: dict, index: int, spec: dict) -> None:
@@ -153,10 +173,6 @@ class BatchRunner:
             await redis.hincrby(batch_key(batch_id), "next", 1)
             return
         job_id = f"{batch_id}-{index}"
-        try:
-            lease = await self.state.admission.acquire(tenant, record["tier"], job_id)
-        except TooManyRequests:
-            return  # the tenant's slots are busy: this line waits for the next pass
         spec["spec"]["request_id"] = job_id
         job = {
             "tenant_id": tenant,
@@ -164,23 +180,18 @@ class BatchRunner:
             "type": spec["type"],
             "model": spec["model"],
             "created_at": str(time.time()),
-            "state": "submitted",
             "spec": json.dumps(spec["spec"]),
         }
-        retention = self.state.settings.stream_retention_seconds
-        pipe = redis.pipeline(transaction=True)
-        pipe.hset(async_jobs.record_key(job_id), mapping=job)
-        pipe.expire(async_jobs.record_key(job_id), retention)
-        pipe.hset(running_key(batch_id), job_id, index)
-        pipe.hincrby(batch_key(batch_id), "next", 1)
-        await pipe.execute()
         try:
-            await self.scheduler.submit(job_id, job)
-        except Exception:
-            await self.state.admission.release(lease)
-            await redis.hdel(running_key(batch_id), job_id)
-            await redis.delete(async_jobs.record_key(job_id))
-            await redis.hincrby(batch_key(batch_id), "next", -1)  # tried again next pass
+            lease = await take_slot(self.state, tenant, record["tier"], job_id, meta(job))
+        except TooManyRequests:
+            return  # the tenant's slots are busy: this line waits for the next pass
+        retention = self.state.settings.stream_retention_seconds
+        await store.add_line_job(redis, batch_id, index, job_id, job, retention)
+        try:
+            await self.scheduler.send(job_id, job, lease)
+        except Exception:  # its slot is back; the line is tried again next pass
+            await store.drop_line_job(redis, batch_id, job_id)
             raise
 
     async def _finish(self, batch_id: str, record: dict, status: str) -> None:
@@ -193,11 +204,7 @@ class BatchRunner:
 
         await anyio.to_thread.run_sync(assemble)
         retention = int(record["retention"])
-        pipe = self.state.redis.pipeline(transaction=True)
-        pipe.hset(batch_key(batch_id), mapping={"status": status, "finished_at": str(time.time())})
-        pipe.expire(batch_key(batch_id), retention)
-        pipe.srem(ACTIVE, batch_id)
-        pipe.zadd(EXPIRING, {stored(tenant, batch_id): time.time() + retention})
-        await pipe.execute()
+        files = stored(tenant, batch_id)
+        await store.end_batch(self.state.redis, batch_id, status, files, retention, time.time())
         self._specs.pop(batch_id, None)
         log.info("batch %s %s (%d lines)", batch_id, status, total)

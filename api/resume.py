@@ -7,18 +7,34 @@ Within the resume grace period after a disconnect (GPUHOST_RESUME_GRACE_SECONDS)
 the job's stream is retained; a finished job can be re-read the same way. Tenant-scoped.
 """
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from api.deps import InferenceKey, StateDep
-from api.dispatch import resume
-from api.errors import BadRequest
+from api.errors import BadRequest, NotFound
+from api.jobs.store import JobMeta
+from api.jobs.stream import Chunk, JobStream
 from api.ollama.serving import NDJSON, Render, ndjson
 from api.openai.serving import SSE, ChatRender, sse
+from api.state import AppState
+from billing.tenants import KeyOwner
 
 router = APIRouter(tags=["jobs"])
+
+
+async def resume(
+    state: AppState, request_id: str, owner: KeyOwner, after: int
+) -> tuple[JobMeta, AsyncIterator[Chunk]]:
+    """A job's chunks from index `after` on, for its own tenant only (404 for anyone else)."""
+    meta = await JobMeta.read(state.redis, request_id)
+    if meta is None or meta.tenant_id != str(owner.tenant_id):
+        raise NotFound(f"job {request_id} not found (unknown, someone else's, or expired)")
+    stream = JobStream(state.redis, request_id, state.settings)
+    await stream.seek(after)
+    return meta, stream.follow(attached=True)
 
 
 @router.get("/api/jobs/{request_id}/stream")

@@ -21,13 +21,13 @@ from billing.db import session_factory, sync_engine, transaction
 from storage import Storage, tenant_key
 from tuning import dataset
 from tuning import service as tuning
-from tuning.models import CANCELED, FAILED, RUNNING, SUCCEEDED, Adapter, FineTune
+from tuning.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Adapter, FineTune
 from tuning.params import TrainParams
-from tuning.trainer import Checkpoint, Hooks, Trainer
 from workers.celery_app import consume
 from workers.contract import TRAIN_QUEUE, TRAIN_TASK, celery_config, send_training
 from workers.settings import WorkerSettings
-from workers.tasks import owner
+from workers.tasks import process_name
+from workers.training.trainer import Checkpoint, Hooks, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _clean_up(storage: Storage, tenant_id, job_id: str, dataset_key: str) -> Non
 
 def run_training(runtime: TrainRuntime, payload: dict) -> str:
     """Run (or resume) one fine-tune. Returns how it ended (for logs and tests)."""
-    job_id, worker = payload["fine_tune_id"], owner()
+    job_id, worker = payload["fine_tune_id"], process_name()
     with transaction(runtime.sessions) as session:
         job = tuning.take(session, job_id, worker)
         if job is None:
@@ -134,7 +134,7 @@ def run_training(runtime: TrainRuntime, payload: dict) -> str:
             if job.worker != worker or job.status != RUNNING:
                 raise Superseded(job_id)
             if adapter_key is None:
-                status, adapter = CANCELED, None
+                status, adapter = CANCELLED, None
             else:
                 status = SUCCEEDED
                 adapter = Adapter(

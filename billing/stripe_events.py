@@ -1,4 +1,4 @@
-"""Stripe webhooks: a subscription's state moves its tenant's tier.
+"""Stripe's events (its webhooks, inbound): a subscription's state moves its tenant's tier.
 
 `verify` checks the signature on the raw body (the official SDK's scheme); `apply` changes
 the ledger. Subscriptions map to tiers by their price: `price_tiers` (price id -> tier), else

@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from api.tls import local_tls
+from cli.tls import local_tls
 from tests.stack import Process, free_port, wait_for
 
 
@@ -58,7 +58,7 @@ def test_a_client_that_does_not_trust_it_is_refused(https_gateway):
 
 def test_a_certificate_without_its_key_is_a_clear_error(tls, stack_env):
     done = subprocess.run(
-        [sys.executable, "-m", "api", "serve", "--ssl-certfile", str(tls.certificate)],
+        [sys.executable, "-m", "cli", "serve", "--ssl-certfile", str(tls.certificate)],
         env=os.environ | stack_env,
         capture_output=True,
         text=True,

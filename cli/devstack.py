@@ -22,10 +22,10 @@ import httpx
 import redis
 
 import migrations
-from api.tls import local_tls
 from billing import tenants
 from billing.db import session_factory, sync_engine, transaction
 from billing.settings import ModelSettings
+from cli.tls import local_tls
 
 READY_TIMEOUT_SECONDS = 180
 DEMO_TIER = "pro"
@@ -192,7 +192,7 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
                 "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
             )
             child_env = _child_environment(env)
-            cli = [sys.executable, "-m", "api"]
+            cli = [sys.executable, "-m", "cli"]
             if not (settings.llava_weights().exists() and settings.sd_weights().exists()):
                 _say(f"no weights at {settings.llava_weights()}: making tiny random-weight models")
                 subprocess.run(

@@ -9,27 +9,26 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-import anyio
 from redis.exceptions import RedisError
 
 from api.admission import Lease
-from api.async_jobs import (
-    HOOKED,
-    MOVE,
-    SUBMITTED,
-    TENANTS_WAITING,
-    job_view,
-    record_key,
-    waiting_key,
-)
 from api.errors import TooManyRequests
-from api.relay import JobMeta
+from api.jobs import store
+from api.jobs.submit import enqueue, take_slot
+from api.jobs.view import job_view
 from api.state import AppState
 from webhooks import service as webhooks
-from workers.contract import ChatJob, ImageJob, done_key, meta_key, send_job, started_key
+from workers.contract import ChatJob, ImageJob
+from workers.keyspace import HOOKED, SUBMITTED, done_key, job_record_key, started_key
 
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 0.1
+
+
+def meta(record: dict) -> store.JobMeta:
+    """An async job's metadata, from its record: its stream reads as OpenAI's or /api/images'."""
+    family = "images" if record["type"] == "images" else "openai-chat"
+    return store.JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
 
 
 class Scheduler:
@@ -37,7 +36,7 @@ class Scheduler:
 
     def __init__(self, state: AppState, then=()):
         """`then`: makers of (state, scheduler) -> a part with `pass_once`, run after the
-        waiting jobs in each pass (api.batch_runner.BatchRunner)."""
+        waiting jobs in each pass (api.jobs.batch_runner.BatchRunner)."""
         self.state = state
         self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
         self._observed_at = 0.0
@@ -67,50 +66,35 @@ class Scheduler:
 
     async def _take_waiting(self) -> None:
         redis = self.state.redis
-        for raw in await redis.smembers(TENANTS_WAITING):
-            tenant = raw.decode()
-            job_id = await redis.lpop(waiting_key(tenant))
-            if job_id is None:
-                await redis.srem(TENANTS_WAITING, tenant)
-                continue
-            job_id = job_id.decode()
-            record = {
-                k.decode(): v.decode() for k, v in (await redis.hgetall(record_key(job_id))).items()
-            }
-            if not record or record["state"] != "waiting":
+        for tenant, job_id in await store.next_waiting(redis):
+            record = await store.job_record(redis, job_id)
+            if record.get("state") != store.WAITING:
                 continue  # cancelled or expired meanwhile
             try:
-                lease = await self.state.admission.acquire(tenant, record["tier"], job_id)
+                lease = await take_slot(self.state, tenant, record["tier"], job_id, meta(record))
             except TooManyRequests:
-                await redis.lpush(waiting_key(tenant), job_id)  # its turn comes again
+                await store.requeue(redis, tenant, job_id)  # its turn comes again
                 continue
-            if not await redis.eval(MOVE, 1, record_key(job_id), "waiting", "submitted"):
+            except Exception:  # Redis away: the job stays first in line, if it can be put back
+                await store.requeue(redis, tenant, job_id)
+                raise
+            if not await store.move_job(redis, job_id, store.WAITING, store.SUBMITTED_STATE):
                 await self.state.admission.release(lease)  # cancelled while it was taken
                 continue
             try:
-                await self.submit(job_id, record)
-            except Exception:  # not enqueued: the slot back, the job first in line again
-                await self.state.admission.release(lease)
-                await redis.hset(record_key(job_id), "state", "waiting")
-                await redis.hdel(SUBMITTED, job_id)
-                await redis.lpush(waiting_key(tenant), job_id)
+                await self.send(job_id, record, lease)
+            except Exception:  # not enqueued (its slot is back): first in line again
+                await store.unsubmit(redis, job_id, tenant)
                 raise
 
-    async def submit(self, job_id: str, record: dict) -> None:
-        redis = self.state.redis
-        retention = self.state.settings.stream_retention_seconds
+    async def send(self, job_id: str, record: dict, lease: Lease) -> None:
+        """Enqueue a job that holds its slot (a waiting job or a batch line); the schedulers
+        keep its lease until a worker starts it."""
         images = record["type"] == "images"
         spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
         spec.enqueued_at = time.time()
-        family = "images" if images else "openai-chat"
-        meta = JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
-        pipe = redis.pipeline(transaction=False)  # one round trip for the three
-        pipe.hset(record_key(job_id), "submitted_at", str(spec.enqueued_at))
-        pipe.set(meta_key(job_id), meta.dump(), ex=retention)
-        pipe.hset(SUBMITTED, job_id, record["tenant_id"])
-        await pipe.execute()
-
-        await anyio.to_thread.run_sync(send_job, self.state.celery, spec)
+        await store.mark_submitted(self.state.redis, job_id, record["tenant_id"], spec.enqueued_at)
+        await enqueue(self.state, lease, spec)
 
     async def _keep_submitted_leases(self) -> None:
         """Renew the slot of each job enqueued but not yet started, three times per lease TTL;
@@ -124,7 +108,7 @@ class Scheduler:
         for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items():
             job_id, tenant = raw_id.decode(), raw_tenant.decode()
             if await redis.exists(started_key(job_id)) or not await redis.exists(
-                record_key(job_id)
+                job_record_key(job_id)
             ):
                 await redis.hdel(SUBMITTED, job_id)
                 continue
@@ -152,8 +136,7 @@ class Scheduler:
         final chunk) or its cancellation: the job's view (its whole stream) is read, and the
         ledger written, only when there is an event to record."""
         redis = self.state.redis
-        raw = await redis.hgetall(record_key(job_id))
-        record = {k.decode(): v.decode() for k, v in raw.items()}
+        record = await store.job_record(redis, job_id)
         if not record:
             await redis.srem(HOOKED, job_id)  # expired
             return
@@ -163,7 +146,7 @@ class Scheduler:
         pipe.exists(started_key(job_id))
         pipe.exists(done_key(job_id))
         started, ended = await pipe.execute()
-        ended = bool(ended) or record["state"] == "canceled"
+        ended = bool(ended) or record["state"] == store.CANCELLED
         due = [
             event
             for event, happened in (("start", bool(started)), ("completed", ended))
@@ -182,6 +165,6 @@ class Scheduler:
                     url = record["webhook_url"]
                     await webhooks.record(session, tenant, job_id, event, url, payload)
             recorded |= set(due)
-            await redis.hset(record_key(job_id), "webhook_recorded", ",".join(sorted(recorded)))
+            await redis.hset(job_record_key(job_id), "webhook_recorded", ",".join(sorted(recorded)))
         if ended:
             await redis.srem(HOOKED, job_id)

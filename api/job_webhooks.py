@@ -2,38 +2,34 @@
 
 from fastapi import APIRouter
 
-from api.async_jobs import record_key
-from api.deps import InferenceKey, StateDep
-from api.errors import NotFound
+from api.deps import InferenceKey, SessionDep, StateDep
+from api.jobs import store
 from webhooks import service
 
 router = APIRouter(tags=["webhooks"])
 
 
 @router.get("/v1/webhooks/secret")
-async def secret(owner: InferenceKey, state: StateDep) -> dict:
+async def secret(owner: InferenceKey, session: SessionDep) -> dict:
     """The key job webhooks are signed with (Standard Webhooks: verify `webhook-signature`,
     an HMAC-SHA256 over `webhook-id.webhook-timestamp.body`, with it)."""
-    async with state.sessions() as session, session.begin():
-        return {"key": await service.secret_of(session, owner.tenant_id)}
+    return {"key": await service.secret_of(session, owner.tenant_id)}
 
 
 @router.post("/v1/webhooks/secret/rotate")
-async def rotate(owner: InferenceKey, state: StateDep) -> dict:
+async def rotate(owner: InferenceKey, session: SessionDep) -> dict:
     """A new key; deliveries from now on are signed with it."""
-    async with state.sessions() as session, session.begin():
-        return {"key": await service.rotate_secret(session, owner.tenant_id)}
+    return {"key": await service.rotate_secret(session, owner.tenant_id)}
 
 
 @router.get("/v1/jobs/{job_id}/webhooks")
-async def deliveries(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
+async def deliveries(
+    job_id: str, owner: InferenceKey, state: StateDep, session: SessionDep
+) -> dict:
     """Each event sent for the job: its status, attempts and the receiver's last answer."""
-    async with state.sessions() as session:
-        rows = await service.of_job(session, owner.tenant_id, job_id)
+    rows = await service.of_job(session, owner.tenant_id, job_id)
     if not rows:
-        tenant = await state.redis.hget(record_key(job_id), "tenant_id")
-        if tenant is None or tenant.decode() != str(owner.tenant_id):
-            raise NotFound(f"job {job_id} not found")
+        await store.job_record(state.redis, job_id, str(owner.tenant_id))  # 404 unless theirs
     return {
         "data": [
             {

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from api.operator_cli import admin_app, billing_app, db_app, fail, print_json
 from billing.settings import ModelSettings
+from cli.operator import admin_app, billing_app, db_app, fail, print_json
 
 app = typer.Typer(
     help="gpuhost: GPU model hosting, billed by the GPU-second.", no_args_is_help=True
@@ -36,7 +36,7 @@ def serve(
 
     from api.app import create_app
     from api.settings import GatewaySettings
-    from api.tls import check_pair
+    from cli.tls import check_pair
 
     settings = GatewaySettings()
     certfile = ssl_certfile or settings.ssl_certfile
@@ -79,7 +79,7 @@ def dev(
     ] = False,
 ) -> None:
     """Everything on one box: PostgreSQL, Redis, tiny models, gateway, worker, a demo key."""
-    from api.devstack import run_dev
+    from cli.devstack import run_dev
 
     raise typer.Exit(run_dev(port=port, state_dir=state_dir, tls=tls))
 
@@ -95,34 +95,34 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", help="Print timings and cost.")] = False,
 ) -> None:
     """Chat with a model: one question, or an interactive multi-turn chat."""
-    from api import client_cli
+    from cli import client
 
     try:
-        client_cli.run(model, prompt, image, verbose)
-    except client_cli.ClientError as exc:
-        client_cli.fail(exc)
+        client.run(model, prompt, image, verbose)
+    except client.ClientError as exc:
+        client.fail(exc)
 
 
 @app.command()
 def ps() -> None:
     """Models loaded on the workers now."""
-    from api import client_cli
+    from cli import client
 
     try:
-        client_cli.ps()
-    except client_cli.ClientError as exc:
-        client_cli.fail(exc)
+        client.ps()
+    except client.ClientError as exc:
+        client.fail(exc)
 
 
 @app.command("list")
 def list_models() -> None:
     """Models this server offers."""
-    from api import client_cli
+    from cli import client
 
     try:
-        client_cli.list_models()
-    except client_cli.ClientError as exc:
-        client_cli.fail(exc)
+        client.list_models()
+    except client.ClientError as exc:
+        client.fail(exc)
 
 
 @app.command("usage")
@@ -130,12 +130,12 @@ def usage_command(
     limit: Annotated[int, typer.Option(help="Most recent N requests.")] = 20,
 ) -> None:
     """Your recent requests and the GPU-seconds each cost."""
-    from api import client_cli
+    from cli import client
 
     try:
-        client_cli.usage(limit)
-    except client_cli.ClientError as exc:
-        client_cli.fail(exc)
+        client.usage(limit)
+    except client.ClientError as exc:
+        client.fail(exc)
 
 
 @app.command()
@@ -148,18 +148,18 @@ def generate(
     size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, e.g. 512x512.")] = None,
 ) -> None:
     """Make an image with Stable Diffusion."""
-    from api import client_cli
+    from cli import client
 
     options: dict = {"negative_prompt": negative, "num_inference_steps": steps, "seed": seed}
     if size:
         width, _, height = size.partition("x")
         if not (width.isdigit() and height.isdigit()):
-            client_cli.fail(client_cli.ClientError(f"--size {size!r}: expected WIDTHxHEIGHT"))
+            client.fail(client.ClientError(f"--size {size!r}: expected WIDTHxHEIGHT"))
         options |= {"width": int(width), "height": int(height)}
     try:
-        client_cli.generate(prompt, output, {k: v for k, v in options.items() if v is not None})
-    except client_cli.ClientError as exc:
-        client_cli.fail(exc)
+        client.generate(prompt, output, {k: v for k, v in options.items() if v is not None})
+    except client.ClientError as exc:
+        client.fail(exc)
 
 
 # -- models ----------------------------------------------------------------------------------

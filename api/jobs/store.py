@@ -1,0 +1,213 @@
+"""What the gateway keeps in Redis about jobs and batches: each job's metadata (whose it is,
+how its stream is rendered), async job records, and batch records. Key names and scripts are
+`workers.keyspace`'s; every write of these records is here."""
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
+
+import redis.asyncio as aioredis
+
+from api.errors import Conflict, NotFound
+from workers.keyspace import (
+    BATCHES_ACTIVE,
+    BATCHES_EXPIRING,
+    HOOKED,
+    JOB_MOVE,
+    SUBMITTED,
+    TENANTS_WAITING,
+    batch_key,
+    batch_running_key,
+    batches_index_key,
+    idempotency_key,
+    job_record_key,
+    jobs_index_key,
+    meta_key,
+    waiting_key,
+)
+
+# How a job's stream is rendered to its client: the API family and call that made it.
+Family = Literal["ollama-chat", "ollama-generate", "openai-chat", "images"]
+FAMILIES: tuple[str, ...] = get_args(Family)
+
+# An async job's record moves waiting -> submitted (a scheduler took it into a slot) or
+# waiting -> cancelled; a submitted job's progress is in its stream.
+WAITING, SUBMITTED_STATE, CANCELLED = "waiting", "submitted", "cancelled"
+
+
+@dataclass(frozen=True)
+class JobMeta:
+    """Whose job it is and how its stream is rendered: written with the job's slot, read to
+    resume its stream."""
+
+    tenant_id: str
+    family: Family
+    model: str
+    created: float  # unix time
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    async def read(cls, redis: aioredis.Redis, request_id: str) -> "JobMeta | None":
+        raw = await redis.get(meta_key(request_id))
+        return cls(**json.loads(raw)) if raw else None
+
+
+def decoded(raw: dict) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+# -- async jobs ---------------------------------------------------------------------------
+
+
+async def job_record(redis: aioredis.Redis, job_id: str, tenant_id: str | None = None) -> dict:
+    """An async job's record; with `tenant_id`, 404 unless it is that tenant's."""
+    record = decoded(await redis.hgetall(job_record_key(job_id)))
+    if tenant_id is not None and record.get("tenant_id") != tenant_id:
+        raise NotFound(f"job {job_id} not found")
+    return record
+
+
+async def claim_idempotency(
+    redis: aioredis.Redis, job_id: str, fingerprint: str, retention: int
+) -> bool:
+    """True if this Idempotency-Key is new (its job is to be made now), False if it made a job
+    for the same request before; 409 if for another request."""
+    key = idempotency_key(job_id)
+    if await redis.set(key, fingerprint, nx=True, ex=retention):
+        return True
+    if await redis.get(key) != fingerprint.encode():
+        raise Conflict("this Idempotency-Key was used with a different request")
+    return False
+
+
+async def add_waiting_job(
+    redis: aioredis.Redis, job_id: str, record: dict, retention: int, hooked: bool, now: float
+) -> None:
+    """A new async job, in its tenant's queue and index (and watched for webhook events)."""
+    tenant = record["tenant_id"]
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(job_record_key(job_id), mapping=record | {"state": WAITING})
+    pipe.expire(job_record_key(job_id), retention)
+    pipe.zadd(jobs_index_key(tenant), {job_id: now})
+    pipe.expire(jobs_index_key(tenant), retention)
+    pipe.rpush(waiting_key(tenant), job_id)
+    pipe.sadd(TENANTS_WAITING, tenant)
+    if hooked:
+        pipe.sadd(HOOKED, job_id)
+    await pipe.execute()
+
+
+async def move_job(redis: aioredis.Redis, job_id: str, from_state: str, to_state: str) -> bool:
+    """Move the job's state on if it is `from_state` (the first mover wins)."""
+    return bool(await redis.eval(JOB_MOVE, 1, job_record_key(job_id), from_state, to_state))
+
+
+async def next_waiting(redis: aioredis.Redis) -> list[tuple[str, str]]:
+    """(tenant, job id): the next waiting job of each tenant that has one, taken off its
+    queue (`requeue` puts one back first in line); tenants with none left leave the set."""
+    taken = []
+    for raw in await redis.smembers(TENANTS_WAITING):
+        tenant = raw.decode()
+        job_id = await redis.lpop(waiting_key(tenant))
+        if job_id is None:
+            await redis.srem(TENANTS_WAITING, tenant)
+            continue
+        taken.append((tenant, job_id.decode()))
+    return taken
+
+
+async def requeue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:
+    await redis.lpush(waiting_key(tenant), job_id)
+
+
+async def unqueue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:
+    await redis.lrem(waiting_key(tenant), 0, job_id)
+
+
+async def has_waiting(redis: aioredis.Redis, tenant: str) -> bool:
+    return bool(await redis.llen(waiting_key(tenant)))
+
+
+async def mark_submitted(redis: aioredis.Redis, job_id: str, tenant: str, at: float) -> None:
+    """The job was enqueued: its submission time, and its lease kept by the schedulers until a
+    worker starts it."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(job_record_key(job_id), "submitted_at", str(at))
+    pipe.hset(SUBMITTED, job_id, tenant)
+    await pipe.execute()
+
+
+async def unsubmit(redis: aioredis.Redis, job_id: str, tenant: str) -> None:
+    """A job that could not be enqueued waits first in line again."""
+    await redis.hset(job_record_key(job_id), "state", WAITING)
+    await redis.hdel(SUBMITTED, job_id)
+    await requeue(redis, tenant, job_id)
+
+
+async def tenant_job_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list[str]:
+    return [raw.decode() for raw in await redis.zrevrange(jobs_index_key(tenant), 0, limit - 1)]
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+async def batch_record(redis: aioredis.Redis, batch_id: str, tenant_id: str | None = None) -> dict:
+    """A batch's record; with `tenant_id`, 404 unless it is that tenant's."""
+    record = decoded(await redis.hgetall(batch_key(batch_id)))
+    if tenant_id is not None and record.get("tenant_id") != tenant_id:
+        raise NotFound(f"batch {batch_id} not found")
+    return record
+
+
+async def add_batch(redis: aioredis.Redis, batch_id: str, record: dict, now: float) -> None:
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(batch_key(batch_id), mapping=record)
+    pipe.zadd(batches_index_key(record["tenant_id"]), {batch_id: now})
+    pipe.sadd(BATCHES_ACTIVE, batch_id)
+    await pipe.execute()
+
+
+async def cancel_batch(redis: aioredis.Redis, batch_id: str) -> None:
+    """Its lines not started never run; the batch runner stops the running ones."""
+    await redis.hset(batch_key(batch_id), "status", "cancelling")
+
+
+async def tenant_batch_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list[str]:
+    ids = await redis.zrevrange(batches_index_key(tenant), 0, limit - 1)
+    return [raw.decode() for raw in ids]
+
+
+async def add_line_job(
+    redis: aioredis.Redis, batch_id: str, index: int, job_id: str, record: dict, retention: int
+) -> None:
+    """A batch line becomes a job (already holding its slot): its record, and the batch's
+    running lines and next line moved on, in one transaction."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(job_record_key(job_id), mapping=record | {"state": SUBMITTED_STATE})
+    pipe.expire(job_record_key(job_id), retention)
+    pipe.hset(batch_running_key(batch_id), job_id, index)
+    pipe.hincrby(batch_key(batch_id), "next", 1)
+    await pipe.execute()
+
+
+async def drop_line_job(redis: aioredis.Redis, batch_id: str, job_id: str) -> None:
+    """Undo `add_line_job` for a line that could not be enqueued (tried again next pass)."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hdel(batch_running_key(batch_id), job_id)
+    pipe.delete(job_record_key(job_id))
+    pipe.hincrby(batch_key(batch_id), "next", -1)
+    await pipe.execute()
+
+
+async def end_batch(
+    redis: aioredis.Redis, batch_id: str, status: str, files: str, retention: int, now: float
+) -> None:
+    """The batch ended: its record kept `retention` seconds, its files (`files`) deleted then."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(batch_key(batch_id), mapping={"status": status, "finished_at": str(now)})
+    pipe.expire(batch_key(batch_id), retention)
+    pipe.srem(BATCHES_ACTIVE, batch_id)
+    pipe.zadd(BATCHES_EXPIRING, {files: now + retention})
+    await pipe.execute()

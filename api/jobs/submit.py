@@ -1,0 +1,272 @@
+"""The one path from an admitted request to a Celery message, and the handle a synchronous
+request holds until its end.
+
+`take_slot` gives the job a slot in its tenant's lease semaphore with its metadata written in
+the same Lua step (refused: nothing held, nothing written); `enqueue` sends its message (not
+sent: the slot back). Synchronous requests (`submit`, every API family), async jobs and batch
+lines (`api.jobs.scheduler`) all go through both. A synchronous request then holds a `Job`:
+`live` relays its chunks to a streaming response, `complete` gathers them for one that is
+not streamed; a streaming client that leaves abandons it for a grace period in which
+`api/resume.py` can pick its stream up.
+"""
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import Request
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
+
+from api.admission import Lease
+from api.errors import (
+    ApiError,
+    ClientGone,
+    PaymentRequired,
+    TooManyRequests,
+    Unavailable,
+    UpstreamError,
+)
+from api.jobs.store import Family, JobMeta
+from api.jobs.stream import Chunk, Disconnected, JobStream
+from api.state import AppState
+from billing.tenants import KeyOwner
+from workers.contract import (
+    ChatJob,
+    DoneChunk,
+    ErrorChunk,
+    ImageJob,
+    ImagesChunk,
+    TokenChunk,
+    is_final,
+    send_job,
+)
+from workers.keyspace import attached_key, meta_key
+
+log = logging.getLogger(__name__)
+
+Spec = ChatJob | ImageJob
+
+
+async def take_slot(
+    state: AppState, tenant_id: str, tier: str, job_id: str, meta: JobMeta
+) -> Lease:
+    """A slot for the job, its metadata written in the same step (429 if the tenant is at
+    its tier's limit, 503 if Redis is away: nothing held, nothing written)."""
+    record = (meta_key(job_id), meta.dump(), state.settings.stream_retention_seconds)
+    return await state.admission.acquire(tenant_id, tier, job_id, record)
+
+
+async def enqueue(state: AppState, lease: Lease, spec: Spec) -> None:
+    """Send the job to its family's queue. If it cannot be sent (503 when the broker is
+    away), its slot is given back."""
+    try:
+        await anyio.to_thread.run_sync(send_job, state.celery, spec)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await _release(state, lease)
+        if isinstance(exc, KombuError | OSError):
+            raise Unavailable(f"the job queue is unavailable ({exc}); try again shortly") from exc
+        raise
+
+
+async def check_quota(state: AppState, owner: KeyOwner, fresh: bool = False) -> str:
+    """The tenant's current tier, after checking that its plan still covers another request
+    this billing period (HTTP 402 if not). Read from the ledger at most once a second or so
+    per tenant (`api.quota`); `fresh` reads it now."""
+    return (await state.quotas.check(owner.tenant_id, fresh)).tier
+
+
+async def _admit(state: AppState, owner: KeyOwner, job_id: str, meta: JobMeta) -> tuple[str, Lease]:
+    """The tenant's tier and a slot (402 or 429 if refused). A refusal is decided on the
+    tenant's current tier: if a cached one refuses, it is read again."""
+    tenant = str(owner.tenant_id)
+    view = await state.quotas.check(owner.tenant_id)
+    try:
+        return view.tier, await take_slot(state, tenant, view.tier, job_id, meta)
+    except TooManyRequests:
+        if not view.cached:
+            raise
+    tier = await check_quota(state, owner, fresh=True)
+    return tier, await take_slot(state, tenant, tier, job_id, meta)
+
+
+async def submit(
+    state: AppState, spec: Spec, owner: KeyOwner, family: Family, request: Request
+) -> tuple["Job", Chunk]:
+    """Admit, enqueue, and wait for the first chunk (so that an early error gets its status).
+
+    Everything that fails here releases the slot; the caller owns the returned job and must
+    end it with `close()` or `abandon()` (`live` and `complete` do).
+    """
+    meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time())
+    try:
+        tier, lease = await _admit(state, owner, spec.request_id, meta)
+    except (PaymentRequired, TooManyRequests) as refused:
+        state.metrics.refused.labels(owner.tier, str(refused.status)).inc()
+        raise
+    job = Job(state, spec, lease, tier)
+    try:
+        admitted = time.perf_counter()
+        await enqueue(state, lease, spec)
+        waiting = job.chunks(disconnected=request.is_disconnected)
+        first = await anext(waiting, None)
+        await waiting.aclose()
+        if first is None:
+            raise ClientGone("the client went away before the answer started")
+        if isinstance(first, ErrorChunk):
+            raise UpstreamError(first.status, first.message)
+        models = "sd" if isinstance(spec, ImageJob) else "llava"
+        state.metrics.first_chunk.labels(models).observe(time.perf_counter() - admitted)
+    except ApiError as exc:
+        await job.close()
+        exc.headers.setdefault("X-Request-Id", spec.request_id)
+        raise
+    except BaseException:
+        await job.close()
+        raise
+    return job, first
+
+
+async def _release(state: AppState, lease: Lease) -> None:
+    try:
+        await state.admission.release(lease)
+    except RedisError:
+        # The lease expires by itself within its TTL; nothing more can be done now.
+        log.warning("could not release the slot of %s; it expires with its lease", lease.holder)
+
+
+class Job:
+    """One admitted synchronous request: its slot, its task, and its stream."""
+
+    def __init__(self, state: AppState, spec: Spec, lease: Lease, tier: str):
+        self.state = state
+        self.spec = spec
+        self.lease = lease
+        self.tier = tier
+        self.stream = JobStream(state.redis, spec.request_id, state.settings)
+        self._released = False
+        state.metrics.in_flight.labels(tier).inc()
+        # The lease is renewed on the gateway's clock, not the client's: a slow reader keeps
+        # its slot.
+        state.leases.hold(lease)
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.stream.ended
+
+    async def chunks(self, disconnected: Disconnected | None = None) -> AsyncIterator[Chunk]:
+        """The job's chunks one by one, until its final one (which also frees the slot)."""
+        async for chunk in self.stream.follow(disconnected):
+            if is_final(chunk):
+                await self._ended(chunk)
+            yield chunk
+
+    async def settled(self, disconnected: Disconnected | None = None) -> AsyncIterator[Chunk]:
+        """The job's remaining chunks, in one read once its final one is there."""
+        async for chunk in self.stream.settled(disconnected):
+            if is_final(chunk):
+                await self._ended(chunk)
+            yield chunk
+
+    async def _ended(self, chunk: Chunk) -> None:
+        """The work is over: the slot is free before the client hears so."""
+        await self.close()
+        metrics = self.state.metrics
+        if isinstance(chunk, DoneChunk | ImagesChunk):
+            family = "sd" if isinstance(chunk, ImagesChunk) else "llava"
+            metrics.gpu_seconds.labels(family, self.tier).inc(chunk.gpu_seconds)
+            cancelled = getattr(chunk, "done_reason", None) == "cancelled" or getattr(
+                chunk, "cancelled", False
+            )
+            outcome = "cancelled" if cancelled else "completed"
+        else:
+            outcome = str(getattr(chunk, "status", "error"))
+        metrics.jobs.labels(self.spec.model, self.tier, outcome).inc()
+
+    async def close(self) -> None:
+        """Free the slot; if the job has not finished, cancel it first. Safe to repeat."""
+        if self._released:
+            return
+        self._released = True
+        self.state.metrics.in_flight.labels(self.tier).dec()
+        self.state.leases.drop(self.lease)
+        with anyio.CancelScope(shield=True):
+            if not self.finished:
+                try:
+                    await self.stream.cancel()
+                except RedisError:
+                    log.warning("could not cancel %s", self.request_id)
+            await _release(self.state, self.lease)
+
+    async def abandon(self) -> None:
+        """The streaming client went away: keep the job for a resume, or cancel it now."""
+        grace = self.state.settings.resume_grace_seconds
+        if self.finished or grace <= 0:
+            await self.close()
+            return
+        self.state.spawn(self._supervise(grace))
+
+    async def _supervise(self, grace: float) -> None:
+        """Relay nowhere while someone may resume; cancel once nobody has for `grace` s."""
+        deadline = time.monotonic() + grace
+
+        async def nobody_reading() -> bool:
+            nonlocal deadline
+            if await self.state.redis.exists(attached_key(self.request_id)):
+                deadline = time.monotonic() + grace
+            return time.monotonic() > deadline
+
+        try:
+            async for _ in self.chunks(disconnected=nobody_reading):
+                pass
+        except ApiError as exc:
+            log.info("abandoned job %s ended: %s", self.request_id, exc.message)
+        finally:
+            await self.close()
+
+
+async def complete(job: Job, first: Chunk, request: Request) -> tuple[str, Chunk]:
+    """Run a submitted job to its end for a non-streamed answer: the text of its tokens and
+    its final chunk (DoneChunk or ImagesChunk). The slot is always freed; a worker's error
+    is raised with its status, and every error carries the request id."""
+    parts: list[str] = []
+    chunk = first
+    try:
+        if not is_final(chunk):
+            if isinstance(chunk, TokenChunk):
+                parts.append(chunk.text)
+            async for chunk in job.settled(disconnected=request.is_disconnected):
+                if isinstance(chunk, TokenChunk):
+                    parts.append(chunk.text)
+        if isinstance(chunk, ErrorChunk):
+            raise UpstreamError(chunk.status, chunk.message)
+        if not is_final(chunk):
+            raise UpstreamError(502, "the model's stream ended without a result")
+    except ApiError as exc:
+        exc.headers.setdefault("X-Request-Id", job.request_id)
+        raise
+    finally:
+        await job.close()
+    return "".join(parts), chunk
+
+
+async def live(job: Job, first: Chunk) -> AsyncIterator[Chunk]:
+    """A submitted job's chunks for a streaming response, from its first one.
+
+    When the response ends early (the client went away), the job is abandoned: it runs on
+    for the resume grace period instead of being cancelled at once.
+    """
+    try:
+        yield first
+        if not job.finished:
+            async for chunk in job.chunks():
+                yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await (job.close() if job.finished else job.abandon())

@@ -1,0 +1,78 @@
+"""What an async job (or a batch line) looks like to its tenant: its record and a snapshot of
+its stream, read into one view (GET /v1/jobs/{id}, webhook payloads, batch results)."""
+
+import asyncio
+import time
+
+from api.jobs import store
+from api.jobs.stream import JobStream
+from api.state import AppState
+from workers.contract import DoneChunk, ErrorChunk, ImagesChunk, ProgressChunk, TokenChunk
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
+    """The job as it stands now (404 unless it is `tenant_id`'s)."""
+    record = await store.job_record(state.redis, job_id, tenant_id)
+    view = {
+        "id": job_id,
+        "type": record["type"],
+        "model": record["model"],
+        "created_at": float(record["created_at"]),
+        # enqueued to a worker (a slot taken), started on it, ended: unix seconds or null
+        "submitted_at": float(record["submitted_at"]) if "submitted_at" in record else None,
+        "started_at": None,
+        "finished_at": None,
+        "status": "queued",
+        "progress": None,
+        "output": None,
+        "error": None,
+        "gpu_seconds": None,
+        "queue_seconds": None,
+    }
+    if record["state"] == store.CANCELLED:
+        return view | {"status": "cancelled"}
+    if record["state"] != store.SUBMITTED_STATE:
+        return view
+    stream = JobStream(state.redis, job_id, state.settings)
+    text, progress = [], None
+    for written_at, chunk in await stream.snapshot():
+        if isinstance(chunk, TokenChunk):
+            text.append(chunk.text)
+        elif isinstance(chunk, ProgressChunk):
+            progress = {"step": chunk.step, "steps": chunk.steps}
+        elif isinstance(chunk, DoneChunk | ImagesChunk | ErrorChunk):
+            return view | _ended(view, chunk, written_at, text)
+    if text:
+        progress = {"tokens": len(text)}
+    status = "running" if await stream.started() else "queued"
+    return view | {"status": status, "progress": progress}
+
+
+def _ended(view: dict, chunk, finished_at: float, text: list[str]) -> dict:
+    """The fields of an ended job: when it ended (its final chunk's stream time) and started
+    (its queue time after submission, as the worker measured it), and what came of it."""
+    ended = {"finished_at": finished_at, "started_at": None}
+    if isinstance(chunk, ErrorChunk):
+        return ended | {"status": "failed", "error": chunk.message}
+    if view["submitted_at"] is not None:
+        ended["started_at"] = view["submitted_at"] + chunk.queue_seconds
+    cost = {"gpu_seconds": chunk.gpu_seconds, "queue_seconds": chunk.queue_seconds}
+    if isinstance(chunk, ImagesChunk):
+        output = {"images": chunk.images, "seed": chunk.seed}
+        return ended | cost | {"status": "succeeded", "output": output}
+    usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.output_tokens}
+    status = "cancelled" if chunk.done_reason == "cancelled" else "succeeded"
+    output = {"text": "".join(text), "finish_reason": chunk.done_reason, **usage}
+    return ended | cost | {"status": status, "output": output}
+
+
+async def settled_view(state: AppState, job_id: str, tenant_id: str, wait: float) -> dict:
+    """The job's view once it has finished, or after `wait` seconds, whichever comes first."""
+    deadline = time.monotonic() + wait
+    while True:
+        view = await job_view(state, job_id, tenant_id)
+        if view["status"] in FINISHED or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(0.1)

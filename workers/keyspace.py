@@ -1,0 +1,203 @@
+"""Every Redis key gpuhost writes, and the Lua scripts of the tenant slot semaphore and the job
+claim: the one place their names and their atomic steps are spelled, for the gateway and the
+workers alike. Imports nothing but the standard library (the gateway imports it).
+
+Celery's own keys (a queue's list is named after the queue) are Celery's, not listed here.
+"""
+
+import uuid
+
+PREFIX = "gpuhost:"
+
+# -- one job (a request, an async job or a batch line), by its request id ---------------------
+
+
+def stream_key(request_id: str) -> str:
+    """Redis Stream the worker writes the job's chunks to and the gateway reads."""
+    return f"{PREFIX}job:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Set by the gateway when the client goes away; the worker stops at the next token."""
+    return f"{PREFIX}job:{request_id}:cancel"
+
+
+def done_key(request_id: str) -> str:
+    """A list the worker pushes to when the job's final chunk is in its stream."""
+    return f"{PREFIX}job:{request_id}:done"
+
+
+def meta_key(request_id: str) -> str:
+    """Whose job it is and how its stream is rendered (written with its slot, for resuming)."""
+    return f"{PREFIX}job:{request_id}:meta"
+
+
+def attached_key(request_id: str) -> str:
+    """Refreshed by a gateway while a client reads a resumed stream."""
+    return f"{PREFIX}job:{request_id}:attached"
+
+
+def claim_key(request_id: str) -> str:
+    """Held (with a TTL, renewed) by the worker process that runs the job."""
+    return f"{PREFIX}job:{request_id}:claim"
+
+
+def started_key(request_id: str) -> str:
+    """Set once a worker has started the job; outlives the claim."""
+    return f"{PREFIX}job:{request_id}:started"
+
+
+# -- asynchronous jobs (/v1/jobs): records, queues and indexes ------------------------------
+
+TENANTS_WAITING = f"{PREFIX}jobs:waiting-tenants"  # tenants with a job waiting for a slot
+SUBMITTED = f"{PREFIX}jobs:submitted"  # enqueued, lease kept by the schedulers until started
+HOOKED = f"{PREFIX}jobs:hooked"  # jobs with a webhook whose last event is not recorded yet
+
+
+def job_record_key(job_id: str) -> str:
+    """An async job's record (a hash: its tenant, state, spec, webhook...)."""
+    return f"{PREFIX}jobs:{job_id}"
+
+
+def idempotency_key(job_id: str) -> str:
+    """The fingerprint of the request an Idempotency-Key made the job `job_id` for."""
+    return f"{PREFIX}jobs:{job_id}:key"
+
+
+def waiting_key(tenant_id: str) -> str:
+    """The tenant's jobs waiting for a slot, oldest first."""
+    return f"{PREFIX}jobs:waiting:{tenant_id}"
+
+
+def jobs_index_key(tenant_id: str) -> str:
+    """The tenant's jobs by creation time (GET /v1/jobs)."""
+    return f"{PREFIX}jobs:by-tenant:{tenant_id}"
+
+
+# -- batches (/v1/batches) ----------------------------------------------------------------
+
+BATCHES_ACTIVE = f"{PREFIX}batches:active"
+BATCHES_EXPIRING = f"{PREFIX}batches:expiring"  # ended batches' storage folders, by when they go
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{PREFIX}batches:{batch_id}"
+
+
+def batch_running_key(batch_id: str) -> str:
+    """The batch's lines running now: line job id -> line index."""
+    return f"{PREFIX}batches:{batch_id}:running"
+
+
+def batch_lock_key(batch_id: str) -> str:
+    """Held by the gateway advancing the batch (one at a time)."""
+    return f"{PREFIX}batches:{batch_id}:lock"
+
+
+def batches_index_key(tenant_id: str) -> str:
+    return f"{PREFIX}batches:by-tenant:{tenant_id}"
+
+
+# -- workers, images by URL, dashboard sessions --------------------------------------------
+
+WORKER_KEY_PREFIX = f"{PREFIX}worker:"
+
+
+def worker_key(process: str) -> str:
+    """Where a worker process publishes its `WorkerStatus` (expires if it stops publishing)."""
+    return WORKER_KEY_PREFIX + process
+
+
+def image_file_key(token: str) -> str:
+    """An image answered as a URL (`response_format: url`), until it expires."""
+    return f"{PREFIX}file:{token}"
+
+
+def dashboard_session_key(token: str) -> str:
+    return f"{PREFIX}dashboard:session:{token}"
+
+
+# -- the tenant slot semaphore -------------------------------------------------------------
+# Per tenant, a sorted set of the requests in flight scored by when their lease expires (Redis
+# server time, ms, so gateway clocks do not matter). The gateway takes a slot (SLOT_ACQUIRE)
+# and renews it while it relays the job (SLOT_RENEW); the worker running the job renews it too,
+# so that a job whose gateway died keeps its slot until it ends, and gives it back when it
+# does (JOB_RELEASE). Release is a ZREM, by either, and may be repeated.
+
+
+def slots_key(tenant_id: uuid.UUID | str) -> str:
+    return f"{PREFIX}slots:{tenant_id}"
+
+
+# Take a slot unless the tenant's limit is reached, dropping expired leases first (a crashed
+# holder's slot comes back within the TTL); if granted, write the job's metadata in the same
+# step. KEYS: the tenant's slots[, metadata key]. ARGV: limit, TTL (ms), holder[, the
+# metadata, its TTL (s)]. Returns {granted (0 or 1), slots held}.
+SLOT_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+if held >= limit then
+  return {0, held}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+end
+return {1, held + 1}
+"""
+
+# Extend a lease that is still there (XX never re-adds an expired one). KEYS: the tenant's
+# slots. ARGV: TTL (ms), holder. Returns 1 if renewed, 0 if it had expired.
+SLOT_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  return 1
+end
+return 0
+"""
+
+# -- the job claim (workers) ----------------------------------------------------------------
+
+# Claim a job, in one round trip: take its claim unless someone holds it (-1); mark it started
+# unless an earlier delivery did (that delivery died mid-run); and say whether it was cancelled.
+# KEYS: claim, started, cancel. ARGV: worker process, claim TTL (ms), stream retention (s).
+JOB_TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return -1
+end
+local fresh = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[3])
+local cancelled = redis.call('EXISTS', KEYS[3])
+return (fresh and 0 or 1) + 2 * cancelled
+"""
+
+# Drop the claim only if it is still ours (it may have expired and been taken since), and give
+# the tenant's slot back (a no-op if the gateway already has). KEYS: claim, slots (or none).
+# ARGV: worker process, holder.
+JOB_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+if KEYS[2] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+end
+return 0
+"""
+
+# An async job's state moves on only from the state the mover expects (waiting -> submitted by
+# a scheduler, waiting -> cancelled by a cancel): whichever comes first wins, the other sees so.
+# KEYS: the job's record. ARGV: from, to. Returns 1 if moved.
+JOB_MOVE = """
+if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'state', ARGV[2])
+  return 1
+end
+return 0
+"""
