@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class Lease:
     tenant_id: str
     holder: str
+    granted_ms: int = 0  # when the slot was taken, Redis server time (ms)
 
 
 class Admission:
@@ -63,7 +64,7 @@ class Admission:
             keys.append(key)
             args += [value, ttl]
         try:
-            granted, held = await self._acquire(keys=keys, args=args)
+            granted, held, *at = await self._acquire(keys=keys, args=args)
         except RedisError as exc:
             raise Unavailable(
                 f"admission is unavailable (Redis: {exc}); try again shortly"
@@ -74,7 +75,7 @@ class Admission:
                 f"and {held} are running; retry when one finishes",
                 headers={"Retry-After": str(self._retry_after)},
             )
-        return Lease(str(tenant_id), holder)
+        return Lease(str(tenant_id), holder, at[0])
 
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease; False if it had already expired (the slot may be someone else's)."""

@@ -132,7 +132,8 @@ def slots_key(tenant_id: uuid.UUID | str) -> str:
 # Take a slot unless the tenant's limit is reached, dropping expired leases first (a crashed
 # holder's slot comes back within the TTL); if granted, write the job's metadata in the same
 # step. KEYS: the tenant's slots[, metadata key]. ARGV: limit, TTL (ms), holder[, the
-# metadata, its TTL (s)]. Returns {granted (0 or 1), slots held}.
+# metadata, its TTL (s)]. Returns {0, slots held} if refused, {1, slots held, now (ms)} if
+# granted.
 SLOT_ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -148,7 +149,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 if KEYS[2] then
   redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
 end
-return {1, held + 1}
+return {1, held + 1, now}
 """
 
 # Extend a lease that is still there (XX never re-adds an expired one). KEYS: the tenant's

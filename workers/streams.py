@@ -104,6 +104,7 @@ class JobChannel:
     def __init__(self, client: redis.Redis, job: ChatJob | ImageJob, retention: int):
         self._redis = client
         self._id = job.request_id
+        self._slots = slots_key(job.tenant_id)
         self._retention = retention
         self._expiry_set_at = float("-inf")  # when the stream's expiry was last pushed back
         self.tokens_sent = 0
@@ -128,6 +129,9 @@ class JobChannel:
     # -- the end of the job
 
     def publish_final(self, chunk: AnyChunk) -> None:
+        """The job's last chunk. Its tenant's slot is given back first, in the same round
+        trip, so that the slot is free before anyone reads the chunk (the gateway, which would
+        otherwise give it back itself, does not)."""
         self._publish(chunk, final=True)
 
     def _publish(self, chunk: AnyChunk, final: bool = False) -> None:
@@ -141,6 +145,8 @@ class JobChannel:
             return
         self._expiry_set_at = now
         pipe = self._redis.pipeline(transaction=False)
+        if final:
+            pipe.zrem(self._slots, self._id)
         pipe.xadd(key, encode_chunk(chunk))
         pipe.expire(key, self._retention)
         if final:

@@ -44,6 +44,7 @@ class JobStream:
         self.ended = False  # its final chunk was read, or the job was cancelled or given up
         self._key = stream_key(request_id)
         self._last_id = "0-0"  # the last chunk read
+        self.first_chunk_ms: int | None = None  # when the first chunk was written (Redis time)
 
     async def seek(self, after: int) -> None:
         """Read on from the chunk at index `after` (400 if fewer have been sent)."""
@@ -140,7 +141,10 @@ class JobStream:
         await self.redis.set(cancel_key(self.request_id), "1", ex=ttl)
 
     def _accept(self, entry_id, fields) -> Chunk:
-        self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        if self._last_id == "0-0":
+            self.first_chunk_ms = int(entry_id.partition("-")[0])
+        self._last_id = entry_id
         chunk = decode_chunk(fields)
         if is_final(chunk):
             self.ended = True

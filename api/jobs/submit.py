@@ -5,9 +5,11 @@ request holds until its end.
 the same Lua step (refused: nothing held, nothing written); `enqueue` sends its message (not
 sent: the slot back). Synchronous requests (`submit`, every API family), async jobs and batch
 lines (`api.jobs.scheduler`) all go through both. A synchronous request then holds a `Job`:
-`live` relays its chunks to a streaming response, `complete` gathers them for one that is
-not streamed; a streaming client that leaves abandons it for a grace period in which
-`api/resume.py` can pick its stream up.
+`opened` waits for its first chunk (an early error keeps its status) and `live` relays the
+rest to a streaming response; `complete` reads an answer that is not streamed in one go once
+its final chunk is signalled. A streaming client that leaves abandons its job for a grace
+period in which `api/resume.py` can pick its stream up. The worker gives the slot back with
+the final chunk; the gateway gives it back on every other ending.
 """
 
 import logging
@@ -92,14 +94,10 @@ async def _admit(state: AppState, owner: KeyOwner, job_id: str, meta: JobMeta) -
     return tier, await take_slot(state, tenant, tier, job_id, meta)
 
 
-async def submit(
-    state: AppState, spec: Spec, owner: KeyOwner, family: Family, request: Request
-) -> tuple["Job", Chunk]:
-    """Admit, enqueue, and wait for the first chunk (so that an early error gets its status).
-
-    Everything that fails here releases the slot; the caller owns the returned job and must
-    end it with `close()` or `abandon()` (`live` and `complete` do).
-    """
+async def submit(state: AppState, spec: Spec, owner: KeyOwner, family: Family) -> "Job":
+    """Admit and enqueue a synchronous request. Everything that fails here releases the slot;
+    the caller owns the returned job and ends it through `opened` + `live` (a streamed
+    answer) or `complete` (one that is not)."""
     meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time())
     try:
         tier, lease = await _admit(state, owner, spec.request_id, meta)
@@ -108,17 +106,7 @@ async def submit(
         raise
     job = Job(state, spec, lease, tier)
     try:
-        admitted = time.perf_counter()
         await enqueue(state, lease, spec)
-        waiting = job.chunks(disconnected=request.is_disconnected)
-        first = await anext(waiting, None)
-        await waiting.aclose()
-        if first is None:
-            raise ClientGone("the client went away before the answer started")
-        if isinstance(first, ErrorChunk):
-            raise UpstreamError(first.status, first.message)
-        models = "sd" if isinstance(spec, ImageJob) else "llava"
-        state.metrics.first_chunk.labels(models).observe(time.perf_counter() - admitted)
     except ApiError as exc:
         await job.close()
         exc.headers.setdefault("X-Request-Id", spec.request_id)
@@ -126,7 +114,7 @@ async def submit(
     except BaseException:
         await job.close()
         raise
-    return job, first
+    return job
 
 
 async def _release(state: AppState, lease: Lease) -> None:
@@ -147,6 +135,8 @@ class Job:
         self.tier = tier
         self.stream = JobStream(state.redis, spec.request_id, state.settings)
         self._released = False
+        self._slot_given_back = False  # by the worker, with the job's final chunk
+        self.admitted = time.perf_counter()
         state.metrics.in_flight.labels(tier).inc()
         # The lease is renewed on the gateway's clock, not the client's: a slow reader keeps
         # its slot.
@@ -174,8 +164,14 @@ class Job:
                 await self._ended(chunk)
             yield chunk
 
+    def observe_first_chunk(self, seconds: float) -> None:
+        family = "sd" if isinstance(self.spec, ImageJob) else "llava"
+        self.state.metrics.first_chunk.labels(family).observe(seconds)
+
     async def _ended(self, chunk: Chunk) -> None:
-        """The work is over: the slot is free before the client hears so."""
+        """The work is over: the slot is free before the client hears so (the worker gave it
+        back with the final chunk, `workers.streams.JobChannel.publish_final`)."""
+        self._slot_given_back = True
         await self.close()
         metrics = self.state.metrics
         if isinstance(chunk, DoneChunk | ImagesChunk):
@@ -202,7 +198,8 @@ class Job:
                     await self.stream.cancel()
                 except RedisError:
                     log.warning("could not cancel %s", self.request_id)
-            await _release(self.state, self.lease)
+            if not self._slot_given_back:
+                await _release(self.state, self.lease)
 
     async def abandon(self) -> None:
         """The streaming client went away: keep the job for a resume, or cancel it now."""
@@ -231,19 +228,42 @@ class Job:
             await self.close()
 
 
-async def complete(job: Job, first: Chunk, request: Request) -> tuple[str, Chunk]:
-    """Run a submitted job to its end for a non-streamed answer: the text of its tokens and
-    its final chunk (DoneChunk or ImagesChunk). The slot is always freed; a worker's error
-    is raised with its status, and every error carries the request id."""
-    parts: list[str] = []
-    chunk = first
+async def opened(job: Job, request: Request) -> Chunk:
+    """For a streamed answer: wait for the job's first chunk, so that an early error is
+    answered with its status (the slot freed, the request id in its headers) before the
+    stream starts. Hand the chunk on to `live`."""
     try:
-        if not is_final(chunk):
+        waiting = job.chunks(disconnected=request.is_disconnected)
+        first = await anext(waiting, None)
+        await waiting.aclose()
+        if first is None:
+            raise ClientGone("the client went away before the answer started")
+        if isinstance(first, ErrorChunk):
+            raise UpstreamError(first.status, first.message)
+    except ApiError as exc:
+        await job.close()
+        exc.headers.setdefault("X-Request-Id", job.request_id)
+        raise
+    except BaseException:
+        await job.close()
+        raise
+    job.observe_first_chunk(time.perf_counter() - job.admitted)
+    return first
+
+
+async def complete(job: Job, request: Request) -> tuple[str, Chunk]:
+    """Run a submitted job to its end for a non-streamed answer: the text of its tokens and
+    its final chunk (DoneChunk or ImagesChunk), read in one go once it is there. The slot is
+    always freed; a worker's error is raised with its status, and every error carries the
+    request id."""
+    parts: list[str] = []
+    chunk = None
+    try:
+        async for chunk in job.settled(disconnected=request.is_disconnected):
             if isinstance(chunk, TokenChunk):
                 parts.append(chunk.text)
-            async for chunk in job.settled(disconnected=request.is_disconnected):
-                if isinstance(chunk, TokenChunk):
-                    parts.append(chunk.text)
+        if chunk is None:
+            raise ClientGone("the client went away before the answer started")
         if isinstance(chunk, ErrorChunk):
             raise UpstreamError(chunk.status, chunk.message)
         if not is_final(chunk):
@@ -253,6 +273,9 @@ async def complete(job: Job, first: Chunk, request: Request) -> tuple[str, Chunk
         raise
     finally:
         await job.close()
+    first_ms = job.stream.first_chunk_ms
+    if first_ms is not None and job.lease.granted_ms:  # both Redis server time
+        job.observe_first_chunk(max(0.0, (first_ms - job.lease.granted_ms) / 1000))
     return "".join(parts), chunk
 
 

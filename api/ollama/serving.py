@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.errors import ApiError, NotFound
 from api.jobs.stream import Chunk
-from api.jobs.submit import complete, live, submit
+from api.jobs.submit import complete, live, opened, submit
 from api.ollama.schemas import ChatRequest, GenerateRequest, final_fields
 from api.state import AppState
 from api.wire import ChatImageLimits, new_request_id, timestamp
@@ -45,14 +45,15 @@ class OllamaServing:
         )  # validates before admission
         chat = isinstance(body, ChatRequest)
         family = "ollama-chat" if chat else "ollama-generate"
-        job, first = await submit(self.state, spec, owner, family, request)
+        job = await submit(self.state, spec, owner, family)
         render = Render(body.model, chat, started)
         headers = {"X-Request-Id": spec.request_id}
         if body.stream:
+            first = await opened(job, request)
             return StreamingResponse(
                 ndjson(render, live(job, first)), media_type=NDJSON, headers=headers
             )
-        text, final = await complete(job, first, request)
+        text, final = await complete(job, request)
         return JSONResponse(render(final, text), headers=headers)
 
 

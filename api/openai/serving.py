@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.errors import ApiError, BadRequest, NotFound, error_body_openai
 from api.jobs.stream import Chunk
-from api.jobs.submit import complete, live, submit
+from api.jobs.submit import complete, live, opened, submit
 from api.openai.schemas import ChatCompletionRequest, finish_reason, usage
 from api.state import AppState
 from api.wire import ChatImageLimits, new_request_id
@@ -35,13 +35,14 @@ class OpenAIServing:
         limits = ChatImageLimits.of(self.state.settings)
         request_id = new_request_id()
         spec = body.to_job(owner, request_id, limits, fetched)
-        job, first = await submit(self.state, spec, owner, "openai-chat", request)
+        job = await submit(self.state, spec, owner, "openai-chat")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = ChatRender(request_id, body.model, int(time.time()), include_usage)
         headers = {"X-Request-Id": request_id}
         if body.stream:
+            first = await opened(job, request)
             return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
-        text, final = await complete(job, first, request)
+        text, final = await complete(job, request)
         return JSONResponse(render.completion(text, final), headers=headers)
 
     async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, str]:

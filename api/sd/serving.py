@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from api.errors import ApiError, BadRequest, NotFound
-from api.jobs.submit import complete, live, submit
+from api.jobs.submit import complete, live, opened, submit
 from api.sd.schemas import ImageLimits, ImagesRequest
 from api.state import AppState
 from api.wire import NS, new_request_id, timestamp
@@ -67,8 +67,8 @@ class ImageServing:
         """Run to completion: (final chunk, request id, start time)."""
         started = time.time()
         spec = await self.job(body, owner, new_request_id())
-        job, first = await submit(self.state, spec, owner, "images", request)
-        _, final = await complete(job, first, request)
+        job = await submit(self.state, spec, owner, "images")
+        _, final = await complete(job, request)
         return final, spec.request_id, started
 
     async def native(self, body: ImagesRequest, owner: KeyOwner, request: Request) -> Response:
@@ -82,7 +82,8 @@ class ImageServing:
     async def _native_stream(self, body: ImagesRequest, owner: KeyOwner, request: Request):
         started = time.time()
         spec = await self.job(body, owner, new_request_id())
-        job, first = await submit(self.state, spec, owner, "images", request)
+        job = await submit(self.state, spec, owner, "images")
+        first = await opened(job, request)
 
         async def lines() -> AsyncIterator[str]:
             try:
