@@ -16,6 +16,7 @@ from workers.settings import WorkerSettings
 from workers.status import StatusPublisher
 from workers.streams import Claims
 from workers.tasks import WorkerRuntime, process_name, run_chat, run_images
+from workers.usage_spool import UsageSpool
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def run_worker(settings: WorkerSettings) -> None:
         claims=Claims(
             client, process_name(), settings.claim_ttl_seconds, settings.lease_ttl_seconds
         ),
-        ledger=UsageWriter(sessions),
+        ledger=UsageSpool(client, sessions, UsageWriter(sessions)),
     )
     status = StatusPublisher(
         client,

@@ -117,6 +117,11 @@ def dashboard_session_key(token: str) -> str:
     return f"{PREFIX}dashboard:session:{token}"
 
 
+# -- usage records waiting for the ledger (workers.usage_spool) -------------------------------
+
+USAGE_PARKED = f"{PREFIX}usage:parked"  # request id -> its usage record (JSON)
+
+
 # -- the tenant slot semaphore -------------------------------------------------------------
 # Per tenant, a sorted set of the requests in flight scored by when their lease expires (Redis
 # server time, ms, so gateway clocks do not matter). The gateway takes a slot (SLOT_ACQUIRE)

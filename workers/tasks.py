@@ -19,7 +19,6 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import usage
-from billing.usage_writer import UsageWriter
 from workers.contract import (
     CANCELLED,
     COMPLETED,
@@ -35,6 +34,7 @@ from workers.contract import (
 from workers.engines.base import InvalidRequest
 from workers.settings import WorkerSettings
 from workers.streams import Claims, JobChannel
+from workers.usage_spool import UsageSpool
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class WorkerRuntime:
     sessions: sessionmaker[Session]
     engine: object  # a ChatEngine (llava queue) or a DiffusionEngine (sd queue)
     claims: Claims
-    ledger: UsageWriter  # usage records, group-committed
+    ledger: UsageSpool  # usage records: group-committed, parked while the ledger is away
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,12 @@ def _run(
 
 
 def _recorded(runtime: WorkerRuntime, job: ChatJob | ImageJob) -> bool:
+    """The job ran to its end before: its record is in the ledger, or parked for it."""
+    if runtime.ledger.parked(job.request_id):
+        log.info(
+            "job %s delivered again after it finished (record parked); ignored", job.request_id
+        )
+        return True
     with runtime.sessions() as session:
         if usage.exists(session, job.request_id):
             log.info("job %s delivered again after it finished; ignored", job.request_id)
