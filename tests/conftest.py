@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 import migrations
 from billing import tenants
 from billing.db import session_factory, sync_engine, transaction
+from tests.proxy import TcpProxy
 from tests.stack import Gateway, Worker
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
@@ -159,7 +160,8 @@ def sd_worker(stack_env, redis_url, tmp_path_factory) -> Iterator[Worker]:
         process.stop()
 
 
-def _gateway(name, stack_env, tmp_path_factory) -> Iterator[Gateway]:
+def running_gateway(name, stack_env, tmp_path_factory) -> Iterator[Gateway]:
+    """A gateway process, ready, for as long as the generator runs (a fixture yields from it)."""
     process = Gateway(name, stack_env, tmp_path_factory.mktemp("logs"))
     try:
         process.wait_ready()
@@ -170,13 +172,13 @@ def _gateway(name, stack_env, tmp_path_factory) -> Iterator[Gateway]:
 
 @pytest.fixture(scope="session")
 def gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
-    yield from _gateway("gateway", stack_env, tmp_path_factory)
+    yield from running_gateway("gateway", stack_env, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def second_gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
     """Another replica over the same Redis and PostgreSQL."""
-    yield from _gateway("gateway-2", stack_env, tmp_path_factory)
+    yield from running_gateway("gateway-2", stack_env, tmp_path_factory)
 
 
 class Tenants:
@@ -198,3 +200,18 @@ class Tenants:
 @pytest.fixture(scope="session")
 def tenant_factory(sessions) -> Tenants:
     return Tenants(sessions)
+
+
+@pytest.fixture(scope="module")
+def pg_partition(database_url) -> Iterator[TcpProxy]:
+    """A TCP proxy to the tests' PostgreSQL that a test can cut and restore: a process given
+    `database_url_through(pg_partition)` loses the database while the others keep it."""
+    url = make_url(database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield proxy
+    proxy.close()
+
+
+def database_url_through(database_url: str, proxy: TcpProxy) -> str:
+    through = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
+    return through.render_as_string(hide_password=False)

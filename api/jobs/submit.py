@@ -15,6 +15,7 @@ the final chunk; the gateway gives it back on every other ending.
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import Request
@@ -105,15 +106,8 @@ async def submit(state: AppState, spec: Spec, owner: KeyOwner, family: Family) -
         state.metrics.refused.labels(owner.tier, str(refused.status)).inc()
         raise
     job = Job(state, spec, lease, tier)
-    try:
+    async with job.ended_on_error():
         await enqueue(state, lease, spec)
-    except ApiError as exc:
-        await job.close()
-        exc.headers.setdefault("X-Request-Id", spec.request_id)
-        raise
-    except BaseException:
-        await job.close()
-        raise
     return job
 
 
@@ -185,6 +179,20 @@ class Job:
             outcome = str(getattr(chunk, "status", "error"))
         metrics.jobs.labels(self.spec.model, self.tier, outcome).inc()
 
+    @asynccontextmanager
+    async def ended_on_error(self) -> AsyncIterator[None]:
+        """Whatever fails inside ends the job (cancelled, its slot freed); an API error
+        carries the request id."""
+        try:
+            yield
+        except ApiError as exc:
+            await self.close()
+            exc.headers.setdefault("X-Request-Id", self.request_id)
+            raise
+        except BaseException:
+            await self.close()
+            raise
+
     async def close(self) -> None:
         """Free the slot; if the job has not finished, cancel it first. Safe to repeat."""
         if self._released:
@@ -232,7 +240,7 @@ async def opened(job: Job, request: Request) -> Chunk:
     """For a streamed answer: wait for the job's first chunk, so that an early error is
     answered with its status (the slot freed, the request id in its headers) before the
     stream starts. Hand the chunk on to `live`."""
-    try:
+    async with job.ended_on_error():
         waiting = job.chunks(disconnected=request.is_disconnected)
         first = await anext(waiting, None)
         await waiting.aclose()
@@ -240,13 +248,6 @@ async def opened(job: Job, request: Request) -> Chunk:
             raise ClientGone("the client went away before the answer started")
         if isinstance(first, ErrorChunk):
             raise UpstreamError(first.status, first.message)
-    except ApiError as exc:
-        await job.close()
-        exc.headers.setdefault("X-Request-Id", job.request_id)
-        raise
-    except BaseException:
-        await job.close()
-        raise
     job.observe_first_chunk(time.perf_counter() - job.admitted)
     return first
 

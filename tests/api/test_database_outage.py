@@ -5,39 +5,23 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
-from tests.conftest import ADMIN_TOKEN
-from tests.proxy import TcpProxy
+from tests.conftest import ADMIN_TOKEN, database_url_through, running_gateway
 from tests.stack import Gateway, wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def partition(database_url) -> Iterator[TcpProxy]:
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture(scope="module")
-def cut_off_gateway(stack_env, database_url, partition, tmp_path_factory) -> Iterator[Gateway]:
-    """A gateway that reaches PostgreSQL only through `partition`."""
-    through = make_url(database_url).set(host="127.0.0.1", port=partition.port)
-    env = stack_env | {"GPUHOST_DATABASE_URL": through.render_as_string(hide_password=False)}
-    process = Gateway("gateway-db-partition", env, tmp_path_factory.mktemp("logs"))
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+def cut_off_gateway(stack_env, database_url, pg_partition, tmp_path_factory) -> Iterator[Gateway]:
+    """A gateway that reaches PostgreSQL only through `pg_partition`."""
+    env = stack_env | {"GPUHOST_DATABASE_URL": database_url_through(database_url, pg_partition)}
+    yield from running_gateway("gateway-db-partition", env, tmp_path_factory)
 
 
 class TestDatabaseOutage:
     def test_routes_answer_503_while_it_is_away_and_heal_after(
-        self, cut_off_gateway, partition, tenant_factory
+        self, cut_off_gateway, pg_partition, tenant_factory
     ):
         url = cut_off_gateway.url
         _, key, _ = tenant_factory.create("pro", scopes=("inference", "usage:read"))
@@ -45,7 +29,7 @@ class TestDatabaseOutage:
         assert httpx.get(f"{url}/admin/tenants", headers=ADMIN).status_code == 200
         assert httpx.get(f"{url}/api/balance", headers=tenant_auth).status_code == 200
 
-        partition.cut()
+        pg_partition.cut()
         try:
             admin = httpx.get(f"{url}/admin/tenants", headers=ADMIN)
             assert admin.status_code == 503, admin.text
@@ -67,7 +51,7 @@ class TestDatabaseOutage:
 
             assert httpx.get(f"{url}/readyz").status_code == 503
         finally:
-            partition.restore()
+            pg_partition.restore()
 
         wait_for(
             lambda: httpx.get(f"{url}/admin/tenants", headers=ADMIN).status_code == 200,

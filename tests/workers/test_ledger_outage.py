@@ -2,26 +2,14 @@
 usual, ending `done: true` with what it cost, and its usage record is written exactly once
 when the database is back (parked in Redis meanwhile, `workers.usage_spool`)."""
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 import redis
-from sqlalchemy.engine import make_url
 
-from tests.conftest import redis_database
+from tests.conftest import database_url_through, redis_database
 from tests.helpers import auth, chat_body, ndjson, usage_rows
-from tests.proxy import TcpProxy
 from tests.stack import Gateway, Worker, wait_for
 from workers.keyspace import USAGE_PARKED
-
-
-@pytest.fixture(scope="module")
-def partition(database_url) -> Iterator[TcpProxy]:
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    yield proxy
-    proxy.close()
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +22,12 @@ def outage_env(stack_env) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def outage_stack(outage_env, database_url, partition, tmp_path_factory):
+def outage_stack(outage_env, database_url, pg_partition, tmp_path_factory):
     """A gateway that reaches PostgreSQL directly, and a worker that reaches it only through
-    `partition`."""
+    `pg_partition`."""
     logs = tmp_path_factory.mktemp("logs")
-    through = make_url(database_url).set(host="127.0.0.1", port=partition.port)
-    worker_env = outage_env | {
-        "GPUHOST_DATABASE_URL": through.render_as_string(hide_password=False)
-    }
+    through = database_url_through(database_url, pg_partition)
+    worker_env = outage_env | {"GPUHOST_DATABASE_URL": through}
     gateway = Gateway("gateway-ledger-outage", outage_env, logs)
     worker = Worker("worker-ledger-outage", worker_env, logs, outage_env["GPUHOST_REDIS_URL"])
     try:
@@ -55,7 +41,7 @@ def outage_stack(outage_env, database_url, partition, tmp_path_factory):
 
 class TestLedgerOutage:
     def test_answers_end_done_and_are_recorded_once_when_it_is_back(
-        self, outage_stack, outage_env, partition, tenant_factory, sessions
+        self, outage_stack, outage_env, pg_partition, tenant_factory, sessions
     ):
         gateway, _ = outage_stack
         client = redis.Redis.from_url(outage_env["GPUHOST_REDIS_URL"])
@@ -68,7 +54,7 @@ class TestLedgerOutage:
         )
         assert warm.status_code == 200, warm.text
 
-        partition.cut()
+        pg_partition.cut()
         try:
             whole = httpx.post(
                 f"{gateway.url}/api/chat",
@@ -98,7 +84,7 @@ class TestLedgerOutage:
                 assert usage_rows(sessions, request_id) == []
                 assert client.hexists(USAGE_PARKED, request_id)
         finally:
-            partition.restore()
+            pg_partition.restore()
 
         for request_id in ids:
             [record] = wait_for(
