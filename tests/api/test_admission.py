@@ -46,9 +46,16 @@ class TestLimits:
         assert len(granted) == 3 and len(refused) == 22
 
     async def test_tenants_do_not_share_slots(self, client):
-        gate = admission(client)
-        await gate.acquire(uuid.uuid4(), "free", "a")
-        await gate.acquire(uuid.uuid4(), "free", "b")  # does not raise
+        gate, first, second = admission(client), uuid.uuid4(), uuid.uuid4()
+        a = await gate.acquire(first, "free", "a")
+        b = await gate.acquire(second, "free", "b")  # the first tenant's full tier is not its
+        assert (a.tenant_id, b.tenant_id) == (str(first), str(second))
+        assert await gate.in_flight_of([first, second]) == [1, 1]
+        with pytest.raises(TooManyRequests):  # each is at its own limit
+            await gate.acquire(first, "free", "c")
+        await gate.release(a)
+        assert await gate.in_flight_of([first, second]) == [0, 1]
+        await gate.release(b)
 
     async def test_a_refused_request_holds_nothing(self, client):
         gate, tenant = admission(client), uuid.uuid4()
