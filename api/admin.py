@@ -225,7 +225,7 @@ async def revoke_key(key_id: str, request: Request, state: StateDep, actor: Acto
         return _key_json(operator.revoke_key(session, who(request, actor), key_id))
 
     revoked = await _run_committed(state, work)
-    state.key_cache.clear()  # this gateway at once; the others within their cache time
+    state.forget_keys()  # this gateway at once; the others within their cache time
     return revoked
 
 

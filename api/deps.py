@@ -1,13 +1,13 @@
 """FastAPI dependencies, as Annotated aliases."""
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.errors import Forbidden, Unauthorized, Unavailable
+from api.errors import Forbidden, Unauthorized, Unavailable, database_away
 from api.state import AppState
 from billing.keys import hash_key
 from billing.tenants import KeyOwner, owner_of_key
@@ -41,16 +41,31 @@ async def authenticate(request: Request, state: StateDep) -> KeyOwner:
         raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
     presented = presented.strip()
     cache_key = hash_key(presented)
-    owner = state.key_cache.get(cache_key)
-    if owner is None:
-        try:
-            async with state.sessions() as session, session.begin():
-                owner = await owner_of_key(session, presented)
-        except (OperationalError, OSError) as exc:
+    owner = state.key_cache.get(cache_key) or await _look_up(state, presented, cache_key)
+    if owner.expired(datetime.now(UTC)):
+        state.key_cache.pop(cache_key, None)
+        state.known_keys.pop(cache_key, None)
+        raise Unauthorized("invalid API key: unknown, revoked or expired")
+    return owner
+
+
+async def _look_up(state: AppState, presented: str, cache_key: str) -> KeyOwner:
+    """The key's owner from the ledger, cached; while the ledger is away, as it was looked up
+    within the outage grace (not cached again: the grace runs from the last real read)."""
+    try:
+        async with state.sessions() as session, session.begin():
+            owner = await owner_of_key(session, presented)
+    except Exception as exc:
+        if not database_away(exc):
+            raise
+        known = state.known_keys.get(cache_key)
+        if known is None:
             raise Unavailable("the key store is unavailable; try again shortly") from exc
-        if owner is None:
-            raise Unauthorized("invalid API key: unknown, revoked or expired")
-        state.key_cache[cache_key] = owner
+        return known
+    if owner is None:
+        raise Unauthorized("invalid API key: unknown, revoked or expired")
+    state.key_cache[cache_key] = owner
+    state.known_keys[cache_key] = owner
     return owner
 
 

@@ -11,6 +11,13 @@ DATABASE_AWAY = (db.OperationalError, db.InterfaceError, db.TimeoutError)
 DATABASE_AWAY_MESSAGE = "the database is unavailable; try again shortly"
 
 
+def database_away(exc: BaseException) -> bool:
+    """`exc` says the database is out of reach (not that it refused what was asked)."""
+    return isinstance(exc, (*DATABASE_AWAY, ConnectionError)) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
+
+
 class ApiError(Exception):
     status = 500
     code = "internal_error"
@@ -156,15 +163,14 @@ def install(app: FastAPI) -> None:
         message = _describe_validation(exc)
         return _render(request, 400, message, param=_first_field(exc), code="invalid_request")
 
-    async def database_away(request: Request, exc: Exception) -> JSONResponse:
-        outage = isinstance(exc, DATABASE_AWAY) or getattr(exc, "connection_invalidated", False)
-        if not outage:
+    async def database_outage(request: Request, exc: Exception) -> JSONResponse:
+        if not database_away(exc):
             raise exc  # a bug, not an outage: the server error it is
         headers = {"Retry-After": "1"}
         return _render(request, 503, DATABASE_AWAY_MESSAGE, headers, code="unavailable")
 
     for kind in (*DATABASE_AWAY, db.DBAPIError):
-        app.add_exception_handler(kind, database_away)
+        app.add_exception_handler(kind, database_outage)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

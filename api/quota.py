@@ -14,14 +14,13 @@ Concurrent requests of a tenant whose view is stale wait for one read, not one e
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from cachetools import TTLCache
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from api.errors import Forbidden, PaymentRequired, Unauthorized, Unavailable
+from api.errors import Forbidden, PaymentRequired, Unauthorized, Unavailable, database_away
 from billing import usage
 from billing.plans import Balance, Period, Plan, period_of
 
@@ -32,14 +31,26 @@ class View:
     used_gpu_seconds: float
     period: Period
     cached: bool  # served from this gateway's cache rather than read just now
+    stale: bool = False  # the ledger is away: the last figures read, within the outage grace
 
 
 class Quotas:
-    def __init__(self, sessions: async_sessionmaker, plans: dict[str, Plan], ttl: float):
+    def __init__(
+        self,
+        sessions: async_sessionmaker,
+        plans: dict[str, Plan],
+        ttl: float,
+        grace: float = 60.0,
+    ):
+        """`ttl`: how long figures are served from the cache; `grace`: how long the last
+        figures read stand in while the ledger is away (then 503)."""
         self._sessions = sessions
         self._plans = plans
         self._views: TTLCache[uuid.UUID, View] = TTLCache(
             maxsize=100_000, ttl=max(ttl, 1e-9), timer=time.monotonic
+        )
+        self._last_read: TTLCache[uuid.UUID, View] = TTLCache(
+            maxsize=100_000, ttl=max(grace, 1e-9), timer=time.monotonic
         )
         self._enabled = ttl > 0
         self._reading: dict[uuid.UUID, asyncio.Future[View]] = {}
@@ -52,6 +63,11 @@ class Quotas:
         if plan is None:
             raise Forbidden(f"tier '{view.tier}' has no plan on this server")
         if Balance(plan, view.period, view.used_gpu_seconds).exhausted:
+            if view.stale:
+                raise Unavailable(
+                    "the ledger is unavailable and this tenant's allowance cannot be "
+                    "confirmed; try again shortly"
+                )
             if view.cached:
                 return await self.check(tenant_id, fresh=True)
             raise PaymentRequired(
@@ -64,6 +80,7 @@ class Quotas:
     def forget(self, tenant_id: uuid.UUID | str) -> None:
         """Drop the tenant's cached view (its tier changed through this gateway)."""
         self._views.pop(uuid.UUID(str(tenant_id)), None)
+        self._last_read.pop(uuid.UUID(str(tenant_id)), None)
 
     async def view(self, tenant_id: uuid.UUID, fresh: bool = False) -> View:
         period = period_of(datetime.now(UTC))
@@ -89,12 +106,19 @@ class Quotas:
         try:
             async with self._sessions() as session:
                 found = await usage.admission_view(session, tenant_id, period)
-        except (OperationalError, OSError) as exc:
-            raise Unavailable("the ledger is unavailable; try again shortly") from exc
+        except Exception as exc:
+            if not database_away(exc):
+                raise
+            last = self._last_read.get(tenant_id)
+            if last is None or last.period != period:
+                raise Unavailable("the ledger is unavailable; try again shortly") from exc
+            return replace(last, cached=True, stale=True)
         if found is None:
             self._views.pop(tenant_id, None)
+            self._last_read.pop(tenant_id, None)
             raise Unauthorized("this key's tenant no longer exists")
         tier, used = found
         if self._enabled:
             self._views[tenant_id] = View(tier, used, period, cached=True)
+        self._last_read[tenant_id] = View(tier, used, period, cached=False)
         return View(tier, used, period, cached=False)

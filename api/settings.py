@@ -58,6 +58,10 @@ class GatewaySettings(ModelSettings):
     retry_after_seconds: int = 1
     # Keys are looked up at most this often per gateway: a revoked key stops within it.
     auth_cache_seconds: float = 5.0
+    # PostgreSQL out of this gateway's reach: keys and quota figures it read within this many
+    # seconds are still trusted (a request already admitted runs on whatever this is); past
+    # it, or for a key it has not seen, requests get 503.
+    ledger_outage_grace_seconds: float = 60.0
     # A request no worker has picked up within this time fails with 503 (and holds nothing).
     queue_timeout_seconds: float = 120.0
     # A running request that sends nothing for this long fails with 504.

@@ -30,7 +30,8 @@ class AppState:
     admission: Admission
     leases: LeaseKeeper
     celery: Celery
-    key_cache: TTLCache[str, KeyOwner]
+    key_cache: TTLCache[str, KeyOwner]  # looked up within auth_cache_seconds
+    known_keys: TTLCache[str, KeyOwner]  # looked up within the ledger outage grace
     quotas: Quotas
     metrics: GatewayMetrics
     storage: Storage
@@ -41,6 +42,11 @@ class AppState:
         task = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def forget_keys(self) -> None:
+        """A key was revoked through this gateway: nothing cached may admit it again."""
+        self.key_cache.clear()
+        self.known_keys.clear()
 
     def serves(self, model: str) -> bool:
         return model in self.model_names()
@@ -62,6 +68,7 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
         admission = Admission(
             client, settings.tier_limits, settings.lease_ttl_seconds, settings.retry_after_seconds
         )
+        grace = max(settings.ledger_outage_grace_seconds, 1e-9)
         celery = Celery("gpuhost-gateway")
         celery.conf.update(celery_config(**settings.celery()))
         state = AppState(
@@ -73,7 +80,8 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
             leases=LeaseKeeper(admission, settings.lease_ttl_seconds),
             celery=celery,
             key_cache=TTLCache(maxsize=100_000, ttl=settings.auth_cache_seconds),
-            quotas=Quotas(sessions, settings.plans, settings.quota_cache_seconds),
+            known_keys=TTLCache(maxsize=100_000, ttl=grace),
+            quotas=Quotas(sessions, settings.plans, settings.quota_cache_seconds, grace),
             metrics=metrics,
             storage=Storage(settings.storage_url),
         )

@@ -31,6 +31,10 @@ class KeyOwner:
     tenant_id: uuid.UUID
     tier: str
     scopes: tuple[str, ...]
+    expires_at: datetime | None = None  # the key stops at this instant, cached or not
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 def _parse_id(value: str | uuid.UUID, what: str) -> uuid.UUID:
@@ -151,4 +155,10 @@ async def owner_of_key(session: AsyncSession, presented: str) -> KeyOwner | None
     if revoked_at is not None or (expires_at is not None and expires_at <= now):
         return None
     await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
-    return KeyOwner(key_id=key_id, tenant_id=tenant_id, tier=tier, scopes=tuple(scopes))
+    return KeyOwner(
+        key_id=key_id,
+        tenant_id=tenant_id,
+        tier=tier,
+        scopes=tuple(scopes),
+        expires_at=expires_at,
+    )

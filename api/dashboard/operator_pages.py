@@ -153,5 +153,5 @@ async def admin_revoke_key(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     row = await run_change(state, lambda s: operator.revoke_key(s, who_of(request), key_id), 404)
-    state.key_cache.clear()
+    state.forget_keys()
     return RedirectResponse(f"/dashboard/admin/tenants/{row.tenant_id}", status_code=303)

@@ -136,5 +136,5 @@ async def revoke_key(
             return render(request, "error.html", 404, message=f"key {key_id} not found")
         if row.revoked_at is None:
             row.revoked_at = datetime.now(UTC)
-    state.key_cache.clear()
+    state.forget_keys()
     return RedirectResponse("/dashboard/keys", status_code=303)

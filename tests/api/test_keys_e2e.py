@@ -3,9 +3,11 @@
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 
 from billing import tenants
 from billing.db import transaction
+from tests.conftest import running_gateway
 from tests.helpers import auth, chat_body
 from tests.stack import wait_for
 
@@ -50,3 +52,24 @@ class TestRevocation:
         )
         assert response.status_code == 403
         assert "'inference' scope" in response.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def long_cache_gateway(stack_env, tmp_path_factory):
+    """A gateway that keeps looked-up keys for a minute."""
+    env = stack_env | {"GPUHOST_AUTH_CACHE_SECONDS": "60"}
+    yield from running_gateway("gateway-long-auth-cache", env, tmp_path_factory)
+
+
+class TestExpiry:
+    def test_a_cached_key_stops_at_its_expiry_not_at_the_caches(
+        self, long_cache_gateway, tenant_factory, sessions
+    ):
+        """Revocation reaches a cached key within the cache time, but expiry is an instant."""
+        tenant_id, _, _ = tenant_factory.create("free")
+        expires = datetime.now(UTC) + timedelta(seconds=3)
+        with transaction(sessions) as session:
+            _, key = tenants.create_key(session, tenant_id, expires_at=expires)
+        assert status(long_cache_gateway, key) == 200  # cached now, for a minute
+        wait_for(lambda: status(long_cache_gateway, key) == 401, 10, "the key to expire")
+        assert datetime.now(UTC) >= expires
