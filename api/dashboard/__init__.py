@@ -29,9 +29,8 @@ from api.dashboard.common import (
     render,
     router,
     secure,
-    visitor_of,
 )
-from api.deps import StateDep
+from api.deps import SessionDep, StateDep
 from billing import tenants
 from billing.keys import PREFIX, well_formed
 from workers.keyspace import dashboard_session_key
@@ -61,8 +60,7 @@ def install(app) -> None:
 
 
 @router.get("")
-async def home(request: Request, state: StateDep) -> Response:
-    visitor = await visitor_of(request, state)
+async def home(visitor: VisitorDep) -> Response:
     target = "/dashboard/usage" if visitor.kind == "tenant" else "/dashboard/admin"
     return RedirectResponse(target, status_code=303)
 
@@ -74,7 +72,7 @@ async def login_page(request: Request) -> Response:
 
 @router.post("/login")
 async def login(
-    request: Request, state: StateDep, credential: Annotated[str, Form()] = ""
+    request: Request, state: StateDep, db: SessionDep, credential: Annotated[str, Form()] = ""
 ) -> Response:
     credential = credential.strip()
     session = {"csrf": secrets.token_urlsafe(24)}
@@ -84,8 +82,7 @@ async def login(
     elif credential.startswith(PREFIX):
         owner = None
         if well_formed(credential):
-            async with state.sessions() as db:
-                owner = await tenants.owner_of_key(db, credential)
+            owner = await tenants.owner_of_key(db, credential)
         if owner is None:
             return render(request, "login.html", 401, error="That key is not valid.")
         if "usage:read" not in owner.scopes:

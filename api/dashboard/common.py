@@ -13,9 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.admin import who
-from api.deps import StateDep
+from api.deps import SessionDep, StateDep
 from api.errors import ApiError
 from api.state import AppState
 from billing import tenants
@@ -72,7 +73,7 @@ def render(request: Request, name: str, status: int = 200, **context) -> HTMLRes
     return templates.TemplateResponse(request, name, context, status_code=status)
 
 
-async def visitor_of(request: Request, state: StateDep) -> Visitor:
+async def visitor_of(request: Request, state: StateDep, session: SessionDep) -> Visitor:
     token = request.cookies.get(COOKIE, "")
     raw = await state.redis.get(dashboard_session_key(token)) if token else None
     if raw is None:
@@ -86,8 +87,7 @@ async def visitor_of(request: Request, state: StateDep) -> Visitor:
         key_id=uuid.UUID(data["key_id"]) if data.get("key_id") else None,
     )
     if visitor.kind == "tenant":
-        async with state.sessions() as session:
-            key = await session.get(ApiKey, visitor.key_id)
+        key = await session.get(ApiKey, visitor.key_id)
         now = datetime.now(UTC)
         if key is None or key.revoked_at or (key.expires_at and key.expires_at <= now):
             await state.redis.delete(dashboard_session_key(token))
@@ -127,21 +127,25 @@ def invoice(balance: Balance) -> dict:
     }
 
 
-async def tenant_keys(state: AppState, tenant_id: uuid.UUID) -> list[ApiKey]:
-    async with state.sessions() as session:
-        return await session.run_sync(lambda s: tenants.keys_of(s, tenant_id))
+async def tenant_keys(session: AsyncSession, tenant_id: uuid.UUID) -> list[ApiKey]:
+    return await session.run_sync(lambda s: tenants.keys_of(s, tenant_id))
 
 
-async def run_change(state: AppState, work, failed_status: int = 400):
-    """Run `work(session)` (a change with its audit entry) in one transaction; returns what
-    it returns. A refused change is the error page, with `failed_status`."""
+async def run_change(session: AsyncSession, work, failed_status: int = 400):
+    """Run `work(session)` (a change with its audit entry) in the page's transaction; returns
+    what it returns. A refused change is the error page, with `failed_status`."""
     try:
-        async with state.sessions() as session, session.begin():
-            return await session.run_sync(work)
+        return await session.run_sync(work)
     except (tenants.NotFound, tenants.InvalidArgument) as exc:
         raise PageError(failed_status, str(exc)) from None
 
 
-async def tenant_row(state: AppState, tenant_id: uuid.UUID) -> Tenant:
-    async with state.sessions() as session:
-        return await session.get(Tenant, tenant_id)
+async def run_committed(state: AppState, work, failed_status: int = 400):
+    """`run_change` in a transaction of its own, committed when this returns: for a change
+    whose caches must be dropped only once it is committed."""
+    async with state.sessions() as session, session.begin():
+        return await run_change(session, work, failed_status)
+
+
+async def tenant_row(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
+    return await session.get(Tenant, tenant_id)

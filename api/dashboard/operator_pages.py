@@ -15,24 +15,26 @@ from api.dashboard.common import (
     render,
     router,
     run_change,
+    run_committed,
     tenant_keys,
     tenant_row,
     who_of,
 )
-from api.deps import StateDep
+from api.deps import SessionDep, StateDep
 from billing import operator, tenants, usage
 from billing.plans import Balance, period_of
 
 
 @router.get("/admin")
-async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> Response:
+async def admin_page(
+    request: Request, state: StateDep, session: SessionDep, visitor: VisitorDep
+) -> Response:
     operator_only(visitor)
     period = period_of(datetime.now(UTC))
-    async with state.sessions() as session:
-        rows = await tenants.all_tenants(session)
-        used = await usage.used_by_tenant(session, period)
-        by_model = await usage.used_by_model(session, period)
-        unsent, lag = await usage.outbox_backlog(session)
+    rows = await tenants.all_tenants(session)
+    used = await usage.used_by_tenant(session, period)
+    by_model = await usage.used_by_model(session, period)
+    unsent, lag = await usage.outbox_backlog(session)
     listed = []
     revenue = Decimal(0)
     in_flight = await state.admission.in_flight_of([tenant.id for tenant in rows])
@@ -68,6 +70,7 @@ async def admin_page(request: Request, state: StateDep, visitor: VisitorDep) -> 
 async def admin_create_tenant(
     request: Request,
     state: StateDep,
+    session: SessionDep,
     visitor: VisitorDep,
     csrf: Annotated[str, Form()] = "",
     name: Annotated[str, Form()] = "",
@@ -76,7 +79,9 @@ async def admin_create_tenant(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     tiers = state.settings.tier_limits
-    await run_change(state, lambda s: operator.create_tenant(s, who_of(request), name, tier, tiers))
+    await run_change(
+        session, lambda s: operator.create_tenant(s, who_of(request), name, tier, tiers)
+    )
     return RedirectResponse("/dashboard/admin", status_code=303)
 
 
@@ -92,7 +97,7 @@ async def admin_set_tier(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     tiers = state.settings.tier_limits
-    changed = await run_change(
+    changed = await run_committed(
         state, lambda s: operator.set_tier(s, who_of(request), tenant_id, tier, tiers)
     )
     state.quotas.forget(changed.id)
@@ -101,11 +106,11 @@ async def admin_set_tier(
 
 @router.get("/admin/tenants/{tenant_id}")
 async def admin_tenant_page(
-    tenant_id: str, request: Request, state: StateDep, visitor: VisitorDep
+    tenant_id: str, request: Request, session: SessionDep, visitor: VisitorDep
 ) -> Response:
     operator_only(visitor)
-    tenant = await run_change(state, lambda s: tenants.get_tenant(s, tenant_id), 404)
-    return _tenant_page(request, visitor, tenant, await tenant_keys(state, tenant.id))
+    tenant = await run_change(session, lambda s: tenants.get_tenant(s, tenant_id), 404)
+    return _tenant_page(request, visitor, tenant, await tenant_keys(session, tenant.id))
 
 
 def _tenant_page(request, visitor, tenant, keys, status: int = 200, new_key: str = ""):
@@ -125,7 +130,7 @@ def _tenant_page(request, visitor, tenant, keys, status: int = 200, new_key: str
 async def admin_issue_key(
     tenant_id: str,
     request: Request,
-    state: StateDep,
+    session: SessionDep,
     visitor: VisitorDep,
     csrf: Annotated[str, Form()] = "",
     scope: Annotated[list[str] | None, Form()] = None,
@@ -135,10 +140,10 @@ async def admin_issue_key(
     if not scope:
         return render(request, "error.html", 400, message="Choose at least one scope.")
     row, secret = await run_change(
-        state, lambda s: operator.issue_key(s, who_of(request), tenant_id, tuple(scope))
+        session, lambda s: operator.issue_key(s, who_of(request), tenant_id, tuple(scope))
     )
-    tenant = await tenant_row(state, row.tenant_id)
-    keys = await tenant_keys(state, row.tenant_id)
+    tenant = await tenant_row(session, row.tenant_id)
+    keys = await tenant_keys(session, row.tenant_id)
     return _tenant_page(request, visitor, tenant, keys, 201, new_key=secret)
 
 
@@ -152,6 +157,6 @@ async def admin_revoke_key(
 ) -> Response:
     operator_only(visitor)
     await check_csrf(visitor, csrf)
-    row = await run_change(state, lambda s: operator.revoke_key(s, who_of(request), key_id), 404)
+    row = await run_committed(state, lambda s: operator.revoke_key(s, who_of(request), key_id), 404)
     state.forget_keys()
     return RedirectResponse(f"/dashboard/admin/tenants/{row.tenant_id}", status_code=303)

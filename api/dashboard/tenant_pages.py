@@ -18,7 +18,7 @@ from api.dashboard.common import (
     tenant_keys,
     tenant_of,
 )
-from api.deps import StateDep
+from api.deps import SessionDep, StateDep
 from billing import tenants, usage
 from billing.models import ApiKey, Tenant
 from billing.plans import Balance, period_of
@@ -28,6 +28,7 @@ from billing.plans import Balance, period_of
 async def usage_page(
     request: Request,
     state: StateDep,
+    session: SessionDep,
     visitor: VisitorDep,
     range: Annotated[str, Query(pattern="^(24h|7d|30d)$")] = "7d",  # noqa: A002
     model: Annotated[str | None, Query(max_length=200)] = None,
@@ -36,13 +37,12 @@ async def usage_page(
     tenant_id = tenant_of(visitor)
     period = period_of(datetime.now(UTC))
     span, unit = RANGES[range]
-    async with state.sessions() as session:
-        tier, used = await usage.admission_view(session, tenant_id, period)
-        tenant = await session.get(Tenant, tenant_id)
-        series = await usage.model_buckets(session, tenant_id, datetime.now(UTC) - span, unit)
-        rows, total, models = await usage.page(
-            session, tenant_id, (page - 1) * PAGE_SIZE, PAGE_SIZE, model or None
-        )
+    tier, used = await usage.admission_view(session, tenant_id, period)
+    tenant = await session.get(Tenant, tenant_id)
+    series = await usage.model_buckets(session, tenant_id, datetime.now(UTC) - span, unit)
+    rows, total, models = await usage.page(
+        session, tenant_id, (page - 1) * PAGE_SIZE, PAGE_SIZE, model or None
+    )
     plan = state.settings.plans[tier]
     balance = Balance(plan, period, used)
     chart = {"unit": unit, "series": {}}
@@ -71,13 +71,13 @@ async def usage_page(
 
 
 @router.get("/keys")
-async def keys_page(request: Request, state: StateDep, visitor: VisitorDep) -> Response:
+async def keys_page(request: Request, session: SessionDep, visitor: VisitorDep) -> Response:
     tenant_id = tenant_of(visitor)
     return render(
         request,
         "keys.html",
         visitor=visitor,
-        keys=await tenant_keys(state, tenant_id),
+        keys=await tenant_keys(session, tenant_id),
         scopes=sorted(tenants.KNOWN_SCOPES),
     )
 
@@ -85,7 +85,7 @@ async def keys_page(request: Request, state: StateDep, visitor: VisitorDep) -> R
 @router.post("/keys")
 async def create_key(
     request: Request,
-    state: StateDep,
+    session: SessionDep,
     visitor: VisitorDep,
     csrf: Annotated[str, Form()] = "",
     scope: Annotated[list[str] | None, Form()] = None,
@@ -98,10 +98,7 @@ async def create_key(
         error = "Choose at least one scope."
     else:
         try:
-            async with state.sessions() as session, session.begin():
-                row, secret = await session.run_sync(
-                    lambda s: tenants.create_key(s, tenant_id, chosen)
-                )
+            _, secret = await session.run_sync(lambda s: tenants.create_key(s, tenant_id, chosen))
         except tenants.InvalidArgument as exc:
             error = str(exc)
     return render(
@@ -109,7 +106,7 @@ async def create_key(
         "keys.html",
         400 if error else 201,
         visitor=visitor,
-        keys=await tenant_keys(state, tenant_id),
+        keys=await tenant_keys(session, tenant_id),
         scopes=sorted(tenants.KNOWN_SCOPES),
         error=error,
         new_key=secret,
@@ -130,6 +127,7 @@ async def revoke_key(
         wanted = uuid.UUID(key_id)
     except ValueError:
         wanted = None
+    # Its own transaction: the cached keys are dropped once the revocation is committed.
     async with state.sessions() as session, session.begin():
         row = await session.get(ApiKey, wanted) if wanted else None
         if row is None or row.tenant_id != tenant_id:  # another tenant's key: not found

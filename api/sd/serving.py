@@ -48,6 +48,8 @@ class ImageServing:
         model = self.model(body.model)
         lora_key = None
         if body.lora is not None:
+            # A session of its own, not the request's: an image request runs for seconds to
+            # minutes and must not hold a database connection meanwhile.
             async with self.state.sessions() as session:
                 adapter = await tuning.get_adapter(session, owner.tenant_id, body.lora)
             if adapter is None:
