@@ -102,14 +102,18 @@ async def create(
     tenant = str(owner.tenant_id)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     job_id = new_request_id()
-    retention = state.settings.stream_retention_seconds
     if idempotency_key:
         job_id = hashlib.sha256(f"{tenant}:{idempotency_key}".encode()).hexdigest()[:32]
-        if not await store.claim_idempotency(state.redis, job_id, fingerprint, retention):
-            return await _answer(state, job_id, tenant, prefer)
+    retention = state.settings.stream_retention_seconds
+    # The request is checked before its Idempotency-Key is claimed: a refused request (400,
+    # 404) claims nothing, so the corrected request may use the same key.
     spec, model = await job_spec(state, body, owner, job_id)
     if body.webhook is not None:
         await _check_webhook(state, body.webhook.url)
+    if idempotency_key and not await store.claim_idempotency(
+        state.redis, job_id, fingerprint, retention
+    ):
+        return await _answer(state, job_id, tenant, prefer)
     now = time.time()
     record = {
         "tenant_id": tenant,
@@ -125,6 +129,8 @@ async def create(
         hooked = body.webhook is not None
         await store.add_waiting_job(state.redis, job_id, record, retention, hooked, now)
     except RedisError as exc:
+        if idempotency_key:
+            await store.release_idempotency(state.redis, job_id)
         raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
     return await _answer(state, job_id, tenant, prefer)
 

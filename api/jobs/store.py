@@ -2,11 +2,14 @@
 how its stream is rendered), async job records, and batch records. Key names and scripts are
 `workers.keyspace`'s; every write of these records is here."""
 
+import contextlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from api.errors import Conflict, NotFound
 from workers.keyspace import (
@@ -50,8 +53,15 @@ class JobMeta:
 
     @classmethod
     async def read(cls, redis: aioredis.Redis, request_id: str) -> "JobMeta | None":
+        if not ID.fullmatch(request_id):
+            return None
         raw = await redis.get(meta_key(request_id))
         return cls(**json.loads(raw)) if raw else None
+
+
+# What a job or batch id can look like (request ids are hex; batch lines `batch_<hex>-<n>`):
+# anything else, a Redis key's separator or a NUL byte say, names no job of anyone's.
+ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def decoded(raw: dict) -> dict[str, str]:
@@ -63,6 +73,8 @@ def decoded(raw: dict) -> dict[str, str]:
 
 async def job_record(redis: aioredis.Redis, job_id: str, tenant_id: str | None = None) -> dict:
     """An async job's record; with `tenant_id`, 404 unless it is that tenant's."""
+    if not ID.fullmatch(job_id):
+        raise NotFound(f"job {job_id!r} not found")
     record = decoded(await redis.hgetall(job_record_key(job_id)))
     if tenant_id is not None and record.get("tenant_id") != tenant_id:
         raise NotFound(f"job {job_id} not found")
@@ -80,6 +92,13 @@ async def claim_idempotency(
     if await redis.get(key) != fingerprint.encode():
         raise Conflict("this Idempotency-Key was used with a different request")
     return False
+
+
+async def release_idempotency(redis: aioredis.Redis, job_id: str) -> None:
+    """The job an Idempotency-Key was claimed for was not made: the key is free again (best
+    effort: Redis may be the reason it was not made)."""
+    with contextlib.suppress(RedisError):  # it expires with the retention time
+        await redis.delete(idempotency_key(job_id))
 
 
 async def add_waiting_job(
@@ -155,6 +174,8 @@ async def tenant_job_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list
 
 async def batch_record(redis: aioredis.Redis, batch_id: str, tenant_id: str | None = None) -> dict:
     """A batch's record; with `tenant_id`, 404 unless it is that tenant's."""
+    if not ID.fullmatch(batch_id):
+        raise NotFound(f"batch {batch_id!r} not found")
     record = decoded(await redis.hgetall(batch_key(batch_id)))
     if tenant_id is not None and record.get("tenant_id") != tenant_id:
         raise NotFound(f"batch {batch_id} not found")

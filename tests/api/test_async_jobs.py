@@ -148,3 +148,20 @@ def test_the_same_idempotency_key_never_makes_a_second_job(
         timeout=60,
     )
     assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
+
+
+def test_a_refused_request_claims_no_idempotency_key(gateway, worker, tenant_factory):
+    """Only an accepted request claims its key: after a 404 or 400, the corrected request may
+    use the same key."""
+    _, key, _ = tenant_factory.create("pro")
+    headers = auth(key) | {"Idempotency-Key": "order-refused-first"}
+    unknown_model = {"type": "chat", "input": chat(3)["input"] | {"model": "no-such-model"}}
+    refused = httpx.post(f"{gateway.url}/v1/jobs", json=unknown_model, headers=headers)
+    assert refused.status_code == 404, refused.text
+    bad = {"type": "chat", "input": chat(3)["input"] | {"max_tokens": -5}}
+    assert httpx.post(f"{gateway.url}/v1/jobs", json=bad, headers=headers).status_code == 400
+    accepted = httpx.post(
+        f"{gateway.url}/v1/jobs", json=chat(3), headers=headers | {"Prefer": "wait=60"}, timeout=90
+    )
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["status"] == "succeeded"
