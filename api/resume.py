@@ -23,6 +23,7 @@ from api.state import AppState
 from billing.tenants import KeyOwner
 
 router = APIRouter(tags=["jobs"])
+MAX_CHUNKS = 1_000_000  # more than any stream holds (a token or a step a chunk)
 
 
 async def resume(
@@ -42,11 +43,12 @@ async def stream(
     request_id: str,
     owner: InferenceKey,
     state: StateDep,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_CHUNKS)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     if after is None and last_event_id is not None:
-        if not last_event_id.isdigit():
+        known = last_event_id.isascii() and last_event_id.isdigit()
+        if not known or int(last_event_id) >= MAX_CHUNKS:
             raise BadRequest("Last-Event-ID must be the id of an event this stream sent")
         after = int(last_event_id) + 1
     meta, chunks = await resume(state, request_id, owner, after or 0)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import auth, chat_body, in_flight, png_bomb
+from workers.keyspace import batches_index_key, jobs_index_key
 
 
 def encoded(image: Image.Image, fmt: str, **save) -> str:
@@ -141,3 +142,39 @@ def test_hostile_json_gets_a_clear_error(name, path, gateway, worker, tenant_fac
         message = body["error"] if isinstance(body["error"], str) else body["error"]["message"]
         assert message.strip()
     assert in_flight(redis_client, tenant_id) == 0
+
+
+def hostile_ids(tenant_id) -> dict[str, tuple[str, str, dict]]:
+    """(method, path, headers) that name no job: other Redis keys, NUL bytes, positions past
+    anything a stream holds."""
+    index = f"by-tenant:{tenant_id}"  # the tenant's own job and batch indexes, other key types
+    return {
+        "job id naming an index": ("GET", f"/v1/jobs/{index}", {}),
+        "cancel naming an index": ("POST", f"/v1/jobs/{index}/cancel", {}),
+        "webhooks of an index": ("GET", f"/v1/jobs/{index}/webhooks", {}),
+        "batch id naming an index": ("GET", f"/v1/batches/{index}", {}),
+        "batch output of an index": ("GET", f"/v1/batches/{index}/output", {}),
+        "NUL in a job id": ("GET", "/v1/jobs/ab%00cd", {}),
+        "resume an index": ("GET", f"/api/jobs/{index}/stream", {}),
+        "after past 64 bits": ("GET", "/api/jobs/abc/stream?after=" + "9" * 30, {}),
+        "Last-Event-ID past 64 bits": ("GET", "/api/jobs/abc/stream", {"Last-Event-ID": "9" * 30}),
+        # a superscript two, as a latin-1 header byte: a digit to str.isdigit, not to int()
+        "Last-Event-ID of other digits": (
+            "GET",
+            "/api/jobs/abc/stream",
+            {"Last-Event-ID": b"\xb2"},
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_ids("t")))
+def test_hostile_ids_get_a_clear_error(name, gateway, tenant_factory, redis_client):
+    tenant_id, key, _ = tenant_factory.create("pro")
+    redis_client.zadd(jobs_index_key(str(tenant_id)), {"a-job": 1.0})
+    redis_client.zadd(batches_index_key(str(tenant_id)), {"a-batch": 1.0})
+    method, path, headers = hostile_ids(tenant_id)[name]
+    response = httpx.request(method, f"{gateway.url}{path}", headers=auth(key) | headers)
+    assert response.status_code in (400, 404), (name, response.status_code, response.text[:300])
+    body = response.json()
+    message = body["error"] if isinstance(body["error"], str) else body["error"]["message"]
+    assert message.strip()
