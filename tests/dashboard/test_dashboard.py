@@ -14,6 +14,7 @@ from billing import usage
 from billing.db import transaction
 from billing.keys import well_formed
 from billing.models import AuditEntry, Tenant
+from billing.plans import period_of
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import auth
 from tests.stack import wait_for
@@ -39,7 +40,13 @@ def page(browser) -> Page:
 
 
 def seed(sessions, tenant_id, model: str, kind: str, seconds: list[float], days_ago: float):
-    when = datetime.now(UTC) - timedelta(days=days_ago)
+    """Records finished `days_ago` days before now, a few seconds apart, all of them inside
+    this billing period and before now whatever the date: on the 1st of a month "two days
+    ago" is last month's, so there they move to the middle of the period's elapsed part."""
+    now = datetime.now(UTC)
+    start = period_of(now).start
+    when = max(now - timedelta(days=days_ago), start + (now - start) / 2)
+    step = min(timedelta(seconds=1), (when - start) / (2 * len(seconds)))
     with transaction(sessions) as session:
         for i, value in enumerate(seconds):
             usage.record(
@@ -56,7 +63,7 @@ def seed(sessions, tenant_id, model: str, kind: str, seconds: list[float], days_
                     prompt_tokens=600,
                     output_tokens=1 if kind == "txt2img" else 40,
                     started_at=None,
-                    finished_at=when - timedelta(minutes=i),
+                    finished_at=when - step * i,
                 ),
             )
 
