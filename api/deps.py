@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.errors import Forbidden, Unauthorized, Unavailable, database_away
+from api.errors import Forbidden, Unauthorized, Unavailable
 from api.state import AppState
+from billing.db import database_away
 from billing.keys import hash_key
 from billing.tenants import KeyOwner, owner_of_key
 

@@ -6,16 +6,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as db
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-# The database is away (refused, dropped, the pool exhausted): 503, whichever route noticed.
-DATABASE_AWAY = (db.OperationalError, db.InterfaceError, db.TimeoutError)
+from billing.db import database_away
+
+# The 503 for a route that found the database out of reach (billing.db.database_away).
 DATABASE_AWAY_MESSAGE = "the database is unavailable; try again shortly"
-
-
-def database_away(exc: BaseException) -> bool:
-    """`exc` says the database is out of reach (not that it refused what was asked)."""
-    return isinstance(exc, (*DATABASE_AWAY, ConnectionError)) or bool(
-        getattr(exc, "connection_invalidated", False)
-    )
 
 
 class ApiError(Exception):
@@ -169,7 +163,8 @@ def install(app: FastAPI) -> None:
         headers = {"Retry-After": "1"}
         return _render(request, 503, DATABASE_AWAY_MESSAGE, headers, code="unavailable")
 
-    for kind in (*DATABASE_AWAY, db.DBAPIError):
+    # SQLAlchemy's errors only: a ConnectionError elsewhere (storage, say) is not the database's
+    for kind in (db.OperationalError, db.InterfaceError, db.TimeoutError, db.DBAPIError):
         app.add_exception_handler(kind, database_outage)
 
     @app.exception_handler(StarletteHTTPException)

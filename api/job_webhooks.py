@@ -3,7 +3,6 @@
 from fastapi import APIRouter
 
 from api.deps import InferenceKey, SessionDep, StateDep
-from api.errors import NotFound
 from api.jobs import store
 from webhooks import service
 
@@ -28,9 +27,7 @@ async def deliveries(
     job_id: str, owner: InferenceKey, state: StateDep, session: SessionDep
 ) -> dict:
     """Each event sent for the job: its status, attempts and the receiver's last answer."""
-    if not store.ID.fullmatch(job_id):
-        raise NotFound(f"job {job_id!r} not found")
-    rows = await service.of_job(session, owner.tenant_id, job_id)
+    rows = await service.of_job(session, owner.tenant_id, store.known_id("job", job_id))
     if not rows:
         await store.job_record(state.redis, job_id, str(owner.tenant_id))  # 404 unless theirs
     return {

@@ -20,8 +20,9 @@ from datetime import UTC, datetime
 from cachetools import TTLCache
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from api.errors import Forbidden, PaymentRequired, Unauthorized, Unavailable, database_away
+from api.errors import Forbidden, PaymentRequired, Unauthorized, Unavailable
 from billing import usage
+from billing.db import database_away
 from billing.plans import Balance, Period, Plan, period_of
 
 

@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import MetaData, create_engine
+from sqlalchemy import exc as db
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -15,6 +16,16 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# The database is out of reach (refused, dropped, the pool exhausted), as opposed to refusing
+# what was asked: worth waiting for, or a 503.
+DATABASE_AWAY = (db.OperationalError, db.InterfaceError, db.TimeoutError, ConnectionError)
+
+
+def database_away(exc: BaseException) -> bool:
+    """`exc` says the database is out of reach (not that it refused what was asked)."""
+    return isinstance(exc, DATABASE_AWAY) or bool(getattr(exc, "connection_invalidated", False))
 
 
 class Base(DeclarativeBase):

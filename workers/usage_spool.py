@@ -18,24 +18,16 @@ from dataclasses import asdict
 from datetime import datetime
 
 import redis
-from sqlalchemy import exc as db
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.db import transaction
+from billing.db import database_away, transaction
 from billing.usage import UsageCreate, record_many
 from billing.usage_writer import UsageWriter
 from workers.keyspace import USAGE_PARKED
 
 log = logging.getLogger(__name__)
 
-# The database is away (refused, dropped, the pool exhausted): worth waiting for. Any other
-# error (a record the ledger refuses) is not, and is raised as before.
-LEDGER_AWAY = (db.OperationalError, db.InterfaceError, db.TimeoutError)
 DRAIN_BATCH = 500
-
-
-def ledger_away(exc: BaseException) -> bool:
-    return isinstance(exc, LEDGER_AWAY) or bool(getattr(exc, "connection_invalidated", False))
 
 
 def _dump(usage: UsageCreate) -> str:
@@ -80,13 +72,13 @@ class UsageSpool:
             try:
                 return self._writer.record(usage)
             except Exception as exc:
-                if not ledger_away(exc):
+                if not database_away(exc):
                     raise
             time.sleep(pause)
         try:
             return self._writer.record(usage)
         except Exception as exc:
-            if not ledger_away(exc):
+            if not database_away(exc):
                 raise
             log.warning(
                 "the ledger is away (%s); usage of %s parked until it is back",
@@ -112,7 +104,7 @@ class UsageSpool:
                         record_many(session, [_load(raw) for raw in found.values()])
                     written = list(found)
                 except Exception as exc:
-                    if ledger_away(exc):
+                    if database_away(exc):
                         return moved  # still away: next pass
                     written = [key for key, raw in found.items() if self._one(key, raw)]
                 if written:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -31,7 +31,6 @@ from workers.keyspace import (
 
 # How a job's stream is rendered to its client: the API family and call that made it.
 Family = Literal["ollama-chat", "ollama-generate", "openai-chat", "images"]
-FAMILIES: tuple[str, ...] = get_args(Family)
 
 # An async job's record moves waiting -> submitted (a scheduler took it into a slot) or
 # waiting -> cancelled; a submitted job's progress is in its stream.
@@ -68,17 +67,27 @@ def decoded(raw: dict) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+def known_id(kind: str, value: str) -> str:
+    """`value`, if it can be a job's or batch's id; else 404 (it names nothing)."""
+    if not ID.fullmatch(value):
+        raise NotFound(f"{kind} {value!r} not found")
+    return value
+
+
+async def _owned(redis: aioredis.Redis, kind: str, key: str, some_id: str, tenant_id) -> dict:
+    record = decoded(await redis.hgetall(key))
+    if tenant_id is not None and record.get("tenant_id") != tenant_id:
+        raise NotFound(f"{kind} {some_id} not found")
+    return record
+
+
 # -- async jobs ---------------------------------------------------------------------------
 
 
 async def job_record(redis: aioredis.Redis, job_id: str, tenant_id: str | None = None) -> dict:
     """An async job's record; with `tenant_id`, 404 unless it is that tenant's."""
-    if not ID.fullmatch(job_id):
-        raise NotFound(f"job {job_id!r} not found")
-    record = decoded(await redis.hgetall(job_record_key(job_id)))
-    if tenant_id is not None and record.get("tenant_id") != tenant_id:
-        raise NotFound(f"job {job_id} not found")
-    return record
+    key = job_record_key(known_id("job", job_id))
+    return await _owned(redis, "job", key, job_id, tenant_id)
 
 
 async def claim_idempotency(
@@ -174,12 +183,8 @@ async def tenant_job_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list
 
 async def batch_record(redis: aioredis.Redis, batch_id: str, tenant_id: str | None = None) -> dict:
     """A batch's record; with `tenant_id`, 404 unless it is that tenant's."""
-    if not ID.fullmatch(batch_id):
-        raise NotFound(f"batch {batch_id!r} not found")
-    record = decoded(await redis.hgetall(batch_key(batch_id)))
-    if tenant_id is not None and record.get("tenant_id") != tenant_id:
-        raise NotFound(f"batch {batch_id} not found")
-    return record
+    key = batch_key(known_id("batch", batch_id))
+    return await _owned(redis, "batch", key, batch_id, tenant_id)
 
 
 async def add_batch(redis: aioredis.Redis, batch_id: str, record: dict, now: float) -> None:
