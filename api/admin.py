@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, StateDep
+from api.deps import SessionDep, StateDep, client_address
 from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from billing import operator, tenants, usage
 from billing.keys import well_formed
@@ -25,8 +25,8 @@ from billing.plans import period_of
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-def _require_admin(request: Request, state: StateDep) -> str:
-    """The actor's name, once the admin token checks out."""
+async def _require_admin(request: Request, state: StateDep) -> str:
+    """The actor's name, once the admin token checks out (failures are throttled)."""
     expected = state.settings.admin_token
     if not expected:
         raise Forbidden("the admin API is off: set GPUHOST_ADMIN_TOKEN to turn it on")
@@ -34,10 +34,13 @@ def _require_admin(request: Request, state: StateDep) -> str:
     presented = presented.strip()
     if scheme.lower() != "bearer" or not presented:
         raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'")
+    address = client_address(request.scope)
+    await state.throttle.check(address, presented)
     if hmac.compare_digest(presented.encode(), expected.encode()):
         return (request.headers.get("x-actor") or "admin")[:200]
     if well_formed(presented):
         raise Forbidden("operator routes need the admin token; tenant API keys are refused")
+    await state.throttle.failed(address, presented)
     raise Unauthorized("invalid admin token")
 
 
@@ -225,7 +228,7 @@ async def revoke_key(key_id: str, request: Request, state: StateDep, actor: Acto
         return _key_json(operator.revoke_key(session, who(request, actor), key_id))
 
     revoked = await _run_committed(state, work)
-    state.forget_keys()  # this gateway at once; the others within their cache time
+    state.forget_key(revoked["id"])  # this gateway at once; the others within their cache time
     return revoked
 
 

@@ -18,11 +18,12 @@ from api import (
 )
 from api.jobs.batch_runner import BatchRunner
 from api.jobs.scheduler import Scheduler
-from api.limits import BodyLimit
+from api.limits import BodyGuard, UrlGuard
 from api.ollama.router import router as ollama_router
 from api.openai.images import router as openai_images_router
 from api.openai.router import router as openai_router
 from api.sd.router import router as sd_router
+from api.security_headers import SecurityHeaders
 from api.settings import GatewaySettings
 from api.state import lifespan
 from webhooks.sender import Sender
@@ -56,12 +57,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(admin.router)
     dashboard.install(app)
     app.add_middleware(
-        BodyLimit,
+        BodyGuard,
         max_bytes=settings.max_body_bytes,
         uploads={
             fine_tuning.JOBS: settings.max_upload_bytes,
             "/v1/batches": settings.max_upload_bytes,
         },
+        anonymous_max_bytes=settings.anonymous_max_body_bytes,
+        idle_seconds=settings.body_idle_seconds,
+        min_bytes_per_second=settings.body_min_bytes_per_second,
+        bodies_per_client=settings.bodies_per_client,
     )
+    app.add_middleware(UrlGuard)
+    app.add_middleware(metrics.MetricsPort, port=settings.metrics_port)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(metrics.Instrument, metrics=observed)
     return app

@@ -70,7 +70,11 @@ async def job_spec(state: AppState, body: JobCreate, owner, job_id: str) -> tupl
         chat = validated(ChatCompletionRequest, body.input, ("input",))
         if not state.serves(chat.model):
             raise NotFound(f"The model '{chat.model}' does not exist", param="model")
-        return chat.to_job(owner, job_id, ChatImageLimits.of(settings), {}), chat.model
+        limits = ChatImageLimits.of(settings)
+        spec = await state.decoder.run(
+            owner, chat.carries_images(), chat.to_job, owner, job_id, limits, {}
+        )
+        return spec, chat.model
     images = validated(ImagesRequest, body.input, ("input",))
     spec = await ImageServing(state).job(images, owner, job_id)
     return spec, spec.model

@@ -13,6 +13,9 @@ from billing.db import database_away
 from billing.keys import hash_key
 from billing.tenants import KeyOwner, owner_of_key
 
+# Where api/limits.py hands on the owner of a key it checked, in the request's state.
+KEY_OWNER = "key_owner"
+
 
 async def get_state(request: Request) -> AppState:
     return request.state.gpuhost
@@ -34,7 +37,22 @@ SessionDep = Annotated[AsyncSession, Depends(db_session, scope="function")]
 
 
 async def authenticate(request: Request, state: StateDep) -> KeyOwner:
+    # a request with a body was authenticated before it was read (api/limits.py)
+    checked = request.scope["state"].get(KEY_OWNER)
+    if checked is not None and not checked.expired(datetime.now(UTC)):
+        return checked
     header = request.headers.get("authorization", "")
+    return await owner_of_key_header(state, header, client_address(request.scope))
+
+
+def client_address(scope) -> str:
+    """The client's address (behind trusted proxies, the one they name: `gpuhost serve`)."""
+    return (scope.get("client") or ("unknown", 0))[0]
+
+
+async def owner_of_key_header(state: AppState, header: str, address: str) -> KeyOwner:
+    """The owner of the API key in an Authorization header, or the 401 (429 when its sender
+    has failed too often, 503 while the key store is away) that says why."""
     scheme, _, presented = header.partition(" ")
     if not header:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
@@ -42,7 +60,14 @@ async def authenticate(request: Request, state: StateDep) -> KeyOwner:
         raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
     presented = presented.strip()
     cache_key = hash_key(presented)
-    owner = state.key_cache.get(cache_key) or await _look_up(state, presented, cache_key)
+    owner = state.key_cache.get(cache_key)
+    if owner is None:
+        await state.throttle.check(address, presented)
+        try:
+            owner = await _look_up(state, presented, cache_key)
+        except Unauthorized:
+            await state.throttle.failed(address, presented)
+            raise
     if owner.expired(datetime.now(UTC)):
         state.key_cache.pop(cache_key, None)
         state.known_keys.pop(cache_key, None)

@@ -1,67 +1,222 @@
-"""ASGI middleware that refuses request bodies over a size limit with 413."""
+"""ASGI middleware that refuses a URL holding a NUL byte (UrlGuard), and reads a request body
+only for a caller it knows, only up to a limit, and only while it keeps coming (BodyGuard):
 
+- A request that presents a bearer credential is authenticated before a byte of its body is
+  read: an unknown key gets its 401 at once (a known one is handed on, not looked up again).
+- A request without one (the dashboard's forms, Stripe's events) may send at most
+  `anonymous_max_bytes`: a stranger cannot make the gateway hold more.
+- A body must keep arriving: a pause of `idle_seconds`, or less than `min_bytes_per_second`
+  on average once `grace_seconds` have passed, ends it with 408 (a slow-loris body).
+- One client address may be sending at most `bodies_per_client` bodies at once (429 beyond).
+- A body over `SPOOL_BYTES` is kept in a temporary file, not in memory, until the app reads it.
+"""
+
+import hmac
 import json
+import tempfile
+import time
+from collections import Counter
+from urllib.parse import parse_qsl
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body, error_body_openai
+from api.deps import KEY_OWNER, client_address, owner_of_key_header
+from api.errors import ApiError, error_body, error_body_openai
+
+SPOOL_BYTES = 1024 * 1024
+REPLAY_CHUNK = 64 * 1024
 
 
-class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None):
+class BodyGuard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        uploads: dict[str, int] | None = None,
+        anonymous_max_bytes: int = SPOOL_BYTES,
+        idle_seconds: float = 10.0,
+        grace_seconds: float = 10.0,
+        min_bytes_per_second: float = 16 * 1024,
+        bodies_per_client: int = 16,
+    ):
         self.app = app
         self.max_bytes = max_bytes
         self.uploads = uploads or {}  # path: its own (larger) limit, e.g. dataset uploads
-
-    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
-        message = f"request body is larger than the limit of {limit} bytes"
-        if scope["path"].startswith("/v1/"):
-            shaped = error_body_openai(413, message, code="payload_too_large")
-        else:
-            shaped = error_body(message)
-        body = json.dumps(shaped).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        self.anonymous_max_bytes = anonymous_max_bytes
+        self.idle_seconds = idle_seconds
+        self.grace_seconds = grace_seconds
+        self.min_rate = min_bytes_per_second
+        self.bodies_per_client = bodies_per_client
+        self._sending: Counter[str] = Counter()  # client address: bodies being read
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        try:
+            limit = await self._limit(scope)
+            body = await self._read(scope, receive, limit)
+        except ApiError as exc:
+            await _answer(scope, send, exc.status, exc.message, exc.code, exc.headers)
+            return
+        if body is None:  # the client left
+            return
+        with body:
+            await self.app(scope, _replay(body, receive), send)
+
+    async def _limit(self, scope: Scope) -> int:
+        """The body limit for this caller; authenticates a bearer credential first."""
         limit = self.uploads.get(scope["path"], self.max_bytes)
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await self._refuse(scope, send, limit)
-                return
-        # Read the body up to the limit (it is read whole by the app anyway), then replay it.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await self._refuse(scope, send, limit)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
+        header = _header(scope, b"authorization")
+        scheme, _, presented = header.partition(" ")
+        presented = presented.strip()
+        if scheme.lower() != "bearer" or not presented:
+            limit = min(limit, self.anonymous_max_bytes)
+        else:
+            state = scope["state"]["gpuhost"]
+            admin = state.settings.admin_token
+            if not (admin and hmac.compare_digest(presented.encode(), admin.encode())):
+                address = client_address(scope)
+                scope["state"][KEY_OWNER] = await owner_of_key_header(state, header, address)
+        declared = _header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            raise _TooLarge(limit)
+        return limit
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+    async def _read(self, scope: Scope, receive: Receive, limit: int):
+        """The whole body in a (spooled) file, or None if the client disconnected."""
+        client = client_address(scope)
+        if self._sending[client] >= self.bodies_per_client:
+            raise _Refused(
+                429,
+                f"this address is already sending {self.bodies_per_client} request bodies; "
+                "wait for one to finish",
+                "too_many_uploads",
+                {"Retry-After": "1"},
+            )
+        self._sending[client] += 1
+        body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (the caller closes it)
+        try:
+            size, started, more = 0, time.monotonic(), True
+            while more:
+                message = None
+                with anyio.move_on_after(self.idle_seconds):
+                    message = await receive()
+                if message is None:
+                    raise _TooSlow(f"no part of the request body came for {self.idle_seconds:g} s")
+                if message["type"] == "http.disconnect":
+                    body.close()
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge(limit)
+                body.write(chunk)
+                more = message.get("more_body", False)
+                elapsed = time.monotonic() - started
+                if more and elapsed > self.grace_seconds and size < self.min_rate * elapsed:
+                    raise _TooSlow(
+                        f"the request body came at {size / elapsed:.0f} bytes/s; at least "
+                        f"{self.min_rate:.0f} are needed"
+                    )
+            return body
+        except BaseException:
+            body.close()
+            raise
+        finally:
+            self._sending[client] -= 1
+            if not self._sending[client]:
+                del self._sending[client]
+
+
+class UrlGuard:
+    """A NUL byte has no place in a URL (and PostgreSQL refuses it in text, so an id or a
+    filter holding one would fail as a 500): 400, naming the part that holds it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            where = _holding_nul(scope)
+            if where:
+                message = f"{where} contains a NUL byte"
+                await _answer(scope, send, 400, message, "invalid_request", {})
+                return
+        await self.app(scope, receive, send)
+
+
+def _holding_nul(scope: Scope) -> str | None:
+    if "\x00" in scope["path"]:
+        return "the URL's path"
+    query = scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return f"query parameter '{name.replace(chr(0), '')}'"
+    return None
+
+
+def _replay(body, receive: Receive) -> Receive:
+    """The body from its file, in chunks; then whatever the client sends next (a disconnect)."""
+    size = body.seek(0, 2)
+    body.seek(0)
+    finished = False
+
+    async def replay() -> Message:
+        nonlocal finished
+        if finished:
             return await receive()
+        chunk = body.read(REPLAY_CHUNK)
+        finished = body.tell() >= size
+        return {"type": "http.request", "body": chunk, "more_body": not finished}
 
-        await self.app(scope, replay, send)
+    return replay
+
+
+class _Refused(ApiError):
+    def __init__(self, status: int, message: str, code: str, headers: dict | None = None):
+        super().__init__(message, headers)
+        self.status, self.code = status, code
+
+
+class _TooLarge(_Refused):
+    def __init__(self, limit: int):
+        super().__init__(
+            413, f"request body is larger than the limit of {limit} bytes", "payload_too_large"
+        )
+
+
+class _TooSlow(_Refused):
+    def __init__(self, message: str):
+        super().__init__(408, message, "request_timeout", {"Connection": "close"})
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def _answer(
+    scope: Scope, send: Send, status: int, message: str, code: str, headers: dict
+) -> None:
+    if scope["path"].startswith("/v1/"):
+        shaped = error_body_openai(status, message, code=code)
+    else:
+        shaped = error_body(message)
+    body = json.dumps(shaped).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

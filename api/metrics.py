@@ -9,7 +9,7 @@ GET /metrics in Prometheus' text format.
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -158,3 +158,21 @@ async def metrics(request: Request) -> Response:
     await _read_backlogs(request.state.gpuhost)
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsPort:
+    """With a metrics port of its own (GPUHOST_METRICS_PORT), /metrics is answered there and
+    only there, and nothing else is: the API's port, which an ingress publishes, shows no
+    metrics, and the metrics port serves nothing of the API."""
+
+    def __init__(self, app, port: int):
+        self.app = app
+        self.port = port
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.port and scope["type"] == "http":
+            on_metrics_port = (scope.get("server") or ("", 0))[1] == self.port
+            if on_metrics_port != (scope["path"] == "/metrics"):
+                await PlainTextResponse("Not Found", 404)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

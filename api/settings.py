@@ -2,15 +2,27 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from billing.settings import ModelSettings
+
+ADMIN_TOKEN_MIN = 32
 
 
 class GatewaySettings(ModelSettings):
     # Where `gpuhost serve` listens (GPUHOST_HOST is the command line client's server URL).
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
+    # Serve /metrics on this port, and not on the API's (0: on the API's port, as before). The
+    # chart sets it, so that Prometheus scrapes a port the ingress does not publish.
+    metrics_port: int = 0
+    # Behind reverse proxies: their addresses or networks (CIDRs), whose X-Forwarded-For and
+    # X-Forwarded-Proto are believed; a client's address (for throttling and per-address
+    # limits) is then the one they name. None by default: the peer's address is the client's.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # The URL clients reach the service at (https://gpu.example.com): links the gateway hands
+    # out (images as URLs) start with it. Empty: the request's own scheme and host.
+    public_base_url: str = ""
     # HTTPS: serve TLS with this certificate (chain) and key, both PEM files.
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
@@ -18,6 +30,14 @@ class GatewaySettings(ModelSettings):
     max_body_bytes: int = 20 * 1024 * 1024
     # Uploads (fine-tuning datasets) may be larger, up to this; each tier has its own limit too.
     max_upload_bytes: int = 256 * 1024 * 1024
+    # A request without an API key or the admin token (the dashboard's forms, Stripe's events)
+    # sends at most this; with one, the key is checked before the body is read (api/limits.py).
+    anonymous_max_body_bytes: int = 1024 * 1024
+    # A body that pauses this long, or comes slower than this on average after its first 10 s,
+    # ends with 408; one client address sends at most this many bodies at once (429 beyond).
+    body_idle_seconds: float = 10.0
+    body_min_bytes_per_second: float = 16 * 1024
+    bodies_per_client: int = 16
     # Job webhooks: networks they may reach besides public addresses (CIDRs, e.g. an
     # internal receiver's); how long a receiver has to answer; attempts before giving up, and
     # the backoff between them (base x 2^(attempt - 1), at most the cap).
@@ -34,6 +54,9 @@ class GatewaySettings(ModelSettings):
     dataset_max_images: int = 1000
     # Largest image accepted, in pixels (decompression bombs are refused).
     max_image_pixels: int = 4096 * 4096
+    # Images are checked (decoded) in threads, at most this many at once per gateway; one
+    # tenant's requests use at most its tier's concurrency of them (api/images.py: Decoder).
+    image_check_threads: int = 4
     max_images_per_request: int = 8
     # Stable Diffusion: largest width or height, images per request by tier, and how long
     # images asked for as URLs can be fetched.
@@ -50,14 +73,23 @@ class GatewaySettings(ModelSettings):
     # A tenant's tier and GPU-seconds used are read at most this often per gateway (api/quota.py:
     # only fresh figures refuse a request; a downgrade applies within it; 0 reads every time).
     quota_cache_seconds: float = 1.0
-    # The operator's token for /admin/... (empty: the admin API is off).
+    # The operator's token for /admin/... and the dashboard (empty: the admin API is off); at
+    # least 32 characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`.
     admin_token: str = ""
     stripe_price_tiers: dict[str, str] = Field(default_factory=dict)
-    # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled.
+    # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled,
+    # from public addresses only, unless their network is listed here (CIDRs); redirects are
+    # not followed (webhooks/targets.py).
     fetch_image_urls: bool = False
+    image_url_allowed_networks: list[str] = Field(default_factory=list)
     retry_after_seconds: int = 1
     # Keys are looked up at most this often per gateway: a revoked key stops within it.
     auth_cache_seconds: float = 5.0
+    # This many failed credentials (API keys, the admin token, dashboard sign-ins) from one
+    # client address, or starting with the same 8 characters, within the window: the next are
+    # refused unchecked with 429 until it ends (api/throttle.py; 0 turns it off).
+    credential_failures_limit: int = 20
+    credential_failures_window_seconds: int = 60
     # PostgreSQL out of this gateway's reach: keys and quota figures it read within this many
     # seconds are still trusted (a request already admitted runs on whatever this is); past
     # it, or for a key it has not seen, requests get 503.
@@ -70,3 +102,13 @@ class GatewaySettings(ModelSettings):
     # /api/jobs/{id}/stream); after it, with no one reading, the request is cancelled and its
     # slot freed. The time it ran on is billed. 0: cancel at once.
     resume_grace_seconds: float = 5.0
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, token: str) -> str:
+        if token and len(token) < ADMIN_TOKEN_MIN:
+            raise ValueError(
+                f"GPUHOST_ADMIN_TOKEN is {len(token)} characters; at least {ADMIN_TOKEN_MIN} "
+                "are needed (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return token

@@ -1,6 +1,7 @@
 """The gateway's state: made by the lifespan, one per process, never a module global."""
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -12,9 +13,11 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.admission import Admission, LeaseKeeper
+from api.images import Decoder
 from api.metrics import GatewayMetrics
 from api.quota import Quotas
 from api.settings import GatewaySettings
+from api.throttle import CredentialThrottle
 from billing.db import async_engine, async_session_factory
 from billing.tenants import KeyOwner
 from storage import Storage
@@ -35,6 +38,8 @@ class AppState:
     quotas: Quotas
     metrics: GatewayMetrics
     storage: Storage
+    decoder: Decoder
+    throttle: CredentialThrottle
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, work: Coroutine) -> None:
@@ -43,10 +48,12 @@ class AppState:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def forget_keys(self) -> None:
-        """A key was revoked through this gateway: nothing cached may admit it again."""
-        self.key_cache.clear()
-        self.known_keys.clear()
+    def forget_key(self, key_id: uuid.UUID) -> None:
+        """A key was revoked through this gateway: it is dropped from its caches at once (the
+        other gateways' caches let it go within auth_cache_seconds); other keys stay cached."""
+        for cache in (self.key_cache, self.known_keys):
+            for cached in [k for k, owner in list(cache.items()) if owner.key_id == key_id]:
+                cache.pop(cached, None)
 
     def serves(self, model: str) -> bool:
         return model in self.model_names()
@@ -84,6 +91,12 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
             quotas=Quotas(sessions, settings.plans, settings.quota_cache_seconds, grace),
             metrics=metrics,
             storage=Storage(settings.storage_url),
+            decoder=Decoder(settings.image_check_threads, settings.tier_limits),
+            throttle=CredentialThrottle(
+                client,
+                settings.credential_failures_limit,
+                settings.credential_failures_window_seconds,
+            ),
         )
         state.spawn(state.leases.run())
         for work in background:

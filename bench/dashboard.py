@@ -29,9 +29,10 @@ import migrations  # noqa: E402
 from billing import tenants, usage  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from tests.conftest import SERVICES, drop_database, fresh_database  # noqa: E402
+from tests.helpers import dashboard_sign_in  # noqa: E402
 from tests.stack import Gateway  # noqa: E402
 
-ADMIN = "adm_bench_dashboard"
+ADMIN = "adm_bench_dashboard_4c1e9a7f03b65d28"
 MODELS = [("llava-llama3", "chat"), ("stable-diffusion", "txt2img")]
 
 
@@ -127,7 +128,7 @@ def main() -> None:
             (ADMIN, ["/dashboard/admin"]),
         ):
             with httpx.Client(base_url=gateway.url, timeout=30) as client:
-                signed = client.post("/dashboard/login", data={"credential": credential})
+                signed = dashboard_sign_in(client, credential)
                 assert signed.status_code == 303, signed.text
                 for path in pages:
                     print(json.dumps(timed(client, path, args.rounds)), flush=True)

@@ -63,8 +63,15 @@ def issue_key(
     return row, secret
 
 
-def revoke_key(session: Session, who: tuple[str, str | None], key_id: str) -> ApiKey:
-    row = tenants.revoke_key(session, key_id)
+def revoke_key(
+    session: Session,
+    who: tuple[str, str | None],
+    key_id: str,
+    tenant_id: uuid.UUID | None = None,
+) -> ApiKey:
+    """Every revocation, by an operator or by the key's own tenant (`tenant_id`: only its
+    keys), is audited here. The gateway then drops that key from its cache (AppState.forget_key)."""
+    row = tenants.revoke_key(session, key_id, tenant_id)
     _audit(session, who, "key.revoke", row.id, tenant_id=str(row.tenant_id))
     return row
 

@@ -50,11 +50,18 @@ def _check_tier(tier: str, tiers: dict[str, int]) -> str:
     return tier
 
 
+NAME_MAX = 200  # the column's width
+
+
 def create_tenant(session: Session, name: str, tier: str, tiers: dict[str, int]) -> Tenant:
     if not name.strip():
         raise InvalidArgument("tenant name must not be empty")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise InvalidArgument("tenant name must not contain control characters")
+    if len(name.strip()) > NAME_MAX:
+        raise InvalidArgument(
+            f"tenant name is {len(name.strip())} characters; at most {NAME_MAX} are allowed"
+        )
     tenant = Tenant(id=uuid.uuid4(), name=name.strip(), tier=_check_tier(tier, tiers))
     session.add(tenant)
     session.flush()
@@ -118,9 +125,11 @@ def keys_of(session: Session, tenant_id: uuid.UUID) -> list[ApiKey]:
     )
 
 
-def revoke_key(session: Session, key_id: str) -> ApiKey:
+def revoke_key(session: Session, key_id: str, tenant_id: uuid.UUID | None = None) -> ApiKey:
+    """Revoke a key (again: nothing changes). With `tenant_id`, only a key of that tenant: any
+    other is not found."""
     row = session.get(ApiKey, _parse_id(key_id, "key"))
-    if row is None:
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"key {key_id} not found")
     if row.revoked_at is None:
         row.revoked_at = datetime.now(UTC)

@@ -1,6 +1,7 @@
 """The `gpuhost` command line: serve, worker, dev, db, admin, models."""
 
 import logging
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -45,14 +46,21 @@ def serve(
         check_pair(certfile, keyfile)
     except ValueError as exc:
         fail(str(exc))
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=host or settings.listen_host,
         port=port or settings.listen_port,
         log_level="info",
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
+        # X-Forwarded-For and -Proto are believed from the trusted proxies only
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
     )
+    sockets = [config.bind_socket()]
+    if settings.metrics_port:  # the same server, on a port of its own for /metrics
+        sockets.append(socket.create_server((config.host, settings.metrics_port)))
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 @app.command()

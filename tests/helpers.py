@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -135,3 +136,11 @@ def png_bomb(side: int) -> str:
         + chunk(b"IEND", b"")
     )
     return base64.b64encode(raw).decode()
+
+
+def dashboard_sign_in(client: httpx.Client, credential: str, **kwargs) -> httpx.Response:
+    """Sign in as a browser does: the form first (its CSRF token and cookie), then the post.
+    `client` has the gateway as its base URL and keeps cookies."""
+    form = client.get("/dashboard/login", **kwargs)
+    token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+    return client.post("/dashboard/login", data={"credential": credential, "csrf": token}, **kwargs)

@@ -9,8 +9,10 @@ from the sizes the archive declares, and reads never go past them).
 
 import io
 import json
+import lzma
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -52,6 +54,29 @@ def _skipped(name: str) -> bool:
     return name.endswith("/") or path.parts[0] == "__MACOSX" or path.name.startswith(".")
 
 
+# What reading a member of a damaged or unusual archive raises: a bad CRC (BadZipFile), an
+# encrypted member (RuntimeError), an unknown compression method (NotImplementedError), a
+# truncated or corrupt stream (EOFError, zlib.error, lzma.LZMAError, OSError).
+UNREADABLE = (
+    zipfile.BadZipFile,
+    RuntimeError,
+    NotImplementedError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+)
+
+
+def _read(archive: zipfile.ZipFile, name: str) -> bytes:
+    if archive.getinfo(name).flag_bits & 0x1:
+        raise DatasetError(f"dataset: {name} is encrypted; send it without a password")
+    try:
+        return archive.read(name)
+    except UNREADABLE as exc:
+        raise DatasetError(f"dataset: {name} cannot be read ({exc})") from None
+
+
 def _captions(archive: zipfile.ZipFile, names: list[str], images: list[str]) -> dict[str, str]:
     """Each image's caption: its metadata.jsonl line, else the .txt file beside it."""
     listed: dict[str, str] = {}
@@ -59,7 +84,7 @@ def _captions(archive: zipfile.ZipFile, names: list[str], images: list[str]) -> 
     for name in names:
         path = PurePosixPath(name)
         if path.name == "metadata.jsonl":
-            lines = archive.read(name).decode("utf-8").splitlines()
+            lines = _read(archive, name).decode("utf-8").splitlines()
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -72,7 +97,7 @@ def _captions(archive: zipfile.ZipFile, names: list[str], images: list[str]) -> 
                     ) from None
                 listed[str(path.parent / file_name)] = text
         elif path.suffix == ".txt":
-            texts[str(path.with_suffix(""))] = archive.read(name).decode("utf-8", "replace")
+            texts[str(path.with_suffix(""))] = _read(archive, name).decode("utf-8", "replace")
     return {
         image: listed.get(image, texts.get(str(PurePosixPath(image).with_suffix("")), ""))
         for image in images
@@ -157,11 +182,7 @@ def validate(data: bytes, limits: DatasetLimits) -> list[Example]:
                 raise DatasetError(
                     f"dataset: the caption of {name} is over {MAX_CAPTION} characters"
                 )
-            try:
-                raw = archive.read(name)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise DatasetError(f"dataset: {name} cannot be read ({exc})") from None
-            _check_image(raw, name, limits)
+            _check_image(_read(archive, name), name, limits)
             examples.append(Example(name, caption))
         return examples
 

@@ -70,14 +70,13 @@ class Sender:
             headers = {
                 "content-type": "application/json",
                 "user-agent": "gpuhost-webhooks",
-                "host": target.host if target.port in (80, 443) else f"{target.host}:{target.port}",
+                "host": target.host_header(),
                 "webhook-id": str(delivery_id),
                 "webhook-timestamp": str(int(now.timestamp())),
                 "webhook-signature": Webhook(secret).sign(str(delivery_id), now, body),
             }
-            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
             answer = await self.client.post(
-                target.pinned_url(), content=body, headers=headers, extensions=extensions
+                target.pinned_url(), content=body, headers=headers, extensions=target.extensions()
             )
             status_code = answer.status_code
             if not answer.is_success:

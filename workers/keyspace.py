@@ -113,6 +113,12 @@ def image_file_key(token: str) -> str:
     return f"{PREFIX}file:{token}"
 
 
+def credential_failures_key(kind: str, value: str) -> str:
+    """Failed credentials from one client address (kind "address") or presented with one key
+    prefix ("prefix") in the current window: a counter that expires with it."""
+    return f"{PREFIX}auth-failures:{kind}:{value}"
+
+
 def dashboard_session_key(token: str) -> str:
     return f"{PREFIX}dashboard:session:{token}"
 

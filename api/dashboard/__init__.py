@@ -30,7 +30,8 @@ from api.dashboard.common import (
     router,
     secure,
 )
-from api.deps import SessionDep, StateDep
+from api.deps import SessionDep, StateDep, client_address
+from api.errors import ApiError
 from billing import tenants
 from billing.keys import PREFIX, well_formed
 from workers.keyspace import dashboard_session_key
@@ -65,16 +66,56 @@ async def home(visitor: VisitorDep) -> Response:
     return RedirectResponse(target, status_code=303)
 
 
+# The sign-in form's CSRF token: a cookie of its own, matched by the form's hidden field, so
+# that another site cannot sign a browser in to an account of its choosing (login CSRF).
+SIGN_IN_COOKIE = "gpuhost_sign_in"
+
+
+def login_form(
+    request: Request, status: int = 200, headers: dict | None = None, **context
+) -> Response:
+    token = secrets.token_urlsafe(24)
+    page = render(request, "login.html", status, headers, csrf=token, **context)
+    _set_cookie(page, request, SIGN_IN_COOKIE, token, "/dashboard/login")
+    return page
+
+
+def _set_cookie(response: Response, request: Request, name: str, value: str, path: str) -> None:
+    """A cookie no script reads, sent back to this site only, over HTTPS when it was used."""
+    response.set_cookie(
+        name,
+        value,
+        max_age=SESSION_SECONDS,
+        path=path,
+        httponly=True,
+        samesite="strict",
+        secure=secure(request),
+    )
+
+
 @router.get("/login")
 async def login_page(request: Request) -> Response:
-    return render(request, "login.html")
+    return login_form(request)
 
 
 @router.post("/login")
 async def login(
-    request: Request, state: StateDep, db: SessionDep, credential: Annotated[str, Form()] = ""
+    request: Request,
+    state: StateDep,
+    db: SessionDep,
+    credential: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
 ) -> Response:
+    expected = request.cookies.get(SIGN_IN_COOKIE, "")
+    if not expected or not hmac.compare_digest(expected.encode(), csrf.encode()):
+        error = "This sign-in form has expired or did not come from this dashboard; try again."
+        return login_form(request, 403, error=error)
     credential = credential.strip()
+    address = client_address(request.scope)
+    try:
+        await state.throttle.check(address, credential)
+    except ApiError as exc:
+        return login_form(request, exc.status, exc.headers, error=exc.message)
     session = {"csrf": secrets.token_urlsafe(24)}
     admin_token = state.settings.admin_token
     if admin_token and hmac.compare_digest(credential.encode(), admin_token.encode()):
@@ -84,31 +125,24 @@ async def login(
         if well_formed(credential):
             owner = await tenants.owner_of_key(db, credential)
         if owner is None:
-            return render(request, "login.html", 401, error="That key is not valid.")
+            await state.throttle.failed(address, credential)
+            return login_form(request, 401, error="That key is not valid.")
         if "usage:read" not in owner.scopes:
-            return render(request, "login.html", 403, error="That key lacks the usage:read scope.")
+            return login_form(request, 403, error="That key lacks the usage:read scope.")
         session |= {
             "kind": "tenant",
             "tenant_id": str(owner.tenant_id),
             "key_id": str(owner.key_id),
         }
     else:
-        return render(
-            request, "login.html", 401, error="Enter an API key (gph_...) or the admin token."
-        )
+        await state.throttle.failed(address, credential)
+        return login_form(request, 401, error="Enter an API key (gph_...) or the admin token.")
     token = secrets.token_urlsafe(32)
     await state.redis.set(dashboard_session_key(token), json.dumps(session), ex=SESSION_SECONDS)
     target = "/dashboard/usage" if session["kind"] == "tenant" else "/dashboard/admin"
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(
-        COOKIE,
-        token,
-        max_age=SESSION_SECONDS,
-        path="/dashboard",
-        httponly=True,
-        samesite="strict",
-        secure=secure(request),
-    )
+    _set_cookie(response, request, COOKIE, token, "/dashboard")
+    response.delete_cookie(SIGN_IN_COOKIE, path="/dashboard/login")
     return response
 
 

@@ -69,8 +69,10 @@ def secure(request: Request) -> bool:
     return request.url.scheme == "https"
 
 
-def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context, status_code=status)
+def render(
+    request: Request, name: str, status: int = 200, headers: dict | None = None, **context
+) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status, headers=headers)
 
 
 async def visitor_of(request: Request, state: StateDep, session: SessionDep) -> Visitor:
@@ -104,8 +106,8 @@ def tenant_of(visitor: Visitor) -> uuid.UUID:
     return visitor.tenant_id
 
 
-def who_of(request: Request) -> tuple[str, str | None]:
-    return who(request, "dashboard (admin token)")
+def who_of(request: Request, actor: str = "dashboard (admin token)") -> tuple[str, str | None]:
+    return who(request, actor)
 
 
 def operator_only(visitor: Visitor) -> None:

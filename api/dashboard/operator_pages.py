@@ -158,5 +158,5 @@ async def admin_revoke_key(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     row = await run_committed(state, lambda s: operator.revoke_key(s, who_of(request), key_id), 404)
-    state.forget_keys()
+    state.forget_key(row.id)
     return RedirectResponse(f"/dashboard/admin/tenants/{row.tenant_id}", status_code=303)

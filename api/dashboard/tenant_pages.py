@@ -1,6 +1,5 @@
 """A tenant's pages: usage (plan, allowance, estimated invoice, chart, requests) and keys."""
 
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -15,12 +14,14 @@ from api.dashboard.common import (
     invoice,
     render,
     router,
+    run_committed,
     tenant_keys,
     tenant_of,
+    who_of,
 )
 from api.deps import SessionDep, StateDep
-from billing import tenants, usage
-from billing.models import ApiKey, Tenant
+from billing import operator, tenants, usage
+from billing.models import Tenant
 from billing.plans import Balance, period_of
 
 
@@ -98,7 +99,10 @@ async def create_key(
         error = "Choose at least one scope."
     else:
         try:
-            _, secret = await session.run_sync(lambda s: tenants.create_key(s, tenant_id, chosen))
+            who = who_of(request, "dashboard (tenant)")
+            _, secret = await session.run_sync(
+                lambda s: operator.issue_key(s, who, tenant_id, chosen)
+            )
         except tenants.InvalidArgument as exc:
             error = str(exc)
     return render(
@@ -123,16 +127,11 @@ async def revoke_key(
 ) -> Response:
     tenant_id = tenant_of(visitor)
     await check_csrf(visitor, csrf)
-    try:
-        wanted = uuid.UUID(key_id)
-    except ValueError:
-        wanted = None
-    # Its own transaction: the cached keys are dropped once the revocation is committed.
-    async with state.sessions() as session, session.begin():
-        row = await session.get(ApiKey, wanted) if wanted else None
-        if row is None or row.tenant_id != tenant_id:  # another tenant's key: not found
-            return render(request, "error.html", 404, message=f"key {key_id} not found")
-        if row.revoked_at is None:
-            row.revoked_at = datetime.now(UTC)
-    state.forget_keys()
+    # Its own transaction: the key is dropped from the cache once the revocation is committed;
+    # another tenant's key is not found.
+    who = who_of(request, "dashboard (tenant)")
+    row = await run_committed(
+        state, lambda s: operator.revoke_key(s, who, key_id, tenant_id=tenant_id), 404
+    )
+    state.forget_key(row.id)
     return RedirectResponse("/dashboard/keys", status_code=303)

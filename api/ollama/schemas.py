@@ -111,6 +111,9 @@ def _images(images: list[str] | None, field: str, limits: "ChatImageLimits") -> 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
 
+    def carries_images(self) -> bool:
+        return any(m.images for m in self.messages)
+
     def to_job(self, owner, request_id: str, limits: ChatImageLimits) -> ChatJob:
         total = sum(len(m.images or []) for m in self.messages)
         if total > limits.max_count:
@@ -136,6 +139,9 @@ class GenerateRequest(_Request):
     def is_load_only(self) -> bool:
         """Ollama clients send an empty prompt to load a model."""
         return not self.prompt and not self.images
+
+    def carries_images(self) -> bool:
+        return bool(self.images)
 
     def to_job(self, owner, request_id: str, limits: ChatImageLimits) -> ChatJob:
         turns = []

@@ -40,9 +40,10 @@ class OllamaServing:
                     "done_reason": "load",
                 }
             )
-        spec = body.to_job(
-            owner, new_request_id(), ChatImageLimits.of(self.state.settings)
-        )  # validates before admission
+        limits = ChatImageLimits.of(self.state.settings)
+        spec = await self.state.decoder.run(  # validates before admission
+            owner, body.carries_images(), body.to_job, owner, new_request_id(), limits
+        )
         chat = isinstance(body, ChatRequest)
         family = "ollama-chat" if chat else "ollama-generate"
         job = await submit(self.state, spec, owner, family)

@@ -55,7 +55,8 @@ async def edits(
     picture = base64.b64encode(await _read(image, "image", limit)).decode()
     fields: dict = {"model": model, "prompt": prompt, "n": n, "image": picture}
     if mask is not None:
-        fields["mask"] = openai_mask(await _read(mask, "mask", limit), "mask")
+        data, max_pixels = await _read(mask, "mask", limit), state.settings.max_image_pixels
+        fields["mask"] = await state.decoder.run(owner, True, openai_mask, data, "mask", max_pixels)
     if size is not None:
         fields["width"], fields["height"] = parse_size(size)
     try:

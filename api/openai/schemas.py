@@ -62,6 +62,14 @@ class ChatCompletionRequest(BaseModel):
     def _one_stop(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    def carries_images(self) -> bool:
+        return any(
+            isinstance(part, ImagePart)
+            for message in self.messages
+            if isinstance(message.content, list)
+            for part in message.content
+        )
+
     def image_urls(self) -> list[tuple[str, str]]:
         """(field, url) of every image part that is not a data: URL."""
         found = []

@@ -16,6 +16,7 @@ from api.openai.schemas import ChatCompletionRequest, finish_reason, usage
 from api.state import AppState
 from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
+from webhooks.targets import FetchFailed, TargetRefused, fetch, networks
 from workers.contract import DoneChunk, TokenChunk
 
 SSE = "text/event-stream"
@@ -34,7 +35,9 @@ class OpenAIServing:
         fetched = await self._fetch_images(body)
         limits = ChatImageLimits.of(self.state.settings)
         request_id = new_request_id()
-        spec = body.to_job(owner, request_id, limits, fetched)
+        spec = await self.state.decoder.run(
+            owner, body.carries_images(), body.to_job, owner, request_id, limits, fetched
+        )
         job = await submit(self.state, spec, owner, "openai-chat")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = ChatRender(request_id, body.model, int(time.time()), include_usage)
@@ -57,26 +60,14 @@ class OpenAIServing:
                 "on this server)",
                 param=field,
             )
-        fetched = {}
-        async with httpx.AsyncClient(
-            timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=True
-        ) as client:
+        fetched, allowed = {}, networks(settings.image_url_allowed_networks)
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS) as client:
             for field, url in urls:
-                if not url.startswith(("http://", "https://")):
-                    raise BadRequest(f"{field}: unsupported URL scheme", param=field)
                 try:
-                    async with client.stream("GET", url) as response:
-                        response.raise_for_status()
-                        data = bytearray()
-                        async for piece in response.aiter_bytes():
-                            data += piece
-                            if len(data) > settings.max_body_bytes:
-                                raise BadRequest(f"{field}: image is too large", param=field)
-                except httpx.HTTPError as exc:
-                    raise BadRequest(
-                        f"{field}: could not fetch the image ({exc})", param=field
-                    ) from exc
-                fetched[url] = base64.b64encode(bytes(data)).decode()
+                    data = await fetch(client, url, allowed, settings.max_body_bytes, "image URL")
+                except (TargetRefused, FetchFailed) as exc:
+                    raise BadRequest(f"{field}: {exc}", param=field) from None
+                fetched[url] = base64.b64encode(data).decode()
         return fetched
 
 

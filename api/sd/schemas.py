@@ -49,6 +49,13 @@ class ImagesRequest(BaseModel):
     _check_width = field_validator("width")(lambda cls, v: _multiple_of_8(v))
     _check_height = field_validator("height")(lambda cls, v: _multiple_of_8(v))
 
+    @field_validator("lora")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and not all("!" <= c <= "~" for c in value):
+            raise ValueError("an adapter id is printable ASCII, without spaces")
+        return value
+
     def to_job(
         self,
         owner,

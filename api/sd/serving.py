@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from PIL import Image
 
 from api.errors import ApiError, BadRequest, NotFound
+from api.images import decoded
 from api.jobs.submit import complete, live, opened, submit
 from api.sd.schemas import ImageLimits, ImagesRequest
 from api.state import AppState
@@ -61,7 +61,11 @@ class ImageServing:
                     param="lora",
                 )
             lora_key = adapter.key
-        return body.to_job(owner, request_id, model, self._limits(owner.tier), lora_key)
+        limits = self._limits(owner.tier)
+        images = body.image is not None or body.mask is not None
+        return await self.state.decoder.run(
+            owner, images, body.to_job, owner, request_id, model, limits, lora_key
+        )
 
     async def run(
         self, body: ImagesRequest, owner: KeyOwner, request: Request
@@ -126,6 +130,9 @@ class ImageServing:
         ttl = self.state.settings.image_url_ttl_seconds
         value = json.dumps({"tenant_id": str(owner.tenant_id), "png": png})
         await self.state.redis.set(image_file_key(token), value, ex=ttl)
+        base = self.state.settings.public_base_url.rstrip("/")
+        if base:
+            return f"{base}{request.app.url_path_for('image_file', token=token)}"
         return str(request.url_for("image_file", token=token))
 
     async def file(self, token: str, owner: KeyOwner) -> Response:
@@ -152,13 +159,10 @@ def native_result(body: ImagesRequest, final: ImagesChunk, started: float) -> di
     }
 
 
-def openai_mask(data: bytes, field: str) -> str:
-    """OpenAI masks mark the area to edit as transparent; ours mark it white."""
-    try:
-        mask = Image.open(io.BytesIO(data))
-        mask.load()
-    except (OSError, SyntaxError, ValueError):
-        raise BadRequest(f"{field}: not a readable image", param=field) from None
+def openai_mask(data: bytes, field: str, max_pixels: int) -> str:
+    """OpenAI masks mark the area to edit as transparent; ours mark it white. Decodes: run it
+    through the Decoder."""
+    mask = decoded(data, field, max_pixels)
     if "A" not in mask.getbands():
         raise BadRequest(
             f"{field}: the mask must have transparency (an alpha channel)", param=field

@@ -27,6 +27,11 @@ class TestTenants:
         with pytest.raises(tenants.InvalidArgument, match="control characters"):
             tenants.create_tenant(db, name, "free", TIERS)
 
+    def test_a_name_longer_than_its_column_is_refused_by_length(self, db):
+        with pytest.raises(tenants.InvalidArgument, match="5000 characters; at most 200"):
+            tenants.create_tenant(db, "n" * 5000, "free", TIERS)
+        assert tenants.create_tenant(db, "n" * 200, "free", TIERS).name == "n" * 200
+
     def test_unknown_or_malformed_ids(self, db):
         with pytest.raises(tenants.NotFound):
             tenants.get_tenant(db, str(uuid.uuid4()))

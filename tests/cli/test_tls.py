@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from cli.tls import local_tls
+from tests.helpers import dashboard_sign_in
 from tests.stack import Process, free_port, wait_for
 
 
@@ -79,10 +80,10 @@ def test_the_dashboard_cookie_is_secure_over_https(https_gateway):
     from tests.conftest import ADMIN_TOKEN
 
     url, trusted = https_gateway
-    signed_in = httpx.post(
-        f"{url}/dashboard/login", data={"credential": ADMIN_TOKEN}, verify=trusted
-    )
+    with httpx.Client(base_url=url, verify=trusted) as client:
+        signed_in = dashboard_sign_in(client, ADMIN_TOKEN)
     assert signed_in.status_code == 303
-    cookie = signed_in.headers["set-cookie"].lower()
-    assert "gpuhost_session=" in cookie
-    assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    cookie = next(c for c in signed_in.headers.get_list("set-cookie") if "gpuhost_session=" in c)
+    assert all(part in cookie.lower() for part in ("secure", "httponly", "samesite=strict"))
+    # over HTTPS, browsers are told to come back only that way
+    assert "max-age=" in signed_in.headers["strict-transport-security"]

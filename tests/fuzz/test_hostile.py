@@ -155,6 +155,14 @@ def hostile_ids(tenant_id) -> dict[str, tuple[str, str, dict]]:
         "batch id naming an index": ("GET", f"/v1/batches/{index}", {}),
         "batch output of an index": ("GET", f"/v1/batches/{index}/output", {}),
         "NUL in a job id": ("GET", "/v1/jobs/ab%00cd", {}),
+        "NUL in an adapter id": ("GET", "/v1/adapters/ab%00cd", {}),
+        "NUL in an adapter's content": ("GET", "/v1/adapters/ab%00cd/content", {}),
+        "NUL in an adapter to delete": ("DELETE", "/v1/adapters/ab%00cd", {}),
+        "NUL in a fine-tuning job id": ("GET", "/v1/fine_tuning/jobs/ab%00cd", {}),
+        "NUL in a fine-tuning job to cancel": ("POST", "/v1/fine_tuning/jobs/ab%00cd/cancel", {}),
+        "NUL in a dashboard filter": ("GET", "/dashboard?model=llava%00", {}),
+        "NUL in an audit filter": ("GET", "/admin/audit?target=a%00", {}),
+        "NUL in a query parameter's name": ("GET", "/v1/jobs?a%00b=1", {}),
         "resume an index": ("GET", f"/api/jobs/{index}/stream", {}),
         "after past 64 bits": ("GET", "/api/jobs/abc/stream?after=" + "9" * 30, {}),
         "Last-Event-ID past 64 bits": ("GET", "/api/jobs/abc/stream", {"Last-Event-ID": "9" * 30}),
@@ -178,3 +186,14 @@ def test_hostile_ids_get_a_clear_error(name, gateway, tenant_factory, redis_clie
     body = response.json()
     message = body["error"] if isinstance(body["error"], str) else body["error"]["message"]
     assert message.strip()
+
+
+def test_a_nul_in_an_adapter_id_is_a_clear_error(gateway, tenant_factory):
+    _, key, _ = tenant_factory.create("pro")
+    response = httpx.post(
+        f"{gateway.url}/api/images",
+        json={"prompt": "a cat", "lora": "ab\u0000cd"},
+        headers=auth(key),
+    )
+    assert response.status_code == 400, response.text
+    assert "field 'lora'" in response.json()["error"]

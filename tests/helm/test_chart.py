@@ -2,6 +2,7 @@
 Go library), linted strictly, every manifest validated against Kubernetes' schemas, and what
 an operator relies on asserted, for the default values and a GPU-heavy example."""
 
+import json
 from pathlib import Path
 
 import helm_python as helm
@@ -120,6 +121,21 @@ def test_gateway_probes_autoscaling_and_disruption_budget(case):
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert named(docs, "HorizontalPodAutoscaler", "gpuhost-gateway")["spec"]["minReplicas"] >= 2
     assert named(docs, "PodDisruptionBudget", "gpuhost-gateway")["spec"]["minAvailable"] == 1
+
+
+def test_gateway_metrics_are_scraped_off_the_published_port():
+    docs = render(GPU_EXAMPLE)
+    gateway = named(docs, "Deployment", "gpuhost-gateway")["spec"]["template"]
+    [container] = gateway["spec"]["containers"]
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert env["GPUHOST_METRICS_PORT"] == str(ports["metrics"]) != str(ports["http"])
+    assert "10.0.0.0/8" in json.loads(env["GPUHOST_TRUSTED_PROXIES"])
+    assert gateway["metadata"]["labels"]["gpuhost.dev/metrics"] == "true"  # its NetworkPolicy
+    monitor = named(docs, "ServiceMonitor", "gpuhost-gateway")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    service = named(docs, "Service", "gpuhost-gateway")
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "metrics"}
 
 
 def test_migrations_run_as_a_hook_after_their_secret(case):

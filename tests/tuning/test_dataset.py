@@ -1,6 +1,8 @@
 """Datasets are checked before anything is stored: each problem named, with its file."""
 
 import io
+import re
+import struct
 import zipfile
 
 import pytest
@@ -9,6 +11,29 @@ from tests.tuning.datasets import picture, striped, zipped
 from tuning.dataset import DatasetError, DatasetLimits, examples_of, load, validate
 
 LIMITS = DatasetLimits(max_images=10, max_bytes=1_000_000, max_pixels=512 * 512)
+
+
+def damaged(how: str) -> bytes:
+    """A dataset whose caption a.txt has a bad CRC, is marked encrypted, or claims an unknown
+    compression method (its central directory entry edited after the fact)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a.png", picture(0))
+        archive.writestr("a.txt", "a striped picture")
+    data = bytearray(buffer.getvalue())
+    if how == "bad crc":
+        at = data.index(b"a striped picture")
+        data[at] = ord("b")
+        return bytes(data)
+    entry = data.index(b"PK\x01\x02")
+    while data[entry + 46 : entry + 51] != b"a.txt":
+        entry = data.index(b"PK\x01\x02", entry + 1)
+    if how == "encrypted":
+        flags = struct.unpack_from("<H", data, entry + 8)[0]
+        struct.pack_into("<H", data, entry + 8, flags | 0x1)
+    else:
+        struct.pack_into("<H", data, entry + 10, 1)  # "shrunk": nothing reads it any more
+    return bytes(data)
 
 
 class TestAccepted:
@@ -49,6 +74,18 @@ class TestRefused:
         with pytest.raises(DatasetError, match=named) as caught:
             validate(zipped(files), LIMITS)
         assert not caught.value.too_large
+
+    @pytest.mark.parametrize(
+        ("damage", "named"),
+        [
+            ("bad crc", "a.txt cannot be read (Bad CRC-32"),
+            ("encrypted", "a.txt is encrypted"),
+            ("unknown compression", "a.txt cannot be read (That compression method"),
+        ],
+    )
+    def test_a_damaged_member_is_named(self, damage, named):
+        with pytest.raises(DatasetError, match=re.escape(named)):
+            validate(damaged(damage), LIMITS)
 
     def test_not_a_zip(self):
         with pytest.raises(DatasetError, match="not a zip archive"):
