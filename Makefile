@@ -13,11 +13,15 @@ PORT  ?= 8080
 .PHONY: dev test test-main test-vllm install lint bench clean
 
 $(VENV)/.installed: pyproject.toml
+	@echo "Setting up $(VENV): torch, then gpuhost and its dependencies (first run only; a few minutes)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "  installing $(TORCH)"
 	$(PY) -m pip install --quiet "$(TORCH)"
+	@echo "  installing gpuhost"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
+	@echo "$(VENV) is ready"
 
 install: $(VENV)/.installed
 

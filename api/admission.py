@@ -72,7 +72,7 @@ class Admission:
         if not granted:
             raise TooManyRequests(
                 f"too many requests in flight: the {tier} tier allows {limit} at a time "
-                f"and {held} are running; retry when one finishes",
+                f"and {held} {'is' if held == 1 else 'are'} running; retry when one finishes",
                 headers={"Retry-After": str(self._retry_after)},
             )
         return Lease(str(tenant_id), holder, at[0])

@@ -13,8 +13,10 @@ GPUHOST_BATCH_RETENTION_SECONDS after it ends. Tenant-scoped: another tenant's i
 
 import json
 import logging
+import tempfile
 import time
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 
 import anyio
 from fastapi import APIRouter, File, Query, UploadFile
@@ -42,6 +44,23 @@ def _error_text(exc: Exception) -> str:
         where = ".".join(str(part) for part in first.get("loc", ()))
         return f"field '{where}': {first.get('msg')}"
     return str(exc)
+
+
+def _lines(source: BinaryIO) -> Iterator[str]:
+    """The file's non-blank lines (split at newlines only), as text; 400 at one not UTF-8."""
+    source.seek(0)
+    for number, raw in enumerate(source, 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"file: line {number} is not UTF-8 text", param="file") from None
+        if text.strip():
+            yield text
+
+
+def _store(state: AppState, key: str, specs: BinaryIO) -> None:
+    specs.seek(0)
+    state.storage.put_stream(key, iter(lambda: specs.read(1024 * 1024), b""))
 
 
 def _custom_id(raw: str) -> str | None:
@@ -100,39 +119,37 @@ async def create(
     """Upload a JSONL file of requests (multipart field `file`) and run them."""
     tenant = str(owner.tenant_id)
     await check_quota(state, owner)
-    try:
-        text = (await file.read()).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("file: not UTF-8 text", param="file") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
+    # Read line by line from the upload's spooled file (on disk past 1 MiB): the file is never
+    # whole in memory, nor are the checked lines, which go to a spooled file of their own.
+    source = file.file
+    count = await anyio.to_thread.run_sync(lambda: sum(1 for _ in _lines(source)))
+    if not count:
         raise BadRequest("file: no requests in it (one JSON object per line)", param="file")
     limit = state.settings.batch_max_lines
-    if len(lines) > limit:
-        raise BadRequest(f"file: {len(lines)} lines; the limit is {limit}", param="file")
-    checked, seen = [], set()
-    for number, raw in enumerate(lines):
-        try:
-            custom_id, job = await _check_line(state, owner, number, raw)
-            if custom_id in seen:
-                raise BadRequest(f"custom_id {custom_id!r} is used by an earlier line")
-            seen.add(custom_id)
-            checked.append({"custom_id": custom_id, **job})
-        except (ApiError, RequestValidationError) as exc:
-            checked.append(
-                {"custom_id": _custom_id(raw), "error": f"line {number + 1}: {_error_text(exc)}"}
-            )
-    batch_id = "batch_" + new_request_id()[:24]
-    specs = "\n".join(json.dumps(line) for line in checked).encode()
-    await anyio.to_thread.run_sync(
-        state.storage.put, stored(tenant, batch_id, "specs.jsonl"), specs
-    )
+    if count > limit:
+        raise BadRequest(f"file: {count} lines; the limit is {limit}", param="file")
+    seen = set()
+    with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as specs:
+        for number, raw in enumerate(_lines(source)):
+            try:
+                custom_id, job = await _check_line(state, owner, number, raw)
+                if custom_id in seen:
+                    raise BadRequest(f"custom_id {custom_id!r} is used by an earlier line")
+                seen.add(custom_id)
+                line = {"custom_id": custom_id, **job}
+            except (ApiError, RequestValidationError) as exc:
+                error = f"line {number + 1}: {_error_text(exc)}"
+                line = {"custom_id": _custom_id(raw), "error": error}
+            specs.write(("\n" if number else "").encode() + json.dumps(line).encode())
+        batch_id = "batch_" + new_request_id()[:24]
+        key = stored(tenant, batch_id, "specs.jsonl")
+        await anyio.to_thread.run_sync(_store, state, key, specs)
     record = {
         "tenant_id": tenant,
         "tier": owner.tier,
         "status": "in_progress",
         "created_at": str(time.time()),
-        "total": str(len(checked)),
+        "total": str(count),
         "next": "0",
         "completed": "0",
         "failed": "0",

@@ -9,7 +9,7 @@ tenant-scoped: another tenant's id is a 404.
 """
 
 import logging
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import anyio
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -21,6 +21,7 @@ from api.deps import InferenceKey, SessionDep, StateDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
 from api.jobs.submit import check_quota
 from api.sd.serving import ImageServing
+from api.state import AppState
 from billing.tenants import KeyOwner
 from storage import tenant_key
 from tuning import dataset
@@ -90,6 +91,11 @@ def _params(fields: dict) -> dict:
         raise BadRequest(f"field '{name}': {error['msg']}", param=name) from None
 
 
+def _store(state: AppState, key: str, source: BinaryIO, max_bytes: int) -> None:
+    source.seek(0)
+    state.storage.put_stream(key, iter(lambda: source.read(1024 * 1024), b""), max_bytes)
+
+
 @router.post(JOBS, status_code=201)
 async def create(
     owner: InferenceKey,
@@ -126,10 +132,12 @@ async def create(
             f"{state.settings.sd_max_side} pixels",
             param="resolution",
         )
-    data = await dataset_file.read()
-    if len(data) > plan.dataset_bytes:
+    # The upload is read from its spooled file (on disk past 1 MiB), never whole into memory.
+    source = dataset_file.file
+    size = await anyio.to_thread.run_sync(source.seek, 0, 2)
+    if size > plan.dataset_bytes:
         raise PayloadTooLarge(
-            f"dataset: {len(data)} bytes; the {plan.name} plan allows {plan.dataset_bytes}",
+            f"dataset: {size} bytes; the {plan.name} plan allows {plan.dataset_bytes}",
             param="dataset",
         )
     limits = dataset.DatasetLimits(
@@ -138,13 +146,13 @@ async def create(
         max_pixels=state.settings.max_image_pixels,
     )
     try:
-        examples = await anyio.to_thread.run_sync(dataset.validate, data, limits)
+        examples = await anyio.to_thread.run_sync(dataset.validate, source, limits)
     except dataset.DatasetError as exc:
         error = PayloadTooLarge if exc.too_large else BadRequest
         raise error(str(exc), param="dataset") from None
     job_id = tuning.new_id("ft")
     key = tenant_key(owner.tenant_id, "datasets", f"{job_id}.zip")
-    await anyio.to_thread.run_sync(state.storage.put, key, data)
+    await anyio.to_thread.run_sync(_store, state, key, source, plan.dataset_bytes)
     try:
         async with state.sessions() as session, session.begin():
             job = await tuning.create(
@@ -156,7 +164,7 @@ async def create(
                 params=params,
                 dataset_key=key,
                 dataset_images=len(examples),
-                dataset_bytes=len(data),
+                dataset_bytes=size,
                 max_active=plan.training_jobs,
             )
             view = job_view(job)

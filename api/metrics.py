@@ -123,9 +123,22 @@ class Instrument:
             await self.app(scope, receive, observe)
         finally:
             self.metrics.in_progress.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = _route_label(scope)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def _route_label(scope: Scope) -> str:
+    """The route's path template; for a mounted app (the dashboard's static files), its mount
+    path; else "unmatched" (a 404), so that labels stay few whatever paths clients send."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    root = scope.get("root_path", "")
+    app_root = scope.get("app_root_path", root)
+    if root != app_root:  # a Mount matched and extended the root path
+        return root[len(app_root) :] + "/{path}"
+    return "unmatched"
 
 
 # Celery's Redis transport keeps a queue's jobs in a list named after it, and one per

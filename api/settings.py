@@ -33,6 +33,11 @@ class GatewaySettings(ModelSettings):
     # A request without an API key or the admin token (the dashboard's forms, Stripe's events)
     # sends at most this; with one, the key is checked before the body is read (api/limits.py).
     anonymous_max_body_bytes: int = 1024 * 1024
+    # A connection sends its request head within this time of opening (or of its next
+    # request's first byte), or is closed; one client address holds at most this many
+    # connections at once (0: no limit). api/connections.py; trusted proxies are exempt.
+    head_timeout_seconds: float = 10.0
+    connections_per_client: int = 256
     # A body that pauses this long, or comes slower than this on average after its first 10 s,
     # ends with 408; one client address sends at most this many bodies at once (429 beyond).
     body_idle_seconds: float = 10.0
@@ -61,6 +66,7 @@ class GatewaySettings(ModelSettings):
     # Stable Diffusion: largest width or height, images per request by tier, and how long
     # images asked for as URLs can be fetched.
     sd_max_side: int = 1024
+    sd_default_side: int = 512  # an image's width and height when the request names neither
     sd_images_per_request: dict[str, int] = Field(
         default_factory=lambda: {"free": 1, "pro": 4, "max": 8}
     )

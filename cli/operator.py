@@ -94,6 +94,12 @@ def tenant_create(
     )
 
 
+@tenant_app.command("list")
+def tenant_list() -> None:
+    """Every tenant, oldest first."""
+    print_json(_admin(lambda s, _: [_tenant_json(t) for t in tenants.all_tenants_sync(s)]))
+
+
 @tenant_app.command("set-tier")
 def tenant_set_tier(tenant_id: str, tier: str) -> None:
     """Move a tenant to another tier: an upgrade applies to its next request, a downgrade
@@ -128,6 +134,29 @@ def key_create(
             "scopes": row.scopes,
             "expires_at": row.expires_at,
         }
+
+    print_json(_admin(work))
+
+
+@key_app.command("list")
+def key_list(tenant_id: str) -> None:
+    """A tenant's keys, live and revoked (never their secrets)."""
+
+    def work(session, _):
+        found = tenants.get_tenant(session, tenant_id)
+        return [
+            {
+                "id": str(row.id),
+                "prefix": row.prefix,
+                "last_four": row.last_four,
+                "scopes": row.scopes,
+                "created_at": row.created_at,
+                "expires_at": row.expires_at,
+                "revoked_at": row.revoked_at,
+                "last_used_at": row.last_used_at,
+            }
+            for row in tenants.keys_of(session, found.id)
+        ]
 
     print_json(_admin(work))
 

@@ -44,8 +44,9 @@ class Storage:
         self.fs.pipe_file(path, data)
         return len(data)
 
-    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int) -> int:
-        """Write chunks as they come; over `max_bytes`, remove what was written and raise."""
+    def put_stream(self, key: str, chunks: Iterable[bytes], max_bytes: int | None = None) -> int:
+        """Write chunks as they come; over `max_bytes` (if given), remove what was written and
+        raise."""
         path = self._path(key)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         size = 0
@@ -53,7 +54,7 @@ class Storage:
             with self.fs.open(path, "wb") as out:
                 for chunk in chunks:
                     size += len(chunk)
-                    if size > max_bytes:
+                    if max_bytes is not None and size > max_bytes:
                         raise TooLarge(f"over the limit of {max_bytes} bytes")
                     out.write(chunk)
         except BaseException:

@@ -15,6 +15,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -136,10 +137,11 @@ def _check_image(data: bytes, name: str, limits: DatasetLimits) -> None:
         raise DatasetError(f"dataset: {name} is corrupt or truncated ({exc})") from None
 
 
-def validate(data: bytes, limits: DatasetLimits) -> list[Example]:
-    """The dataset's examples, in name order; DatasetError naming the first problem found."""
+def validate(data: bytes | BinaryIO, limits: DatasetLimits) -> list[Example]:
+    """The dataset's examples, in name order; DatasetError naming the first problem found.
+    `data`: the zip's bytes, or a seekable file holding it (read in place, not copied)."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except zipfile.BadZipFile:
         raise DatasetError("dataset: not a zip archive") from None
     with archive:

@@ -16,7 +16,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Form, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from api.dashboard.common import (
     COOKIE,
@@ -45,6 +45,15 @@ def install(app) -> None:
 
     app.include_router(router)
     app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard-static")
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        """A browser's first request: the dashboard (which asks for a sign-in)."""
+        return RedirectResponse("/dashboard", status_code=307)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     @app.exception_handler(SignInRequired)
     async def sign_in(request: Request, exc: SignInRequired) -> Response:

@@ -62,6 +62,9 @@ async def admin_page(
         by_model=[(m, round(s, 3)) for m, s in by_model],
         unsent=unsent,
         lag=round(lag, 1),
+        # Stripe's events reach the gateway only when its webhook secret is set: without it,
+        # usage stays in PostgreSQL and the outbox is no alarm
+        stripe_configured=bool(state.settings.stripe_webhook_secret),
         tiers=list(state.settings.tier_limits),
     )
 

@@ -1,6 +1,6 @@
 """A tenant's pages: usage (plan, allowance, estimated invoice, chart, requests) and keys."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Form, Query, Request
@@ -36,17 +36,26 @@ async def usage_page(
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
 ) -> Response:
     tenant_id = tenant_of(visitor)
-    period = period_of(datetime.now(UTC))
+    now = datetime.now(UTC)
+    period = period_of(now)
     span, unit = RANGES[range]
     tier, used = await usage.admission_view(session, tenant_id, period)
     tenant = await session.get(Tenant, tenant_id)
-    series = await usage.model_buckets(session, tenant_id, datetime.now(UTC) - span, unit)
+    series = await usage.model_buckets(session, tenant_id, now - span, unit)
     rows, total, models = await usage.page(
         session, tenant_id, (page - 1) * PAGE_SIZE, PAGE_SIZE, model or None
     )
     plan = state.settings.plans[tier]
     balance = Balance(plan, period, used)
-    chart = {"unit": unit, "series": {}}
+    starts = bucket_starts(now - span, now, unit)
+    chart = {
+        "unit": unit,
+        # the x-axis: from the first bucket's start to now, every bucket a point (UTC)
+        "from": starts[0].timestamp(),
+        "to": now.timestamp(),
+        "buckets": [start.isoformat() for start in starts],
+        "series": {},
+    }
     for start, name, seconds in series:
         chart["series"].setdefault(name, {})[start] = round(seconds, 3)
     return render(
@@ -135,3 +144,17 @@ async def revoke_key(
     )
     state.forget_key(row.id)
     return RedirectResponse("/dashboard/keys", status_code=303)
+
+
+def bucket_starts(since: datetime, until: datetime, unit: str) -> list[datetime]:
+    """The start of every hour or day from the one holding `since` to the one holding `until`
+    (UTC, as billing.usage buckets them), so that the chart shows the empty ones too."""
+    step = timedelta(hours=1) if unit == "hour" else timedelta(days=1)
+    start = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    if unit == "day":
+        start = start.replace(hour=0)
+    starts = []
+    while start <= until:
+        starts.append(start)
+        start += step
+    return starts

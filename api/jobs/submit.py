@@ -48,6 +48,8 @@ from workers.contract import (
 from workers.keyspace import attached_key, meta_key
 
 log = logging.getLogger(__name__)
+# How long a cancelled job's final chunk (what it ran) is waited for, to count it.
+COUNT_WAIT_SECONDS = 120
 
 Spec = ChatJob | ImageJob
 
@@ -108,6 +110,7 @@ async def submit(state: AppState, spec: Spec, owner: KeyOwner, family: Family) -
     job = Job(state, spec, lease, tier)
     async with job.ended_on_error():
         await enqueue(state, lease, spec)
+        job.sent = True
     return job
 
 
@@ -130,6 +133,8 @@ class Job:
         self.stream = JobStream(state.redis, spec.request_id, state.settings)
         self._released = False
         self._slot_given_back = False  # by the worker, with the job's final chunk
+        self.sent = False  # its message is on the queue: a worker will report how it ended
+        self._counted = False  # its final chunk is in the metrics
         self.admitted = time.perf_counter()
         state.metrics.in_flight.labels(tier).inc()
         # The lease is renewed on the gateway's clock, not the client's: a slow reader keeps
@@ -166,7 +171,15 @@ class Job:
         """The work is over: the slot is free before the client hears so (the worker gave it
         back with the final chunk, `workers.streams.JobChannel.publish_final`)."""
         self._slot_given_back = True
+        self._count(chunk)
         await self.close()
+
+    def _count(self, chunk: Chunk) -> None:
+        """The job's final chunk in the metrics, once: its outcome and the GPU-seconds the
+        worker reported (which the ledger bills), cancelled jobs' included."""
+        if self._counted:
+            return
+        self._counted = True
         metrics = self.state.metrics
         if isinstance(chunk, DoneChunk | ImagesChunk):
             family = "sd" if isinstance(chunk, ImagesChunk) else "llava"
@@ -208,6 +221,21 @@ class Job:
                     log.warning("could not cancel %s", self.request_id)
             if not self._slot_given_back:
                 await _release(self.state, self.lease)
+        if self.sent and not self._counted:
+            self.state.spawn(self._count_when_ended())
+
+    async def _count_when_ended(self) -> None:
+        """A job that ended before its reader saw its final chunk (cancelled: its client went,
+        or an error): the worker still reports what it ran, and the ledger bills it, so the
+        metrics count it too, from a reader of its own."""
+        reader = JobStream(self.state.redis, self.request_id, self.state.settings)
+        with anyio.move_on_after(COUNT_WAIT_SECONDS):
+            try:
+                async for chunk in reader.settled():
+                    if is_final(chunk):
+                        self._count(chunk)
+            except (ApiError, RedisError) as exc:
+                log.info("%s ended unreported: %s", self.request_id, exc)
 
     async def abandon(self) -> None:
         """The streaming client went away: keep the job for a resume, or cancel it now."""

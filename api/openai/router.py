@@ -29,14 +29,14 @@ async def chat_completions(
 
 @router.get("/v1/models")
 async def models(_: TenantKey, state: StateDep) -> dict:
+    """Every model this service hosts, with its kind (`chat`: /v1/chat/completions; `image`:
+    /v1/images/*), an extra field OpenAI's clients ignore."""
+    settings = state.settings
+    hosted = ((settings.llava_model, "chat"), (settings.sd_model, "image"))
     return {
         "object": "list",
         "data": [
-            {
-                "id": state.settings.llava_model,
-                "object": "model",
-                "created": STARTED,
-                "owned_by": "gpuhost",
-            }
+            {"id": name, "object": "model", "created": STARTED, "owned_by": "gpuhost", "kind": kind}
+            for name, kind in hosted
         ],
     }

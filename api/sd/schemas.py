@@ -15,6 +15,7 @@ class ImageLimits(BaseModel):
     max_side: int  # pixels, each of width and height
     max_input_pixels: int  # for uploaded images and masks
     max_n: int  # images per request, by tier
+    default_side: int = 512  # width and height when neither the request nor its image says
 
 
 def _multiple_of_8(value: int | None) -> int | None:
@@ -87,7 +88,7 @@ class ImagesRequest(BaseModel):
                         f"{w}x{h}; they must be the same size",
                         param="mask",
                     )
-        width, height = width or 512, height or 512
+        width, height = width or limits.default_side, height or limits.default_side
         for name, value in (("width", width), ("height", height)):
             if value > limits.max_side:
                 raise BadRequest(

@@ -40,6 +40,7 @@ class ImageServing:
             max_side=s.sd_max_side,
             max_input_pixels=s.max_image_pixels,
             max_n=s.sd_images_per_request.get(tier, 1),
+            default_side=s.sd_default_side,
         )
 
     async def job(self, body: ImagesRequest, owner: KeyOwner, request_id: str) -> ImageJob:

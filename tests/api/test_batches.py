@@ -170,6 +170,32 @@ def test_refused_files_and_another_tenant(gateway, worker, tenant_factory):
     ] == [batch_id]
 
 
+def test_a_large_file_is_read_line_by_line(gateway, worker, tenant_factory):
+    """Over 1 MiB (so read from disk, never whole in memory): its line count is checked
+    before any line is, and a line that is not UTF-8 is named."""
+    _, key, _ = tenant_factory.create("pro")
+    padding = "x" * 200
+    too_many = [json.dumps(chat_line(f"{i}-{padding}")) for i in range(10_001)]
+    answer = upload(gateway, key, too_many)
+    assert answer.status_code == 400, answer.text
+    assert "10001 lines; the limit is 10000" in answer.text
+    bad = "\n".join(too_many[:3]).encode() + b"\n\xff\xfe\n" + "\n".join(too_many[3:9]).encode()
+    answer = httpx.post(
+        f"{gateway.url}/v1/batches",
+        files={"file": ("r.jsonl", bad, "application/jsonl")},
+        headers=auth(key),
+    )
+    assert answer.status_code == 400 and "line 4 is not UTF-8" in answer.text
+    lines = [chat_line(f"big-{i}") | {"padding": padding * 300} for i in range(20)]
+    batch = upload(gateway, key, lines)  # 1.2 MB: spooled to disk; each line kept
+    assert batch.status_code == 201, batch.text
+    assert batch.json()["request_counts"]["total"] == 20
+    cancelled = httpx.post(
+        f"{gateway.url}/v1/batches/{batch.json()['id']}/cancel", headers=auth(key)
+    )
+    assert cancelled.status_code == 200
+
+
 @pytest.fixture(scope="module")
 def brief_gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
     """A gateway that keeps ended batches two seconds."""

@@ -34,9 +34,15 @@ def heavy_png() -> str:
 
 @pytest.fixture(scope="module")
 def strict_gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
-    """A gateway that gives up on a body after a one-second pause and lets one address send
-    two bodies at once."""
-    env = stack_env | {"GPUHOST_BODY_IDLE_SECONDS": "1", "GPUHOST_BODIES_PER_CLIENT": "2"}
+    """A gateway that gives up on a body after a one-second pause, lets one address send two
+    bodies at once, waits two seconds for a request head and lets one address hold six
+    connections."""
+    env = stack_env | {
+        "GPUHOST_BODY_IDLE_SECONDS": "1",
+        "GPUHOST_BODIES_PER_CLIENT": "2",
+        "GPUHOST_HEAD_TIMEOUT_SECONDS": "2",
+        "GPUHOST_CONNECTIONS_PER_CLIENT": "6",
+    }
     yield from running_gateway("strict-gateway", env, tmp_path_factory)
 
 
@@ -158,6 +164,42 @@ def test_one_address_sends_only_so_many_bodies_at_once(strict_gateway, tenant_fa
     assert "already sending 2 request bodies" in rest
     for connection in stalled:
         assert status_of(connection)[0] == 408  # and they end, freeing the address
+    assert httpx.get(f"{strict_gateway.url}/healthz").status_code == 200
+
+
+def closed_within(connection: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `connection` within `seconds` (reading whatever it sends)."""
+    connection.settimeout(seconds)
+    try:
+        while connection.recv(65536):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        connection.close()
+
+
+def test_a_request_head_that_never_finishes_is_closed(strict_gateway):
+    silent = socket.create_connection(("127.0.0.1", strict_gateway.port))
+    trickling = socket.create_connection(("127.0.0.1", strict_gateway.port))
+    trickling.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    kept_alive = socket.create_connection(("127.0.0.1", strict_gateway.port))
+    kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+    kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # its next head, never finished
+    for connection in (silent, trickling, kept_alive):
+        assert closed_within(connection, 10)
+
+
+def test_one_address_holds_only_so_many_connections(strict_gateway):
+    held = [socket.create_connection(("127.0.0.1", strict_gateway.port)) for _ in range(6)]
+    time.sleep(0.3)
+    extra = socket.create_connection(("127.0.0.1", strict_gateway.port))
+    assert closed_within(extra, 1)  # closed at once, long before the head timeout
+    for connection in held:
+        connection.close()
+    time.sleep(0.3)
     assert httpx.get(f"{strict_gateway.url}/healthz").status_code == 200
 
 

@@ -46,3 +46,11 @@ def test_redis_down_means_not_ready_and_503_never_allow(gateway_without_redis, t
     refused = httpx.post(f"{gateway.url}/api/chat", json=chat_body(), headers=auth(key), timeout=30)
     assert refused.status_code == 503
     assert "admission is unavailable" in refused.json()["error"]
+
+
+def test_a_browser_at_the_root_finds_the_dashboard_and_an_icon(gateway):
+    root = httpx.get(f"{gateway.url}/")
+    assert root.status_code == 307 and root.headers["location"] == "/dashboard"
+    icon = httpx.get(f"{gateway.url}/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.content.startswith(b"<svg")

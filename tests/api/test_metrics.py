@@ -1,12 +1,17 @@
 """Prometheus metrics: the gateway's /metrics, and each worker's own endpoint."""
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
+from billing.models import UsageRecord
+from tests.conftest import running_gateway
 from tests.helpers import auth, chat_body, ndjson
-from tests.stack import wait_for
+from tests.stack import Gateway, wait_for
 
 
 def samples(url: str) -> dict[tuple, float]:
@@ -129,3 +134,74 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
     assert value(found, "gpuhost_queue_depth", queue="sd") == 1
     assert value(found, "gpuhost_outbox_unsent") >= 1
     assert value(found, "gpuhost_outbox_oldest_unsent_seconds") > 0
+
+
+@pytest.fixture(scope="module")
+def counted_gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
+    """A gateway of its own: its counters hold this module's requests and no others."""
+    yield from running_gateway("counted-gateway", stack_env, tmp_path_factory)
+
+
+def test_metrics_agree_with_the_ledger_for_every_outcome(
+    worker, counted_gateway, tenant_factory, sessions
+):
+    """Completed and cancelled requests: the billed GPU-seconds counter equals the ledger's
+    total, and each outcome is counted (a stream its client dropped is cancelled, and billed
+    for the time it ran)."""
+    tenant_id, key, _ = tenant_factory.create("pro")
+    url = counted_gateway.url
+    for _ in range(2):
+        done = httpx.post(
+            f"{url}/api/chat",
+            json=chat_body(num_predict=3) | {"stream": False},
+            headers=auth(key),
+            timeout=60,
+        )
+        assert done.status_code == 200
+    with httpx.Client(timeout=60) as client:
+        request = client.build_request(
+            "POST", f"{url}/api/chat", json=chat_body(num_predict=4000), headers=auth(key)
+        )
+        stream = client.send(request, stream=True)
+        next(ndjson(stream))
+        stream.close()  # the client goes: cancelled after the resume grace
+
+    def counted() -> dict:
+        return samples(f"{url}/metrics")
+
+    wait_for(
+        lambda: (
+            value(
+                counted(),
+                "gpuhost_jobs_total",
+                model="llava-llama3",
+                tier="pro",
+                outcome="cancelled",
+            )
+            == 1
+        ),
+        60,
+        "the cancelled request to be counted",
+    )
+    found = counted()
+    assert (
+        value(found, "gpuhost_jobs_total", model="llava-llama3", tier="pro", outcome="completed")
+        == 2
+    )
+    with sessions() as session:
+        rows = session.scalars(select(UsageRecord).where(UsageRecord.tenant_id == tenant_id)).all()
+    assert len(rows) == 3
+    ledger = sum(float(row.gpu_seconds) for row in rows)
+    billed = value(found, "gpuhost_billed_gpu_seconds_total", family="llava", tier="pro")
+    assert billed == pytest.approx(ledger, abs=1e-5), (billed, ledger)
+
+
+def test_static_files_have_a_route_label_of_their_own(counted_gateway):
+    for name in ("chart.js", "dashboard.css", "favicon.svg"):
+        assert httpx.get(f"{counted_gateway.url}/dashboard/static/{name}").status_code == 200
+    assert httpx.get(f"{counted_gateway.url}/no/such/path").status_code == 404
+    found = samples(f"{counted_gateway.url}/metrics")
+    static = dict(route="/dashboard/static/{path}", method="GET", status="200")
+    assert value(found, "gpuhost_requests_total", **static) == 3
+    unmatched = dict(route="unmatched", method="GET", status="404")
+    assert value(found, "gpuhost_requests_total", **unmatched) == 1

@@ -83,9 +83,10 @@ class TestChatCompletions:
         ).json()
         assert first.choices[0].message.content == ollama_style["message"]["content"]
 
-    def test_models_lists_the_served_model(self, gateway, tenant_factory):
+    def test_models_lists_every_hosted_model_with_its_kind(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("free")
-        assert [m.id for m in client(gateway, key).models.list()] == [MODEL]
+        listed = client(gateway, key).models.list().data
+        assert [(m.id, m.kind) for m in listed] == [(MODEL, "chat"), ("stable-diffusion", "image")]
 
 
 class TestErrorsAsTheClientExpects:

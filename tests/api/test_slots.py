@@ -35,7 +35,7 @@ class TestConcurrencyLimit:
             )
             assert refused.status_code == 429
             assert refused.headers["retry-after"] == "1"
-            assert "free tier allows 1" in refused.json()["error"]
+            assert "free tier allows 1 at a time and 1 is running" in refused.json()["error"]
 
             first.close()  # the client goes away: its slot is freed
         wait_for(lambda: in_flight(redis_client, tenant_id) == 0, 10, "the slot to be released")
@@ -80,7 +80,7 @@ class TestConcurrencyLimit:
                 f"{gateway.url}/api/chat", json=chat_body(num_predict=2), headers=auth(key)
             )
             assert fourth.status_code == 429
-            assert "pro tier allows 3" in fourth.json()["error"]
+            assert "pro tier allows 3 at a time and 3 are running" in fourth.json()["error"]
             for task in opened:  # the three clients go away
                 task.cancel()
             await asyncio.gather(*opened, return_exceptions=True)

@@ -45,6 +45,10 @@ def test_admin_commands_change_the_ledger_and_are_audited(database_url, sessions
     assert {e.actor for e in entries} == {f"cli:{getpass.getuser()}"}
     assert entries[1].detail == {"before": "pro", "after": "max"}
     assert key["key"] not in json.dumps([e.detail for e in entries])
+    # and listed: the tenant among all, its key (revoked, no secret) among its keys
+    assert tenant["id"] in [t["id"] for t in gpuhost(database_url, "tenant", "list")]
+    [listed] = gpuhost(database_url, "key", "list", tenant["id"])
+    assert listed["id"] == key["id"] and listed["revoked_at"] and "key" not in listed
 
 
 def test_a_bad_tier_fails_with_its_name_and_audits_nothing(database_url, sessions):

@@ -80,6 +80,18 @@ class TestRun:
         assert second > first + 6  # the second turn carried the first question and answer
         assert done.stderr.count("eval count:           6 token(s)") == 2
 
+    def test_an_unknown_command_lists_the_known_ones_and_nothing_is_logged(
+        self, gateway, tenant_factory
+    ):
+        _, key, _ = tenant_factory.create("free")
+        done = gpuhost(gateway, key, "run", "llava-llama3", stdin="/bogus now\n/bye\n")
+        assert done.returncode == 0, done.stderr
+        assert "Unknown command '/bogus'. The commands are:" in done.stdout
+        assert "/image FILE" in done.stdout and "/bye" in done.stdout
+        answered = gpuhost(gateway, key, "run", "llava-llama3", "hi", stdin="")
+        assert answered.returncode == 0, answered.stderr
+        assert "HTTP Request" not in answered.stderr + answered.stdout  # no library log lines
+
     def test_a_bad_key_says_what_to_do(self, gateway):
         done = gpuhost(gateway, "gph_wrong", "run", "llava-llama3", "hi")
         assert done.returncode == 1

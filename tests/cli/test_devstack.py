@@ -1,16 +1,29 @@
-"""`gpuhost dev`, the README's first command: everything up, one request, Ctrl-C, nothing left."""
+"""`gpuhost dev`, the README's first command: everything up, one request, a closed terminal,
+nothing left."""
 
+import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import uuid
 
 import httpx
 import psutil
 
-from tests.helpers import auth, chat_body, ndjson
+from billing import tenants
+from billing.db import transaction
+from cli.devstack import _demo_key
+from tests.helpers import auth, chat_body, dashboard_sign_in, ndjson
 from tests.stack import free_port, wait_for
+
+TIERS = {"free": 1, "pro": 3, "max": 10}
+
+
+def dev_command(state_dir, port: int) -> list[str]:
+    return [sys.executable, "-m", "cli", "dev", "--port", str(port), "--state-dir", str(state_dir)]
 
 
 def processes_under(path: str) -> list[psutil.Process]:
@@ -21,10 +34,10 @@ def processes_under(path: str) -> list[psutil.Process]:
     return found
 
 
-def test_dev_serves_a_request_and_ctrl_c_stops_everything(tmp_path):
+def test_dev_serves_a_request_and_a_closed_terminal_stops_everything(tmp_path):
     state_dir, port = tmp_path / "state", free_port()
     dev = subprocess.Popen(
-        [sys.executable, "-m", "cli", "dev", "--port", str(port), "--state-dir", str(state_dir)],
+        dev_command(state_dir, port),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -36,9 +49,34 @@ def test_dev_serves_a_request_and_ctrl_c_stops_everything(tmp_path):
         key = wait_for(
             lambda: re.search(r"API key\s+(gph_\w+)", "".join(output)), 240, "the dev banner"
         ).group(1)
-        assert f"curl http://127.0.0.1:{port}/api/chat" in "".join(output)
+        banner = "".join(output)
+        assert f"curl http://127.0.0.1:{port}/api/chat" in banner
+        assert "the gateway and the LLaVA and SD workers" in banner  # said once they are ready
+        assert f"export GPUHOST_API_KEY={key}" in banner
         env_file = (state_dir / "env").read_text()
         assert "GPUHOST_DATABASE_URL=" in env_file and "GPUHOST_REDIS_URL=" in env_file
+        assert f"GPUHOST_API_KEY={key}" in env_file
+        assert (state_dir / "env").stat().st_mode & 0o077 == 0  # it holds keys
+
+        # the banner's curl, as printed: a short answer (tiny models stop at the dev cap)
+        body = json.loads(re.search(r"-d '(\{.*\})'", banner).group(1))
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/api/chat", json=body, headers=auth(key), timeout=120
+        )
+        assert answer.status_code == 200 and answer.json()["eval_count"] <= 32, answer.text
+
+        # the operator token signs in to the operator's pages
+        token = re.search(r"operator token\s+(\S+)", banner).group(1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
+            signed_in = dashboard_sign_in(browser, token)
+            assert signed_in.status_code == 303, signed_in.text
+            assert signed_in.headers["location"] == "/dashboard/admin"
+
+        # a second `gpuhost dev` on the same state directory is refused, clearly, at once
+        second = subprocess.run(
+            dev_command(state_dir, free_port()), capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 1 and "another gpuhost dev is running" in second.stdout
 
         response = httpx.post(
             f"http://127.0.0.1:{port}/api/chat",
@@ -51,12 +89,40 @@ def test_dev_serves_a_request_and_ctrl_c_stops_everything(tmp_path):
 
         children = psutil.Process(dev.pid).children(recursive=True)
         assert processes_under(str(state_dir)), "expected PostgreSQL and Redis under the state dir"
-        dev.send_signal(signal.SIGINT)
+        dev.send_signal(signal.SIGHUP)  # the terminal closed
         assert dev.wait(90) == 0
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"still running after Ctrl-C: {alive}"
         assert not processes_under(str(state_dir)), "a server of the dev stack is still running"
     finally:
         if dev.poll() is None:
-            dev.kill()
+            dev.kill()  # its workers, gateway and Redis get SIGTERM from the kernel
             dev.wait()
+        leftover = processes_under(str(state_dir))  # PostgreSQL, if it got that far
+        for process in leftover:
+            process.terminate()
+        psutil.wait_procs(leftover, timeout=30)
+
+
+def test_dev_refuses_a_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused = subprocess.run(
+            dev_command(tmp_path / "state", port), capture_output=True, text=True, timeout=60
+        )
+    assert refused.returncode == 1
+    assert f"port {port} is in use" in refused.stdout
+    assert not processes_under(str(tmp_path / "state"))
+
+
+def test_the_demo_key_is_kept_across_restarts(database_url, sessions, tmp_path):
+    tenant_id, key = _demo_key(database_url, tmp_path, TIERS)
+    assert _demo_key(database_url, tmp_path, TIERS) == (tenant_id, key)
+    assert (tmp_path / "demo-tenant.json").stat().st_mode & 0o077 == 0
+    with transaction(sessions) as session:
+        [row] = tenants.keys_of(session, uuid.UUID(tenant_id))
+        tenants.revoke_key(session, str(row.id))
+    again, fresh = _demo_key(database_url, tmp_path, TIERS)
+    assert again == tenant_id and fresh != key  # a revoked key is replaced, the tenant kept

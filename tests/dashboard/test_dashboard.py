@@ -15,8 +15,8 @@ from billing.db import transaction
 from billing.keys import well_formed
 from billing.models import AuditEntry, Tenant
 from billing.plans import period_of
-from tests.conftest import ADMIN_TOKEN
-from tests.helpers import auth
+from tests.conftest import ADMIN_TOKEN, running_gateway
+from tests.helpers import auth, dashboard_sign_in
 from tests.stack import wait_for
 
 LLAVA, SD = "llava-llama3", "stable-diffusion"
@@ -106,6 +106,25 @@ def test_a_tenant_sees_its_usage_and_manages_its_keys(page, gateway, tenant_a):
     assert chart.locator("canvas").count() >= 1
     expect(page.locator("#chart-total")).to_have_text(f"{total:.3f}")
     assert labelled(page)
+    for chosen, span, unit, points in (
+        ("24h", timedelta(hours=24), "hour", 25),
+        ("7d", timedelta(days=7), "day", 8),
+        ("30d", timedelta(days=30), "day", 31),
+    ):
+        page.goto(f"{gateway.url}/dashboard/usage?range={chosen}")
+        expect(chart).to_have_attribute("data-drawn", "true")
+        # the drawn x scale: from the range's first bucket to now, every bucket a point
+        drawn_to = float(chart.get_attribute("data-x-max"))
+        assert abs(drawn_to - datetime.now(UTC).timestamp()) < 120, chosen
+        first = (datetime.fromtimestamp(drawn_to, UTC) - span).replace(
+            minute=0, second=0, microsecond=0
+        )
+        if unit == "day":
+            first = first.replace(hour=0)
+        assert float(chart.get_attribute("data-x-min")) == first.timestamp(), chosen
+        assert chart.get_attribute("data-points") == str(points), chosen
+        expect(page.locator("#chart-title")).to_contain_text("UTC")
+    page.goto(f"{gateway.url}/dashboard/usage")
 
     rows = page.locator("#requests tbody tr")
     expect(rows).to_have_count(25)  # page 1 of 32 requests
@@ -234,3 +253,13 @@ def fits_a_phone(browser, gateway, credential: str, paths) -> None:
             assert overflow <= 0, (path, overflow, wide)
     finally:
         context.close()
+
+
+def test_the_outbox_card_says_when_stripe_is_not_configured(stack_env, tmp_path_factory):
+    """A stack without Stripe (as `gpuhost dev` is): the unsent records are no alarm."""
+    env = stack_env | {"GPUHOST_STRIPE_WEBHOOK_SECRET": ""}
+    for gateway in running_gateway("gateway-without-stripe", env, tmp_path_factory):
+        with httpx.Client(base_url=gateway.url) as browser:
+            assert dashboard_sign_in(browser, ADMIN_TOKEN).status_code == 303
+            card = browser.get("/dashboard/admin").text
+        assert "Stripe not configured: usage is kept in PostgreSQL only" in card

@@ -4,6 +4,7 @@ unusual but valid images, with an answer), never a 5xx, and holds nothing afterw
 import base64
 import io
 import json
+import re
 import struct
 import zlib
 
@@ -197,3 +198,29 @@ def test_a_nul_in_an_adapter_id_is_a_clear_error(gateway, tenant_factory):
     )
     assert response.status_code == 400, response.text
     assert "field 'lora'" in response.json()["error"]
+
+
+@pytest.mark.parametrize("damage", ["bad crc", "encrypted", "unknown compression"])
+def test_a_damaged_dataset_zip_is_a_clear_error(damage, gateway, tenant_factory):
+    from tests.tuning.test_dataset import damaged
+    from tests.tuning.test_fine_tuning import create
+
+    _, key, _ = tenant_factory.create("pro")
+    answer = create(gateway, key, damaged(damage))
+    assert answer.status_code == 400, answer.text
+    assert "a.txt" in answer.json()["error"]["message"]
+
+
+def test_a_tenant_name_longer_than_its_column_is_a_clear_error_on_the_dashboard(gateway):
+    from tests.conftest import ADMIN_TOKEN
+    from tests.helpers import dashboard_sign_in
+
+    with httpx.Client(base_url=gateway.url) as browser:
+        assert dashboard_sign_in(browser, ADMIN_TOKEN).status_code == 303
+        page = browser.get("/dashboard/admin").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)[1]
+        made = browser.post(
+            "/dashboard/admin/tenants", data={"csrf": csrf, "name": "n" * 5000, "tier": "free"}
+        )
+    assert made.status_code == 400, made.text[:300]
+    assert "5000 characters; at most 200" in made.text

@@ -7,9 +7,8 @@
     if (!holder || !source || typeof uPlot === "undefined") return;
     var chart = JSON.parse(source.textContent);
     var models = Object.keys(chart.series).sort();
-    var stamps = {};
-    models.forEach(function (m) { Object.keys(chart.series[m]).forEach(function (t) { stamps[t] = true; }); });
-    var times = Object.keys(stamps).sort();
+    // every hour or day of the range is a point, zero where nothing ran
+    var times = chart.buckets;
     var xs = times.map(function (t) { return Date.parse(t) / 1000; });
     var data = [xs].concat(models.map(function (m) {
       return times.map(function (t) { return chart.series[m][t] || 0; });
@@ -23,9 +22,18 @@
       return sum + row.reduce(function (a, b) { return a + b; }, 0);
     }, 0));
     var width = Math.max(280, holder.clientWidth || 600);
-    new uPlot({ width: width, height: 280, series: series,
-                axes: [{}, { label: "GPU-seconds" }] }, data, holder);
-    holder.dataset.drawn = "true";
+    new uPlot({
+      width: width, height: 280, series: series,
+      // the x-axis spans the chosen range ending now, whatever the data, in UTC
+      scales: { x: { time: true, range: function () { return [chart.from, chart.to]; } } },
+      tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"); },
+      axes: [{}, { label: "GPU-seconds" }],
+      hooks: { draw: [function (plot) {  // the scale as drawn, for whoever checks it
+        holder.dataset.xMin = String(plot.scales.x.min);
+        holder.dataset.xMax = String(plot.scales.x.max);
+        holder.dataset.drawn = "true";
+      }] }
+    }, data, holder);
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", draw);
   else draw();
