@@ -62,6 +62,9 @@ class BodyGuard:
             return
         if body is None:  # the client left
             return
+        if isinstance(body, dict):  # the whole body came in one message: handed on as it is
+            await self.app(scope, _once(body, receive), send)
+            return
         with body:
             await self.app(scope, _replay(body, receive), send)
 
@@ -85,7 +88,8 @@ class BodyGuard:
         return limit
 
     async def _read(self, scope: Scope, receive: Receive, limit: int):
-        """The whole body in a (spooled) file, or None if the client disconnected."""
+        """The whole body: its one message when it came in one (most do), else in a (spooled)
+        file; None if the client disconnected."""
         client = client_address(scope)
         if self._sending[client] >= self.bodies_per_client:
             raise _Refused(
@@ -96,7 +100,7 @@ class BodyGuard:
                 {"Retry-After": "1"},
             )
         self._sending[client] += 1
-        body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (the caller closes it)
+        body = None
         try:
             size, started, more = 0, time.monotonic(), True
             while more:
@@ -106,14 +110,19 @@ class BodyGuard:
                 if message is None:
                     raise _TooSlow(f"no part of the request body came for {self.idle_seconds:g} s")
                 if message["type"] == "http.disconnect":
-                    body.close()
+                    if body is not None:
+                        body.close()
                     return None
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     raise _TooLarge(limit)
-                body.write(chunk)
                 more = message.get("more_body", False)
+                if body is None and not more:
+                    return message
+                if body is None:
+                    body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (the caller closes it)
+                body.write(chunk)
                 elapsed = time.monotonic() - started
                 if more and elapsed > self.grace_seconds and size < self.min_rate * elapsed:
                     raise _TooSlow(
@@ -122,7 +131,8 @@ class BodyGuard:
                     )
             return body
         except BaseException:
-            body.close()
+            if body is not None:
+                body.close()
             raise
         finally:
             self._sending[client] -= 1
@@ -150,11 +160,28 @@ class UrlGuard:
 def _holding_nul(scope: Scope) -> str | None:
     if "\x00" in scope["path"]:
         return "the URL's path"
-    query = scope.get("query_string", b"").decode("latin-1")
+    raw = scope.get("query_string", b"")
+    if b"%00" not in raw and b"\x00" not in raw:  # the usual case: nothing to parse
+        return None
+    query = raw.decode("latin-1")
     for name, value in parse_qsl(query, keep_blank_values=True):
         if "\x00" in name or "\x00" in value:
             return f"query parameter '{name.replace(chr(0), '')}'"
     return None
+
+
+def _once(message: Message, receive: Receive) -> Receive:
+    """The body's one message; then whatever the client sends next (a disconnect)."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return message
+
+    return replay
 
 
 def _replay(body, receive: Receive) -> Receive:

@@ -26,6 +26,7 @@ class Summary:
     subscriptions: int  # subscriptions made or moved to a new tier
     sent: int  # meter events accepted by Stripe
     failed: int  # meter events refused or not answered (retried later)
+    already_delivered: int  # of `sent`: Stripe already had them (their identifier)
     waiting_for_customer: int
     stale: int  # unsent rows older than the alert threshold
 
@@ -45,6 +46,11 @@ class RelayMetrics:
         self.stripe_errors = Counter(
             "gpuhost_relay_stripe_errors",
             "Stripe calls that failed (meter events, customers, subscriptions).",
+            registry=self.registry,
+        )
+        self.already_delivered = Counter(
+            "gpuhost_relay_events_already_delivered",
+            "Meter events Stripe refused as already taken (their identifier): marked sent.",
             registry=self.registry,
         )
         self.stale = Gauge(
@@ -87,11 +93,12 @@ class Relay:
         except stripe.StripeError as exc:  # usage still goes out; these wait for the next pass
             self.metrics.stripe_errors.inc()
             log.warning("Stripe customers/subscriptions not synced this pass: %s", exc)
-        sent = failed = 0
+        sent = failed = duplicates = 0
         deadline = time.monotonic() + max_seconds
         while True:
             done = stripe_meter.relay_once(self.sessions, self.api, self.settings)
             sent, failed = sent + done.sent, failed + done.failed
+            duplicates += done.already_delivered
             if not done.sent or time.monotonic() >= deadline:
                 break
         alert_after = timedelta(seconds=self.settings.relay_alert_after_seconds)
@@ -106,5 +113,8 @@ class Relay:
         self.metrics.passes.inc()
         self.metrics.sent.inc(sent)
         self.metrics.stripe_errors.inc(failed)
+        self.metrics.already_delivered.inc(duplicates)
         self.metrics.stale.set(stale)
-        return Summary(customers, subscriptions, sent, failed, done.waiting_for_customer, stale)
+        return Summary(
+            customers, subscriptions, sent, failed, duplicates, done.waiting_for_customer, stale
+        )

@@ -54,6 +54,21 @@ class Pass:
     sent: int
     failed: int
     waiting_for_customer: int
+    already_delivered: int = 0  # of `sent`: events Stripe already held (a repeated identifier)
+
+
+# Stripe's answer to a meter event whose identifier it has already taken (400, marked not to
+# be retried): the event was delivered before, e.g. by a pass whose commit was lost, or rows
+# sent again after a restore, once the idempotency key's 24 hours are over.
+ALREADY_DELIVERED = "An event already exists with identifier"
+
+
+def already_delivered(exc: stripe.StripeError) -> bool:
+    return (
+        isinstance(exc, stripe.InvalidRequestError)
+        and exc.http_status == 400
+        and ALREADY_DELIVERED in (exc.user_message or "")
+    )
 
 
 def ensure_customers(sessions: sessionmaker[Session], api: stripe.StripeClient) -> int:
@@ -99,7 +114,7 @@ def relay_once(
     commit (tests use it to stand for a relay that dies there)."""
     if settings.relay_aggregate_seconds > 0:
         _assign_batches(sessions, settings)
-    sent = failed = 0
+    sent = failed = duplicates = 0
     with transaction(sessions) as session:
         waiting = session.scalar(
             select(func.count())
@@ -125,13 +140,17 @@ def relay_once(
                     {"idempotency_key": f"gpuhost-meter-{event.identifier}"},
                 )
             except stripe.StripeError as exc:
-                failed += 1
-                for row in event.rows:
-                    row.attempts += 1
-                    row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
-                    row.retry_after = datetime.now(UTC) + _backoff(settings, row.attempts)
-                log.warning("meter event %s failed: %s", event.identifier, exc)
-                continue
+                if already_delivered(exc):  # delivered before: sent, never retried
+                    duplicates += 1
+                    log.info("meter event %s: Stripe already has it", event.identifier)
+                else:
+                    failed += 1
+                    for row in event.rows:
+                        row.attempts += 1
+                        row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
+                        row.retry_after = datetime.now(UTC) + _backoff(settings, row.attempts)
+                    log.warning("meter event %s failed: %s", event.identifier, exc)
+                    continue
             if after_send is not None:
                 after_send(event)
             now = datetime.now(UTC)
@@ -139,7 +158,7 @@ def relay_once(
                 row.sent_at, row.last_error, row.retry_after = now, None, None
                 row.attempts += 1
             sent += 1
-    return Pass(sent, failed, waiting)
+    return Pass(sent, failed, waiting, duplicates)
 
 
 def _backoff(settings: StripeSettings, attempts: int) -> timedelta:

@@ -11,11 +11,10 @@ second `gpuhost dev` on the same state directory is refused.
 """
 
 import ctypes
-import fcntl
 import json
 import os
-import secrets
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -23,25 +22,19 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack, suppress
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import redis
-from sqlalchemy import select
 
 import migrations
-from billing import tenants
-from billing.db import session_factory, sync_engine, transaction
-from billing.keys import hash_key
-from billing.models import ApiKey
 from billing.settings import ModelSettings
+from cli.dev_state import DEMO_TIER, demo_key, hold, operator_token, private
 from cli.tls import local_tls
 from workers.contract import WorkerStatus
 from workers.keyspace import WORKER_KEY_PREFIX
 
 READY_TIMEOUT_SECONDS = 180
-DEMO_TIER = "pro"
 # The tiny random-weight models never choose to stop: in dev their answers end here, so that a
 # first request answers in seconds (real weights: no cap but the worker's own).
 TINY_OUTPUT_TOKENS = 48
@@ -125,22 +118,6 @@ def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pop
     return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
 
-def _hold(state_dir: Path, stack: ExitStack) -> None:
-    """The state directory is this process's while it runs; a second one is refused."""
-    lock = (state_dir / "dev.lock").open("a+")
-    stack.callback(lock.close)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise RuntimeError(
-            f"another gpuhost dev is running on {state_dir}; stop it first (Ctrl-C in its "
-            "terminal), or use another --state-dir"
-        ) from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-
-
 def _port_free(port: int) -> None:
     with socket.socket() as probe:
         try:
@@ -162,51 +139,6 @@ def _stop(process: subprocess.Popen, name: str, grace: float = 20.0) -> None:
         _say(f"{name} did not stop in {grace:.0f}s; killing it")
         process.kill()
         process.wait()
-
-
-def _private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (it holds keys)."""
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text(text)
-
-
-def _demo_key(database_url: str, state_dir: Path, tiers: dict[str, int]) -> tuple[str, str]:
-    """The demo tenant and its key: made once, remembered in the state dir, and used again by
-    the next `gpuhost dev` there while the key is live (a new one only if it was revoked)."""
-    remembered = state_dir / "demo-tenant.json"
-    known = json.loads(remembered.read_text()) if remembered.exists() else {}
-    engine = sync_engine(database_url)
-    try:
-        with transaction(session_factory(engine)) as session:
-            try:
-                tenant = tenants.get_tenant(session, known["id"]) if known.get("id") else None
-            except tenants.NotFound:
-                tenant = None
-            if tenant is None:
-                tenant, known = tenants.create_tenant(session, "demo", DEMO_TIER, tiers), {}
-            secret = known.get("key")
-            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret or "")))
-            live = (
-                row is not None
-                and row.tenant_id == tenant.id
-                and row.revoked_at is None
-                and (row.expires_at is None or row.expires_at > datetime.now(UTC))
-            )
-            if not live:
-                _, secret = tenants.create_key(session, tenant.id)
-            _private(remembered, json.dumps({"id": str(tenant.id), "key": secret}))
-            return str(tenant.id), secret
-    finally:
-        engine.dispose()
-
-
-def _admin_token(state_dir: Path) -> str:
-    """The operator token of this state dir (made once; the dashboard's admin sign-in)."""
-    path = state_dir / "admin-token"
-    if not path.exists():
-        _private(path, secrets.token_urlsafe(32))
-    return path.read_text().strip()
 
 
 def _wait_ready(
@@ -263,7 +195,7 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
         signal.signal(stop, _interrupt)
     with ExitStack() as stack:
         try:
-            _hold(state_dir, stack)
+            hold(state_dir, stack)
             _port_free(port)
             database_url = (
                 settings.database_url
@@ -310,13 +242,13 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
                     stdout=subprocess.DEVNULL,
                 )
                 (settings.models_dir / "TINY").touch()
-            tenant_id, key = _demo_key(database_url, state_dir, settings.tier_limits)
-            admin_token = _admin_token(state_dir)
+            tenant_id, key = demo_key(database_url, state_dir, settings.tier_limits)
+            admin_token = operator_token(state_dir)
             env["GPUHOST_ADMIN_TOKEN"] = admin_token
             # the command line client's settings too: `set -a; . STATE/env; set +a`
             env["GPUHOST_API_KEY"] = key
             env.setdefault("GPUHOST_HOST", f"http://127.0.0.1:{port}")
-            _private(state_dir / "env", "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+            private(state_dir / "env", "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
             child_env = _child_environment(env)
             children = {
                 name: _spawn([*cli, "worker", "--queue", queue], child_env)
@@ -367,6 +299,9 @@ def _banner(
     ca: str | None = None,
 ) -> None:
     curl = f"curl --cacert {ca}" if ca else "curl"
+    # the command as a new shell finds it: by name when it is on the PATH, else by its path
+    beside = Path(sys.executable).parent / "gpuhost"
+    gpuhost = "gpuhost" if shutil.which("gpuhost") == str(beside) else str(beside)
     body = json.dumps(
         {
             "model": model,
@@ -388,9 +323,11 @@ gpuhost is ready at {url} (the gateway and the LLaVA and SD workers)
   {curl} {url}/api/chat -H 'Authorization: Bearer {key}' -d '{body}'
 
   the command line, from another shell:
-    export GPUHOST_API_KEY={key}   # or all of it: set -a; . {state_dir}/env; set +a
-    gpuhost run {model} "Why is the sky blue?"
-    gpuhost admin usage list --tenant {tenant_id}   # operator commands: the env file's URLs
+    export GPUHOST_API_KEY={key} GPUHOST_HOST={url}
+    {gpuhost} run {model} "Why is the sky blue?"
+  and the operator's (the env file has the database's and Redis's URLs too):
+    set -a; . {state_dir}/env; set +a
+    {gpuhost} admin usage list --tenant {tenant_id}
 
 Ctrl-C stops everything.
 """,

@@ -5,9 +5,11 @@ keys and indexed lists, Bearer auth, JSON objects, lists and errors, idempotency
 what gpuhost uses: customers, billing meters, products, prices (lookup keys unique, at most 10
 per list request, metered prices backed by a meter, graduated tiers ending at inf, at most 12
 decimal places), subscriptions (items of one interval; items added and deleted by update),
-meter events and their summaries. It follows Stripe's documented rules for meter events: an
-`identifier` is unique (a repeat is accepted and not counted again), a reused
-`Idempotency-Key` replays the first response (and is refused with different parameters),
+meter events and their summaries. It follows Stripe's rules for meter events: an `identifier`
+is unique (a repeat is refused, 400 invalid_request_error "An event already exists with
+identifier ...", marked not to be retried, as Stripe answers once its idempotency window has
+passed), a reused `Idempotency-Key` replays the first response (and is refused with
+different parameters; `forget_idempotency_keys` stands for the window passing),
 timestamps must lie within the past 35 days and at most 5 minutes ahead, values are numbers.
 Faults can be injected: failures and slow answers.
 """
@@ -76,7 +78,8 @@ class FakeStripe:
         self.subscriptions: dict[str, dict] = {}
         self.events: dict[str, dict] = {}  # by identifier: what the meter counts
         self.posts: defaultdict[str, int] = defaultdict(int)  # meter event POSTs by identifier
-        self._idempotent: dict[str, tuple[str, int, dict]] = {}
+        # Idempotency-Key: (the request's parameters, the answer's status, body, headers)
+        self._idempotent: dict[str, tuple[str, int, dict, dict | None]] = {}
         self._faults: list[tuple[str, float]] = []  # ("fail", status) or ("slow", seconds)
         self._lock = threading.Lock()
         self.port = free_port()
@@ -111,6 +114,11 @@ class FakeStripe:
 
     # -- test controls
 
+    def forget_idempotency_keys(self) -> None:
+        """As Stripe does once a key is 24 hours old: the same key is a new request again."""
+        with self._lock:
+            self._idempotent.clear()
+
     def fail_next(self, count: int, status: int = 500) -> None:
         self._faults += [("fail", status)] * count
 
@@ -144,7 +152,7 @@ class FakeStripe:
         fingerprint = json.dumps(params, sort_keys=True)
         with self._lock:
             if key and key in self._idempotent:
-                seen, status, body = self._idempotent[key]
+                seen, status, body, headers = self._idempotent[key]
                 if seen != fingerprint:
                     return _error(
                         400,
@@ -152,11 +160,13 @@ class FakeStripe:
                         "same parameters they were first used with.",
                         "idempotency_error",
                     )
-                return JSONResponse(body, status, headers={"Idempotent-Replayed": "true"})
-            status, body = make(params)
+                replayed = (headers or {}) | {"Idempotent-Replayed": "true"}
+                return JSONResponse(body, status, headers=replayed)
+            status, body, *extra = make(params)
+            headers = extra[0] if extra else None
             if key and status < 500:
-                self._idempotent[key] = (fingerprint, status, body)
-            return JSONResponse(body, status)
+                self._idempotent[key] = (fingerprint, status, body, headers)
+            return JSONResponse(body, status, headers=headers)
 
     async def _customers(self, request: Request) -> JSONResponse:
         params, failed = await self._common(request)
@@ -481,6 +491,18 @@ class FakeStripe:
                     }
                 }
             identifier = p.get("identifier") or secrets.token_hex(12)
+            self.posts[identifier] += 1
+            if identifier in self.events:
+                return (
+                    400,
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "message": f"An event already exists with identifier {identifier}.",
+                        }
+                    },
+                    {"Stripe-Should-Retry": "false"},
+                )
             event = {
                 "object": "billing.meter_event",
                 "created": now,
@@ -490,8 +512,7 @@ class FakeStripe:
                 "payload": payload,
                 "timestamp": timestamp,
             }
-            self.posts[identifier] += 1
-            self.events.setdefault(identifier, event)  # a repeated identifier is not counted
+            self.events[identifier] = event
             return 200, event
 
         return self._replay(request, params, make)

@@ -179,15 +179,19 @@ return 0
 # -- the job claim (workers) ----------------------------------------------------------------
 
 # Claim a job, in one round trip: take its claim unless someone holds it (-1); mark it started
-# unless an earlier delivery did (that delivery died mid-run); and say whether it was cancelled.
-# KEYS: claim, started, cancel. ARGV: worker process, claim TTL (ms), stream retention (s).
+# unless an earlier delivery did (that delivery died); say whether it was cancelled, and
+# whether its stream holds anything (a delivery that died before its first chunk answered
+# nothing: the job runs again; one that died mid-answer cannot be resumed).
+# KEYS: claim, started, cancel, stream. ARGV: worker process, claim TTL (ms), retention (s).
+# Returns -1, or bits: 1 started before, 2 cancelled, 4 chunks already sent.
 JOB_TAKE = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return -1
 end
 local fresh = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[3])
 local cancelled = redis.call('EXISTS', KEYS[3])
-return (fresh and 0 or 1) + 2 * cancelled
+local answered = redis.call('EXISTS', KEYS[4])
+return (fresh and 0 or 1) + 2 * cancelled + 4 * answered
 """
 
 # Drop the claim only if it is still ours (it may have expired and been taken since), and give

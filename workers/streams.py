@@ -30,6 +30,7 @@ class Start:
 
     started_before: bool  # an earlier delivery began running it and never finished
     cancelled: bool  # the client cancelled it before it started
+    answered_before: bool = False  # that earlier delivery sent chunks before it died
 
 
 class Claims:
@@ -59,13 +60,22 @@ class Claims:
     ) -> Start | None:
         """Claim the job and mark it started (None: another worker holds it). While the claim
         is held, its tenant's slot lease (if any) is renewed too."""
-        keys = [claim_key(request_id), started_key(request_id), cancel_key(request_id)]
+        keys = [
+            claim_key(request_id),
+            started_key(request_id),
+            cancel_key(request_id),
+            stream_key(request_id),
+        ]
         found = self._take(keys=keys, args=[self._process, self._ttl_ms, retention])
         if found < 0:
             return None
         with self._lock:
             self._held[request_id] = slots_key(tenant_id) if tenant_id else ""
-        return Start(started_before=bool(found & 1), cancelled=bool(found & 2))
+        return Start(
+            started_before=bool(found & 1),
+            cancelled=bool(found & 2),
+            answered_before=bool(found & 4),
+        )
 
     def release(self, request_id: str) -> None:
         """The job is over: drop its claim, and give its slot back (a no-op if the gateway

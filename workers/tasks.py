@@ -117,13 +117,16 @@ def _run(
             return "duplicate"
         queue_seconds = max(0.0, time.time() - job.enqueued_at)
         started = datetime.now(UTC)
-        if start.started_before:
-            # An earlier delivery died mid-request (worker lost). The platform's fault: unbilled.
+        if start.started_before and start.answered_before:
+            # An earlier delivery died mid-answer (worker lost): the client has part of an
+            # answer that cannot be resumed. The platform's fault: unbilled.
             message = "the worker running this request was lost; please retry"
             outcome = Outcome(FAILED, ErrorChunk(status=503, message=message))
         elif start.cancelled:
             outcome, started = Outcome(CANCELLED, cancelled_early(queue_seconds)), None
         else:
+            if start.started_before:  # it died before answering: this delivery answers
+                log.info("job %s: its worker was lost before answering; running it", job.request_id)
             outcome = _attempt(job, channel, queue_seconds, execute)
         _record(runtime, job, outcome, started, queue_seconds)
         channel.publish_final(outcome.final)

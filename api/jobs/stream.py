@@ -45,6 +45,8 @@ class JobStream:
         self._key = stream_key(request_id)
         self._last_id = "0-0"  # the last chunk read
         self.first_chunk_ms: int | None = None  # when the first chunk was written (Redis time)
+        # since when its worker has been found lost before answering (awaiting redelivery)
+        self._unanswered_since: float | None = None
 
     async def seek(self, after: int) -> None:
         """Read on from the chunk at index `after` (400 if fewer have been sent)."""
@@ -151,17 +153,31 @@ class JobStream:
         return chunk
 
     async def _gone(self) -> bool:
-        """The worker that started the job died (its claim expired); or the job itself is
-        gone (its retention passed: 504). One round trip."""
+        """The worker that started the job died (its claim expired) after it began to answer;
+        or it died before its first chunk and the job was not delivered again (to another
+        worker, or the same one restarted) within the broker's visibility timeout and the
+        queue timeout: until then the client only waits. Or the job itself is gone (its
+        retention passed: 504). One round trip."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(started_key(self.request_id))
         pipe.exists(claim_key(self.request_id))
         pipe.exists(meta_key(self.request_id))
-        started, claimed, known = await pipe.execute()
+        pipe.exists(self._key)
+        started, claimed, known, answered = await pipe.execute()
         if not known:
             self.ended = True
             raise GatewayTimeout("the job's stream expired")
-        return bool(started) and not claimed
+        if not started or claimed:
+            self._unanswered_since = None
+            return False
+        if answered:
+            return True
+        now = time.monotonic()
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+        settings = self.settings
+        patience = settings.visibility_timeout_seconds + settings.queue_timeout_seconds
+        return now - self._unanswered_since > patience
 
     async def _given_up_as_lost(self) -> Unavailable:
         """Its worker died: the job is cancelled (a redelivery records it unbilled)."""

@@ -97,6 +97,33 @@ class TestRelay:
         assert unsent(sessions, customer) == 0
         assert fake.total(customer) == 7000  # the first one was not counted twice
 
+    def test_an_event_stripe_already_holds_is_delivered_not_retried(
+        self, sessions, api, settings, fake
+    ):
+        """Rows sent again after Stripe's 24-hour idempotency window (a relay down for a day,
+        a restored database): Stripe refuses the identifier it has (400, not to be retried);
+        the relay counts that as delivered, and the meter counts the event once."""
+        customer, _ = tenant_with_usage(sessions, api, [1.25])
+        assert stripe_meter.relay_once(sessions, api, settings).sent >= 1
+        with transaction(sessions) as session:  # the restore: the row is unsent again
+            [row] = session.scalars(
+                select(OutboxEvent)
+                .join(Tenant, Tenant.id == OutboxEvent.tenant_id)
+                .where(Tenant.stripe_customer_id == customer)
+            ).all()
+            row.sent_at = None
+        fake.forget_idempotency_keys()  # a day later
+        again = stripe_meter.relay_once(sessions, api, settings)
+        assert again.failed == 0 and again.already_delivered == 1
+        assert unsent(sessions, customer) == 0
+        assert fake.total(customer) == 1250  # counted once
+        [identifier] = [
+            i for i, e in fake.events.items() if e["payload"]["stripe_customer_id"] == customer
+        ]
+        assert fake.posts[identifier] == 2  # posted twice, refused the second time
+        with sessions() as session:
+            assert session.get(OutboxEvent, row.id).last_error is None
+
     def test_stripe_errors_and_timeouts_lose_nothing(self, sessions, api, settings, fake):
         customer, request_ids = tenant_with_usage(sessions, api, [1.0, 2.0, 3.0])
         fake.fail_next(2, 500)

@@ -2,6 +2,7 @@
 nothing left."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -15,7 +16,7 @@ import psutil
 
 from billing import tenants
 from billing.db import transaction
-from cli.devstack import _demo_key
+from cli.dev_state import demo_key
 from tests.helpers import auth, chat_body, dashboard_sign_in, ndjson
 from tests.stack import free_port, wait_for
 
@@ -72,6 +73,18 @@ def test_dev_serves_a_request_and_a_closed_terminal_stops_everything(tmp_path):
             assert signed_in.status_code == 303, signed_in.text
             assert signed_in.headers["location"] == "/dashboard/admin"
 
+        # the command line works after pasting the banner's one line
+        line = re.search(r"export (GPUHOST_API_KEY=\S+ GPUHOST_HOST=\S+)", banner).group(1)
+        pasted = dict(pair.split("=", 1) for pair in line.split())
+        ps = subprocess.run(
+            [sys.executable, "-m", "cli", "ps"],
+            env={k: v for k, v in os.environ.items() if not k.startswith("GPUHOST_")} | pasted,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ps.returncode == 0 and "llava-llama3" in ps.stdout, ps.stdout + ps.stderr
+
         # a second `gpuhost dev` on the same state directory is refused, clearly, at once
         second = subprocess.run(
             dev_command(state_dir, free_port()), capture_output=True, text=True, timeout=60
@@ -118,11 +131,11 @@ def test_dev_refuses_a_port_in_use(tmp_path):
 
 
 def test_the_demo_key_is_kept_across_restarts(database_url, sessions, tmp_path):
-    tenant_id, key = _demo_key(database_url, tmp_path, TIERS)
-    assert _demo_key(database_url, tmp_path, TIERS) == (tenant_id, key)
+    tenant_id, key = demo_key(database_url, tmp_path, TIERS)
+    assert demo_key(database_url, tmp_path, TIERS) == (tenant_id, key)
     assert (tmp_path / "demo-tenant.json").stat().st_mode & 0o077 == 0
     with transaction(sessions) as session:
         [row] = tenants.keys_of(session, uuid.UUID(tenant_id))
         tenants.revoke_key(session, str(row.id))
-    again, fresh = _demo_key(database_url, tmp_path, TIERS)
+    again, fresh = demo_key(database_url, tmp_path, TIERS)
     assert again == tenant_id and fresh != key  # a revoked key is replaced, the tenant kept

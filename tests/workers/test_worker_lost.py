@@ -1,7 +1,10 @@
 """A worker killed mid-request: the client is told, the slot comes back, the request is
-recorded once (failed, not billed) when the job is delivered again to another worker."""
+recorded once (failed, not billed) when the job is delivered again to another worker. A worker
+lost before it answered: the job runs on another, and the client only waits."""
 
+import json
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,6 +14,7 @@ import redis
 from tests.conftest import redis_database
 from tests.helpers import auth, chat_body, in_flight, ndjson, usage_rows
 from tests.stack import Gateway, Worker, wait_for
+from workers.keyspace import started_key
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +111,47 @@ def test_worker_killed_during_an_answer_that_is_not_streamed(
 
 def job_streams(client: redis.Redis) -> list[bytes]:
     return list(client.scan_iter("gpuhost:job:*", _type="stream"))
+
+
+def test_a_worker_lost_before_it_answered_is_replaced_and_the_client_gets_its_answer(
+    lost_env, lost_gateway, tenant_factory, sessions, tmp_path
+):
+    """The job's first delivery marked it started and died before its first chunk (as a
+    worker SIGKILLed while loading its batch does): the client only waits, the job runs on
+    the next worker to take it, and it is answered and billed once. Set up exactly: no worker
+    runs while the request waits, its `started` mark is written as the dead one left it."""
+    client = redis.Redis.from_url(lost_env["GPUHOST_REDIS_URL"])
+    tenant_id, key, _ = tenant_factory.create("free")
+    earlier = set(client.scan_iter("gpuhost:job:*:meta"))
+    heir = None
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            httpx.post,
+            f"{lost_gateway.url}/api/chat",
+            json=chat_body(num_predict=5, temperature=0),
+            headers=auth(key),
+            timeout=120,
+        )
+        [meta] = wait_for(
+            lambda: list(set(client.scan_iter("gpuhost:job:*:meta")) - earlier),
+            30,
+            "the request to be queued",
+        )
+        request_id = meta.decode().split(":")[2]
+        client.set(started_key(request_id), "worker-that-died", ex=600)  # no claim, no chunk
+        time.sleep(3)  # three claim TTLs: a gateway that gave up would have by now
+        assert not answer.done(), answer.result().text
+        try:
+            heir = Worker("worker-heir-2", lost_env, tmp_path, lost_env["GPUHOST_REDIS_URL"])
+            heir.wait_ready()
+            response = answer.result()
+        finally:
+            if heir is not None:
+                heir.stop()
+    assert response.status_code == 200, response.text
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 5
+    assert response.headers["x-request-id"] == request_id
+    [record] = wait_for(lambda: usage_rows(sessions, request_id), 30, "the usage record")
+    assert record.status == "completed" and record.gpu_seconds > 0
+    wait_for(lambda: in_flight(client, tenant_id) == 0, 10, "the slot to be released")
