@@ -19,7 +19,15 @@ from api.jobs.view import job_view
 from api.state import AppState
 from webhooks import service as webhooks
 from workers.contract import ChatJob, ImageJob
-from workers.keyspace import HOOKED, SUBMITTED, done_key, job_record_key, started_key
+from workers.keyspace import (
+    HOOKED,
+    SUBMITTED,
+    claim_key,
+    done_key,
+    job_record_key,
+    started_key,
+    stream_key,
+)
 
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 0.1
@@ -89,7 +97,7 @@ class Scheduler:
 
     async def send(self, job_id: str, record: dict, lease: Lease) -> None:
         """Enqueue a job that holds its slot (a waiting job or a batch line); the schedulers
-        keep its lease until a worker starts it."""
+        keep its lease whenever no worker holds it, until it has answered."""
         images = record["type"] == "images"
         spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
         spec.enqueued_at = time.time()
@@ -97,22 +105,32 @@ class Scheduler:
         await enqueue(self.state, lease, spec)
 
     async def _keep_submitted_leases(self) -> None:
-        """Renew the slot of each job enqueued but not yet started, three times per lease TTL;
-        its worker takes over once it starts."""
+        """Renew the slot of each job enqueued whose worker does not hold it, three times per
+        lease TTL: before a worker takes it, and after a worker that took it was lost before
+        answering, while the job waits to be delivered again. A worker running it renews the
+        slot itself; once the job has answered, its slot is no longer the schedulers' care."""
         now = time.monotonic()
         if now - self._renewed_at < self.state.settings.lease_ttl_seconds / 3:
             return
         self._renewed_at = now
         redis = self.state.redis
+        submitted = [
+            (raw_id.decode(), raw_tenant.decode())
+            for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items()
+        ]
+        pipe = redis.pipeline(transaction=False)
+        for job_id, _ in submitted:
+            pipe.exists(job_record_key(job_id))
+            pipe.exists(stream_key(job_id))
+            pipe.exists(claim_key(job_id))
+        found = await pipe.execute()
         waiting = []
-        for raw_id, raw_tenant in (await redis.hgetall(SUBMITTED)).items():
-            job_id, tenant = raw_id.decode(), raw_tenant.decode()
-            if await redis.exists(started_key(job_id)) or not await redis.exists(
-                job_record_key(job_id)
-            ):
+        for index, (job_id, tenant) in enumerate(submitted):
+            known, answered, claimed = found[3 * index : 3 * index + 3]
+            if answered or not known:
                 await redis.hdel(SUBMITTED, job_id)
-                continue
-            waiting.append(Lease(tenant, job_id))
+            elif not claimed:
+                waiting.append(Lease(tenant, job_id))
         if waiting:
             await self.state.admission.renew_all(waiting)
 

@@ -14,7 +14,7 @@ import redis
 from tests.conftest import redis_database
 from tests.helpers import auth, chat_body, in_flight, ndjson, usage_rows
 from tests.stack import Gateway, Worker, wait_for
-from workers.keyspace import started_key
+from workers.keyspace import SUBMITTED, started_key
 
 
 @pytest.fixture(scope="module")
@@ -153,5 +153,56 @@ def test_a_worker_lost_before_it_answered_is_replaced_and_the_client_gets_its_an
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 5
     assert response.headers["x-request-id"] == request_id
     [record] = wait_for(lambda: usage_rows(sessions, request_id), 30, "the usage record")
+    assert record.status == "completed" and record.gpu_seconds > 0
+    wait_for(lambda: in_flight(client, tenant_id) == 0, 10, "the slot to be released")
+
+
+def test_an_async_job_whose_worker_was_lost_before_answering_keeps_its_slot_and_runs(
+    lost_env, lost_gateway, tenant_factory, sessions, tmp_path
+):
+    """The same for an asynchronous job: while it waits to be delivered again its tenant's
+    slot stays held (a Free tenant's second job waits behind it), and then it runs."""
+    client = redis.Redis.from_url(lost_env["GPUHOST_REDIS_URL"])
+    tenant_id, key, _ = tenant_factory.create("free")
+    body = {
+        "type": "chat",
+        "input": {
+            "model": "llava-llama3",
+            "messages": [{"role": "user", "content": "Describe a lighthouse."}],
+            "max_tokens": 4,
+        },
+    }
+    made = httpx.post(f"{lost_gateway.url}/v1/jobs", json=body, headers=auth(key), timeout=30)
+    assert made.status_code == 202, made.text
+    job_id = made.json()["id"]
+    wait_for(lambda: client.hexists(SUBMITTED, job_id), 30, "the job to be sent to the queue")
+    client.set(started_key(job_id), "worker-that-died", ex=600)  # no claim, no chunk
+    lease_ttl = float(lost_env["GPUHOST_LEASE_TTL_SECONDS"])
+    time.sleep(lease_ttl * 1.5)  # past the lease TTL: held only if someone renews it
+    assert in_flight(client, tenant_id) == 1
+    second = httpx.post(f"{lost_gateway.url}/v1/jobs", json=body, headers=auth(key), timeout=30)
+    assert second.status_code == 202
+    heir = Worker("worker-heir-3", lost_env, tmp_path, lost_env["GPUHOST_REDIS_URL"])
+    try:
+        heir.wait_ready()
+        for made_id in (job_id, second.json()["id"]):
+            view = wait_for(
+                lambda made_id=made_id: (
+                    (
+                        seen := httpx.get(
+                            f"{lost_gateway.url}/v1/jobs/{made_id}", headers=auth(key)
+                        ).json()
+                    )["status"]
+                    in ("succeeded", "failed")
+                    and seen
+                ),
+                60,
+                f"job {made_id} to end",
+                interval=0.2,
+            )
+            assert view["status"] == "succeeded", view
+    finally:
+        heir.stop()
+    [record] = usage_rows(sessions, job_id)
     assert record.status == "completed" and record.gpu_seconds > 0
     wait_for(lambda: in_flight(client, tenant_id) == 0, 10, "the slot to be released")
