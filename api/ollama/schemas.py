@@ -2,7 +2,7 @@
 
 import re
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -135,6 +135,18 @@ class GenerateRequest(_Request):
     prompt: str = ""
     system: str | None = None
     images: list[str] | None = None
+    # Ollama's fields this server does not do yet: refused by name rather than ignored
+    suffix: str | None = None
+    raw: bool = False
+    template: str | None = None
+    context: list[int] | None = None
+
+    UNSUPPORTED: ClassVar[dict[str, str]] = {
+        "suffix": "fill-in-the-middle (a suffix) is not supported by this model",
+        "raw": "raw prompts are not supported; the model's chat template is always applied",
+        "template": "a custom template is not supported; the model's own is applied",
+        "context": "'context' is not supported; send the conversation as /api/chat messages",
+    }
 
     def is_load_only(self) -> bool:
         """Ollama clients send an empty prompt to load a model."""
@@ -144,6 +156,9 @@ class GenerateRequest(_Request):
         return bool(self.images)
 
     def to_job(self, owner, request_id: str, limits: ChatImageLimits) -> ChatJob:
+        for name, reason in self.UNSUPPORTED.items():
+            if getattr(self, name):
+                raise BadRequest(f"field '{name}': {reason}", param=name)
         turns = []
         if self.system:
             turns.append(ChatTurn(role="system", content=self.system))

@@ -8,6 +8,7 @@ from fastapi.responses import Response
 
 from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
+from api.errors import NotFound
 from api.openai.schemas import ChatCompletionRequest
 from api.openai.serving import OpenAIServing
 
@@ -27,16 +28,25 @@ async def chat_completions(
     return await OpenAIServing(state).chat(body, owner, request)
 
 
-@router.get("/v1/models")
-async def models(_: TenantKey, state: StateDep) -> dict:
+def _hosted(state) -> list[dict]:
     """Every model this service hosts, with its kind (`chat`: /v1/chat/completions; `image`:
     /v1/images/*), an extra field OpenAI's clients ignore."""
     settings = state.settings
     hosted = ((settings.llava_model, "chat"), (settings.sd_model, "image"))
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": STARTED, "owned_by": "gpuhost", "kind": kind}
-            for name, kind in hosted
-        ],
-    }
+    return [
+        {"id": name, "object": "model", "created": STARTED, "owned_by": "gpuhost", "kind": kind}
+        for name, kind in hosted
+    ]
+
+
+@router.get("/v1/models")
+async def models(_: TenantKey, state: StateDep) -> dict:
+    return {"object": "list", "data": _hosted(state)}
+
+
+@router.get("/v1/models/{model}")
+async def model(model: str, _: TenantKey, state: StateDep) -> dict:
+    for hosted in _hosted(state):
+        if model in (hosted["id"], f"{hosted['id']}:latest"):
+            return hosted
+    raise NotFound(f"The model '{model}' does not exist", param="model")

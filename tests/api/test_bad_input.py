@@ -111,6 +111,27 @@ class TestRefusedBeforeAdmission:
         assert response.status_code == 413
 
 
+class TestOllamaFieldsNotDoneYet:
+    @pytest.mark.parametrize(
+        "field, value, reason",
+        [
+            ("suffix", "end of the story", "fill-in-the-middle"),
+            ("raw", True, "raw prompts are not supported"),
+            ("template", "{{ .Prompt }}", "a custom template is not supported"),
+            ("context", [1, 2, 3], "send the conversation as /api/chat messages"),
+        ],
+    )
+    def test_refused_by_name_not_ignored(self, gateway, free_tenant, field, value, reason):
+        tenant_id, key, _ = free_tenant
+        body = {"model": MODEL, "prompt": "Once upon a time", field: value}
+        response = httpx.post(
+            f"{gateway.url}/api/generate", json=body, headers=auth(key), timeout=30
+        )
+        assert response.status_code == 400, response.text
+        assert f"field '{field}'" in response.json()["error"]
+        assert reason in response.json()["error"]
+
+
 class TestAuthentication:
     @pytest.mark.parametrize(
         "headers, message",

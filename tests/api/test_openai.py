@@ -87,6 +87,10 @@ class TestChatCompletions:
         _, key, _ = tenant_factory.create("free")
         listed = client(gateway, key).models.list().data
         assert [(m.id, m.kind) for m in listed] == [(MODEL, "chat"), ("stable-diffusion", "image")]
+        one = client(gateway, key).models.retrieve("stable-diffusion")
+        assert (one.id, one.kind, one.object) == ("stable-diffusion", "image", "model")
+        with pytest.raises(openai.NotFoundError):
+            client(gateway, key).models.retrieve("gpt-17")
 
 
 class TestErrorsAsTheClientExpects:
