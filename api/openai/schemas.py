@@ -56,6 +56,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: Any = None
+    # not done yet: refused by name when asked for, rather than ignored
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -86,6 +91,15 @@ class ChatCompletionRequest(BaseModel):
         """`fetched`: base64 images already downloaded for the non-data URLs, by URL."""
         if self.response_format not in (None, {"type": "text"}):
             raise BadRequest("field 'response_format': only text responses are supported")
+        asked = {
+            "tools": bool(self.tools),
+            "tool_choice": self.tool_choice not in (None, "none"),
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": self.top_logprobs is not None,
+        }
+        for name, wanted in asked.items():
+            if wanted:
+                raise BadRequest(f"field '{name}': not supported by this server yet", param=name)
         turns, count = [], 0
         for i, message in enumerate(self.messages):
             texts, images = [], []

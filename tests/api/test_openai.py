@@ -115,6 +115,25 @@ class TestErrorsAsTheClientExpects:
             )
         assert caught.value.body["param"] == "temperature"
 
+    @pytest.mark.parametrize(
+        "asked",
+        [
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            {"tool_choice": "required"},
+            {"logprobs": True},
+            {"top_logprobs": 2},
+        ],
+    )
+    def test_what_is_not_done_yet_is_refused_by_name(self, gateway, tenant_factory, asked):
+        _, key, _ = tenant_factory.create("free")
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(gateway, key).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], **asked
+            )
+        [field] = asked
+        assert caught.value.body["param"] == field
+        assert "not supported by this server yet" in caught.value.body["message"]
+
     def test_http_image_urls_are_refused_unless_enabled(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("free")
         message = {
