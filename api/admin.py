@@ -6,7 +6,6 @@ who (the token's holder as the `X-Actor` header names them, else "admin"), what,
 when, and from which address.
 """
 
-import hmac
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, StateDep, client_address
+from api.deps import SessionDep, StateDep, bearer, client_address, is_admin_token
 from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from billing import operator, tenants, usage
 from billing.keys import well_formed
@@ -27,16 +26,14 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 async def _require_admin(request: Request, state: StateDep) -> str:
     """The actor's name, once the admin token checks out (failures are throttled)."""
-    expected = state.settings.admin_token
-    if not expected:
+    if not state.settings.admin_token:
         raise Forbidden("the admin API is off: set GPUHOST_ADMIN_TOKEN to turn it on")
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    presented = presented.strip()
-    if scheme.lower() != "bearer" or not presented:
+    presented = bearer(request.headers.get("authorization", ""))
+    if not presented:
         raise Unauthorized("missing admin token: send 'Authorization: Bearer <admin token>'")
     address = client_address(request.scope)
     await state.throttle.check(address, presented)
-    if hmac.compare_digest(presented.encode(), expected.encode()):
+    if is_admin_token(state.settings, presented):
         return (request.headers.get("x-actor") or "admin")[:200]
     if well_formed(presented):
         raise Forbidden("operator routes need the admin token; tenant API keys are refused")

@@ -58,11 +58,6 @@ def _lines(source: BinaryIO) -> Iterator[str]:
             yield text
 
 
-def _store(state: AppState, key: str, specs: BinaryIO) -> None:
-    specs.seek(0)
-    state.storage.put_stream(key, iter(lambda: specs.read(1024 * 1024), b""))
-
-
 def _custom_id(raw: str) -> str | None:
     try:
         line = json.loads(raw)
@@ -143,7 +138,7 @@ async def create(
             specs.write(("\n" if number else "").encode() + json.dumps(line).encode())
         batch_id = "batch_" + new_request_id()[:24]
         key = stored(tenant, batch_id, "specs.jsonl")
-        await anyio.to_thread.run_sync(_store, state, key, specs)
+        await anyio.to_thread.run_sync(state.storage.put_file, key, specs)
     record = {
         "tenant_id": tenant,
         "tier": owner.tier,

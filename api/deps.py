@@ -1,5 +1,6 @@
 """FastAPI dependencies, as Annotated aliases."""
 
+import hmac
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated
@@ -8,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.errors import Forbidden, Unauthorized, Unavailable
+from api.settings import GatewaySettings
 from api.state import AppState
 from billing.db import database_away
 from billing.keys import hash_key
@@ -45,6 +47,18 @@ async def authenticate(request: Request, state: StateDep) -> KeyOwner:
     return await owner_of_key_header(state, header, client_address(request.scope))
 
 
+def bearer(header: str) -> str:
+    """The credential of an `Authorization: Bearer <credential>` header; "" for any other."""
+    scheme, _, presented = header.partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" else ""
+
+
+def is_admin_token(settings: GatewaySettings, presented: str) -> bool:
+    """`presented` is the operator's token (never true while the admin API is off)."""
+    token = settings.admin_token
+    return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
+
+
 def client_address(scope) -> str:
     """The client's address (behind trusted proxies, the one they name: `gpuhost serve`)."""
     return (scope.get("client") or ("unknown", 0))[0]
@@ -53,12 +67,11 @@ def client_address(scope) -> str:
 async def owner_of_key_header(state: AppState, header: str, address: str) -> KeyOwner:
     """The owner of the API key in an Authorization header, or the 401 (429 when its sender
     has failed too often, 503 while the key store is away) that says why."""
-    scheme, _, presented = header.partition(" ")
     if not header:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if scheme.lower() != "bearer" or not presented.strip():
+    presented = bearer(header)
+    if not presented:
         raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
-    presented = presented.strip()
     cache_key = hash_key(presented)
     owner = state.key_cache.get(cache_key)
     if owner is None:

@@ -102,15 +102,17 @@ def error_body_openai(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _render(
-    request: Request,
+def error_response(
+    path: str,
     status: int,
     message: str,
     headers: dict[str, str] | None = None,
     param: str | None = None,
     code: str | None = None,
 ) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
+    """An error in the shape of the API family `path` belongs to (OpenAI's under /v1/, else
+    Ollama's); also an ASGI app, for middleware that answers before the routes."""
+    if path.startswith("/v1/"):
         body = error_body_openai(status, message, param, code)
     else:
         body = error_body(message)
@@ -150,18 +152,24 @@ def _describe_validation(exc: RequestValidationError) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _render(request, exc.status, exc.message, exc.headers, exc.param, exc.code)
+        return error_response(
+            request.url.path, exc.status, exc.message, exc.headers, exc.param, exc.code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = _describe_validation(exc)
-        return _render(request, 400, message, param=_first_field(exc), code="invalid_request")
+        return error_response(
+            request.url.path, 400, message, param=_first_field(exc), code="invalid_request"
+        )
 
     async def database_outage(request: Request, exc: Exception) -> JSONResponse:
         if not database_away(exc):
             raise exc  # a bug, not an outage: the server error it is
         headers = {"Retry-After": "1"}
-        return _render(request, 503, DATABASE_AWAY_MESSAGE, headers, code="unavailable")
+        return error_response(
+            request.url.path, 503, DATABASE_AWAY_MESSAGE, headers, code="unavailable"
+        )
 
     # SQLAlchemy's errors only: a ConnectionError elsewhere (storage, say) is not the database's
     for kind in (db.OperationalError, db.InterfaceError, db.TimeoutError, db.DBAPIError):
@@ -169,4 +177,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _render(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(
+            request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None)
+        )

@@ -9,7 +9,7 @@ tenant-scoped: another tenant's id is a 404.
 """
 
 import logging
-from typing import Annotated, BinaryIO
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -21,7 +21,6 @@ from api.deps import InferenceKey, SessionDep, StateDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
 from api.jobs.submit import check_quota
 from api.sd.serving import ImageServing
-from api.state import AppState
 from billing.tenants import KeyOwner
 from storage import tenant_key
 from tuning import dataset
@@ -91,11 +90,6 @@ def _params(fields: dict) -> dict:
         raise BadRequest(f"field '{name}': {error['msg']}", param=name) from None
 
 
-def _store(state: AppState, key: str, source: BinaryIO, max_bytes: int) -> None:
-    source.seek(0)
-    state.storage.put_stream(key, iter(lambda: source.read(1024 * 1024), b""), max_bytes)
-
-
 @router.post(JOBS, status_code=201)
 async def create(
     owner: InferenceKey,
@@ -152,7 +146,7 @@ async def create(
         raise error(str(exc), param="dataset") from None
     job_id = tuning.new_id("ft")
     key = tenant_key(owner.tenant_id, "datasets", f"{job_id}.zip")
-    await anyio.to_thread.run_sync(_store, state, key, source, plan.dataset_bytes)
+    await anyio.to_thread.run_sync(state.storage.put_file, key, source, plan.dataset_bytes)
     try:
         async with state.sessions() as session, session.begin():
             job = await tuning.create(

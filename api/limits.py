@@ -11,18 +11,17 @@ only for a caller it knows, only up to a limit, and only while it keeps coming (
 - A body over `SPOOL_BYTES` is kept in a temporary file, not in memory, until the app reads it.
 """
 
-import hmac
-import json
 import tempfile
 import time
 from collections import Counter
 from urllib.parse import parse_qsl
 
 import anyio
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import KEY_OWNER, client_address, owner_of_key_header
-from api.errors import ApiError, error_body, error_body_openai
+from api.deps import KEY_OWNER, bearer, client_address, is_admin_token, owner_of_key_header
+from api.errors import ApiError, BadRequest, error_response
 
 SPOOL_BYTES = 1024 * 1024
 REPLAY_CHUNK = 64 * 1024
@@ -58,7 +57,7 @@ class BodyGuard:
             limit = await self._limit(scope)
             body = await self._read(scope, receive, limit)
         except ApiError as exc:
-            await _answer(scope, send, exc.status, exc.message, exc.code, exc.headers)
+            await _answer(exc, scope, receive, send)
             return
         if body is None:  # the client left
             return
@@ -71,18 +70,16 @@ class BodyGuard:
     async def _limit(self, scope: Scope) -> int:
         """The body limit for this caller; authenticates a bearer credential first."""
         limit = self.uploads.get(scope["path"], self.max_bytes)
-        header = _header(scope, b"authorization")
-        scheme, _, presented = header.partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented:
+        headers = Headers(scope=scope)
+        header = headers.get("authorization", "")
+        presented = bearer(header)
+        state = scope["state"]["gpuhost"]
+        if not presented:
             limit = min(limit, self.anonymous_max_bytes)
-        else:
-            state = scope["state"]["gpuhost"]
-            admin = state.settings.admin_token
-            if not (admin and hmac.compare_digest(presented.encode(), admin.encode())):
-                address = client_address(scope)
-                scope["state"][KEY_OWNER] = await owner_of_key_header(state, header, address)
-        declared = _header(scope, b"content-length")
+        elif not is_admin_token(state.settings, presented):
+            address = client_address(scope)
+            scope["state"][KEY_OWNER] = await owner_of_key_header(state, header, address)
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _TooLarge(limit)
         return limit
@@ -151,8 +148,7 @@ class UrlGuard:
         if scope["type"] == "http":
             where = _holding_nul(scope)
             if where:
-                message = f"{where} contains a NUL byte"
-                await _answer(scope, send, 400, message, "invalid_request", {})
+                await _answer(BadRequest(f"{where} contains a NUL byte"), scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -219,31 +215,7 @@ class _TooSlow(_Refused):
         super().__init__(408, message, "request_timeout", {"Connection": "close"})
 
 
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return ""
-
-
-async def _answer(
-    scope: Scope, send: Send, status: int, message: str, code: str, headers: dict
-) -> None:
-    if scope["path"].startswith("/v1/"):
-        shaped = error_body_openai(status, message, code=code)
-    else:
-        shaped = error_body(message)
-    body = json.dumps(shaped).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *extra,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _answer(exc: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
+    path = scope["path"]
+    response = error_response(path, exc.status, exc.message, exc.headers, exc.param, exc.code)
+    await response(scope, receive, send)

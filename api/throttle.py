@@ -26,22 +26,23 @@ class CredentialThrottle:
         self.limit = limit
         self.window = window_seconds
 
-    def _keys(self, address: str, presented: str) -> list[str]:
-        keys = [credential_failures_key("address", address)]
+    def _counters(self, address: str, presented: str) -> dict[str, str]:
+        """The counters a credential counts against: Redis key -> what it counts, in words."""
+        counters = {credential_failures_key("address", address): "this address"}
         if len(presented) >= PREFIX_CHARS:
-            keys.append(credential_failures_key("prefix", presented[:PREFIX_CHARS]))
-        return keys
+            prefix = credential_failures_key("prefix", presented[:PREFIX_CHARS])
+            counters[prefix] = "keys starting with this prefix"
+        return counters
 
     async def check(self, address: str, presented: str) -> None:
         """TooManyRequests if this address or prefix is over its failures in this window."""
         if self.limit <= 0:
             return
-        keys = self._keys(address, presented)
-        counts = await self.redis.mget(keys)
-        for key, count in zip(keys, counts, strict=True):
+        counters = self._counters(address, presented)
+        counts = await self.redis.mget(list(counters))
+        for (key, what), count in zip(counters.items(), counts, strict=True):
             if count is not None and int(count) >= self.limit:
                 wait = max(1, await self.redis.ttl(key))
-                what = "this address" if ":address:" in key else "keys starting with this prefix"
                 raise Throttled(
                     f"too many failed credentials from {what}; try again in {wait} s",
                     headers={"Retry-After": str(wait)},
@@ -51,7 +52,7 @@ class CredentialThrottle:
         if self.limit <= 0:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in self._keys(address, presented):
+            for key in self._counters(address, presented):
                 pipe.incr(key)
                 pipe.expire(key, self.window, nx=True)
             await pipe.execute()

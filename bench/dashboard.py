@@ -21,14 +21,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import migrations  # noqa: E402
+from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants, usage  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
-from tests.conftest import SERVICES, drop_database, fresh_database  # noqa: E402
 from tests.helpers import dashboard_sign_in  # noqa: E402
 from tests.stack import Gateway  # noqa: E402
 
@@ -100,13 +98,19 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    name = f"gpuhost_bench_dash_{uuid.uuid4().hex[:8]}"
-    url = fresh_database(name)
-    redis_url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/12"
-    redis.Redis.from_url(redis_url).flushdb()
-    gateway = None
-    try:
-        migrations.upgrade(url)
+    pages = (
+        (
+            None,  # the seeded tenant's key
+            [
+                "/dashboard/usage?range=24h",
+                "/dashboard/usage?range=30d",
+                "/dashboard/usage?range=30d&model=stable-diffusion&page=20",
+                "/dashboard/keys",
+            ],
+        ),
+        (ADMIN, ["/dashboard/admin"]),
+    )
+    with scratch_stack("dash", 12) as (url, redis_url):
         key = seed(url, args.tenants, args.records)
         env = {
             "GPUHOST_DATABASE_URL": url,
@@ -114,29 +118,16 @@ def main() -> None:
             "GPUHOST_ADMIN_TOKEN": ADMIN,
         }
         gateway = Gateway("gateway-bench", env, Path(tempfile.mkdtemp()))
-        gateway.wait_ready()
-        for credential, pages in (
-            (
-                key,
-                [
-                    "/dashboard/usage?range=24h",
-                    "/dashboard/usage?range=30d",
-                    "/dashboard/usage?range=30d&model=stable-diffusion&page=20",
-                    "/dashboard/keys",
-                ],
-            ),
-            (ADMIN, ["/dashboard/admin"]),
-        ):
-            with httpx.Client(base_url=gateway.url, timeout=30) as client:
-                signed = dashboard_sign_in(client, credential)
-                assert signed.status_code == 303, signed.text
-                for path in pages:
-                    print(json.dumps(timed(client, path, args.rounds)), flush=True)
-    finally:
-        if gateway is not None:
+        try:
+            gateway.wait_ready()
+            for credential, paths in pages:
+                with httpx.Client(base_url=gateway.url, timeout=30) as client:
+                    signed = dashboard_sign_in(client, credential or key)
+                    assert signed.status_code == 303, signed.text
+                    for path in paths:
+                        print(json.dumps(timed(client, path, args.rounds)), flush=True)
+        finally:
             gateway.stop()
-        redis.Redis.from_url(redis_url).flushdb()
-        drop_database(name)
 
 
 if __name__ == "__main__":

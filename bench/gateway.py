@@ -29,22 +29,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import psutil
-import redis
 from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import migrations  # noqa: E402
+from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from billing.plans import DEFAULT_PLANS  # noqa: E402
-from tests.conftest import SERVICES, drop_database, fresh_database  # noqa: E402
 from tests.stack import Gateway, Process, free_port, wait_for  # noqa: E402
 
 BODY = {
@@ -203,64 +200,60 @@ def measure(client: str, url: str, key: str, requests: int, concurrency: int, pr
 
 
 def run_gpuhost(client: str, requests: int, broker: str | None) -> list[dict]:
-    name = f"gpuhost_bench_gw_{uuid.uuid4().hex[:8]}"
-    url = fresh_database(name)
-    redis_url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/11"
-    redis.Redis.from_url(redis_url).flushdb()
     logs = Path(tempfile.mkdtemp())
     processes = []
-    try:
-        migrations.upgrade(url)
-        sessions = session_factory(sync_engine(url))
-        with transaction(sessions) as session:
-            tenant = tenants.create_tenant(session, "bench", "bench", {"bench": 64})
-            key = tenants.create_key(session, tenant.id)[1]
-        plans = DEFAULT_PLANS | {"bench": BENCH_PLAN}
-        env = {
-            "GPUHOST_DATABASE_URL": url,
-            "GPUHOST_REDIS_URL": redis_url,
-            "GPUHOST_PLANS": json.dumps({t: p.model_dump(mode="json") for t, p in plans.items()}),
-        }
-        if broker:
-            env["GPUHOST_BROKER_URL"] = broker
-        worker = Process(
-            "worker-echo",
-            ["worker", "--queue", "llava", "--concurrency", "32"],
-            env | {"GPUHOST_ENGINE": "echo"},
-            logs,
-        )
-        processes.append(worker)
-        gateway = Gateway("gateway-bench", env, logs)
-        processes.append(gateway)
-        gateway.wait_ready()
-        endpoint = f"{gateway.url}/v1/chat/completions"
-        wait_for(
-            lambda: (
-                httpx.post(
-                    endpoint, json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=10
-                ).status_code
-                == 200
-            ),
-            60,
-            "the echo worker",
-        )
-        load(client, endpoint, key, 200, 8)  # warm
-        results = []
-        measured = {
-            "gateway": [psutil.Process(gateway.popen.pid)],
-            "worker": [psutil.Process(worker.popen.pid)],
-        }
-        for c in (1, 32):
-            since = datetime.now(UTC)
-            result = measure(client, endpoint, key, requests * c // 8 or requests, c, measured)
-            row = {"server": "gpuhost", "broker": broker or "redis"} | result
-            results.append(row | stages(sessions, since))
-        return results
-    finally:
-        for process in processes:
-            process.stop()
-        redis.Redis.from_url(redis_url).flushdb()
-        drop_database(name)
+    with scratch_stack("gw", 11) as (url, redis_url):
+        try:
+            sessions = session_factory(sync_engine(url))
+            with transaction(sessions) as session:
+                tenant = tenants.create_tenant(session, "bench", "bench", {"bench": 64})
+                key = tenants.create_key(session, tenant.id)[1]
+            plans = DEFAULT_PLANS | {"bench": BENCH_PLAN}
+            env = {
+                "GPUHOST_DATABASE_URL": url,
+                "GPUHOST_REDIS_URL": redis_url,
+                "GPUHOST_PLANS": json.dumps(
+                    {t: p.model_dump(mode="json") for t, p in plans.items()}
+                ),
+            }
+            if broker:
+                env["GPUHOST_BROKER_URL"] = broker
+            worker = Process(
+                "worker-echo",
+                ["worker", "--queue", "llava", "--concurrency", "32"],
+                env | {"GPUHOST_ENGINE": "echo"},
+                logs,
+            )
+            processes.append(worker)
+            gateway = Gateway("gateway-bench", env, logs)
+            processes.append(gateway)
+            gateway.wait_ready()
+            endpoint = f"{gateway.url}/v1/chat/completions"
+            wait_for(
+                lambda: (
+                    httpx.post(
+                        endpoint, json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=10
+                    ).status_code
+                    == 200
+                ),
+                60,
+                "the echo worker",
+            )
+            load(client, endpoint, key, 200, 8)  # warm
+            results = []
+            measured = {
+                "gateway": [psutil.Process(gateway.popen.pid)],
+                "worker": [psutil.Process(worker.popen.pid)],
+            }
+            for c in (1, 32):
+                since = datetime.now(UTC)
+                result = measure(client, endpoint, key, requests * c // 8 or requests, c, measured)
+                row = {"server": "gpuhost", "broker": broker or "redis"} | result
+                results.append(row | stages(sessions, since))
+            return results
+        finally:
+            for process in processes:
+                process.stop()
 
 
 def run_litellm(client: str, executable: str, requests: int) -> list[dict]:

@@ -20,20 +20,17 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-import redis
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import migrations  # noqa: E402
+from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from billing.plans import DEFAULT_PLANS  # noqa: E402
-from tests.conftest import SERVICES, drop_database, fresh_database  # noqa: E402
 from tests.stack import Gateway  # noqa: E402
 
 
@@ -119,13 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    name = f"gpuhost_bench_stall_{uuid.uuid4().hex[:8]}"
-    url = fresh_database(name)
-    redis_url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/12"
-    redis.Redis.from_url(redis_url).flushdb()
-    gateway = None
-    try:
-        migrations.upgrade(url)
+    with scratch_stack("stall", 12) as (url, redis_url):
         with transaction(session_factory(sync_engine(url))) as session:
             tiers = {tier: plan.concurrency for tier, plan in DEFAULT_PLANS.items()}
             keys = [
@@ -136,17 +127,16 @@ def main() -> None:
             ]
         env = {"GPUHOST_DATABASE_URL": url, "GPUHOST_REDIS_URL": redis_url}
         gateway = Gateway("gateway-stall", env, Path(tempfile.mkdtemp()))
-        gateway.wait_ready()
-        plan = attacks()
-        for round_ in range(args.rounds):
-            for i, (kind, attack) in enumerate(plan.items()):
-                key = keys[(round_ * 3 + i) % len(keys)]
-                print(json.dumps({"attack": kind} | asyncio.run(measure(gateway.url, key, attack))))
-    finally:
-        if gateway:
+        try:
+            gateway.wait_ready()
+            plan = attacks()
+            for round_ in range(args.rounds):
+                for i, (kind, attack) in enumerate(plan.items()):
+                    key = keys[round_ * 3 + i]
+                    measured = asyncio.run(measure(gateway.url, key, attack))
+                    print(json.dumps({"attack": kind} | measured))
+        finally:
             gateway.stop()
-        redis.Redis.from_url(redis_url).flushdb()
-        drop_database(name)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ climb out of their prefix. Writes are bounded: over `max_bytes` the object is no
 import re
 import uuid
 from collections.abc import Iterable
+from typing import BinaryIO
 
 import fsspec
 
@@ -61,6 +62,12 @@ class Storage:
             self.delete(key)
             raise
         return size
+
+    def put_file(self, key: str, source: BinaryIO, max_bytes: int | None = None) -> int:
+        """An open file's whole content (read from its start, a MiB at a time), as
+        `put_stream` writes it."""
+        source.seek(0)
+        return self.put_stream(key, iter(lambda: source.read(1024 * 1024), b""), max_bytes)
 
     def get(self, key: str) -> bytes:
         return self.fs.cat_file(self._path(key))

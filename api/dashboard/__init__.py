@@ -30,7 +30,7 @@ from api.dashboard.common import (
     router,
     secure,
 )
-from api.deps import SessionDep, StateDep, client_address
+from api.deps import SessionDep, StateDep, client_address, is_admin_token
 from api.errors import ApiError
 from billing import tenants
 from billing.keys import PREFIX, well_formed
@@ -126,8 +126,7 @@ async def login(
     except ApiError as exc:
         return login_form(request, exc.status, exc.headers, error=exc.message)
     session = {"csrf": secrets.token_urlsafe(24)}
-    admin_token = state.settings.admin_token
-    if admin_token and hmac.compare_digest(credential.encode(), admin_token.encode()):
+    if is_admin_token(state.settings, credential):
         session["kind"] = "operator"
     elif credential.startswith(PREFIX):
         owner = None
