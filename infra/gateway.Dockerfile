@@ -1,7 +1,14 @@
 # The gateway, the billing relay and the migration job: no torch, no model code.
 #   docker build -f infra/gateway.Dockerfile -t gpuhost-gateway .
-FROM python:3.12-slim AS build
+# PYTHON_IMAGE: any Debian-based image with python3 and its venv module (infra/smoke.sh builds
+# one from Debian's packages where no registry can be reached).
+ARG PYTHON_IMAGE=python:3.12-slim
+
+FROM ${PYTHON_IMAGE} AS build
+RUN python3 -m venv /opt/gpuhost
+ENV PATH=/opt/gpuhost/bin:$PATH
 WORKDIR /src
+COPY infra/constraints.txt infra/constraints.txt
 COPY pyproject.toml README.md ./
 COPY api api
 COPY cli cli
@@ -11,19 +18,20 @@ COPY migrations migrations
 COPY storage storage
 COPY tuning tuning
 COPY webhooks webhooks
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# the versions known to go together (infra/lock.py); no model libraries, no embedded servers
+RUN pip install --no-cache-dir --quiet -c infra/constraints.txt . \
+    && pip uninstall --yes --quiet pip
 
-FROM python:3.12-slim
-RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin gpuhost
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-# the storage volume's mount point, writable by the service user (GPUHOST_STORAGE_URL)
-RUN mkdir -p /data/storage && chown 10001:10001 /data/storage
+FROM ${PYTHON_IMAGE}
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin gpuhost \
+    && mkdir -p /data/storage && chown 10001:10001 /data/storage
+COPY --from=build /opt/gpuhost /opt/gpuhost
 USER 10001
 WORKDIR /home/gpuhost
-ENV PYTHONUNBUFFERED=1 GPUHOST_LISTEN_HOST=0.0.0.0 GPUHOST_LISTEN_PORT=8080
+ENV PATH=/opt/gpuhost/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    GPUHOST_LISTEN_HOST=0.0.0.0 GPUHOST_LISTEN_PORT=8080
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)" || exit 1
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 ENTRYPOINT ["gpuhost"]
 CMD ["serve"]

