@@ -89,6 +89,11 @@ class GatewaySettings(ModelSettings):
     fetch_image_urls: bool = False
     image_url_allowed_networks: list[str] = Field(default_factory=list)
     retry_after_seconds: int = 1
+    # A synchronous request over its tenant's tier waits up to this long for a slot, in the
+    # tenant's queue (the one its async jobs wait in, first come first served), then gets 429
+    # (0: 429 at once). At most this many requests and jobs wait per tenant (429 beyond).
+    admission_wait_seconds: float = Field(30.0, ge=0)
+    admission_queue_length: int = Field(100, ge=1)
     # Keys are looked up at most this often per gateway: a revoked key stops within it.
     auth_cache_seconds: float = 5.0
     # This many failed credentials (API keys, the admin token, dashboard sign-ins) from one

@@ -141,6 +141,8 @@ def stack_env(database_url, redis_url, models_dir, tmp_path_factory) -> dict[str
         # the suite sends many bad credentials from one address on purpose; the throttle has
         # its own gateway in tests/api/test_guards.py
         "GPUHOST_CREDENTIAL_FAILURES_LIMIT": "0",
+        # refusals at once, as most tests expect; tests/api/test_admission_queue.py waits
+        "GPUHOST_ADMISSION_WAIT_SECONDS": "0",
     }
 
 

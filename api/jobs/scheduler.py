@@ -4,6 +4,7 @@ started; records webhook events as jobs start and end; then runs the parts given
 (batches, whose lines start only when no job waits)."""
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -31,10 +32,14 @@ from workers.keyspace import (
 
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 0.1
+MAX_ROUNDS = 32  # of taking waiting jobs, in one pass
 
 
 def meta(record: dict) -> store.JobMeta:
-    """An async job's metadata, from its record: its stream reads as OpenAI's or /api/images'."""
+    """An async job's metadata, from its record: its stream reads as OpenAI's or /api/images'.
+    A waiting synchronous request's is in its record as its gateway wrote it."""
+    if record["type"] == store.SYNC:
+        return store.JobMeta(**json.loads(record["meta"]))
     family = "images" if record["type"] == "images" else "openai-chat"
     return store.JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
 
@@ -73,7 +78,15 @@ class Scheduler:
                 log.exception("job scheduler, %s failed", step.__name__)
 
     async def _take_waiting(self) -> None:
+        """Rounds over the tenants' queues, one waiting job or request of each tenant a round,
+        until a round takes none (a tenant with several slots free gets them in one pass)."""
+        for _ in range(MAX_ROUNDS):
+            if not await self._take_round():
+                return
+
+    async def _take_round(self) -> int:
         redis = self.state.redis
+        taken = 0
         for tenant, job_id in await store.next_waiting(redis):
             record = await store.job_record(redis, job_id)
             if record.get("state") != store.WAITING:
@@ -86,6 +99,11 @@ class Scheduler:
             except Exception:  # Redis away: the job stays first in line, if it can be put back
                 await store.requeue(redis, tenant, job_id)
                 raise
+            taken += 1
+            if record["type"] == store.SYNC:  # its own gateway sends it
+                if not await store.grant(redis, job_id, lease.granted_ms):
+                    await self.state.admission.release(lease)  # it left while it was taken
+                continue
             if not await store.move_job(redis, job_id, store.WAITING, store.SUBMITTED_STATE):
                 await self.state.admission.release(lease)  # cancelled while it was taken
                 continue
@@ -94,6 +112,7 @@ class Scheduler:
             except Exception:  # not enqueued (its slot is back): first in line again
                 await store.unsubmit(redis, job_id, tenant)
                 raise
+        return taken
 
     async def send(self, job_id: str, record: dict, lease: Lease) -> None:
         """Enqueue a job that holds its slot (a waiting job or a batch line); the schedulers

@@ -35,6 +35,9 @@ Family = Literal["ollama-chat", "ollama-generate", "openai-chat", "images"]
 # An async job's record moves waiting -> submitted (a scheduler took it into a slot) or
 # waiting -> cancelled; a submitted job's progress is in its stream.
 WAITING, SUBMITTED_STATE, CANCELLED = "waiting", "submitted", "cancelled"
+# A synchronous request waiting in its tenant's queue (type SYNC) is GRANTED the slot a
+# scheduler took for it; its own gateway then sends it (api/jobs/queue_wait.py).
+SYNC, GRANTED = "sync", "granted"
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,13 @@ async def _owned(redis: aioredis.Redis, kind: str, key: str, some_id: str, tenan
 
 
 async def job_record(redis: aioredis.Redis, job_id: str, tenant_id: str | None = None) -> dict:
-    """An async job's record; with `tenant_id`, 404 unless it is that tenant's."""
+    """An async job's record; with `tenant_id`, 404 unless it is that tenant's (and an async
+    job's: a synchronous request waiting for a slot is no job of the API's)."""
     key = job_record_key(known_id("job", job_id))
-    return await _owned(redis, "job", key, job_id, tenant_id)
+    record = await _owned(redis, "job", key, job_id, tenant_id)
+    if tenant_id is not None and record.get("type") == SYNC:
+        raise NotFound(f"job {job_id} not found")
+    return record
 
 
 async def claim_idempotency(
@@ -127,6 +134,32 @@ async def add_waiting_job(
     await pipe.execute()
 
 
+async def add_waiter(
+    redis: aioredis.Redis, job_id: str, tier: str, meta: JobMeta, ttl: int
+) -> None:
+    """A synchronous request, last in its tenant's queue until a scheduler grants it a slot."""
+    tenant = meta.tenant_id
+    record = {"type": SYNC, "state": WAITING, "tenant_id": tenant, "tier": tier}
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(job_record_key(job_id), mapping=record | {"meta": meta.dump()})
+    pipe.expire(job_record_key(job_id), ttl)
+    pipe.rpush(waiting_key(tenant), job_id)
+    pipe.sadd(TENANTS_WAITING, tenant)
+    await pipe.execute()
+
+
+async def grant(redis: aioredis.Redis, job_id: str, granted_ms: int) -> bool:
+    """Hand a waiting synchronous request the slot taken for it; False if it left meanwhile
+    (the caller gives the slot back)."""
+    await redis.hset(job_record_key(job_id), "granted_ms", str(granted_ms))
+    return await move_job(redis, job_id, WAITING, GRANTED)
+
+
+async def queue_length(redis: aioredis.Redis, tenant: str) -> int:
+    """Requests and jobs waiting in the tenant's queue."""
+    return await redis.llen(waiting_key(tenant))
+
+
 async def move_job(redis: aioredis.Redis, job_id: str, from_state: str, to_state: str) -> bool:
     """Move the job's state on if it is `from_state` (the first mover wins)."""
     return bool(await redis.eval(JOB_MOVE, 1, job_record_key(job_id), from_state, to_state))
@@ -155,7 +188,7 @@ async def unqueue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:
 
 
 async def has_waiting(redis: aioredis.Redis, tenant: str) -> bool:
-    return bool(await redis.llen(waiting_key(tenant)))
+    return bool(await queue_length(redis, tenant))
 
 
 async def mark_submitted(redis: aioredis.Redis, job_id: str, tenant: str, at: float) -> None:

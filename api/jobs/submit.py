@@ -31,6 +31,8 @@ from api.errors import (
     Unavailable,
     UpstreamError,
 )
+from api.jobs import store
+from api.jobs.queue_wait import wait_for_slot
 from api.jobs.store import Family, JobMeta
 from api.jobs.stream import Chunk, Disconnected, JobStream
 from api.state import AppState
@@ -83,27 +85,43 @@ async def check_quota(state: AppState, owner: KeyOwner, fresh: bool = False) -> 
     return (await state.quotas.check(owner.tenant_id, fresh)).tier
 
 
-async def _admit(state: AppState, owner: KeyOwner, job_id: str, meta: JobMeta) -> tuple[str, Lease]:
-    """The tenant's tier and a slot (402 or 429 if refused). A refusal is decided on the
-    tenant's current tier: if a cached one refuses, it is read again."""
+async def _admit(
+    state: AppState, owner: KeyOwner, job_id: str, meta: JobMeta, disconnected: Disconnected | None
+) -> tuple[str, Lease]:
+    """The tenant's tier and a slot (402 if refused). A refusal is decided on the tenant's
+    current tier: if a cached one refuses, it is read again. Over the tier, the request waits
+    in its tenant's queue (behind any request or job already there) for up to
+    GPUHOST_ADMISSION_WAIT_SECONDS, then gets 429; with no wait, 429 at once."""
     tenant = str(owner.tenant_id)
     view = await state.quotas.check(owner.tenant_id)
-    try:
-        return view.tier, await take_slot(state, tenant, view.tier, job_id, meta)
-    except TooManyRequests:
-        if not view.cached:
-            raise
-    tier = await check_quota(state, owner, fresh=True)
-    return tier, await take_slot(state, tenant, tier, job_id, meta)
+    tier = view.tier
+    waits = state.settings.admission_wait_seconds > 0
+    if not (waits and await store.queue_length(state.redis, tenant)):
+        try:
+            return tier, await take_slot(state, tenant, tier, job_id, meta)
+        except TooManyRequests:
+            if not (view.cached or waits):
+                raise
+        if view.cached:
+            tier = await check_quota(state, owner, fresh=True)
+            try:
+                return tier, await take_slot(state, tenant, tier, job_id, meta)
+            except TooManyRequests:
+                if not waits:
+                    raise
+    return tier, await wait_for_slot(state, tier, job_id, meta, disconnected)
 
 
-async def submit(state: AppState, spec: Spec, owner: KeyOwner, family: Family) -> "Job":
+async def submit(
+    state: AppState, spec: Spec, owner: KeyOwner, family: Family, request: Request
+) -> "Job":
     """Admit and enqueue a synchronous request. Everything that fails here releases the slot;
     the caller owns the returned job and ends it through `opened` + `live` (a streamed
-    answer) or `complete` (one that is not)."""
+    answer) or `complete` (one that is not). A client that leaves while the request waits
+    for a slot takes it out of the queue."""
     meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time())
     try:
-        tier, lease = await _admit(state, owner, spec.request_id, meta)
+        tier, lease = await _admit(state, owner, spec.request_id, meta, request.is_disconnected)
     except (PaymentRequired, TooManyRequests) as refused:
         state.metrics.refused.labels(owner.tier, str(refused.status)).inc()
         raise

@@ -194,4 +194,6 @@ def final_fields(done: DoneChunk, total_seconds: float) -> dict:
         "eval_count": done.output_tokens,
         "eval_duration": int(done.eval_seconds * NS),
         "gpu_seconds": round(done.gpu_seconds, 6),
+        # time between arrival and start (waiting for a slot, then for a worker): not billed
+        "queue_seconds": round(done.queue_seconds, 6),
     }

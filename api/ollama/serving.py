@@ -46,7 +46,7 @@ class OllamaServing:
         )
         chat = isinstance(body, ChatRequest)
         family = "ollama-chat" if chat else "ollama-generate"
-        job = await submit(self.state, spec, owner, family)
+        job = await submit(self.state, spec, owner, family, request)
         render = Render(body.model, chat, started)
         headers = {"X-Request-Id": spec.request_id}
         if body.stream:

@@ -38,7 +38,7 @@ class OpenAIServing:
         spec = await self.state.decoder.run(
             owner, body.carries_images(), body.to_job, owner, request_id, limits, fetched
         )
-        job = await submit(self.state, spec, owner, "openai-chat")
+        job = await submit(self.state, spec, owner, "openai-chat", request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = ChatRender(request_id, body.model, int(time.time()), include_usage)
         headers = {"X-Request-Id": request_id}

@@ -74,7 +74,7 @@ class ImageServing:
         """Run to completion: (final chunk, request id, start time)."""
         started = time.time()
         spec = await self.job(body, owner, new_request_id())
-        job = await submit(self.state, spec, owner, "images")
+        job = await submit(self.state, spec, owner, "images", request)
         _, final = await complete(job, request)
         return final, spec.request_id, started
 
@@ -89,7 +89,7 @@ class ImageServing:
     async def _native_stream(self, body: ImagesRequest, owner: KeyOwner, request: Request):
         started = time.time()
         spec = await self.job(body, owner, new_request_id())
-        job = await submit(self.state, spec, owner, "images")
+        job = await submit(self.state, spec, owner, "images", request)
         first = await opened(job, request)
 
         async def lines() -> AsyncIterator[str]:

@@ -1,0 +1,218 @@
+"""Wait, don't refuse: a synchronous request over its tenant's tier waits in the tenant's queue
+for a slot (GPUHOST_ADMISSION_WAIT_SECONDS), never running past the tier, and leaves the
+queue when it times out or its client goes away."""
+
+import asyncio
+import threading
+import time
+import uuid
+
+import httpx
+import ollama
+import pytest
+
+from tests.conftest import running_gateway
+from tests.helpers import auth, chat_body, in_flight, usage_rows
+from tests.stack import wait_for
+from workers.keyspace import SLOT_ACQUIRE, job_record_key, slots_key, waiting_key
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+@pytest.fixture(scope="module")
+def waiting_gateway(stack_env, tmp_path_factory):
+    """Requests over the tier wait up to a minute (the default is 30 s)."""
+    env = stack_env | {"GPUHOST_ADMISSION_WAIT_SECONDS": "60"}
+    yield from running_gateway("gateway-waits", env, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(stack_env, tmp_path_factory):
+    """Requests wait a second at most, and at most two wait per tenant."""
+    env = stack_env | {
+        "GPUHOST_ADMISSION_WAIT_SECONDS": "1",
+        "GPUHOST_ADMISSION_QUEUE_LENGTH": "2",
+    }
+    yield from running_gateway("gateway-impatient", env, tmp_path_factory)
+
+
+class Peak:
+    """The most slots the tenant held at once, sampled from Redis while it runs."""
+
+    def __init__(self, redis_client, tenant_id):
+        self.redis, self.tenant, self.most = redis_client, tenant_id, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.most = max(self.most, in_flight(self.redis, self.tenant))
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def hold_slot(redis_client, tenant_id, limit: int = 1) -> str:
+    """Take one of the tenant's slots as a request would, so that the next one must wait."""
+    holder = f"test-{uuid.uuid4().hex}"
+    granted, *_ = redis_client.eval(SLOT_ACQUIRE, 1, slots_key(tenant_id), limit, 120_000, holder)
+    assert granted == 1
+    return holder
+
+
+def free_slot(redis_client, tenant_id, holder: str) -> None:
+    redis_client.zrem(slots_key(tenant_id), holder)
+
+
+def chat_once(gateway, key: str) -> httpx.Response:
+    body = chat_body(num_predict=2) | {"stream": False}
+    return httpx.post(f"{gateway.url}/api/chat", json=body, headers=auth(key), timeout=60)
+
+
+def test_twenty_requests_on_a_free_key_all_answered_one_at_a_time(
+    waiting_gateway, tenant_factory, sessions, redis_client
+):
+    tenant_id, key, _ = tenant_factory.create("free")
+    other_id, other_key, _ = tenant_factory.create("free")
+    finished = []
+
+    async def ask(client: httpx.AsyncClient, who: str, api_key: str) -> dict:
+        response = await client.post(
+            f"{waiting_gateway.url}/api/chat",
+            json=chat_body(num_predict=3) | {"stream": False},
+            headers=auth(api_key),
+        )
+        assert response.status_code == 200, response.text
+        finished.append(who)
+        return response.json() | {"request_id": response.headers["x-request-id"]}
+
+    async def other_tenant(client: httpx.AsyncClient) -> list[dict]:
+        await asyncio.sleep(0.5)  # while the first tenant's queue is long
+        return [await ask(client, "other", other_key) for _ in range(2)]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                asyncio.gather(*(ask(client, "first", key) for _ in range(20))),
+                other_tenant(client),
+            )
+
+    with Peak(redis_client, tenant_id) as first_peak, Peak(redis_client, other_id) as other_peak:
+        answers, others = asyncio.run(run())
+    assert len(answers) == 20 and all(a["done"] for a in answers)
+    assert first_peak.most == 1 and other_peak.most == 1  # never above the Free tier
+    # the other tenant was not starved: both its requests ended while the first still waited
+    last_other = max(i for i, who in enumerate(finished) if who == "other")
+    assert finished[last_other + 1 :].count("first") >= 5, finished
+    # waiting is reported, never billed
+    longest = max(answers, key=lambda a: a["queue_seconds"])
+    assert longest["queue_seconds"] > 5 * longest["gpu_seconds"]
+    (record,) = usage_rows(sessions, longest["request_id"])
+    assert record.queue_seconds == pytest.approx(longest["queue_seconds"], abs=1e-3)
+    assert record.gpu_seconds == pytest.approx(longest["gpu_seconds"], abs=1e-6)
+    assert redis_client.llen(waiting_key(str(tenant_id))) == 0
+    assert in_flight(redis_client, tenant_id) == 0
+
+
+def test_the_official_ollama_client_gets_all_five_answers_on_a_pro_key(
+    waiting_gateway, tenant_factory
+):
+    """The client does not retry a 429: with 5 requests and 3 slots, two would fail."""
+    _, key, _ = tenant_factory.create("pro")
+    client = ollama.AsyncClient(host=waiting_gateway.url, headers=auth(key))
+
+    async def run():
+        return await asyncio.gather(
+            *(
+                client.chat(
+                    model="llava-llama3",
+                    messages=[{"role": "user", "content": f"question {n}"}],
+                    options={"num_predict": 3, "seed": n},
+                )
+                for n in range(5)
+            )
+        )
+
+    answers = asyncio.run(run())
+    assert [a.done for a in answers] == [True] * 5
+
+
+def test_a_request_that_waits_too_long_gets_429_and_leaves_nothing(
+    impatient_gateway, tenant_factory, redis_client
+):
+    tenant_id, key, _ = tenant_factory.create("free")
+    holder = hold_slot(redis_client, tenant_id)
+    try:
+        started = time.monotonic()
+        refused = chat_once(impatient_gateway, key)
+        assert refused.status_code == 429
+        assert time.monotonic() - started >= 1  # it waited before it was refused
+        assert refused.headers["retry-after"] == "1"
+        assert "none came free within 1 s of waiting" in refused.json()["error"]
+        assert redis_client.llen(waiting_key(str(tenant_id))) == 0
+        assert in_flight(redis_client, tenant_id) == 1  # ours alone
+    finally:
+        free_slot(redis_client, tenant_id, holder)
+    assert chat_once(impatient_gateway, key).status_code == 200
+
+
+def test_a_full_queue_refuses_at_once(impatient_gateway, tenant_factory, redis_client):
+    tenant_id, key, _ = tenant_factory.create("free")
+    holder = hold_slot(redis_client, tenant_id)
+    url = f"{impatient_gateway.url}/api/chat"
+    body = chat_body(num_predict=2) | {"stream": False}
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30) as client:
+            waiting = [asyncio.create_task(client.post(url, json=body, headers=auth(key)))]
+            waiting.append(asyncio.create_task(client.post(url, json=body, headers=auth(key))))
+            while redis_client.llen(waiting_key(str(tenant_id))) < 2:
+                await asyncio.sleep(0.01)
+            third = await client.post(url, json=body, headers=auth(key))
+            return third, await asyncio.gather(*waiting)
+
+    try:
+        third, waited = asyncio.run(run())
+    finally:
+        free_slot(redis_client, tenant_id, holder)
+    assert third.status_code == 429
+    assert "2 already wait in line" in third.json()["error"]
+    assert [r.status_code for r in waited] == [429, 429]  # then they timed out themselves
+
+
+def test_a_client_that_leaves_while_waiting_leaves_the_queue(
+    waiting_gateway, tenant_factory, redis_client
+):
+    tenant_id, key, _ = tenant_factory.create("free")
+    holder = hold_slot(redis_client, tenant_id)
+    queue = waiting_key(str(tenant_id))
+
+    async def leave_while_waiting():
+        async with httpx.AsyncClient(timeout=30) as client:
+            request = asyncio.create_task(
+                client.post(
+                    f"{waiting_gateway.url}/api/chat",
+                    json=chat_body(num_predict=2),
+                    headers=auth(key),
+                )
+            )
+            while redis_client.llen(queue) < 1:
+                await asyncio.sleep(0.01)
+            waiter = redis_client.lindex(queue, 0).decode()
+            request.cancel()  # the connection closes
+            return waiter
+
+    try:
+        waiter = asyncio.run(leave_while_waiting())
+        wait_for(lambda: redis_client.llen(queue) == 0, 10, "the waiter to leave the queue")
+        assert not redis_client.exists(job_record_key(waiter))
+    finally:
+        free_slot(redis_client, tenant_id, holder)
+    time.sleep(0.5)  # a scheduler pass or more: the freed slot is granted to nobody
+    assert in_flight(redis_client, tenant_id) == 0
