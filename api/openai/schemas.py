@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.errors import BadRequest
 from api.images import check_image
 from api.sd.schemas import ImagesRequest
+from api.structured import openai_response_format
 from api.wire import ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
@@ -89,8 +90,6 @@ class ChatCompletionRequest(BaseModel):
         self, owner, request_id: str, limits: ChatImageLimits, fetched: dict[str, str]
     ) -> ChatJob:
         """`fetched`: base64 images already downloaded for the non-data URLs, by URL."""
-        if self.response_format not in (None, {"type": "text"}):
-            raise BadRequest("field 'response_format': only text responses are supported")
         asked = {
             "tools": bool(self.tools),
             "tool_choice": self.tool_choice not in (None, "none"),
@@ -135,6 +134,7 @@ class ChatCompletionRequest(BaseModel):
             messages=turns,
             options=SamplingOptions(**{k: v for k, v in given.items() if v is not None}),
             enqueued_at=time.time(),
+            output_format=openai_response_format(self.response_format),
         )
 
 

@@ -77,7 +77,16 @@ CASES = {
         "image is 5000x5000 pixels; the limit is",
     ),
     "too many images": (dict(json=chat_body(images=[png()] * 9)), 400, "at most 8 per request"),
-    "structured output": (dict(json=chat_body() | {"format": "json"}), 400, "field 'format'"),
+    "format neither json nor a schema": (
+        dict(json=chat_body() | {"format": "yaml"}),
+        400,
+        "field 'format': \"json\" or a JSON schema",
+    ),
+    "schema not an object": (
+        dict(json=chat_body() | {"format": ["json"]}),
+        400,
+        "field 'format': \"json\" or a JSON schema",
+    ),
 }
 
 

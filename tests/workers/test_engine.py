@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from tests.helpers import png
+from tests.workers.conftest import DECODES
 from workers.contract import ChatJob, ChatTurn, SamplingOptions
 from workers.engines.base import InvalidRequest
 from workers.engines.kv_cache import SlotBatch, Unsupported
@@ -43,18 +44,6 @@ def job(content: str, images=(), tokens=20, temperature=0.0, seed=1, keep_alive=
         enqueued_at=time.time(),
         keep_alive_seconds=keep_alive,
     )
-
-
-DECODES = ["dynamic", "slots"]
-
-
-@pytest.fixture(scope="module", params=DECODES)
-def engine(models_dir, request):
-    engine = TransformersLlava(
-        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode=request.param
-    )
-    yield engine
-    engine.close()
 
 
 def one_by_one(engine, jobs) -> list[tuple]:

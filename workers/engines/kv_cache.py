@@ -22,6 +22,8 @@ import time
 import torch
 from transformers import DynamicCache
 
+from workers.engines.batch import Batch
+
 log = logging.getLogger(__name__)
 
 # Rope types whose frequencies are fixed at load: the step computes its own cos/sin from them.
@@ -215,3 +217,37 @@ class SlotBatch:
             self.capture_seconds,
             self.cache_bytes / 2**30,
         )
+
+
+# With decode="auto", a GPU keeps this much free beside the slot cache (prefills' activations),
+# or the engine decodes with the growing cache instead.
+SLOT_HEADROOM_BYTES = 2 * 2**30
+
+
+@torch.inference_mode()
+def decode_batch(
+    model, decode: str, choice: str, max_batch: int, context_window: int
+) -> "Batch | SlotBatch":
+    """The batch an engine decodes over: `decode` is slots or dynamic; `choice` auto on a GPU
+    takes the slot cache only if it fits beside SLOT_HEADROOM_BYTES, else the growing cache."""
+    device = model.device
+    if decode == "dynamic":
+        return Batch(model)
+    if device.type == "cuda" and choice == "auto":
+        needed = SlotBatch.bytes_for(model, max_batch, context_window)
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed + SLOT_HEADROOM_BYTES > free:
+            log.warning(
+                "decoding with a growing cache: a slot cache of %d x %d tokens needs "
+                "%.1f GiB and %.1f GiB are free (GPUHOST_CONCURRENCY sets the slots)",
+                max_batch,
+                context_window,
+                needed / 2**30,
+                free / 2**30,
+            )
+            return Batch(model)
+    try:
+        return SlotBatch(model, max_batch, context_window, graphs=device.type == "cuda")
+    except Unsupported as exc:
+        log.warning("decoding with a growing cache: %s", exc)
+        return Batch(model)

@@ -6,12 +6,14 @@ import io
 import random
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
 
 from workers.contract import ChatJob
 from workers.engines.base import InvalidRequest, TokenSink
+from workers.engines.grammar import Grammars
 from workers.engines.sampling import Sampler
 from workers.engines.text import Detokenizer
 
@@ -42,6 +44,7 @@ class Request:
     error: BaseException | None = None
     gpu_seconds: float = 0.0
     load_seconds: float = 0.0
+    matcher: Any = None  # structured output: the grammar's matcher (workers.engines.grammar)
 
 
 def prepare(
@@ -51,9 +54,11 @@ def prepare(
     context_window: int,
     max_output_tokens: int,
     device: torch.device,
+    grammars: Grammars | None = None,
 ) -> Request:
-    """`job` as model inputs (on the CPU) with its sampler, detokeniser and token budget; a
-    prompt past the context window is refused, naming how much of it the images are."""
+    """`job` as model inputs (on the CPU) with its sampler, detokeniser, token budget and
+    grammar (structured output); a prompt past the context window is refused, naming how
+    much of it the images are, and a schema that cannot be compiled is refused too."""
     conversation, images = [], []
     for turn in job.messages:
         parts = [{"type": "image"} for _ in turn.images]
@@ -85,4 +90,5 @@ def prepare(
             lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True),
             options.stop,
         ),
+        matcher=grammars.matcher(job.output_format) if job.output_format and grammars else None,
     )

@@ -44,7 +44,8 @@ from workers.contract import ChatJob
 from workers.engines.base import Generation, TokenSink
 from workers.engines.batch import CACHE, Batch
 from workers.engines.device import Step, clock, place, to_device
-from workers.engines.kv_cache import SlotBatch, Unsupported
+from workers.engines.grammar import Grammars
+from workers.engines.kv_cache import SlotBatch, decode_batch
 from workers.engines.llava_requests import Request, prepare
 from workers.engines.sampling import pick
 from workers.metering import Meter
@@ -52,9 +53,6 @@ from workers.metering import Meter
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_SECONDS = 0.1
-# With decode="auto", a GPU keeps this much free beside the slot cache (prefills' activations),
-# or the engine decodes with the growing cache instead.
-SLOT_HEADROOM_BYTES = 2 * 2**30
 IDLE_WAIT_SECONDS = 0.5
 
 
@@ -91,6 +89,8 @@ class TransformersLlava:
         self.suppressed = torch.tensor(
             _as_list(generation.suppress_tokens), dtype=torch.long, device=self.device
         )
+        vocabulary = int(self.config.text_config.vocab_size)
+        self.grammars = Grammars(self.processor.tokenizer, vocabulary, self.eos_ids)
         self.meter = Meter()
         self.decode_steps = 0  # batched decode steps run
         self.decode_tokens = 0  # tokens they produced: / decode_steps = mean batch occupancy
@@ -115,7 +115,9 @@ class TransformersLlava:
             self.path, dtype=self.dtype, device_map=str(self.device)
         )
         self.model = model.eval()
-        self._batch = self._new_batch(model)
+        self._batch = decode_batch(
+            model, self.decode, self._decode_choice, self.max_batch, self.context_window
+        )
         self.load_seconds = time.perf_counter() - started
         log.info(
             "loaded %s in %.2fs (context %d, batches of up to %d, %s decode)",
@@ -126,32 +128,6 @@ class TransformersLlava:
             "slot" if isinstance(self._batch, SlotBatch) else "dynamic",
         )
         return self.load_seconds
-
-    @torch.inference_mode()
-    def _new_batch(self, model: LlavaForConditionalGeneration) -> Batch | SlotBatch:
-        if self.decode == "dynamic":
-            return Batch(model)
-        if self.device.type == "cuda" and self._decode_choice == "auto":
-            needed = SlotBatch.bytes_for(model, self.max_batch, self.context_window)
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if needed + SLOT_HEADROOM_BYTES > free:
-                log.warning(
-                    "decoding %s with a growing cache: a slot cache of %d x %d tokens needs "
-                    "%.1f GiB and %.1f GiB are free (GPUHOST_CONCURRENCY sets the slots)",
-                    self.model_name,
-                    self.max_batch,
-                    self.context_window,
-                    needed / 2**30,
-                    free / 2**30,
-                )
-                return Batch(model)
-        try:
-            return SlotBatch(
-                model, self.max_batch, self.context_window, graphs=self.device.type == "cuda"
-            )
-        except Unsupported as exc:
-            log.warning("decoding %s with a growing cache: %s", self.model_name, exc)
-            return Batch(model)
 
     def _unload(self) -> None:
         log.info("unloading %s (keep_alive expired)", self.model_name)
@@ -189,7 +165,13 @@ class TransformersLlava:
     def generate(self, job: ChatJob, sink: TokenSink) -> Generation:
         # CPU work in the caller's thread: not billed
         request = prepare(
-            job, sink, self.processor, self.context_window, self.max_output_tokens, self.device
+            job,
+            sink,
+            self.processor,
+            self.context_window,
+            self.max_output_tokens,
+            self.device,
+            self.grammars,
         )
         self._waiting.put(request)
         request.done.wait()
@@ -273,7 +255,7 @@ class TransformersLlava:
         self._sync()
         request.started_at = time.perf_counter()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        first = self._choose([request.sampler], out.logits[:, -1].float())
+        first = self._choose([request], out.logits[:, -1].float())
         token = int(first[0])
         self._sync()
         self.meter.charge(time.perf_counter() - request.started_at, {request: 1.0})
@@ -284,24 +266,42 @@ class TransformersLlava:
 
     @torch.inference_mode()
     def _decode(self) -> None:
-        """Launch the next step (if a row needs one), then finish the one before it."""
+        """Launch the next step (if a row needs one), then finish the one before it. A row
+        with a grammar needs its last token before its next can be chosen: with one in the
+        batch, the step before is finished while the next one's forward pass runs (on a GPU;
+        on the CPU nothing would overlap, so it is finished first)."""
         batch = self._batch
+        constrained = any(r.matcher is not None for r in batch.rows)
+        if constrained and self.device.type != "cuda" and self._inflight is not None:
+            self._complete(self._inflight)
+            self._inflight = None
+            self._drop_finished(batch)
         needed = any(1 + r.launched < r.max_new_tokens for r in batch.rows)
         # (with nothing in flight a row always needs one: its tokens are all handed out)
         launch = batch.rows and (needed or self._inflight is None)
-        step = self._launch(batch) if launch else None
-        if self._inflight is not None:
+        completing = self._inflight if constrained and launch else None
+        step = self._launch(batch, completing) if launch else None
+        if self._inflight is not None and completing is None:
             self._complete(self._inflight)
         self._inflight = step
+        self._drop_finished(batch)
+
+    def _drop_finished(self, batch: Batch | SlotBatch) -> None:
         keep = [i for i, r in enumerate(batch.rows) if not r.done.is_set()]
         if len(keep) < len(batch.rows):
             batch.keep(keep)
             self._next = self._next[to_device(keep, self.device)] if keep else None
 
-    def _launch(self, batch: Batch | SlotBatch) -> Step:
+    def _launch(self, batch: Batch | SlotBatch, completing: Step | None = None) -> Step:
+        """Run a decode step over the batch and choose its tokens. `completing`: the step
+        before, finished after this one's forward pass is launched and before its tokens are
+        chosen (its tokens reach the rows' grammars)."""
         rows = list(batch.rows)
         started = clock(self.device)
-        tokens = self._choose([r.sampler for r in rows], batch.step(self._next))
+        logits = batch.step(self._next)
+        if completing is not None:
+            self._complete(completing)
+        tokens = self._choose(rows, logits)
         host = tokens.to("cpu", non_blocking=True) if self.device.type == "cuda" else tokens
         for request in rows:
             request.launched += 1
@@ -320,11 +320,11 @@ class TransformersLlava:
             if not request.done.is_set():
                 self._accept(request, token)
 
-    def _choose(self, samplers: list, logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token (on the device); suppressed tokens are never chosen."""
-        if self.suppressed.numel():
-            logits.index_fill_(1, self.suppressed, float("-inf"))
-        return pick(samplers, logits)
+    def _choose(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (on the device), suppressed tokens never chosen but by a row
+        with a grammar (which allows the stop tokens exactly when its answer is complete)."""
+        self.grammars.constrain(logits, [r.matcher for r in rows], self.suppressed)
+        return pick([r.sampler for r in rows], logits)
 
     def _accept(self, request: Request, token: int) -> bool:
         """Take a sampled token; False once the request is finished."""
@@ -334,6 +334,9 @@ class TransformersLlava:
         request.output_tokens += 1
         if token in self.eos_ids:
             self._finish(request, "stop")
+            return False
+        if request.matcher is not None and not request.matcher.consume_token(token):
+            self._finish(request, None, error=RuntimeError(f"the grammar refused token {token}"))
             return False
         text = request.detok.push(token)
         if text:

@@ -23,8 +23,9 @@ from pathlib import Path
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 from vllm import AsyncEngineArgs, SamplingParams
+from vllm.config import StructuredOutputsConfig
 from vllm.exceptions import VLLMClientError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from workers.contract import ChatJob
@@ -81,6 +82,12 @@ class VllmLlava:
             dtype=options.dtype,
             enforce_eager=options.enforce_eager,
             limit_mm_per_prompt={"image": 8} if self.vision else None,
+            # structured output as in the transformers engine: llguidance, compact JSON (a
+            # keyword it cannot enforce is refused; xgrammar ignores some, and lets control
+            # characters into strings)
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True
+            ),
         )
 
         async def start() -> AsyncLLM:
@@ -142,6 +149,11 @@ class VllmLlava:
 
     def _sampling(self, job: ChatJob) -> SamplingParams:
         options = job.options
+        structured = None
+        if job.output_format is not None:  # vLLM's own structured output, compact JSON
+            fmt = job.output_format
+            schema = fmt.schema_text if fmt.kind == "json_schema" else '{"type": "object"}'
+            structured = StructuredOutputsParams(json=schema)
         return SamplingParams(
             n=1,
             temperature=max(0.0, options.temperature),
@@ -151,6 +163,7 @@ class VllmLlava:
             max_tokens=min(options.max_tokens or self.max_output_tokens, self.max_output_tokens),
             stop=options.stop or None,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=structured,
         )
 
     async def _generate(self, job: ChatJob, prompt: dict, sink: TokenSink) -> Generation:
@@ -183,9 +196,14 @@ class VllmLlava:
                         await self.engine.abort(request_id)
                         reason = "cancelled"
                         break
-        except (ValueError, VLLMClientError) as exc:  # e.g. a prompt past the context window
+        except (ValueError, VLLMClientError) as exc:  # a prompt past the window, a bad schema
             self.meter.finish(request_id, time.perf_counter())
             self._active -= 1
+            fmt = job.output_format
+            if fmt is not None and "grammar" in str(exc).lower() + type(exc).__name__.lower():
+                raise InvalidRequest(
+                    f"field '{fmt.field}': the JSON schema cannot be used: {exc}"
+                ) from exc
             raise InvalidRequest(
                 f"{exc} (the model's context window is {self.context_window} tokens)"
             ) from exc
