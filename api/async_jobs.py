@@ -13,6 +13,7 @@ a 404.
 """
 
 import hashlib
+import json
 import logging
 import time
 from typing import Annotated, Literal
@@ -127,6 +128,8 @@ async def create(
         "created_at": str(now),
         "spec": spec.model_dump_json(),
     }
+    if getattr(spec, "tools", None):  # its answer may be a call (api/jobs/view.py)
+        record["tools"] = json.dumps([tool.model_dump() for tool in spec.tools])
     if body.webhook is not None:
         record |= {"webhook_url": body.webhook.url, "webhook_events": ",".join(body.webhook.events)}
     try:

@@ -18,7 +18,7 @@ from api.errors import BadRequest, NotFound
 from api.jobs.store import JobMeta
 from api.jobs.stream import Chunk, JobStream
 from api.ollama.serving import NDJSON, Render, ndjson
-from api.openai.serving import SSE, ChatRender, sse
+from api.openai.serving import SSE, ChatRender, CompletionRender, sse
 from api.state import AppState
 from billing.tenants import KeyOwner
 
@@ -55,8 +55,9 @@ async def stream(
     headers = {"X-Request-Id": request_id}
     if meta.family == "images":
         raise BadRequest("image requests are not resumable; ask again with the same seed")
-    if meta.family == "openai-chat":
-        render = ChatRender(request_id, meta.model, int(meta.created), include_usage=True)
+    if meta.family in ("openai-chat", "openai-completion"):
+        kind = ChatRender if meta.family == "openai-chat" else CompletionRender
+        render = kind(request_id, meta.model, int(meta.created), include_usage=True)
         return StreamingResponse(
             sse(render, chunks, first_index=after or 0), media_type=SSE, headers=headers
         )

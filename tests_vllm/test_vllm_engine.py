@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from tests.structured import PERSON
-from workers.contract import ChatJob, ChatTurn, OutputFormat, SamplingOptions
+from workers.contract import ChatJob, ChatTurn, OutputFormat, SamplingOptions, ToolSpec
 from workers.engines.base import InvalidRequest
 from workers.engines.llava_vllm import VllmLlava, VllmOptions
 from workers.tiny import make_text_llama
@@ -125,3 +125,37 @@ def test_a_schema_vllm_cannot_take_is_refused_by_field(engine):
     )
     with pytest.raises(InvalidRequest, match="field 'format'"):
         engine.generate(job("x").model_copy(update={"output_format": fmt}), Sink())
+
+
+def test_tools_reach_the_prompt_and_a_required_call_is_one(engine):
+    """The fallback turn shows the tools (the tiny model's template takes none), and under a
+    call's grammar (what the gateway asks for with tool_choice required) the answer is one."""
+    tools = [ToolSpec(name="get_person", parameters=json.dumps(PERSON))]
+    plain = job("who?", tokens=1)
+    offered = plain.model_copy(update={"tools": tools})
+    with_tools = engine.generate(offered, Sink()).prompt_tokens
+    assert with_tools > engine.generate(plain, Sink()).prompt_tokens
+    parameters = {k: v for k, v in PERSON.items() if k != "$defs"}  # its $defs at the root
+    call_schema = {
+        "$defs": PERSON["$defs"],
+        "type": "object",
+        "properties": {"name": {"const": "get_person"}, "parameters": parameters},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
+    fmt = OutputFormat(kind="json_schema", schema_text=json.dumps(call_schema), field="tools")
+    sink = Sink()
+    required = job("who?", tokens=150).model_copy(update={"tools": tools, "output_format": fmt})
+    assert engine.generate(required, sink).done_reason == "stop"
+    call = json.loads("".join(sink.parts))
+    assert call["name"] == "get_person"
+    jsonschema.validate(call["parameters"], PERSON)
+
+
+def test_a_raw_prompt_goes_in_as_given(engine):
+    """Ollama's raw and OpenAI's /v1/completions: no chat template around the prompt."""
+    templated = engine.generate(job("Once upon a time", tokens=2), Sink())
+    raw = engine.generate(
+        job("Once upon a time", tokens=2).model_copy(update={"raw": True}), Sink()
+    )
+    assert raw.prompt_tokens < templated.prompt_tokens - 5

@@ -102,7 +102,9 @@ class SamplingOptions(BaseModel):
 class ChatTurn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
+    # tool: a tool's result (an assistant turn's calls are its content, as api/tools.py
+    # writes them)
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
     images: list[str] = Field(default_factory=list)  # base64, already validated by the gateway
 
@@ -117,6 +119,16 @@ class OutputFormat(BaseModel):
     kind: Literal["json", "json_schema"]
     schema_text: str | None = None  # the schema, as JSON text
     field: str = "format"  # the request field it came from, for errors
+
+
+class ToolSpec(BaseModel):
+    """A function the model may call (api/tools.py): shown to it in its prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    parameters: str  # its JSON schema, as JSON text
 
 
 class ChatJob(BaseModel):
@@ -136,6 +148,10 @@ class ChatJob(BaseModel):
     # negative forever, 0 unload as soon as idle (Ollama's keep_alive).
     keep_alive_seconds: float | None = None
     output_format: OutputFormat | None = None
+    tools: list[ToolSpec] = Field(default_factory=list)
+    # The prompt as given (its one user turn's text), the chat template not applied: Ollama's
+    # raw, OpenAI's /v1/completions. No images.
+    raw: bool = False
 
 
 class ImageJob(BaseModel):

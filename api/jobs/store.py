@@ -30,7 +30,7 @@ from workers.keyspace import (
 )
 
 # How a job's stream is rendered to its client: the API family and call that made it.
-Family = Literal["ollama-chat", "ollama-generate", "openai-chat", "images"]
+Family = Literal["ollama-chat", "ollama-generate", "openai-chat", "openai-completion", "images"]
 
 # An async job's record moves waiting -> submitted (a scheduler took it into a slot) or
 # waiting -> cancelled; a submitted job's progress is in its stream.

@@ -2,12 +2,21 @@
 its stream, read into one view (GET /v1/jobs/{id}, webhook payloads, batch results)."""
 
 import asyncio
+import json
 import time
 
 from api.jobs import store
 from api.jobs.stream import JobStream
 from api.state import AppState
-from workers.contract import DoneChunk, ErrorChunk, ImagesChunk, ProgressChunk, TokenChunk
+from api.tools import read_call
+from workers.contract import (
+    DoneChunk,
+    ErrorChunk,
+    ImagesChunk,
+    ProgressChunk,
+    TokenChunk,
+    ToolSpec,
+)
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -43,7 +52,8 @@ async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
         elif isinstance(chunk, ProgressChunk):
             progress = {"step": chunk.step, "steps": chunk.steps}
         elif isinstance(chunk, DoneChunk | ImagesChunk | ErrorChunk):
-            return view | _ended(view, chunk, written_at, text)
+            ended = view | _ended(view, chunk, written_at, text)
+            return _with_call(ended, record.get("tools"), f"call_{job_id[:24]}")
     if text:
         progress = {"tokens": len(text)}
     status = "running" if await stream.started() else "queued"
@@ -66,6 +76,20 @@ def _ended(view: dict, chunk, finished_at: float, text: list[str]) -> dict:
     status = "cancelled" if chunk.done_reason == "cancelled" else "succeeded"
     output = {"text": "".join(text), "finish_reason": chunk.done_reason, **usage}
     return ended | cost | {"status": status, "output": output}
+
+
+def _with_call(view: dict, tools: str | None, call_id: str) -> dict:
+    """With tools offered, an answer that is a call has it as `output.tool_calls` (OpenAI's
+    form) and `finish_reason` "tool_calls"."""
+    output = view.get("output") or {}
+    if not tools or "text" not in output:
+        return view
+    call = read_call(output["text"], [ToolSpec(**spec) for spec in json.loads(tools)], call_id)
+    if call is None:
+        return view
+    function = {"name": call["name"], "arguments": json.dumps(call["arguments"])}
+    called = {"tool_calls": [{"id": call["id"], "type": "function", "function": function}]}
+    return view | {"output": output | called | {"finish_reason": "tool_calls"}}
 
 
 async def settled_view(state: AppState, job_id: str, tenant_id: str, wait: float) -> dict:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.errors import BadRequest
 from api.images import check_image
 from api.structured import ollama_format
+from api.tools import call_text, tool_specs
 from api.wire import NS, ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
@@ -42,12 +43,30 @@ class Options(BaseModel):
         return SamplingOptions(**{k: v for k, v in given.items() if v is not None})
 
 
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    class Called(BaseModel):
+        name: str = Field(min_length=1)
+        arguments: dict | str = Field(default_factory=dict)
+
+    function: Called
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, sent back
+
+    def text(self) -> str:
+        """The turn as the model reads it: an assistant turn's calls are its text."""
+        if not self.tool_calls:
+            return self.content
+        calls = [call_text(c.function.name, c.function.arguments) for c in self.tool_calls]
+        return "\n".join(filter(None, [self.content, *calls]))
 
 
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -110,6 +129,7 @@ def _images(images: list[str] | None, field: str, limits: "ChatImageLimits") -> 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Any] | None = None  # the model chooses whether to call one (Ollama's way)
 
     def carries_images(self) -> bool:
         return any(m.images for m in self.messages)
@@ -123,27 +143,28 @@ class ChatRequest(_Request):
         turns = [
             ChatTurn(
                 role=m.role,
-                content=m.content,
+                content=m.text(),
                 images=_images(m.images, f"messages[{i}].images", limits),
             )
             for i, m in enumerate(self.messages)
         ]
-        return self._job("chat", turns, owner, request_id)
+        job = self._job("chat", turns, owner, request_id)
+        job.tools = tool_specs(self.tools)
+        return job
 
 
 class GenerateRequest(_Request):
     prompt: str = ""
     system: str | None = None
     images: list[str] | None = None
+    raw: bool = False  # the prompt as given, without the chat template
     # Ollama's fields this server does not do yet: refused by name rather than ignored
     suffix: str | None = None
-    raw: bool = False
     template: str | None = None
     context: list[int] | None = None
 
     UNSUPPORTED: ClassVar[dict[str, str]] = {
         "suffix": "fill-in-the-middle (a suffix) is not supported by this model",
-        "raw": "raw prompts are not supported; the model's chat template is always applied",
         "template": "a custom template is not supported; the model's own is applied",
         "context": "'context' is not supported; send the conversation as /api/chat messages",
     }
@@ -159,6 +180,12 @@ class GenerateRequest(_Request):
         for name, reason in self.UNSUPPORTED.items():
             if getattr(self, name):
                 raise BadRequest(f"field '{name}': {reason}", param=name)
+        if self.raw and (self.images or self.system):
+            field = "images" if self.images else "system"
+            raise BadRequest(
+                f"field '{field}': not with raw (a raw prompt is the model's whole input)",
+                param=field,
+            )
         turns = []
         if self.system:
             turns.append(ChatTurn(role="system", content=self.system))
@@ -167,7 +194,9 @@ class GenerateRequest(_Request):
                 role="user", content=self.prompt, images=_images(self.images, "images", limits)
             )
         )
-        return self._job("generate", turns, owner, request_id)
+        job = self._job("generate", turns, owner, request_id)
+        job.raw = self.raw
+        return job
 
 
 class ShowRequest(BaseModel):

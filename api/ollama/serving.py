@@ -12,9 +12,10 @@ from api.jobs.stream import Chunk
 from api.jobs.submit import complete, live, opened, submit
 from api.ollama.schemas import ChatRequest, GenerateRequest, final_fields
 from api.state import AppState
+from api.tools import gathered, read_call
 from api.wire import ChatImageLimits, new_request_id, timestamp
 from billing.tenants import KeyOwner
-from workers.contract import DoneChunk, TokenChunk
+from workers.contract import DoneChunk, TokenChunk, ToolSpec
 
 NDJSON = "application/x-ndjson"
 
@@ -47,13 +48,14 @@ class OllamaServing:
         chat = isinstance(body, ChatRequest)
         family = "ollama-chat" if chat else "ollama-generate"
         job = await submit(self.state, spec, owner, family, request)
-        render = Render(body.model, chat, started)
+        render = Render(body.model, chat, started, spec.tools)
         headers = {"X-Request-Id": spec.request_id}
         if body.stream:
             first = await opened(job, request)
-            return StreamingResponse(
-                ndjson(render, live(job, first)), media_type=NDJSON, headers=headers
-            )
+            chunks = live(job, first)
+            if spec.tools:  # a call is known only once the answer is whole
+                chunks = gathered(chunks)
+            return StreamingResponse(ndjson(render, chunks), media_type=NDJSON, headers=headers)
         text, final = await complete(job, request)
         return JSONResponse(render(final, text), headers=headers)
 
@@ -70,15 +72,20 @@ async def ndjson(render: "Render", chunks: AsyncIterator[Chunk]) -> AsyncIterato
 class Render:
     """Chunks in Ollama's shapes, for /api/chat (`chat`) or /api/generate."""
 
-    def __init__(self, model: str, chat: bool, started: float):
+    def __init__(self, model: str, chat: bool, started: float, tools: list[ToolSpec] = ()):
         self.model = model
         self.chat = chat
         self.started = started  # unix time the request arrived
+        self.tools = tools  # offered: an answer that is a call to one is returned as a call
 
     def _payload(self, text: str) -> dict:
-        if self.chat:
-            return {"message": {"role": "assistant", "content": text}}
-        return {"response": text}
+        if not self.chat:
+            return {"response": text}
+        call = read_call(text, self.tools)
+        if call is not None:
+            called = {"function": {"name": call["name"], "arguments": call["arguments"]}}
+            return {"message": {"role": "assistant", "content": "", "tool_calls": [called]}}
+        return {"message": {"role": "assistant", "content": text}}
 
     def __call__(self, chunk: Chunk, text: str | None = None) -> dict:
         head = {"model": self.model, "created_at": timestamp()}

@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/chat/completions and /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models."""
 
 import time
 from typing import Annotated
@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
 from api.errors import NotFound
-from api.openai.schemas import ChatCompletionRequest
+from api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from api.openai.serving import OpenAIServing
 
 router = APIRouter(tags=["openai"])
@@ -26,6 +26,16 @@ async def chat_completions(
     owner: InferenceKey, body: ChatBody, state: StateDep, request: Request
 ) -> Response:
     return await OpenAIServing(state).chat(body, owner, request)
+
+
+CompletionBody = Annotated[CompletionRequest, Depends(json_body(CompletionRequest))]
+
+
+@router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
+async def completions(
+    owner: InferenceKey, body: CompletionBody, state: StateDep, request: Request
+) -> Response:
+    return await OpenAIServing(state).completion(body, owner, request)
 
 
 def _hosted(state) -> list[dict]:

@@ -9,6 +9,7 @@ from api.errors import BadRequest
 from api.images import check_image
 from api.sd.schemas import ImagesRequest
 from api.structured import openai_response_format
+from api.tools import call_text, choice_format, tool_specs
 from api.wire import ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
@@ -31,11 +32,26 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class CalledFunction(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # JSON text, as the API gave it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, sent back
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class StreamOptions(BaseModel):
@@ -57,9 +73,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: Any = None
-    # not done yet: refused by name when asked for, rather than ignored
     tools: list[Any] | None = None
-    tool_choice: Any = None
+    tool_choice: Any = None  # auto (the default), none, required, or a function named
+    # not done yet: refused by name when asked for, rather than ignored
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
@@ -91,14 +107,21 @@ class ChatCompletionRequest(BaseModel):
     ) -> ChatJob:
         """`fetched`: base64 images already downloaded for the non-data URLs, by URL."""
         asked = {
-            "tools": bool(self.tools),
-            "tool_choice": self.tool_choice not in (None, "none"),
             "logprobs": bool(self.logprobs),
             "top_logprobs": self.top_logprobs is not None,
         }
         for name, wanted in asked.items():
             if wanted:
                 raise BadRequest(f"field '{name}': not supported by this server yet", param=name)
+        specs = [] if self.tool_choice == "none" else tool_specs(self.tools)
+        output_format = openai_response_format(self.response_format)
+        calling = choice_format(specs, self.tool_choice)
+        if calling is not None and output_format is not None:
+            raise BadRequest(
+                "field 'response_format': not with a tool_choice that requires a call",
+                param="response_format",
+            )
+        output_format = calling or output_format
         turns, count = [], 0
         for i, message in enumerate(self.messages):
             texts, images = [], []
@@ -117,25 +140,81 @@ class ChatCompletionRequest(BaseModel):
                 data = fetched.get(url, url)
                 images.append(check_image(data, field, limits.max_pixels))
             role = "system" if message.role == "developer" else message.role
-            turns.append(ChatTurn(role=role, content="\n".join(texts), images=images))
-        given = {
-            "max_tokens": self.max_completion_tokens or self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": self.stop,
-        }
-        return ChatJob(
-            request_id=request_id,
-            tenant_id=owner.tenant_id,
-            api_key_id=owner.key_id,
-            model=self.model,
-            kind="chat",
-            messages=turns,
-            options=SamplingOptions(**{k: v for k, v in given.items() if v is not None}),
-            enqueued_at=time.time(),
-            output_format=openai_response_format(self.response_format),
+            calls = [
+                call_text(c.function.name, c.function.arguments) for c in message.tool_calls or []
+            ]
+            text = "\n".join(filter(None, ["\n".join(texts), *calls]))
+            turns.append(ChatTurn(role=role, content=text, images=images))
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return _job(self, owner, request_id, "chat", turns, max_tokens).model_copy(
+            update={"output_format": output_format, "tools": specs}
         )
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions (legacy text completions): the prompt is the model's whole input,
+    as given, without the chat template."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: list[str] | None = Field(None, max_length=4)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False  # the prompt before the completion, in its text
+    # not done yet: refused by name when asked for, rather than ignored
+    n: int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    suffix: str | None = None
+    logprobs: int | None = None
+
+    _one_stop = field_validator("stop", mode="before")(
+        lambda cls, value: [value] if isinstance(value, str) else value
+    )
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise BadRequest(
+                f"field 'prompt': {len(self.prompt)} prompts; one per request is supported",
+                param="prompt",
+            )
+        return self.prompt[0]
+
+    def to_job(self, owner, request_id: str) -> ChatJob:
+        for name in ("suffix", "logprobs"):
+            if getattr(self, name) is not None:
+                raise BadRequest(f"field '{name}': not supported by this server yet", param=name)
+        turns = [ChatTurn(role="user", content=self.text())]
+        job = _job(self, owner, request_id, "generate", turns, self.max_tokens)
+        return job.model_copy(update={"raw": True})
+
+
+def _job(body, owner, request_id: str, kind: str, turns: list, max_tokens: int | None) -> ChatJob:
+    """A chat or completion request's job: its turns, and its sampling options as given."""
+    given = {
+        "max_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stop": body.stop,
+    }
+    return ChatJob(
+        request_id=request_id,
+        tenant_id=owner.tenant_id,
+        api_key_id=owner.key_id,
+        model=body.model,
+        kind=kind,
+        messages=turns,
+        options=SamplingOptions(**{k: v for k, v in given.items() if v is not None}),
+        enqueued_at=time.time(),
+    )
 
 
 def usage(done: DoneChunk) -> dict:
@@ -149,7 +228,9 @@ def usage(done: DoneChunk) -> dict:
     }
 
 
-def finish_reason(done: DoneChunk) -> str:
+def finish_reason(done: DoneChunk, called: bool = False) -> str:
+    if called:
+        return "tool_calls"
     return "length" if done.done_reason == "length" else "stop"
 
 

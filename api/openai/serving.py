@@ -12,12 +12,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api.errors import ApiError, BadRequest, NotFound, error_body_openai
 from api.jobs.stream import Chunk
 from api.jobs.submit import complete, live, opened, submit
-from api.openai.schemas import ChatCompletionRequest, finish_reason, usage
+from api.openai.schemas import ChatCompletionRequest, CompletionRequest, finish_reason, usage
 from api.state import AppState
+from api.tools import gathered, read_call
 from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
 from webhooks.targets import FetchFailed, TargetRefused, fetch, networks
-from workers.contract import DoneChunk, TokenChunk
+from workers.contract import DoneChunk, TokenChunk, ToolSpec
 
 SSE = "text/event-stream"
 FETCH_TIMEOUT_SECONDS = 10
@@ -40,13 +41,36 @@ class OpenAIServing:
         )
         job = await submit(self.state, spec, owner, "openai-chat", request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        render = ChatRender(request_id, body.model, int(time.time()), include_usage)
+        render = ChatRender(request_id, body.model, int(time.time()), include_usage, spec.tools)
         headers = {"X-Request-Id": request_id}
         if body.stream:
             first = await opened(job, request)
-            return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
+            chunks = live(job, first)
+            if spec.tools:  # a call is known only once the answer is whole
+                chunks = gathered(chunks)
+            return StreamingResponse(sse(render, chunks), media_type=SSE, headers=headers)
         text, final = await complete(job, request)
         return JSONResponse(render.completion(text, final), headers=headers)
+
+    async def completion(
+        self, body: CompletionRequest, owner: KeyOwner, request: Request
+    ) -> Response:
+        """POST /v1/completions: the prompt as given, completed."""
+        if not self.state.serves(body.model):
+            raise NotFound(f"The model '{body.model}' does not exist", param="model")
+        request_id = new_request_id()
+        spec = body.to_job(owner, request_id)
+        job = await submit(self.state, spec, owner, "openai-completion", request)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        render = CompletionRender(request_id, body.model, int(time.time()), include_usage)
+        echo = spec.messages[-1].content if body.echo else ""
+        headers = {"X-Request-Id": request_id}
+        if body.stream:
+            first = await opened(job, request)
+            render.echo = echo
+            return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
+        text, final = await complete(job, request)
+        return JSONResponse(render.completion(echo + text, final), headers=headers)
 
     async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, str]:
         urls = body.image_urls()
@@ -74,12 +98,35 @@ class OpenAIServing:
 class ChatRender:
     """Chunks as chat.completion.chunk events; a DoneChunk as the finishing events."""
 
-    def __init__(self, request_id: str, model: str, created: int, include_usage: bool):
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        tools: list[ToolSpec] = (),
+    ):
         self.id = f"chatcmpl-{request_id}"
         self.model = model
         self.created = created
         self.include_usage = include_usage
+        self.tools = tools  # offered: an answer that is a call to one is returned as a call
         self._role_sent = False
+        self._called = False
+
+    def _calls(self, text: str) -> list[dict] | None:
+        call = read_call(text, self.tools)
+        if call is None:
+            return None
+        self._called = True
+        arguments = json.dumps(call["arguments"])
+        return [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": arguments},
+            }
+        ]
 
     def _chunk(self, delta: dict, reason: str | None = None) -> dict:
         return {
@@ -92,19 +139,28 @@ class ChatRender:
 
     def events(self, chunk: Chunk) -> list[dict]:
         if isinstance(chunk, TokenChunk):
-            delta = {"content": chunk.text}
+            calls = self._calls(chunk.text)
+            delta = (
+                {"content": chunk.text}
+                if calls is None
+                else {"tool_calls": [{"index": i} | call for i, call in enumerate(calls)]}
+            )
             if not self._role_sent:
                 self._role_sent = True
                 delta = {"role": "assistant"} | delta
             return [self._chunk(delta)]
         if isinstance(chunk, DoneChunk):
-            events = [self._chunk({}, finish_reason(chunk))]
+            events = [self._chunk({}, finish_reason(chunk, self._called))]
             if self.include_usage:
                 events.append(self._chunk({}) | {"choices": [], "usage": usage(chunk)})
             return events
         return [error_body_openai(chunk.status, chunk.message)]
 
     def completion(self, text: str, done: DoneChunk) -> dict:
+        calls = self._calls(text)
+        message = {"role": "assistant", "content": text}
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -113,8 +169,8 @@ class ChatRender:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason(done),
+                    "message": message,
+                    "finish_reason": finish_reason(done, calls is not None),
                     "logprobs": None,
                 }
             ],
@@ -122,8 +178,41 @@ class ChatRender:
         }
 
 
+class CompletionRender:
+    """Chunks as text_completion events (legacy /v1/completions); `echo`, the prompt, comes
+    first when asked for."""
+
+    def __init__(self, request_id: str, model: str, created: int, include_usage: bool):
+        self.id = f"cmpl-{request_id}"
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+        self.echo = ""
+
+    def _body(self, choices: list[dict]) -> dict:
+        head = {"id": self.id, "object": "text_completion", "created": self.created}
+        return head | {"model": self.model, "choices": choices}
+
+    def _choice(self, text: str, reason: str | None) -> dict:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+
+    def events(self, chunk: Chunk) -> list[dict]:
+        if isinstance(chunk, TokenChunk):
+            text, self.echo = self.echo + chunk.text, ""
+            return [self._body([self._choice(text, None)])]
+        if isinstance(chunk, DoneChunk):
+            events = [self._body([self._choice(self.echo, finish_reason(chunk))])]
+            if self.include_usage:
+                events.append(self._body([]) | {"usage": usage(chunk)})
+            return events
+        return [error_body_openai(chunk.status, chunk.message)]
+
+    def completion(self, text: str, done: DoneChunk) -> dict:
+        return self._body([self._choice(text, finish_reason(done))]) | {"usage": usage(done)}
+
+
 async def sse(
-    render: ChatRender, chunks: AsyncIterator[Chunk], first_index: int = 0
+    render: "ChatRender | CompletionRender", chunks: AsyncIterator[Chunk], first_index: int = 0
 ) -> AsyncIterator[str]:
     """Server-sent events; each chunk's index is its event id (for Last-Event-ID)."""
     index = first_index

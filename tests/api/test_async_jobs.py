@@ -1,6 +1,7 @@
 """Asynchronous jobs: accepted over the tier's limit and run in turn, waited on or polled,
 cancelled, billed once, and another tenant's jobs are not found."""
 
+import json
 import threading
 import time
 
@@ -42,6 +43,28 @@ def test_a_chat_job_waited_on(gateway, worker, tenant_factory, sessions):
     assert again == job
     listed = httpx.get(f"{gateway.url}/v1/jobs", headers=auth(key)).json()["jobs"]
     assert [j["id"] for j in listed] == [job["id"]]
+
+
+def test_a_chat_job_that_must_call_a_tool(gateway, worker, tenant_factory):
+    _, key, _ = tenant_factory.create("pro")
+    parameters = {
+        "type": "object",
+        "properties": {"zone": {"enum": ["UTC", "CET"]}},
+        "required": ["zone"],
+        "additionalProperties": False,
+    }
+    body = chat(40)
+    body["input"] |= {
+        "tools": [{"type": "function", "function": {"name": "now", "parameters": parameters}}],
+        "tool_choice": "required",
+    }
+    job = post(gateway, key, body, wait=60).json()
+    assert job["status"] == "succeeded" and job["output"]["finish_reason"] == "tool_calls"
+    (call,) = job["output"]["tool_calls"]
+    assert call["function"]["name"] == "now"
+    assert json.loads(call["function"]["arguments"])["zone"] in ("UTC", "CET")
+    again = httpx.get(f"{gateway.url}/v1/jobs/{job['id']}", headers=auth(key)).json()
+    assert again == job  # the same call id each time it is read
 
 
 def test_over_the_limit_jobs_wait_their_turn(gateway, worker, tenant_factory, redis_client):

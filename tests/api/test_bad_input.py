@@ -125,7 +125,6 @@ class TestOllamaFieldsNotDoneYet:
         "field, value, reason",
         [
             ("suffix", "end of the story", "fill-in-the-middle"),
-            ("raw", True, "raw prompts are not supported"),
             ("template", "{{ .Prompt }}", "a custom template is not supported"),
             ("context", [1, 2, 3], "send the conversation as /api/chat messages"),
         ],

@@ -118,8 +118,6 @@ class TestErrorsAsTheClientExpects:
     @pytest.mark.parametrize(
         "asked",
         [
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-            {"tool_choice": "required"},
             {"logprobs": True},
             {"top_logprobs": 2},
         ],

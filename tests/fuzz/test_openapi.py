@@ -28,6 +28,7 @@ MODEL_OF = {
     "/api/chat": "llava-llama3",
     "/api/generate": "llava-llama3",
     "/v1/chat/completions": "llava-llama3",
+    "/v1/completions": "llava-llama3",
     "/api/show": "llava-llama3",
     "/api/images": "stable-diffusion",
     "/v1/images/generations": "stable-diffusion",
@@ -40,7 +41,7 @@ def with_limits(path: str, body: dict) -> dict:
     if path in ("/api/chat", "/api/generate"):
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         body = body | {"options": {"num_predict": BOUNDS["num_predict"]} | options}
-    elif path == "/v1/chat/completions":
+    elif path in ("/v1/chat/completions", "/v1/completions"):
         body = {"max_tokens": BOUNDS["max_tokens"]} | body
     elif path == "/api/images":
         body = {"width": 64, "height": 64, "num_inference_steps": 3} | body

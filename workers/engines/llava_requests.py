@@ -13,6 +13,7 @@ from PIL import Image
 
 from workers.contract import ChatJob
 from workers.engines.base import InvalidRequest, TokenSink
+from workers.engines.chat_prompt import render
 from workers.engines.grammar import Grammars
 from workers.engines.sampling import Sampler
 from workers.engines.text import Detokenizer
@@ -65,7 +66,7 @@ def prepare(
         parts.append({"type": "text", "text": turn.content})
         conversation.append({"role": turn.role, "content": parts})
         images.extend(_image(b64) for b64 in turn.images)
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    prompt = job.messages[-1].content if job.raw else render(processor, conversation, job.tools)
     inputs = processor(images=images or None, text=prompt, return_tensors="pt")
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if prompt_tokens >= context_window:

@@ -30,6 +30,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from workers.contract import ChatJob
 from workers.engines.base import Generation, InvalidRequest, TokenSink
+from workers.engines.chat_prompt import render
 from workers.metering import WindowMeter
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ class VllmLlava:
             content = parts if self.vision else turn.content
             conversation.append({"role": turn.role, "content": content})
             images.extend(_decode_image(b64) for b64 in turn.images)
-        text = self.processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
+        text = (
+            job.messages[-1].content if job.raw else render(self.processor, conversation, job.tools)
         )
         prompt: dict = {"prompt": text}
         if images:

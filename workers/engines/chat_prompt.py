@@ -1,0 +1,49 @@
+"""A chat job's prompt, in the model's own chat template, for both LLaVA engines: the tools it
+offers shown by the template when the template takes them (its `tools` variable, as Llama
+3.1's does), else by a system turn of ours (`FALLBACK`), asking for Llama 3.1's JSON call
+form, which api/tools.py reads back."""
+
+import json
+
+from workers.contract import ToolSpec
+
+FALLBACK = (
+    "You can call these functions. To call one, answer with nothing but a JSON object "
+    '{{"name": <the function\'s name>, "parameters": <its arguments, as its schema says>}}; '
+    "otherwise answer as usual.\n\n{tools}"
+)
+
+
+def tool_list(tools: list[ToolSpec]) -> list[dict]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": json.loads(tool.parameters),
+            },
+        }
+        for tool in tools
+    ]
+
+
+def render(processor, conversation: list[dict], tools: list[ToolSpec]) -> str:
+    """The prompt text, ready for the model's next (assistant) turn. `conversation`: the
+    turns as the template takes them (content a string, or a list of parts)."""
+    if tools:
+        template = getattr(processor, "chat_template", None) or ""
+        if "tools" in template or "tools" in (_tokenizer_template(processor) or ""):
+            return processor.apply_chat_template(
+                conversation, tools=tool_list(tools), add_generation_prompt=True, tokenize=False
+            )
+        text = FALLBACK.format(tools=json.dumps([t["function"] for t in tool_list(tools)]))
+        parts = isinstance(conversation[0]["content"], list)
+        content = [{"type": "text", "text": text}] if parts else text
+        conversation = [{"role": "system", "content": content}, *conversation]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+def _tokenizer_template(processor) -> str | None:
+    tokenizer = getattr(processor, "tokenizer", None)
+    return getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
