@@ -178,14 +178,17 @@ class CompletionRequest(BaseModel):
     )
 
     def text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
             raise BadRequest(
-                f"field 'prompt': {len(self.prompt)} prompts; one per request is supported",
+                f"field 'prompt': {len(prompts)} prompts; one per request is supported",
                 param="prompt",
             )
-        return self.prompt[0]
+        if not prompts[0]:
+            raise BadRequest(
+                "field 'prompt': empty; the prompt is the model's whole input", param="prompt"
+            )
+        return prompts[0]
 
     def to_job(self, owner, request_id: str) -> ChatJob:
         for name in ("suffix", "logprobs"):

@@ -87,6 +87,8 @@ def test_a_completion_stream_resumes_as_completion_events(gateway, key):
         ("/v1/completions", {"suffix": "the end"}, "field 'suffix': not supported"),
         ("/v1/completions", {"logprobs": 2}, "field 'logprobs': not supported"),
         ("/v1/completions", {"prompt": ["a", "b"]}, "field 'prompt': 2 prompts"),
+        ("/v1/completions", {"prompt": ""}, "field 'prompt': empty"),
+        ("/v1/completions", {"prompt": [""]}, "field 'prompt': empty"),
         ("/api/generate", {"raw": True, "images": [png()]}, "field 'images': not with raw"),
         ("/api/generate", {"raw": True, "system": "be nice"}, "field 'system': not with raw"),
     ],

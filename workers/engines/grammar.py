@@ -45,7 +45,7 @@ class Grammars:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema or json.dumps({"type": "object"}), defaults=COMPACT
             )
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # not a schema llguidance can read
             raise InvalidRequest(f"field '{output_format.field}': {exc}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:

@@ -66,6 +66,8 @@ def prepare(
         parts.append({"type": "text", "text": turn.content})
         conversation.append({"role": turn.role, "content": parts})
         images.extend(_image(b64) for b64 in turn.images)
+    if job.raw and not job.messages[-1].content:
+        raise InvalidRequest("the prompt is empty; a raw prompt is the model's whole input")
     prompt = job.messages[-1].content if job.raw else render(processor, conversation, job.tools)
     inputs = processor(images=images or None, text=prompt, return_tensors="pt")
     prompt_tokens = int(inputs["input_ids"].shape[1])
