@@ -4,7 +4,9 @@ Everything talks to real services: PostgreSQL and Redis (started by .ci/run when
 running), and `gpuhost worker` / `gpuhost serve` processes.
 """
 
+import fcntl
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,15 +46,34 @@ def _worker_index() -> int:
     return int(worker.removeprefix("gw") or 0)
 
 
+SLOTS = 7
+_slot: list = []  # (slot number, its open lock file), once taken
+
+
 def run_slot() -> int:
-    """This test session's slot among the Redis databases 1-15 (0 is left to others), so that
-    two runs on one machine (a developer's and CI's) do not share keys."""
-    return (os.getpid() + _worker_index()) % 7
+    """This test session's slot among the Redis databases 1-7 (0 is left to others), so that
+    two runs on one machine (a developer's and CI's) never share keys, whose workers would take
+    each other's jobs: the first slot whose lock file no other live session holds (an flock,
+    released when the process ends, however it ends)."""
+    if not _slot:
+        for number in range(SLOTS):
+            path = Path(tempfile.gettempdir()) / f"gpuhost-test-slot-{number}.lock"
+            handle = path.open("a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _slot.append((number, handle))
+            break
+        else:
+            raise RuntimeError(f"all {SLOTS} test slots are taken by other test sessions")
+    return _slot[0][0]
 
 
 def redis_database(offset: int) -> int:
     """Databases 1-7 for the main stack, 8-14 for the worker-loss stack, by run slot."""
-    return 1 + offset * 7 + run_slot()
+    return 1 + offset * SLOTS + run_slot()
 
 
 def drop_database(name: str) -> None:
