@@ -149,6 +149,12 @@ def read_call(text: str, specs: list[ToolSpec], call_id: str | None = None) -> d
     return {"id": call_id, "name": value["name"], "arguments": arguments}
 
 
+def turn_text(content: str, calls: list[tuple[str, Any]]) -> str:
+    """An assistant turn as the model reads it: its text, then the calls it made (name,
+    arguments), one a line."""
+    return "\n".join(filter(None, [content, *(call_text(n, a) for n, a in calls)]))
+
+
 def call_text(name: str, arguments: Any) -> str:
     """An earlier call, as the assistant turn that made it reads to the model."""
     if isinstance(arguments, str):
@@ -159,6 +165,12 @@ def call_text(name: str, arguments: Any) -> str:
                 f"tool call to '{name}': arguments are not JSON", param="messages"
             ) from None
     return json.dumps({"name": name, "parameters": arguments})
+
+
+def openai_call(call: dict) -> dict:
+    """A call read back (`read_call`) in OpenAI's form, its arguments as JSON text."""
+    function = {"name": call["name"], "arguments": json.dumps(call["arguments"])}
+    return {"id": call["id"], "type": "function", "function": function}
 
 
 async def gathered(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:

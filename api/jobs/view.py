@@ -8,7 +8,7 @@ import time
 from api.jobs import store
 from api.jobs.stream import JobStream
 from api.state import AppState
-from api.tools import read_call
+from api.tools import openai_call, read_call
 from workers.contract import (
     DoneChunk,
     ErrorChunk,
@@ -87,9 +87,8 @@ def _with_call(view: dict, tools: str | None, call_id: str) -> dict:
     call = read_call(output["text"], [ToolSpec(**spec) for spec in json.loads(tools)], call_id)
     if call is None:
         return view
-    function = {"name": call["name"], "arguments": json.dumps(call["arguments"])}
-    called = {"tool_calls": [{"id": call["id"], "type": "function", "function": function}]}
-    return view | {"output": output | called | {"finish_reason": "tool_calls"}}
+    called = {"tool_calls": [openai_call(call)], "finish_reason": "tool_calls"}
+    return view | {"output": output | called}
 
 
 async def settled_view(state: AppState, job_id: str, tenant_id: str, wait: float) -> dict:

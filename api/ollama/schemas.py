@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.errors import BadRequest
 from api.images import check_image
 from api.structured import ollama_format
-from api.tools import call_text, tool_specs
+from api.tools import tool_specs, turn_text
 from api.wire import NS, ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
@@ -63,10 +63,8 @@ class Message(BaseModel):
 
     def text(self) -> str:
         """The turn as the model reads it: an assistant turn's calls are its text."""
-        if not self.tool_calls:
-            return self.content
-        calls = [call_text(c.function.name, c.function.arguments) for c in self.tool_calls]
-        return "\n".join(filter(None, [self.content, *calls]))
+        calls = [(c.function.name, c.function.arguments) for c in self.tool_calls or []]
+        return turn_text(self.content, calls)
 
 
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")

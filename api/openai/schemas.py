@@ -9,7 +9,7 @@ from api.errors import BadRequest
 from api.images import check_image
 from api.sd.schemas import ImagesRequest
 from api.structured import openai_response_format
-from api.tools import call_text, choice_format, tool_specs
+from api.tools import choice_format, tool_specs, turn_text
 from api.wire import ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
@@ -140,10 +140,8 @@ class ChatCompletionRequest(BaseModel):
                 data = fetched.get(url, url)
                 images.append(check_image(data, field, limits.max_pixels))
             role = "system" if message.role == "developer" else message.role
-            calls = [
-                call_text(c.function.name, c.function.arguments) for c in message.tool_calls or []
-            ]
-            text = "\n".join(filter(None, ["\n".join(texts), *calls]))
+            calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+            text = turn_text("\n".join(texts), calls)
             turns.append(ChatTurn(role=role, content=text, images=images))
         max_tokens = self.max_completion_tokens or self.max_tokens
         return _job(self, owner, request_id, "chat", turns, max_tokens).model_copy(

@@ -14,7 +14,7 @@ from api.jobs.stream import Chunk
 from api.jobs.submit import complete, live, opened, submit
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest, finish_reason, usage
 from api.state import AppState
-from api.tools import gathered, read_call
+from api.tools import gathered, openai_call, read_call
 from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
 from webhooks.targets import FetchFailed, TargetRefused, fetch, networks
@@ -119,14 +119,7 @@ class ChatRender:
         if call is None:
             return None
         self._called = True
-        arguments = json.dumps(call["arguments"])
-        return [
-            {
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": call["name"], "arguments": arguments},
-            }
-        ]
+        return [openai_call(call)]
 
     def _chunk(self, delta: dict, reason: str | None = None) -> dict:
         return {

@@ -5,7 +5,8 @@ form, which api/tools.py reads back."""
 
 import json
 
-from workers.contract import ToolSpec
+from workers.contract import ChatJob, ToolSpec
+from workers.engines.base import InvalidRequest
 
 FALLBACK = (
     "You can call these functions. To call one, answer with nothing but a JSON object "
@@ -26,6 +27,17 @@ def tool_list(tools: list[ToolSpec]) -> list[dict]:
         }
         for tool in tools
     ]
+
+
+def prompt_text(processor, conversation: list[dict], job: ChatJob) -> str:
+    """The job's prompt: its text as given when it is raw (Ollama's raw, /v1/completions),
+    else its turns (`conversation`) in the chat template, with its tools."""
+    if not job.raw:
+        return render(processor, conversation, job.tools)
+    text = job.messages[-1].content
+    if not text:
+        raise InvalidRequest("the prompt is empty; a raw prompt is the model's whole input")
+    return text
 
 
 def render(processor, conversation: list[dict], tools: list[ToolSpec]) -> str:

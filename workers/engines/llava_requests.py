@@ -13,7 +13,7 @@ from PIL import Image
 
 from workers.contract import ChatJob
 from workers.engines.base import InvalidRequest, TokenSink
-from workers.engines.chat_prompt import render
+from workers.engines.chat_prompt import prompt_text
 from workers.engines.grammar import Grammars
 from workers.engines.sampling import Sampler
 from workers.engines.text import Detokenizer
@@ -66,9 +66,7 @@ def prepare(
         parts.append({"type": "text", "text": turn.content})
         conversation.append({"role": turn.role, "content": parts})
         images.extend(_image(b64) for b64 in turn.images)
-    if job.raw and not job.messages[-1].content:
-        raise InvalidRequest("the prompt is empty; a raw prompt is the model's whole input")
-    prompt = job.messages[-1].content if job.raw else render(processor, conversation, job.tools)
+    prompt = prompt_text(processor, conversation, job)
     inputs = processor(images=images or None, text=prompt, return_tensors="pt")
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if prompt_tokens >= context_window:

@@ -30,7 +30,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from workers.contract import ChatJob
 from workers.engines.base import Generation, InvalidRequest, TokenSink
-from workers.engines.chat_prompt import render
+from workers.engines.chat_prompt import prompt_text
 from workers.metering import WindowMeter
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,7 @@ class VllmLlava:
             content = parts if self.vision else turn.content
             conversation.append({"role": turn.role, "content": content})
             images.extend(_decode_image(b64) for b64 in turn.images)
-        text = (
-            job.messages[-1].content if job.raw else render(self.processor, conversation, job.tools)
-        )
-        prompt: dict = {"prompt": text}
+        prompt: dict = {"prompt": prompt_text(self.processor, conversation, job)}
         if images:
             prompt["multi_modal_data"] = {"image": images}
         return prompt
