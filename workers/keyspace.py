@@ -52,6 +52,7 @@ def started_key(request_id: str) -> str:
 TENANTS_WAITING = f"{PREFIX}jobs:waiting-tenants"  # tenants with a job waiting for a slot
 SUBMITTED = f"{PREFIX}jobs:submitted"  # enqueued, lease kept by the schedulers until started
 HOOKED = f"{PREFIX}jobs:hooked"  # jobs with a webhook whose last event is not recorded yet
+TAKING = f"{PREFIX}jobs:taking"  # a lock: held by the one scheduler taking waiting jobs
 
 
 def job_record_key(job_id: str) -> str:
@@ -216,4 +217,16 @@ if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+# The next waiting job of a tenant, taken off its queue; a tenant whose queue is empty leaves
+# the set of tenants with jobs waiting. One step, so that a job put back meanwhile (its
+# tenant added again with it, WAITING_REQUEUE) never finds its tenant gone.
+# KEYS: the tenant's queue, TENANTS_WAITING. ARGV: the tenant. Returns the job id or nil.
+WAITING_POP = """
+local job = redis.call('LPOP', KEYS[1])
+if not job then
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+return job
 """

@@ -4,13 +4,14 @@ started; records webhook events as jobs start and end; then runs the parts given
 (batches, whose lines start only when no job waits)."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 from datetime import UTC, datetime
 
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError
 
 from api.admission import Lease
 from api.errors import TooManyRequests
@@ -23,6 +24,7 @@ from workers.contract import ChatJob, ImageJob
 from workers.keyspace import (
     HOOKED,
     SUBMITTED,
+    TAKING,
     claim_key,
     done_key,
     job_record_key,
@@ -33,6 +35,7 @@ from workers.keyspace import (
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 0.1
 MAX_ROUNDS = 32  # of taking waiting jobs, in one pass
+TAKING_SECONDS = 15  # the most one scheduler's taking may hold the others off, if it hangs
 
 
 def meta(record: dict) -> store.JobMeta:
@@ -79,10 +82,19 @@ class Scheduler:
 
     async def _take_waiting(self) -> None:
         """Rounds over the tenants' queues, one waiting job or request of each tenant a round,
-        until a round takes none (a tenant with several slots free gets them in one pass)."""
-        for _ in range(MAX_ROUNDS):
-            if not await self._take_round():
-                return
+        until a round takes none (a tenant with several slots free gets them in one pass).
+        One scheduler takes at a time, so that a job taken off its queue and put back (no
+        slot free) is never put back behind one that came after it."""
+        taking = self.state.redis.lock(TAKING, timeout=TAKING_SECONDS, blocking=False)
+        if not await taking.acquire():
+            return  # another gateway's scheduler is taking them in this pass
+        try:
+            for _ in range(MAX_ROUNDS):
+                if not await self._take_round():
+                    return
+        finally:
+            with contextlib.suppress(LockError):
+                await taking.release()
 
     async def _take_round(self) -> int:
         redis = self.state.redis

@@ -19,6 +19,7 @@ from workers.keyspace import (
     JOB_MOVE,
     SUBMITTED,
     TENANTS_WAITING,
+    WAITING_POP,
     batch_key,
     batch_running_key,
     batches_index_key,
@@ -171,16 +172,18 @@ async def next_waiting(redis: aioredis.Redis) -> list[tuple[str, str]]:
     taken = []
     for raw in await redis.smembers(TENANTS_WAITING):
         tenant = raw.decode()
-        job_id = await redis.lpop(waiting_key(tenant))
-        if job_id is None:
-            await redis.srem(TENANTS_WAITING, tenant)
-            continue
-        taken.append((tenant, job_id.decode()))
+        job_id = await redis.eval(WAITING_POP, 2, waiting_key(tenant), TENANTS_WAITING, tenant)
+        if job_id is not None:
+            taken.append((tenant, job_id.decode()))
     return taken
 
 
 async def requeue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:
-    await redis.lpush(waiting_key(tenant), job_id)
+    """First in line again, its tenant among those with jobs waiting."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.lpush(waiting_key(tenant), job_id)
+    pipe.sadd(TENANTS_WAITING, tenant)
+    await pipe.execute()
 
 
 async def unqueue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:

@@ -10,11 +10,21 @@ import uuid
 import httpx
 import ollama
 import pytest
+import redis.asyncio as aioredis
 
+from api.jobs import store
+from api.jobs.store import JobMeta
 from tests.conftest import running_gateway
 from tests.helpers import auth, chat_body, in_flight, usage_rows
 from tests.stack import wait_for
-from workers.keyspace import SLOT_ACQUIRE, job_record_key, slots_key, waiting_key
+from workers.keyspace import (
+    SLOT_ACQUIRE,
+    TAKING,
+    TENANTS_WAITING,
+    job_record_key,
+    slots_key,
+    waiting_key,
+)
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -216,3 +226,33 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
         free_slot(redis_client, tenant_id, holder)
     time.sleep(0.5)  # a scheduler pass or more: the freed slot is granted to nobody
     assert in_flight(redis_client, tenant_id) == 0
+
+
+def test_a_request_put_back_is_not_lost_when_another_scheduler_found_its_queue_empty(
+    redis_url, redis_client
+):
+    """Two gateways' schedulers: one takes a tenant's last waiting request and finds no slot
+    free; meanwhile the other finds the queue empty. The request put back is still taken next,
+    not left to time out (CI saw one of twenty wait its whole minute)."""
+    tenant, job_id = f"tenant-{uuid.uuid4().hex}", uuid.uuid4().hex
+    meta = JobMeta(tenant, "ollama-chat", "llava-llama3", time.time())
+
+    async def run():
+        redis = aioredis.Redis.from_url(redis_url)
+        # the running gateways' schedulers stay off while the test plays both
+        async with redis.lock(TAKING, timeout=10):
+            await store.add_waiter(redis, job_id, "free", meta, ttl=60)
+            first = await store.next_waiting(redis)  # scheduler A takes it: no slot is free
+            second = await store.next_waiting(redis)  # scheduler B: the queue is empty
+            await store.requeue(redis, tenant, job_id)  # A puts it back
+            third = await store.next_waiting(redis)
+            await store.next_waiting(redis)  # empty again: the tenant leaves the set
+        await redis.delete(job_record_key(job_id))
+        await redis.aclose()
+        return first, second, third
+
+    first, second, third = asyncio.run(run())
+    assert (tenant, job_id) in first
+    assert tenant not in {t for t, _ in second}
+    assert (tenant, job_id) in third
+    assert not redis_client.sismember(TENANTS_WAITING, tenant)
