@@ -176,12 +176,14 @@ def openai_call(call: dict) -> dict:
 async def gathered(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     """The stream with its text held back and handed on whole, as one chunk before the final
     one: with tools offered, whether the answer is a call is known only once it is whole."""
-    parts = []
+    parts, scored = [], None
     async for chunk in chunks:
         if isinstance(chunk, TokenChunk):
             parts.append(chunk.text)
+            if chunk.logprobs is not None:
+                scored = (scored or []) + chunk.logprobs
             continue
         if parts:
-            yield TokenChunk(text="".join(parts))
-            parts = []
+            yield TokenChunk(text="".join(parts), logprobs=scored)
+            parts, scored = [], None
         yield chunk

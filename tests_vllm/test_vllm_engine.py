@@ -159,3 +159,28 @@ def test_a_raw_prompt_goes_in_as_given(engine):
         job("Once upon a time", tokens=2).model_copy(update={"raw": True}), Sink()
     )
     assert raw.prompt_tokens < templated.prompt_tokens - 5
+
+
+def test_logprobs_come_with_their_tokens_text(engine):
+    """Each token's log probability and its likeliest alternatives, as vLLM scores them, sent
+    with the text the tokens make."""
+    scored = []
+
+    class ScoringSink(Sink):
+        def token(self, text: str, logprobs=None) -> None:
+            super().token(text)
+            scored.extend(logprobs or [])
+
+    spec = job("hello there", tokens=8)
+    spec.options.logprobs = 2
+    sink = ScoringSink()
+    result = engine.generate(spec, sink)
+    assert len(scored) == result.output_tokens == 8
+    for entry in scored:
+        assert entry.logprob <= 0 and len(entry.top) == 2
+        assert entry.top[0].logprob >= entry.top[1].logprob >= -1e9
+        assert entry.logprob <= entry.top[0].logprob + 1e-5  # the likeliest is the top one
+    spec.options.logprobs = None  # without them: the same answer (the same seed)
+    plain = Sink()
+    engine.generate(spec.model_copy(update={"request_id": uuid.uuid4().hex}), plain)
+    assert plain.parts == sink.parts

@@ -97,6 +97,9 @@ class SamplingOptions(BaseModel):
     top_k: int = 40
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    # The chosen tokens' log probabilities, each with this many likeliest alternatives (0-20);
+    # None: none
+    logprobs: int | None = None
 
 
 class ChatTurn(BaseModel):
@@ -156,7 +159,7 @@ class ChatJob(BaseModel):
 
 class ImageJob(BaseModel):
     """One Stable Diffusion request: text-to-image, image-to-image (`image`), or inpainting
-    (`image` and `mask`, white = repaint)."""
+    (`image` and `mask`, white = repaint); any of them in the style of `style_image`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -180,6 +183,10 @@ class ImageJob(BaseModel):
     lora: str | None = None  # an adapter id: its file is `lora_key` in storage
     lora_key: str | None = None
     lora_weight: float = 1.0
+    # a reference image (base64, validated by the gateway) whose style applies through the
+    # model's IP-Adapter, `style_strength` strongly (0: not at all)
+    style_image: str | None = None
+    style_strength: float = 0.6
     enqueued_at: float
 
 
@@ -221,9 +228,28 @@ class ImagesChunk(BaseModel):
     batch_images: int  # images in the batch this request ran in
 
 
+class Logprob(BaseModel):
+    """A token, its text (its UTF-8 bytes: a token may hold part of a character) and its log
+    probability under the model: the model's distribution with the tokens it may not choose
+    (suppressed, or outside a grammar) taken out, before temperature, top-k and top-p."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(Logprob):
+    """A chosen token's, with the likeliest alternatives at its place (the chosen one among
+    them if it is one of them), likeliest first."""
+
+    top: list[Logprob] = Field(default_factory=list)
+
+
 class TokenChunk(BaseModel):
     type: Literal["token"] = "token"
     text: str
+    # the tokens `text` came from, when the request asked for log probabilities
+    logprobs: list[TokenLogprob] | None = None
 
 
 class DoneChunk(BaseModel):
@@ -258,7 +284,8 @@ def is_final(chunk: AnyChunk) -> bool:
 
 
 def encode_chunk(chunk: AnyChunk) -> dict[str, str]:
-    return {CHUNK_FIELD: chunk.model_dump_json()}
+    # a field left out reads back as its default: a token chunk without logprobs stays short
+    return {CHUNK_FIELD: chunk.model_dump_json(exclude_none=True)}
 
 
 def decode_chunk(fields: dict) -> AnyChunk:

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 import redis
 
-from workers.contract import AnyChunk, ChatJob, ImageJob, ProgressChunk, TokenChunk, encode_chunk
+from workers.contract import (
+    AnyChunk,
+    ChatJob,
+    ImageJob,
+    ProgressChunk,
+    TokenChunk,
+    TokenLogprob,
+    encode_chunk,
+)
 from workers.keyspace import (
     JOB_RELEASE,
     JOB_TAKE,
@@ -124,8 +132,8 @@ class JobChannel:
 
     # -- TokenSink
 
-    def token(self, text: str) -> None:
-        self._publish(TokenChunk(text=text))
+    def token(self, text: str, logprobs: list[TokenLogprob] | None = None) -> None:
+        self._publish(TokenChunk(text=text, logprobs=logprobs))
         self.tokens_sent += 1
 
     def should_stop(self) -> bool:

@@ -5,7 +5,8 @@
   tokens) over a Llama decoder with an 8K context, a byte-level BPE tokenizer with Llama 3's
   special tokens, Llama 3's chat template and a LlavaProcessor;
 - DIR/stable-diffusion: UNet, VAE (8x downsampling), CLIP text encoder and tokenizer, and a
-  scheduler, as a diffusers StableDiffusionPipeline.
+  scheduler, as a diffusers StableDiffusionPipeline; and an IP-Adapter for style from a
+  reference image (its CLIP vision encoder, image projection and cross-attention layers).
 Both load through the same `from_pretrained` code as the real weights, offline.
 """
 
@@ -252,8 +253,51 @@ def make_stable_diffusion(out: Path, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
+    make_ip_adapter(out, unet, seed)
     log.info("wrote tiny Stable Diffusion to %s", out)
     return out
+
+
+def make_ip_adapter(out: Path, unet, seed: int = 0) -> None:
+    """An IP-Adapter for `unet`, in the layout `workers.engines.sd_style` reads: a tiny CLIP
+    vision encoder with projection, the image projection (to 4 tokens of the UNet's
+    cross-attention width), and a key and value projection for each cross-attention layer,
+    numbered as IP-Adapter's files number them (1, 3, 5... in the UNet's processor order)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from workers.engines.sd_style import ENCODER, FOLDER, WEIGHTS
+
+    torch.manual_seed(seed + 1)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        )
+    )
+    width = unet.config.cross_attention_dim
+    tokens = 4
+    tensors = {
+        "image_proj.proj.weight": torch.randn(tokens * width, 32) * 0.2,
+        "image_proj.proj.bias": torch.zeros(tokens * width),
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    cross = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
+    for number, name in zip(range(1, 2 * len(cross), 2), cross, strict=True):
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        inner = attention.to_k.out_features
+        for part in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{number}.{part}.weight"] = torch.randn(inner, width) * 0.5
+    folder = out / FOLDER
+    encoder.save_pretrained(folder / ENCODER)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / WEIGHTS)
 
 
 def make_lora_adapter(model: Path, seed: int = 7, scale: float = 0.1) -> bytes:

@@ -7,6 +7,7 @@ import time
 
 from api.jobs import store
 from api.jobs.stream import JobStream
+from api.openai.logprobs import chat_logprobs
 from api.state import AppState
 from api.tools import openai_call, read_call
 from workers.contract import (
@@ -45,14 +46,16 @@ async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
     if record["state"] != store.SUBMITTED_STATE:
         return view
     stream = JobStream(state.redis, job_id, state.settings)
-    text, progress = [], None
+    text, progress, scored = [], None, None
     for written_at, chunk in await stream.snapshot():
         if isinstance(chunk, TokenChunk):
             text.append(chunk.text)
+            if chunk.logprobs is not None:  # asked for
+                scored = (scored or []) + chunk.logprobs
         elif isinstance(chunk, ProgressChunk):
             progress = {"step": chunk.step, "steps": chunk.steps}
         elif isinstance(chunk, DoneChunk | ImagesChunk | ErrorChunk):
-            ended = view | _ended(view, chunk, written_at, text)
+            ended = view | _ended(view, chunk, written_at, text, scored)
             return _with_call(ended, record.get("tools"), f"call_{job_id[:24]}")
     if text:
         progress = {"tokens": len(text)}
@@ -60,9 +63,10 @@ async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
     return view | {"status": status, "progress": progress}
 
 
-def _ended(view: dict, chunk, finished_at: float, text: list[str]) -> dict:
+def _ended(view: dict, chunk, finished_at: float, text: list[str], scored=None) -> dict:
     """The fields of an ended job: when it ended (its final chunk's stream time) and started
-    (its queue time after submission, as the worker measured it), and what came of it."""
+    (its queue time after submission, as the worker measured it), and what came of it (with
+    its tokens' log probabilities, `scored`, when they were asked for)."""
     ended = {"finished_at": finished_at, "started_at": None}
     if isinstance(chunk, ErrorChunk):
         return ended | {"status": "failed", "error": chunk.message}
@@ -75,6 +79,8 @@ def _ended(view: dict, chunk, finished_at: float, text: list[str]) -> dict:
     usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.output_tokens}
     status = "cancelled" if chunk.done_reason == "cancelled" else "succeeded"
     output = {"text": "".join(text), "finish_reason": chunk.done_reason, **usage}
+    if scored is not None:
+        output["logprobs"] = chat_logprobs(scored)
     return ended | cost | {"status": status, "output": output}
 
 

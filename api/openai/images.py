@@ -47,8 +47,11 @@ async def edits(
     size: Annotated[str | None, Form()] = None,
     response_format: Annotated[str, Form()] = "b64_json",
     model: Annotated[str | None, Form()] = None,
+    style_image: UploadFile | None = None,
+    style_strength: Annotated[float | None, Form()] = None,
 ) -> Response:
-    """Inpainting where the mask is transparent; without a mask, image-to-image."""
+    """Inpainting where the mask is transparent; without a mask, image-to-image; with a
+    `style_image` (not OpenAI's), in that image's style, `style_strength` strongly (0-1)."""
     if response_format not in ("b64_json", "url"):
         raise BadRequest("field 'response_format': b64_json or url", param="response_format")
     limit = state.settings.max_body_bytes
@@ -57,6 +60,11 @@ async def edits(
     if mask is not None:
         data, max_pixels = await _read(mask, "mask", limit), state.settings.max_image_pixels
         fields["mask"] = await state.decoder.run(owner, True, openai_mask, data, "mask", max_pixels)
+    if style_image is not None:
+        style = await _read(style_image, "style_image", limit)
+        fields["style_image"] = base64.b64encode(style).decode()
+    if style_strength is not None:
+        fields["style_strength"] = style_strength
     if size is not None:
         fields["width"], fields["height"] = parse_size(size)
     try:

@@ -75,9 +75,8 @@ class ChatCompletionRequest(BaseModel):
     response_format: Any = None
     tools: list[Any] | None = None
     tool_choice: Any = None  # auto (the default), none, required, or a function named
-    # not done yet: refused by name when asked for, rather than ignored
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None  # the answer's tokens' log probabilities
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives for each (logprobs on)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -106,13 +105,10 @@ class ChatCompletionRequest(BaseModel):
         self, owner, request_id: str, limits: ChatImageLimits, fetched: dict[str, str]
     ) -> ChatJob:
         """`fetched`: base64 images already downloaded for the non-data URLs, by URL."""
-        asked = {
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": self.top_logprobs is not None,
-        }
-        for name, wanted in asked.items():
-            if wanted:
-                raise BadRequest(f"field '{name}': not supported by this server yet", param=name)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest(
+                "field 'top_logprobs': needs 'logprobs' set to true", param="top_logprobs"
+            )
         specs = [] if self.tool_choice == "none" else tool_specs(self.tools)
         output_format = openai_response_format(self.response_format)
         calling = choice_format(specs, self.tool_choice)
@@ -144,9 +140,9 @@ class ChatCompletionRequest(BaseModel):
             text = turn_text("\n".join(texts), calls)
             turns.append(ChatTurn(role=role, content=text, images=images))
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return _job(self, owner, request_id, "chat", turns, max_tokens).model_copy(
-            update={"output_format": output_format, "tools": specs}
-        )
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        job = _job(self, owner, request_id, "chat", turns, max_tokens, logprobs)
+        return job.model_copy(update={"output_format": output_format, "tools": specs})
 
 
 class CompletionRequest(BaseModel):
@@ -165,11 +161,12 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False  # the prompt before the completion, in its text
+    # the completion's tokens' log probabilities, each with this many likeliest alternatives
+    logprobs: int | None = Field(None, ge=0, le=5)
     # not done yet: refused by name when asked for, rather than ignored
     n: int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     suffix: str | None = None
-    logprobs: int | None = None
 
     _one_stop = field_validator("stop", mode="before")(
         lambda cls, value: [value] if isinstance(value, str) else value
@@ -189,22 +186,31 @@ class CompletionRequest(BaseModel):
         return prompts[0]
 
     def to_job(self, owner, request_id: str) -> ChatJob:
-        for name in ("suffix", "logprobs"):
-            if getattr(self, name) is not None:
-                raise BadRequest(f"field '{name}': not supported by this server yet", param=name)
+        if self.suffix is not None:
+            raise BadRequest("field 'suffix': not supported by this server yet", param="suffix")
         turns = [ChatTurn(role="user", content=self.text())]
-        job = _job(self, owner, request_id, "generate", turns, self.max_tokens)
+        job = _job(self, owner, request_id, "generate", turns, self.max_tokens, self.logprobs)
         return job.model_copy(update={"raw": True})
 
 
-def _job(body, owner, request_id: str, kind: str, turns: list, max_tokens: int | None) -> ChatJob:
-    """A chat or completion request's job: its turns, and its sampling options as given."""
+def _job(
+    body,
+    owner,
+    request_id: str,
+    kind: str,
+    turns: list,
+    max_tokens: int | None,
+    logprobs: int | None = None,
+) -> ChatJob:
+    """A chat or completion request's job: its turns, and its sampling options as given
+    (`logprobs`: alternatives per token, when the request asked for log probabilities)."""
     given = {
         "max_tokens": max_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "seed": body.seed,
         "stop": body.stop,
+        "logprobs": logprobs,
     }
     return ChatJob(
         request_id=request_id,

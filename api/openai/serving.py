@@ -12,13 +12,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api.errors import ApiError, BadRequest, NotFound, error_body_openai
 from api.jobs.stream import Chunk
 from api.jobs.submit import complete, live, opened, submit
+from api.openai.logprobs import chat_logprobs, completion_logprobs
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest, finish_reason, usage
 from api.state import AppState
 from api.tools import gathered, openai_call, read_call
 from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
 from webhooks.targets import FetchFailed, TargetRefused, fetch, networks
-from workers.contract import DoneChunk, TokenChunk, ToolSpec
+from workers.contract import DoneChunk, TokenChunk, TokenLogprob, ToolSpec
 
 SSE = "text/event-stream"
 FETCH_TIMEOUT_SECONDS = 10
@@ -42,6 +43,7 @@ class OpenAIServing:
         job = await submit(self.state, spec, owner, "openai-chat", request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = ChatRender(request_id, body.model, int(time.time()), include_usage, spec.tools)
+        render.scoring = spec.options.logprobs is not None
         headers = {"X-Request-Id": request_id}
         if body.stream:
             first = await opened(job, request)
@@ -49,8 +51,9 @@ class OpenAIServing:
             if spec.tools:  # a call is known only once the answer is whole
                 chunks = gathered(chunks)
             return StreamingResponse(sse(render, chunks), media_type=SSE, headers=headers)
-        text, final = await complete(job, request)
-        return JSONResponse(render.completion(text, final), headers=headers)
+        scored: list[TokenLogprob] | None = [] if render.scoring else None
+        text, final = await complete(job, request, scored)
+        return JSONResponse(render.completion(text, final, scored), headers=headers)
 
     async def completion(
         self, body: CompletionRequest, owner: KeyOwner, request: Request
@@ -63,14 +66,16 @@ class OpenAIServing:
         job = await submit(self.state, spec, owner, "openai-completion", request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = CompletionRender(request_id, body.model, int(time.time()), include_usage)
+        render.scoring = spec.options.logprobs is not None
         echo = spec.messages[-1].content if body.echo else ""
         headers = {"X-Request-Id": request_id}
+        render.echo = echo
         if body.stream:
             first = await opened(job, request)
-            render.echo = echo
             return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
-        text, final = await complete(job, request)
-        return JSONResponse(render.completion(echo + text, final), headers=headers)
+        scored: list[TokenLogprob] | None = [] if render.scoring else None
+        text, final = await complete(job, request, scored)
+        return JSONResponse(render.completion(text, final, scored), headers=headers)
 
     async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, str]:
         urls = body.image_urls()
@@ -111,6 +116,7 @@ class ChatRender:
         self.created = created
         self.include_usage = include_usage
         self.tools = tools  # offered: an answer that is a call to one is returned as a call
+        self.scoring = False  # the request asked for log probabilities
         self._role_sent = False
         self._called = False
 
@@ -121,14 +127,19 @@ class ChatRender:
         self._called = True
         return [openai_call(call)]
 
-    def _chunk(self, delta: dict, reason: str | None = None) -> dict:
+    def _chunk(self, delta: dict, reason: str | None = None, logprobs=None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}],
+            "choices": [choice],
         }
+
+    def _logprobs(self, scored: list[TokenLogprob] | None) -> dict | None:
+        """A resumed stream's render is not told: its chunks carry them when asked for."""
+        return chat_logprobs(scored or []) if self.scoring or scored is not None else None
 
     def events(self, chunk: Chunk) -> list[dict]:
         if isinstance(chunk, TokenChunk):
@@ -141,7 +152,7 @@ class ChatRender:
             if not self._role_sent:
                 self._role_sent = True
                 delta = {"role": "assistant"} | delta
-            return [self._chunk(delta)]
+            return [self._chunk(delta, logprobs=self._logprobs(chunk.logprobs))]
         if isinstance(chunk, DoneChunk):
             events = [self._chunk({}, finish_reason(chunk, self._called))]
             if self.include_usage:
@@ -149,7 +160,7 @@ class ChatRender:
             return events
         return [error_body_openai(chunk.status, chunk.message)]
 
-    def completion(self, text: str, done: DoneChunk) -> dict:
+    def completion(self, text: str, done: DoneChunk, scored: list | None = None) -> dict:
         calls = self._calls(text)
         message = {"role": "assistant", "content": text}
         if calls is not None:
@@ -164,7 +175,7 @@ class ChatRender:
                     "index": 0,
                     "message": message,
                     "finish_reason": finish_reason(done, calls is not None),
-                    "logprobs": None,
+                    "logprobs": self._logprobs(scored),
                 }
             ],
             "usage": usage(done),
@@ -180,28 +191,37 @@ class CompletionRender:
         self.model = model
         self.created = created
         self.include_usage = include_usage
-        self.echo = ""
+        self.echo = ""  # the prompt, sent before the completion
+        self.scoring = False  # the request asked for log probabilities
+        self._offset = 0  # characters sent so far (logprobs' text_offset)
 
     def _body(self, choices: list[dict]) -> dict:
         head = {"id": self.id, "object": "text_completion", "created": self.created}
         return head | {"model": self.model, "choices": choices}
 
-    def _choice(self, text: str, reason: str | None) -> dict:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+    def _choice(self, text: str, reason: str | None, scored: list | None = None) -> dict:
+        """`text` (the echoed prompt first, once) and its tokens' log probabilities."""
+        text, self.echo = self.echo + text, ""
+        logprobs = None
+        if self.scoring or scored is not None:
+            start = self._offset + len(text) - sum(len(entry.token) for entry in scored or [])
+            logprobs = completion_logprobs(scored or [], start)
+        self._offset += len(text)
+        return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}
 
     def events(self, chunk: Chunk) -> list[dict]:
         if isinstance(chunk, TokenChunk):
-            text, self.echo = self.echo + chunk.text, ""
-            return [self._body([self._choice(text, None)])]
+            return [self._body([self._choice(chunk.text, None, chunk.logprobs)])]
         if isinstance(chunk, DoneChunk):
-            events = [self._body([self._choice(self.echo, finish_reason(chunk))])]
+            events = [self._body([self._choice("", finish_reason(chunk))])]
             if self.include_usage:
                 events.append(self._body([]) | {"usage": usage(chunk)})
             return events
         return [error_body_openai(chunk.status, chunk.message)]
 
-    def completion(self, text: str, done: DoneChunk) -> dict:
-        return self._body([self._choice(text, finish_reason(done))]) | {"usage": usage(done)}
+    def completion(self, text: str, done: DoneChunk, scored: list | None = None) -> dict:
+        choice = self._choice(text, finish_reason(done), scored)
+        return self._body([choice]) | {"usage": usage(done)}
 
 
 async def sse(

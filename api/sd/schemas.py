@@ -26,7 +26,7 @@ def _multiple_of_8(value: int | None) -> int | None:
 
 class ImagesRequest(BaseModel):
     """POST /api/images: text-to-image; image-to-image with `image`; inpainting with `image`
-    and `mask` (white = repaint)."""
+    and `mask` (white = repaint); any of them in the style of `style_image`."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -45,6 +45,8 @@ class ImagesRequest(BaseModel):
     strength: float = Field(0.8, gt=0, le=1)
     lora: str | None = Field(None, min_length=1, max_length=64, description="an adapter id")
     lora_weight: float = Field(1.0, ge=-4, le=4, description="how strongly the adapter applies")
+    style_image: str | None = Field(None, description="a reference image whose style applies")
+    style_strength: float = Field(0.6, ge=0, le=1, description="how strongly the style applies")
     stream: bool = False
 
     _check_width = field_validator("width")(lambda cls, v: _multiple_of_8(v))
@@ -88,6 +90,9 @@ class ImagesRequest(BaseModel):
                         f"{w}x{h}; they must be the same size",
                         param="mask",
                     )
+        style = None
+        if self.style_image is not None:
+            style, _ = check_image_sized(self.style_image, "style_image", limits.max_input_pixels)
         width, height = width or limits.default_side, height or limits.default_side
         for name, value in (("width", width), ("height", height)):
             if value > limits.max_side:
@@ -117,5 +122,7 @@ class ImagesRequest(BaseModel):
             lora=self.lora,
             lora_key=lora_key,
             lora_weight=self.lora_weight,
+            style_image=style,
+            style_strength=self.style_strength,
             enqueued_at=time.time(),
         )

@@ -63,7 +63,7 @@ class ImageServing:
                 )
             lora_key = adapter.key
         limits = self._limits(owner.tier)
-        images = body.image is not None or body.mask is not None
+        images = any(i is not None for i in (body.image, body.mask, body.style_image))
         return await self.state.decoder.run(
             owner, images, body.to_job, owner, request_id, model, limits, lora_key
         )

@@ -45,6 +45,18 @@ def test_a_chat_job_waited_on(gateway, worker, tenant_factory, sessions):
     assert [j["id"] for j in listed] == [job["id"]]
 
 
+def test_a_chat_job_with_logprobs_has_them_in_its_output(gateway, worker, tenant_factory):
+    _, key, _ = tenant_factory.create("pro")
+    body = chat(5)
+    body["input"] |= {"logprobs": True, "top_logprobs": 2}
+    job = post(gateway, key, body, wait=60).json()
+    assert job["status"] == "succeeded", job
+    content = job["output"]["logprobs"]["content"]
+    assert len(content) == job["output"]["completion_tokens"] == 5
+    assert all(len(token["top_logprobs"]) == 2 for token in content)
+    assert "logprobs" not in post(gateway, key, chat(2), wait=60).json()["output"]
+
+
 def test_a_chat_job_that_must_call_a_tool(gateway, worker, tenant_factory):
     _, key, _ = tenant_factory.create("pro")
     parameters = {

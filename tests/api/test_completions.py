@@ -46,6 +46,30 @@ def test_a_completion_streamed_and_not(gateway, key):
     assert echoed.choices[0].text == PROMPT + choice.text
 
 
+def test_a_completion_with_logprobs_in_the_legacy_shape(gateway, key):
+    api = client(gateway, key)
+    asked = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    whole = api.completions.create(**asked, echo=True)
+    (choice,) = whole.choices
+    scored = choice.logprobs
+    assert len(scored.tokens) == len(scored.token_logprobs) == len(scored.top_logprobs) == 5
+    assert all(
+        len(top) <= 2 and value <= 0
+        for top, value in zip(scored.top_logprobs, scored.token_logprobs, strict=True)
+    )
+    assert scored.text_offset[0] == len(PROMPT)  # after the echoed prompt
+    assert scored.text_offset == sorted(scored.text_offset)
+    streamed = list(api.completions.create(**asked, stream=True))
+    tokens = [
+        t
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.tokens
+    ]
+    assert tokens == scored.tokens
+    assert api.completions.create(**asked | {"logprobs": None}).choices[0].logprobs is None
+
+
 def test_the_template_is_not_applied(gateway, key):
     """A raw prompt is the model's whole input: fewer tokens than the same words as a chat
     turn, which the template wraps in its headers."""
@@ -85,7 +109,7 @@ def test_a_completion_stream_resumes_as_completion_events(gateway, key):
     "path, fields, message",
     [
         ("/v1/completions", {"suffix": "the end"}, "field 'suffix': not supported"),
-        ("/v1/completions", {"logprobs": 2}, "field 'logprobs': not supported"),
+        ("/v1/completions", {"logprobs": 6}, "field 'logprobs'"),
         ("/v1/completions", {"prompt": ["a", "b"]}, "field 'prompt': 2 prompts"),
         ("/v1/completions", {"prompt": ""}, "field 'prompt': empty"),
         ("/v1/completions", {"prompt": [""]}, "field 'prompt': empty"),

@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -159,6 +160,8 @@ BAD = {
     "strength": ({"strength": 0}, 400, "field 'strength'"),
     "scheduler": ({"scheduler": "magic"}, 400, "field 'scheduler'"),
     "n over the tier": ({"n": 2}, 400, "the free tier allows at most 1"),
+    "style image not an image": ({"style_image": "aGVsbG8="}, 400, "style_image: not an image"),
+    "style strength": ({"style_image": picture(8, 8), "style_strength": 2}, 400, "style_strength"),
     "unknown model": ({"model": "dall-e-9"}, 404, "model 'dall-e-9' not found"),
 }
 
@@ -189,6 +192,50 @@ class TestBadInput:
         assert response.status_code == 404
         assert "field 'lora': adapter 'my-style' not found" in response.json()["error"]
         assert in_flight(redis_client, tenant_id) == 0  # nothing was held or queued
+
+
+class TestStyle:
+    """Style from a reference image (the tiny model's IP-Adapter), by `style_strength`."""
+
+    def test_a_reference_image_styles_the_image_and_is_metered(
+        self, gateway, tenant_factory, sessions
+    ):
+        _, key, _ = tenant_factory.create("pro")
+        reference = picture(48, 48, "red")
+
+        def drawn(**fields) -> tuple[np.ndarray, httpx.Response]:
+            response = images(gateway, key, seed=11, **fields)
+            assert response.status_code == 200, response.text
+            return np.asarray(decode(response.json()["images"][0]), dtype=np.int16), response
+
+        plain, _ = drawn()
+        strong, response = drawn(style_image=reference, style_strength=1.0)
+        unstyled, _ = drawn(style_image=reference, style_strength=0.0)
+        assert np.abs(strong - plain).mean() > 0.5  # the style changed the image
+        assert np.abs(unstyled - plain).max() <= 1  # at strength 0 it changes nothing
+        [record] = usage_rows(sessions, response.headers["x-request-id"])
+        assert record.status == "completed" and record.gpu_seconds > 0
+        assert record.gpu_seconds == pytest.approx(response.json()["gpu_seconds"], abs=1e-6)
+
+    def test_openai_edits_take_a_style_image_as_a_multipart_field(self, gateway, tenant_factory):
+        _, key, _ = tenant_factory.create("free")
+        content = ("in.png", base64.b64decode(picture(64, 64, "green")), "image/png")
+
+        def edit(style: bytes) -> httpx.Response:
+            return httpx.post(
+                f"{gateway.url}/v1/images/edits",
+                headers=auth(key),
+                files={"image": content, "style_image": ("style.png", style, "image/png")},
+                data={"prompt": "a lighthouse", "size": "64x64", "style_strength": "0.7"},
+                timeout=120,
+            )
+
+        answered = edit(base64.b64decode(picture(48, 48, "red")))
+        assert answered.status_code == 200, answered.text
+        assert decode(answered.json()["data"][0]["b64_json"]).size == (64, 64)
+        refused = edit(b"not a picture")
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "style_image"
 
 
 class TestOpenAIImages:

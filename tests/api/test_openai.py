@@ -116,21 +116,48 @@ class TestErrorsAsTheClientExpects:
         assert caught.value.body["param"] == "temperature"
 
     @pytest.mark.parametrize(
-        "asked",
+        "asked, message",
         [
-            {"logprobs": True},
-            {"top_logprobs": 2},
+            ({"top_logprobs": 2}, "needs 'logprobs' set to true"),
+            ({"logprobs": True, "top_logprobs": 21}, "less than or equal to 20"),
         ],
     )
-    def test_what_is_not_done_yet_is_refused_by_name(self, gateway, tenant_factory, asked):
+    def test_bad_logprobs_are_refused_by_name(self, gateway, tenant_factory, asked, message):
         _, key, _ = tenant_factory.create("free")
         with pytest.raises(openai.BadRequestError) as caught:
             client(gateway, key).chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], **asked
             )
-        [field] = asked
-        assert caught.value.body["param"] == field
-        assert "not supported by this server yet" in caught.value.body["message"]
+        assert caught.value.body["param"] == "top_logprobs"
+        assert message in caught.value.body["message"]
+
+    def test_logprobs_streamed_and_not_through_the_official_client(self, gateway, tenant_factory):
+        _, key, _ = tenant_factory.create("free")
+        api = client(gateway, key)
+        asked = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 3,
+        }
+        whole = api.chat.completions.create(**asked)
+        content = whole.choices[0].logprobs.content
+        assert len(content) == whole.usage.completion_tokens == 6
+        joined = b"".join(bytes(token.bytes) for token in content)
+        assert joined.decode(errors="replace") == whole.choices[0].message.content
+        for token in content:
+            assert len(token.top_logprobs) == 3 and token.logprob <= 0
+            assert token.top_logprobs[0].token == token.token  # greedy: the likeliest
+        streamed = [c for c in api.chat.completions.create(**asked, stream=True) if c.choices]
+        scored = [
+            t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content
+        ]
+        assert [t.model_dump() for t in scored] == [t.model_dump() for t in content]
+        plain = api.chat.completions.create(**asked | {"logprobs": None, "top_logprobs": None})
+        assert plain.choices[0].logprobs is None
+        assert plain.choices[0].message.content == whole.choices[0].message.content
 
     def test_http_image_urls_are_refused_unless_enabled(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("free")

@@ -108,6 +108,15 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def reference(color: str = "red") -> str:
+    """A reference image for a style: a pattern, so that the encoder sees more than a colour."""
+    image = Image.new("RGB", (48, 48), color)
+    image.paste("white", (0, 0, 24, 24))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def pixels(png: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.int16)
 
@@ -136,6 +145,9 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
         job(3).model_copy(update=adapted),
         job(3).model_copy(update=adapted | {"lora_weight": 0.5}),
         job(3),  # the adapter's weights taken out again
+        # a style: the IP-Adapter's layers on for its batch (eagerly), then off again
+        job(3).model_copy(update={"style_image": reference(), "style_strength": 0.8}),
+        job(3),
     ]
     engines = [
         DiffusionEngine("sd", model, device="cpu", max_batch_images=2, storage=storage),
@@ -172,9 +184,11 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
     for mine, theirs in zip(drawn["compiled"], drawn["eager"], strict=True):
         assert mine.shape == theirs.shape
         assert np.abs(mine - theirs).max() <= 1  # float rounding, not another image
-    # the adapter did change the image, by its weight: applied, not skipped
+    # the adapter did change the image, by its weight: applied, not skipped; so did the style
     plain, full, half = drawn["compiled"][6], drawn["compiled"][4], drawn["compiled"][5]
     assert np.abs(full - plain).mean() > np.abs(half - plain).mean() > 0.5
+    assert np.abs(drawn["compiled"][7] - plain).mean() > 0.5
+    assert np.array_equal(drawn["compiled"][8], plain)
 
 
 def test_a_unet_that_fails_to_compile_runs_uncompiled(models_dir, monkeypatch, caplog):

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from workers.contract import ChatJob
+from workers.contract import ChatJob, TokenLogprob
 
 
 class InvalidRequest(ValueError):
@@ -13,7 +13,8 @@ class InvalidRequest(ValueError):
 class TokenSink(Protocol):
     """Where an engine sends one request's output while it runs."""
 
-    def token(self, text: str) -> None: ...
+    def token(self, text: str, logprobs: list[TokenLogprob] | None = None) -> None:
+        """`logprobs`: the tokens `text` came from, for a request that asked for them."""
 
     def should_stop(self) -> bool: ...
 

@@ -3,6 +3,7 @@ on a GPU, and how work queued on the device is fed and timed."""
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class Step:
     host: torch.Tensor  # the same, copied to the CPU once `ended` is reached
     started: torch.cuda.Event | float
     ended: torch.cuda.Event | float
+    scores: Any = None  # the rows' log probabilities (workers.engines.logprobs), on the CPU
 
     def wait(self) -> None:
         if isinstance(self.ended, torch.cuda.Event):

@@ -3,19 +3,24 @@
 One pipeline set per process: the image-to-image and inpainting pipelines are built from the
 text-to-image pipeline's components, so the weights are loaded once. An engine thread takes
 waiting requests and runs those with compatible shapes (mode, size, steps, scheduler, guidance,
-strength, adapter) as one batch: every image gets its own generator (seed + index), so a seed
+strength, adapter, style) as one batch: every image gets its own generator (seed + index), so a seed
 gives the same image alone or in a batch. The batch's device time is split among its requests
 by their share of the work, steps x pixels per image (`workers.metering`).
 
 On a GPU the UNet is compiled at load for the sizes the worker warms (`unet_compile`): a batch
 of such a size runs the compiled graph (an adapter fused into the weights, `sd_adapters`), any
 other batch the eager UNet.
+
+A batch with a style (a reference image per request) runs with the model's IP-Adapter on,
+at the batch's strength (`sd_style`), and eagerly.
 """
 
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,6 +40,7 @@ from workers.engines.base import InvalidRequest
 from workers.engines.device import place
 from workers.engines.sd_adapters import Adapters
 from workers.engines.sd_requests import ImageRequest, ProgressSink, Rendering, decode_image, png
+from workers.engines.sd_style import RowStyles, Style
 from workers.engines.unet_compile import compile_unet, serving, uncompile_unet
 from workers.metering import Meter
 
@@ -47,6 +53,18 @@ SCHEDULERS = {
     "ddim": DDIMScheduler,
 }
 IDLE_WAIT_SECONDS = 0.5
+
+
+class TextToImage(RowStyles, StableDiffusionPipeline):
+    pass
+
+
+class ImageToImage(RowStyles, StableDiffusionImg2ImgPipeline):
+    pass
+
+
+class Inpainting(RowStyles, StableDiffusionInpaintPipeline):
+    pass
 
 
 class DiffusionEngine:
@@ -75,20 +93,21 @@ class DiffusionEngine:
         self.batch_window_seconds = batch_window_seconds
         started = time.perf_counter()
         log.info("loading %s from %s on %s", model_name, path, self.device)
-        text = StableDiffusionPipeline.from_pretrained(path, dtype=self.dtype)
+        text = TextToImage.from_pretrained(path, dtype=self.dtype)
         text = text.to(self.device)
         text.set_progress_bar_config(disable=True)
         parts = text.components
         self.pipelines = {
             "txt2img": text,
-            "img2img": StableDiffusionImg2ImgPipeline(**parts),
-            "inpaint": StableDiffusionInpaintPipeline(**parts),
+            "img2img": ImageToImage(**parts),
+            "inpaint": Inpainting(**parts),
         }
         for pipe in self.pipelines.values():
             pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = text.scheduler.config
         self._prepare(warm_sizes, compiled, channels_last)
         self.adapters = Adapters(text, storage, max_adapters, self.compiled)
+        self.style = Style.of_model(Path(path), self.device, self.dtype)
         self.load_seconds = time.perf_counter() - started
         self.meter = Meter()
         self.batches = 0
@@ -172,13 +191,19 @@ class DiffusionEngine:
     def render(self, job: ImageJob, sink: ProgressSink) -> Rendering:
         if job.lora is not None and (self.adapters.storage is None or job.lora_key is None):
             raise InvalidRequest(f"LoRA adapter '{job.lora}' not found")
+        if job.style_image is not None and self.style is None:
+            raise InvalidRequest(
+                f"field 'style_image': model '{self.model_name}' has no IP-Adapter to apply a "
+                "style with"
+            )
+        style = decode_image(job.style_image, "RGB") if job.style_image else None
         image = decode_image(job.image, "RGB") if job.image else None
         mask = decode_image(job.mask, "L") if job.mask else None
         if image is not None:
             image = image.resize((job.width, job.height))
         if mask is not None:
             mask = mask.resize((job.width, job.height))
-        request = ImageRequest(job, sink, image, mask)
+        request = ImageRequest(job, sink, image, mask, style)
         self._waiting.put(request)
         request.done.wait()
         if request.error is not None:
@@ -320,7 +345,7 @@ class DiffusionEngine:
             self.meter.open(request)
         self._sync()
         started = time.perf_counter()
-        with serving(self.compiled):
+        with self._styled(pipe, batch, image_requests, kwargs), serving(self.compiled):
             out = pipe(**kwargs)
         self._sync()
         seconds = time.perf_counter() - started
@@ -341,6 +366,26 @@ class DiffusionEngine:
                 cancelled=cancelled,
             )
             request.done.set()
+
+    @contextlib.contextmanager
+    def _styled(
+        self,
+        pipe,
+        batch: list[ImageRequest],
+        rows: list[ImageRequest],
+        kwargs: dict,
+    ) -> Iterator[None]:
+        """The IP-Adapter on for a batch with a style (each row's reference image into
+        `kwargs`); nothing for one without."""
+        first = batch[0].job
+        if first.style_image is None:
+            yield
+            return
+        with self.style.applied(pipe, first.style_strength):
+            guidance = first.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+            embeds = self.style.embeds(pipe, [row.style for row in rows], guidance)
+            kwargs["ip_adapter_image_embeds"] = [embeds]
+            yield
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

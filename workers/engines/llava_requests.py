@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from workers.contract import ChatJob
+from workers.contract import ChatJob, TokenLogprob
 from workers.engines.base import InvalidRequest, TokenSink
 from workers.engines.chat_prompt import prompt_text
 from workers.engines.grammar import Grammars
@@ -46,6 +46,19 @@ class Request:
     gpu_seconds: float = 0.0
     load_seconds: float = 0.0
     matcher: Any = None  # structured output: the grammar's matcher (workers.engines.grammar)
+    # log probabilities of the tokens whose text is not sent yet (when the request asked)
+    scored: list[TokenLogprob] = field(default_factory=list)
+
+    def emit(self, text: str) -> None:
+        """Send text that became final, with the log probabilities of the tokens it came
+        from if the request asked for them."""
+        if not text:
+            return
+        if self.job.options.logprobs is None:
+            self.sink.token(text)
+            return
+        self.sink.token(text, logprobs=self.scored)
+        self.scored = []
 
 
 def prepare(

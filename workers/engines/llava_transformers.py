@@ -47,6 +47,7 @@ from workers.engines.device import Step, clock, place, to_device
 from workers.engines.grammar import Grammars
 from workers.engines.kv_cache import SlotBatch, decode_batch
 from workers.engines.llava_requests import Request, prepare
+from workers.engines.logprobs import Speller, score
 from workers.engines.sampling import pick
 from workers.metering import Meter
 
@@ -91,6 +92,7 @@ class TransformersLlava:
         )
         vocabulary = int(self.config.text_config.vocab_size)
         self.grammars = Grammars(self.processor.tokenizer, vocabulary, self.eos_ids)
+        self.speller = Speller(self.processor.tokenizer)
         self.meter = Meter()
         self.decode_steps = 0  # batched decode steps run
         self.decode_tokens = 0  # tokens they produced: / decode_steps = mean batch occupancy
@@ -255,12 +257,12 @@ class TransformersLlava:
         self._sync()
         request.started_at = time.perf_counter()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        first = self._choose([request], out.logits[:, -1].float())
+        first, scores = self._choose([request], out.logits[:, -1].float())
         token = int(first[0])
         self._sync()
         self.meter.charge(time.perf_counter() - request.started_at, {request: 1.0})
         request.inputs = {}  # the prompt now lives in the KV cache
-        if self._accept(request, token):
+        if self._accept(request, token, scores):
             self._batch.add(request, getattr(out, CACHE), request.prompt_tokens)
             self._next = first if self._next is None else torch.cat([self._next, first])
 
@@ -301,12 +303,13 @@ class TransformersLlava:
         logits = batch.step(self._next)
         if completing is not None:
             self._complete(completing)
-        tokens = self._choose(rows, logits)
+        tokens, scores = self._choose(rows, logits)
         host = tokens.to("cpu", non_blocking=True) if self.device.type == "cuda" else tokens
         for request in rows:
             request.launched += 1
         self._next = tokens
-        return Step(rows, tokens, host, started, clock(self.device))
+        scores = scores.to_host() if scores is not None else None
+        return Step(rows, tokens, host, started, clock(self.device), scores)
 
     def _complete(self, step: Step) -> None:
         """Wait for a step's tokens; charge its time to its live rows, hand them their tokens."""
@@ -316,17 +319,19 @@ class TransformersLlava:
             self.meter.charge(step.seconds(), {r: 1.0 for r in live})
             self.decode_steps += 1
             self.decode_tokens += len(live)
-        for request, token in zip(step.rows, step.host.tolist(), strict=True):
+        for row, (request, token) in enumerate(zip(step.rows, step.host.tolist(), strict=True)):
             if not request.done.is_set():
-                self._accept(request, token)
+                self._accept(request, token, step.scores, row)
 
-    def _choose(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+    def _choose(self, rows: list[Request], logits: torch.Tensor):
         """Each row's next token (on the device), suppressed tokens never chosen but by a row
-        with a grammar (which allows the stop tokens exactly when its answer is complete)."""
+        with a grammar (which allows the stop tokens exactly when its answer is complete);
+        and their log probabilities, if a row asked for them."""
         self.grammars.constrain(logits, [r.matcher for r in rows], self.suppressed)
-        return pick([r.sampler for r in rows], logits)
+        tokens = pick([r.sampler for r in rows], logits)
+        return tokens, score([r.job.options.logprobs for r in rows], logits, tokens)
 
-    def _accept(self, request: Request, token: int) -> bool:
+    def _accept(self, request: Request, token: int, scores=None, row: int = 0) -> bool:
         """Take a sampled token; False once the request is finished."""
         now = time.perf_counter()
         if request.first_token_at is None:
@@ -338,9 +343,10 @@ class TransformersLlava:
         if request.matcher is not None and not request.matcher.consume_token(token):
             self._finish(request, None, error=RuntimeError(f"the grammar refused token {token}"))
             return False
-        text = request.detok.push(token)
-        if text:
-            request.sink.token(text)
+        alternatives = request.job.options.logprobs
+        if alternatives is not None:
+            request.scored.append(self.speller.entry(scores, row, token, alternatives))
+        request.emit(request.detok.push(token))
         if request.detok.stopped:
             self._finish(request, "stop")
             return False
@@ -356,9 +362,7 @@ class TransformersLlava:
         return True
 
     def _flush(self, request: Request) -> None:
-        text = request.detok.flush()
-        if text:
-            request.sink.token(text)
+        request.emit(request.detok.flush())
 
     def _finish(self, request: Request, reason: str | None, error: BaseException | None = None):
         if reason == "stop" and not request.detok.stopped:

@@ -28,7 +28,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from workers.contract import ChatJob
+from workers.contract import ChatJob, Logprob, TokenLogprob
 from workers.engines.base import Generation, InvalidRequest, TokenSink
 from workers.engines.chat_prompt import prompt_text
 from workers.metering import WindowMeter
@@ -162,6 +162,7 @@ class VllmLlava:
             stop=options.stop or None,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=structured,
+            logprobs=options.logprobs,
         )
 
     async def _generate(self, job: ChatJob, prompt: dict, sink: TokenSink) -> Generation:
@@ -171,6 +172,7 @@ class VllmLlava:
         self.meter.start(request_id, started)
         self._active += 1
         first_at, prompt_tokens, output_tokens, reason = None, 0, 0, "stop"
+        pending: list[TokenLogprob] = []  # log probabilities of tokens whose text is not out
         next_poll = 0.0
         try:
             async for out in self.engine.generate(prompt, params, request_id):
@@ -183,8 +185,14 @@ class VllmLlava:
                     work += prompt_tokens
                 output_tokens += len(completion.token_ids)
                 self.meter.output(request_id, work, now)
-                if completion.text:
-                    sink.token(completion.text)
+                if job.options.logprobs is None:
+                    if completion.text:
+                        sink.token(completion.text)
+                else:  # a token held back (part of a character) comes with the text it makes
+                    pending += scored(completion, job.options.logprobs)
+                    if completion.text:
+                        sink.token(completion.text, logprobs=pending)
+                        pending = []
                 if out.finished:
                     reason = "length" if completion.finish_reason == "length" else "stop"
                     break
@@ -217,3 +225,20 @@ class VllmLlava:
             eval_seconds=finished - first_at,
             gpu_seconds=gpu_seconds,
         )
+
+
+def scored(completion, alternatives: int) -> list[TokenLogprob]:
+    """A delta's tokens with their log probabilities as vLLM gives them (each token's own and
+    its likeliest alternatives', by rank)."""
+    entries = []
+    for token, given in zip(completion.token_ids, completion.logprobs or [], strict=False):
+        ranked = sorted((found.rank, t) for t, found in given.items() if found.rank <= alternatives)
+        chosen = _spelt(given[token])
+        top = [_spelt(given[t]) for _, t in ranked]
+        entries.append(TokenLogprob(**chosen.model_dump(), top=top))
+    return entries
+
+
+def _spelt(found) -> Logprob:
+    text = found.decoded_token or ""
+    return Logprob(token=text, logprob=found.logprob, bytes=list(text.encode()))

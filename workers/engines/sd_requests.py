@@ -34,6 +34,7 @@ class ImageRequest:
     sink: ProgressSink
     image: Image.Image | None
     mask: Image.Image | None
+    style: Image.Image | None
     done: threading.Event = field(default_factory=threading.Event)
     result: Rendering | None = None
     error: BaseException | None = None
@@ -50,6 +51,8 @@ class ImageRequest:
             j.strength,
             j.lora,
             j.lora_weight,
+            # a batch runs with the IP-Adapter on or off, at one scale
+            j.style_strength if j.style_image is not None else None,
         )
 
 
