@@ -69,6 +69,8 @@ async def job_spec(state: AppState, body: JobCreate, owner, job_id: str) -> tupl
     settings = state.settings
     if body.type == "chat":
         chat = validated(ChatCompletionRequest, body.input, ("input",))
+        if chat.n > 1:
+            raise BadRequest("field 'input.n': a job gives one answer", param="input.n")
         if not state.serves(chat.model):
             raise NotFound(f"The model '{chat.model}' does not exist", param="model")
         limits = ChatImageLimits.of(settings)

@@ -184,3 +184,22 @@ def test_logprobs_come_with_their_tokens_text(engine):
     plain = Sink()
     engine.generate(spec.model_copy(update={"request_id": uuid.uuid4().hex}), plain)
     assert plain.parts == sink.parts
+
+
+def test_n_answers_run_together_each_its_own(engine):
+    """OpenAI's n through the engine-agnostic fan-out (workers.choices): vLLM batches the
+    answers as concurrent requests; each samples with its own seed."""
+    from workers import choices
+
+    texts: dict[int, str] = {}
+
+    class Channel(Sink):
+        def token(self, text: str, logprobs=None, choice=None) -> None:
+            texts[choice] = texts.get(choice, "") + text
+
+    spec = job("hello there", tokens=6, seed=9)
+    spec.n = 3
+    result = choices.generate(engine, spec, Channel())
+    assert result.output_tokens == 18 and result.choices == ("length",) * 3
+    assert sorted(texts) == [0, 1, 2] and len(set(texts.values())) == 3
+    assert result.gpu_seconds > 0

@@ -155,6 +155,9 @@ class ChatJob(BaseModel):
     # The prompt as given (its one user turn's text), the chat template not applied: Ollama's
     # raw, OpenAI's /v1/completions. No images.
     raw: bool = False
+    # Answers to give (OpenAI's n), each sampled on its own (choice i: seed + i), streamed
+    # as choice i; billed together, as one request (workers.choices)
+    n: int = Field(1, ge=1)
 
 
 class ImageJob(BaseModel):
@@ -250,11 +253,15 @@ class TokenChunk(BaseModel):
     text: str
     # the tokens `text` came from, when the request asked for log probabilities
     logprobs: list[TokenLogprob] | None = None
+    choice: int | None = None  # which of a job's n answers (None: its only one)
 
 
 class DoneChunk(BaseModel):
     type: Literal["done"] = "done"
     done_reason: Literal["stop", "length", "cancelled"]
+    # with n answers, how each ended (done_reason is the first's); the counts and times are
+    # the job's: the prompt once, every answer's tokens
+    choices: list[Literal["stop", "length", "cancelled"]] | None = None
     prompt_tokens: int
     output_tokens: int
     load_seconds: float

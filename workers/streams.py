@@ -132,8 +132,10 @@ class JobChannel:
 
     # -- TokenSink
 
-    def token(self, text: str, logprobs: list[TokenLogprob] | None = None) -> None:
-        self._publish(TokenChunk(text=text, logprobs=logprobs))
+    def token(
+        self, text: str, logprobs: list[TokenLogprob] | None = None, choice: int | None = None
+    ) -> None:
+        self._publish(TokenChunk(text=text, logprobs=logprobs, choice=choice))
         self.tokens_sent += 1
 
     def should_stop(self) -> bool:

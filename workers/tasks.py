@@ -19,6 +19,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import usage
+from workers import choices
 from workers.contract import (
     CANCELLED,
     COMPLETED,
@@ -170,9 +171,10 @@ def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool) -> str:
         job.keep_alive_seconds = None
 
     def execute(channel: JobChannel, queue_seconds: float) -> Outcome:
-        generation = runtime.engine.generate(job, channel)
+        generation = choices.generate(runtime.engine, job, channel)
         final = DoneChunk(
             done_reason=generation.done_reason,
+            choices=list(generation.choices) or None,
             prompt_tokens=generation.prompt_tokens,
             output_tokens=generation.output_tokens,
             load_seconds=generation.load_seconds,

@@ -44,7 +44,6 @@ from workers.contract import (
     ImageJob,
     ImagesChunk,
     TokenChunk,
-    TokenLogprob,
     is_final,
     send_job,
 )
@@ -300,20 +299,21 @@ async def opened(job: Job, request: Request) -> Chunk:
 
 
 async def complete(
-    job: Job, request: Request, scored: list[TokenLogprob] | None = None
+    job: Job, request: Request, tokens: list[TokenChunk] | None = None
 ) -> tuple[str, Chunk]:
     """Run a submitted job to its end for a non-streamed answer: the text of its tokens and
-    its final chunk (DoneChunk or ImagesChunk), read in one go once it is there; the tokens'
-    log probabilities go into `scored`, where given. The slot is always freed; a worker's
-    error is raised with its status, and every error carries the request id."""
+    its final chunk (DoneChunk or ImagesChunk), read in one go once it is there; the token
+    chunks themselves go into `tokens`, where given (several answers, log probabilities).
+    The slot is always freed; a worker's error is raised with its status, and every error
+    carries the request id."""
     parts: list[str] = []
     chunk = None
     try:
         async for chunk in job.settled(disconnected=request.is_disconnected):
             if isinstance(chunk, TokenChunk):
                 parts.append(chunk.text)
-                if scored is not None:
-                    scored.extend(chunk.logprobs or [])
+                if tokens is not None:
+                    tokens.append(chunk)
         if chunk is None:
             raise ClientGone("the client went away before the answer started")
         if isinstance(chunk, ErrorChunk):

@@ -54,6 +54,11 @@ class Message(BaseModel):
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
+# Answers to one request (`n`): they run together, in the request's one slot, as rows of the
+# engine's batch, and the request is billed for all of them.
+MAX_CHOICES = 8
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -69,7 +74,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: list[str] | None = Field(None, max_length=4)
-    n: int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="answers, each sampled on its own")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: Any = None
@@ -118,6 +123,8 @@ class ChatCompletionRequest(BaseModel):
                 param="response_format",
             )
         output_format = calling or output_format
+        if self.n > 1 and specs:
+            raise BadRequest("field 'n': one answer when tools are offered", param="n")
         turns, count = [], 0
         for i, message in enumerate(self.messages):
             texts, images = [], []
@@ -163,8 +170,8 @@ class CompletionRequest(BaseModel):
     echo: bool = False  # the prompt before the completion, in its text
     # the completion's tokens' log probabilities, each with this many likeliest alternatives
     logprobs: int | None = Field(None, ge=0, le=5)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions, each sampled on its own")
     # not done yet: refused by name when asked for, rather than ignored
-    n: int = Field(1, ge=1, le=1, description="only 1 choice per request is supported")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     suffix: str | None = None
 
@@ -221,6 +228,7 @@ def _job(
         messages=turns,
         options=SamplingOptions(**{k: v for k, v in given.items() if v is not None}),
         enqueued_at=time.time(),
+        n=body.n,
     )
 
 
@@ -235,10 +243,11 @@ def usage(done: DoneChunk) -> dict:
     }
 
 
-def finish_reason(done: DoneChunk, called: bool = False) -> str:
+def finish_reason(reason: str, called: bool = False) -> str:
+    """OpenAI's finish reason for an answer that ended so (`DoneChunk.done_reason`)."""
     if called:
         return "tool_calls"
-    return "length" if done.done_reason == "length" else "stop"
+    return "length" if reason == "length" else "stop"
 
 
 def parse_size(size: str) -> tuple[int, int]:

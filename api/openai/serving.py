@@ -51,9 +51,9 @@ class OpenAIServing:
             if spec.tools:  # a call is known only once the answer is whole
                 chunks = gathered(chunks)
             return StreamingResponse(sse(render, chunks), media_type=SSE, headers=headers)
-        scored: list[TokenLogprob] | None = [] if render.scoring else None
-        text, final = await complete(job, request, scored)
-        return JSONResponse(render.completion(text, final, scored), headers=headers)
+        tokens: list[TokenChunk] = []
+        _, final = await complete(job, request, tokens)
+        return JSONResponse(render.completion(tokens, final), headers=headers)
 
     async def completion(
         self, body: CompletionRequest, owner: KeyOwner, request: Request
@@ -73,9 +73,9 @@ class OpenAIServing:
         if body.stream:
             first = await opened(job, request)
             return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
-        scored: list[TokenLogprob] | None = [] if render.scoring else None
-        text, final = await complete(job, request, scored)
-        return JSONResponse(render.completion(text, final, scored), headers=headers)
+        tokens: list[TokenChunk] = []
+        _, final = await complete(job, request, tokens)
+        return JSONResponse(render.completion(tokens, final), headers=headers)
 
     async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, str]:
         urls = body.image_urls()
@@ -100,8 +100,29 @@ class OpenAIServing:
         return fetched
 
 
+def answers(done: DoneChunk) -> list[str]:
+    """How each of the job's answers ended (one, unless it asked for n)."""
+    return done.choices or [done.done_reason]
+
+
+def by_choice(tokens: list[TokenChunk], count: int) -> list[list[TokenChunk]]:
+    """The token chunks of each of `count` answers."""
+    split: list[list[TokenChunk]] = [[] for _ in range(count)]
+    for chunk in tokens:
+        split[chunk.choice or 0].append(chunk)
+    return split
+
+
+def scored_of(chunks: list[TokenChunk]) -> list[TokenLogprob] | None:
+    """The answer's tokens' log probabilities; None if they were not asked for."""
+    if not chunks or all(chunk.logprobs is None for chunk in chunks):
+        return None
+    return [entry for chunk in chunks for entry in chunk.logprobs or []]
+
+
 class ChatRender:
-    """Chunks as chat.completion.chunk events; a DoneChunk as the finishing events."""
+    """Chunks as chat.completion.chunk events; a DoneChunk as the finishing events (one per
+    answer, with n of them)."""
 
     def __init__(
         self,
@@ -117,7 +138,7 @@ class ChatRender:
         self.include_usage = include_usage
         self.tools = tools  # offered: an answer that is a call to one is returned as a call
         self.scoring = False  # the request asked for log probabilities
-        self._role_sent = False
+        self._role_sent: set[int] = set()
         self._called = False
 
     def _calls(self, text: str) -> list[dict] | None:
@@ -127,8 +148,8 @@ class ChatRender:
         self._called = True
         return [openai_call(call)]
 
-    def _chunk(self, delta: dict, reason: str | None = None, logprobs=None) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+    def _chunk(self, delta: dict, index: int = 0, reason: str | None = None, logprobs=None):
+        choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -143,85 +164,110 @@ class ChatRender:
 
     def events(self, chunk: Chunk) -> list[dict]:
         if isinstance(chunk, TokenChunk):
+            index = chunk.choice or 0
             calls = self._calls(chunk.text)
             delta = (
                 {"content": chunk.text}
                 if calls is None
                 else {"tool_calls": [{"index": i} | call for i, call in enumerate(calls)]}
             )
-            if not self._role_sent:
-                self._role_sent = True
+            if index not in self._role_sent:
+                self._role_sent.add(index)
                 delta = {"role": "assistant"} | delta
-            return [self._chunk(delta, logprobs=self._logprobs(chunk.logprobs))]
+            return [self._chunk(delta, index, logprobs=self._logprobs(chunk.logprobs))]
         if isinstance(chunk, DoneChunk):
-            events = [self._chunk({}, finish_reason(chunk, self._called))]
+            events = [
+                self._chunk({}, i, finish_reason(reason, self._called))
+                for i, reason in enumerate(answers(chunk))
+            ]
             if self.include_usage:
                 events.append(self._chunk({}) | {"choices": [], "usage": usage(chunk)})
             return events
         return [error_body_openai(chunk.status, chunk.message)]
 
-    def completion(self, text: str, done: DoneChunk, scored: list | None = None) -> dict:
-        calls = self._calls(text)
-        message = {"role": "assistant", "content": text}
-        if calls is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
+    def completion(self, tokens: list[TokenChunk], done: DoneChunk) -> dict:
+        choices = []
+        reasons = answers(done)
+        for i, chunks in enumerate(by_choice(tokens, len(reasons))):
+            text = "".join(chunk.text for chunk in chunks)
+            calls = self._calls(text)
+            message = {"role": "assistant", "content": text}
+            if calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "finish_reason": finish_reason(reasons[i], calls is not None),
+                    "logprobs": self._logprobs(scored_of(chunks)),
+                }
+            )
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": finish_reason(done, calls is not None),
-                    "logprobs": self._logprobs(scored),
-                }
-            ],
+            "choices": choices,
             "usage": usage(done),
         }
 
 
 class CompletionRender:
     """Chunks as text_completion events (legacy /v1/completions); `echo`, the prompt, comes
-    first when asked for."""
+    first in each answer when asked for."""
 
     def __init__(self, request_id: str, model: str, created: int, include_usage: bool):
         self.id = f"cmpl-{request_id}"
         self.model = model
         self.created = created
         self.include_usage = include_usage
-        self.echo = ""  # the prompt, sent before the completion
+        self.echo = ""  # the prompt, sent before each answer's text
         self.scoring = False  # the request asked for log probabilities
-        self._offset = 0  # characters sent so far (logprobs' text_offset)
+        self._offsets: dict[int, int] = {}  # characters sent so far, by answer (text_offset)
 
     def _body(self, choices: list[dict]) -> dict:
         head = {"id": self.id, "object": "text_completion", "created": self.created}
         return head | {"model": self.model, "choices": choices}
 
-    def _choice(self, text: str, reason: str | None, scored: list | None = None) -> dict:
-        """`text` (the echoed prompt first, once) and its tokens' log probabilities."""
-        text, self.echo = self.echo + text, ""
+    def _choice(self, index: int, text: str, reason: str | None, scored=None) -> dict:
+        """Answer `index`'s `text` (the echoed prompt first, once) and its tokens' log
+        probabilities."""
+        if index not in self._offsets:
+            text, self._offsets[index] = self.echo + text, 0
         logprobs = None
         if self.scoring or scored is not None:
-            start = self._offset + len(text) - sum(len(entry.token) for entry in scored or [])
+            offset = self._offsets[index]
+            start = offset + len(text) - sum(len(entry.token) for entry in scored or [])
             logprobs = completion_logprobs(scored or [], start)
-        self._offset += len(text)
-        return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}
+        self._offsets[index] += len(text)
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
 
     def events(self, chunk: Chunk) -> list[dict]:
         if isinstance(chunk, TokenChunk):
-            return [self._body([self._choice(chunk.text, None, chunk.logprobs)])]
+            choice = self._choice(chunk.choice or 0, chunk.text, None, chunk.logprobs)
+            return [self._body([choice])]
         if isinstance(chunk, DoneChunk):
-            events = [self._body([self._choice("", finish_reason(chunk))])]
+            events = [
+                self._body([self._choice(i, "", finish_reason(reason))])
+                for i, reason in enumerate(answers(chunk))
+            ]
             if self.include_usage:
                 events.append(self._body([]) | {"usage": usage(chunk)})
             return events
         return [error_body_openai(chunk.status, chunk.message)]
 
-    def completion(self, text: str, done: DoneChunk, scored: list | None = None) -> dict:
-        choice = self._choice(text, finish_reason(done), scored)
-        return self._body([choice]) | {"usage": usage(done)}
+    def completion(self, tokens: list[TokenChunk], done: DoneChunk) -> dict:
+        reasons = answers(done)
+        choices = [
+            self._choice(
+                i,
+                "".join(chunk.text for chunk in chunks),
+                finish_reason(reasons[i]),
+                scored_of(chunks) if self.scoring else None,
+            )
+            for i, chunks in enumerate(by_choice(tokens, len(reasons)))
+        ]
+        return self._body(choices) | {"usage": usage(done)}
 
 
 async def sse(

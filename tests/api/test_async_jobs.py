@@ -147,6 +147,11 @@ def test_bad_jobs_are_refused_by_field(gateway, tenant_factory):
     bad_input = post(gateway, key, chat(5) | {"input": {"model": "llava-llama3"}})
     assert bad_input.status_code == 400
     assert "field 'input.messages'" in bad_input.json()["error"]["message"]
+    several = chat(5)
+    several["input"]["n"] = 2
+    refused = post(gateway, key, several)
+    assert refused.status_code == 400
+    assert "field 'input.n': a job gives one answer" in refused.json()["error"]["message"]
 
 
 def test_another_tenants_job_is_not_found(gateway, worker, tenant_factory):

@@ -70,6 +70,21 @@ def test_a_completion_with_logprobs_in_the_legacy_shape(gateway, key):
     assert api.completions.create(**asked | {"logprobs": None}).choices[0].logprobs is None
 
 
+def test_n_completions_each_with_the_echoed_prompt(gateway, key):
+    api = client(gateway, key)
+    asked = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "seed": 5, "temperature": 1}
+    whole = api.completions.create(**asked, n=2, echo=True)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert all(c.text.startswith(PROMPT) for c in whole.choices)
+    assert whole.choices[0].text != whole.choices[1].text
+    assert whole.usage.completion_tokens == 8
+    streamed = list(api.completions.create(**asked, n=2, stream=True))
+    texts = ["", ""]
+    for chunk in streamed:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert [PROMPT + t for t in texts] == [c.text for c in whole.choices]
+
+
 def test_the_template_is_not_applied(gateway, key):
     """A raw prompt is the model's whole input: fewer tokens than the same words as a chat
     turn, which the template wraps in its headers."""

@@ -131,6 +131,51 @@ class TestErrorsAsTheClientExpects:
         assert caught.value.body["param"] == "top_logprobs"
         assert message in caught.value.body["message"]
 
+    def test_n_answers_each_sampled_streamed_as_their_choices_and_billed_once(
+        self, gateway, tenant_factory, sessions
+    ):
+        _, key, _ = tenant_factory.create("free")  # one slot: the answers share it
+        api = client(gateway, key)
+        asked = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "temperature": 1.0,
+            "seed": 21,
+            "n": 3,
+        }
+        whole = api.chat.completions.with_raw_response.create(**asked)
+        answer = whole.parse()
+        texts = [c.message.content for c in answer.choices]
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        assert len(set(texts)) == 3  # each sampled on its own
+        assert all(c.finish_reason == "length" for c in answer.choices)
+        assert answer.usage.completion_tokens == 15
+        [record] = usage_rows(sessions, whole.headers["x-request-id"])
+        assert record.output_tokens == 15 and record.gpu_seconds > 0
+        assert record.gpu_seconds == pytest.approx(answer.usage.gpu_seconds, abs=1e-6)
+        # streamed: each answer's text as its choice, the same answers for the same seed
+        streamed = [c for c in api.chat.completions.create(**asked, stream=True) if c.choices]
+        by_index = {i: "" for i in range(3)}
+        for chunk in streamed:
+            by_index[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+        assert [by_index[i] for i in range(3)] == texts
+        ends = [c.choices[0].index for c in streamed if c.choices[0].finish_reason]
+        assert sorted(ends) == [0, 1, 2]
+        greedy = api.chat.completions.create(**asked | {"temperature": 0})
+        assert len({c.message.content for c in greedy.choices}) == 1
+
+    def test_n_with_tools_or_over_the_limit_is_refused(self, gateway, tenant_factory):
+        _, key, _ = tenant_factory.create("free")
+        tool = {"type": "function", "function": {"name": "now", "parameters": {}}}
+        for extra, message in (({"n": 2, "tools": [tool]}, "one answer"), ({"n": 9}, "8")):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client(gateway, key).chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], **extra
+                )
+            assert caught.value.body["param"] == "n"
+            assert message in caught.value.body["message"]
+
     def test_logprobs_streamed_and_not_through_the_official_client(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("free")
         api = client(gateway, key)

@@ -33,6 +33,8 @@ class Generation:
     gpu_seconds: float
     # Time spent loading the model for this request (it had been unloaded): reported, not billed.
     load_seconds: float = 0.0
+    # With n answers (workers.choices): how each ended
+    choices: tuple[str, ...] = ()
 
 
 class ChatEngine(Protocol):
