@@ -203,3 +203,17 @@ def test_n_answers_run_together_each_its_own(engine):
     assert result.output_tokens == 18 and result.choices == ("length",) * 3
     assert sorted(texts) == [0, 1, 2] and len(set(texts.values())) == 3
     assert result.gpu_seconds > 0
+
+
+def test_a_generate_job_keeps_its_context_and_takes_one_back(engine):
+    """Ollama's context: the exchange's token ids, and, sent back, its text first."""
+    spec = job("hello there", tokens=5).model_copy(update={"kind": "generate"})
+    first = engine.generate(spec, Sink())
+    assert len(first.context) == first.prompt_tokens + first.output_tokens
+    again = spec.model_copy(update={"request_id": uuid.uuid4().hex, "context": first.context})
+    then = engine.generate(again, Sink())
+    assert then.prompt_tokens > first.prompt_tokens + first.output_tokens // 2
+    with pytest.raises(InvalidRequest, match="field 'context'"):
+        engine.generate(spec.model_copy(update={"context": [10**9]}), Sink())
+    chat = engine.generate(job("hello there", tokens=2), Sink())
+    assert chat.context is None

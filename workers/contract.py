@@ -158,6 +158,13 @@ class ChatJob(BaseModel):
     # Answers to give (OpenAI's n), each sampled on its own (choice i: seed + i), streamed
     # as choice i; billed together, as one request (workers.choices)
     n: int = Field(1, ge=1)
+    # Ollama's context: token ids of an earlier exchange (its prompt and answer, as the
+    # `context` of its final chunk), put before this prompt as their text
+    context: list[int] = Field(default_factory=list)
+
+    def keeps_context(self) -> bool:
+        """Whether its final chunk gives its `context` (Ollama's /api/generate, not raw)."""
+        return self.kind == "generate" and not self.raw
 
 
 class ImageJob(BaseModel):
@@ -262,6 +269,9 @@ class DoneChunk(BaseModel):
     # with n answers, how each ended (done_reason is the first's); the counts and times are
     # the job's: the prompt once, every answer's tokens
     choices: list[Literal["stop", "length", "cancelled"]] | None = None
+    # for a job that keeps it (ChatJob.keeps_context): its prompt's and answer's token ids,
+    # images left out, to send back as a later request's `context`
+    context: list[int] | None = None
     prompt_tokens: int
     output_tokens: int
     load_seconds: float

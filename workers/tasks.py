@@ -175,6 +175,7 @@ def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool) -> str:
         final = DoneChunk(
             done_reason=generation.done_reason,
             choices=list(generation.choices) or None,
+            context=list(generation.context) if generation.context is not None else None,
             prompt_tokens=generation.prompt_tokens,
             output_tokens=generation.output_tokens,
             load_seconds=generation.load_seconds,

@@ -2,7 +2,7 @@
 
 import re
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -156,15 +156,18 @@ class GenerateRequest(_Request):
     system: str | None = None
     images: list[str] | None = None
     raw: bool = False  # the prompt as given, without the chat template
-    # Ollama's fields this server does not do yet: refused by name rather than ignored
+    # an earlier response's `context` (its token ids): that exchange's text goes first
+    context: list[Annotated[int, Field(ge=0)]] | None = None
+    # Ollama's fields this server does not do: refused by name rather than ignored
     suffix: str | None = None
     template: str | None = None
-    context: list[int] | None = None
 
     UNSUPPORTED: ClassVar[dict[str, str]] = {
         "suffix": "fill-in-the-middle (a suffix) is not supported by this model",
-        "template": "a custom template is not supported; the model's own is applied",
-        "context": "'context' is not supported; send the conversation as /api/chat messages",
+        "template": (
+            "a custom template (Go template syntax) is not supported; the model's own chat "
+            "template is applied, or send 'raw': true with the prompt already formatted"
+        ),
     }
 
     def is_load_only(self) -> bool:
@@ -178,8 +181,8 @@ class GenerateRequest(_Request):
         for name, reason in self.UNSUPPORTED.items():
             if getattr(self, name):
                 raise BadRequest(f"field '{name}': {reason}", param=name)
-        if self.raw and (self.images or self.system):
-            field = "images" if self.images else "system"
+        if self.raw and (self.images or self.system or self.context):
+            field = "images" if self.images else "system" if self.system else "context"
             raise BadRequest(
                 f"field '{field}': not with raw (a raw prompt is the model's whole input)",
                 param=field,
@@ -194,6 +197,7 @@ class GenerateRequest(_Request):
         )
         job = self._job("generate", turns, owner, request_id)
         job.raw = self.raw
+        job.context = self.context or []
         return job
 
 
@@ -223,4 +227,4 @@ def final_fields(done: DoneChunk, total_seconds: float) -> dict:
         "gpu_seconds": round(done.gpu_seconds, 6),
         # time between arrival and start (waiting for a slot, then for a worker): not billed
         "queue_seconds": round(done.queue_seconds, 6),
-    }
+    } | ({"context": done.context} if done.context is not None else {})

@@ -35,6 +35,44 @@ def test_generate_and_list(gateway, tenant_factory):
     assert f"{MODEL}:latest" in [m.model for m in api.list().models]
 
 
+def test_generate_gives_its_context_and_takes_it_back(gateway, tenant_factory):
+    """Ollama's short conversational memory: a response's `context` (its exchange's token
+    ids) sent with the next prompt puts that exchange first."""
+    _, key, _ = tenant_factory.create("free")
+    api = client(gateway, key)
+    options = {"num_predict": 4, "seed": 2}
+    first = api.generate(model=MODEL, prompt="Describe a lighthouse.", options=options)
+    assert first.context and all(isinstance(token, int) for token in first.context)
+    # the prompt's tokens, then the answer's: every one the request counted
+    assert len(first.context) == first.prompt_eval_count + first.eval_count
+    alone = api.generate(model=MODEL, prompt="And at night?", options=options)
+    then = api.generate(model=MODEL, prompt="And at night?", context=first.context, options=options)
+    assert then.prompt_eval_count > alone.prompt_eval_count + len(first.context) // 2
+    assert len(then.context) == then.prompt_eval_count + then.eval_count
+    streamed = list(api.generate(model=MODEL, prompt="hi", options=options, stream=True))
+    assert streamed[-1].done and streamed[-1].context
+    assert all(part.context is None for part in streamed[:-1])
+    raw = api.generate(model=MODEL, prompt="hi", raw=True, options=options)
+    assert raw.context is None  # a raw prompt keeps none, as Ollama's
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"context": [10**9]}, "field 'context': 1000000000 is not a token of this model"),
+        ({"context": [-1]}, "context"),
+        ({"context": [1, 2], "raw": True}, "field 'context': not with raw"),
+        ({"template": "{{ .Prompt }}"}, "field 'template': a custom template"),
+    ],
+)
+def test_a_bad_context_is_refused_by_name(gateway, tenant_factory, fields, message):
+    _, key, _ = tenant_factory.create("free")
+    with pytest.raises(ollama.ResponseError) as caught:
+        client(gateway, key).generate(model=MODEL, prompt="hi", **fields)
+    assert caught.value.status_code == 400
+    assert message in caught.value.error
+
+
 def test_errors_are_the_clients_response_errors(gateway, tenant_factory):
     _, key, _ = tenant_factory.create("free")
     with pytest.raises(ollama.ResponseError) as caught:

@@ -35,6 +35,8 @@ class Generation:
     load_seconds: float = 0.0
     # With n answers (workers.choices): how each ended
     choices: tuple[str, ...] = ()
+    # For a job that keeps it: its prompt's and answer's token ids, images left out
+    context: tuple[int, ...] | None = None
 
 
 class ChatEngine(Protocol):

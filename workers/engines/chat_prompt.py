@@ -33,11 +33,34 @@ def prompt_text(processor, conversation: list[dict], job: ChatJob) -> str:
     """The job's prompt: its text as given when it is raw (Ollama's raw, /v1/completions),
     else its turns (`conversation`) in the chat template, with its tools."""
     if not job.raw:
-        return render(processor, conversation, job.tools)
+        text = render(processor, conversation, job.tools)
+        return earlier(processor, job.context, text) if job.context else text
     text = job.messages[-1].content
     if not text:
         raise InvalidRequest("the prompt is empty; a raw prompt is the model's whole input")
     return text
+
+
+def earlier(processor, context: list[int], prompt: str) -> str:
+    """`prompt` after the text of an earlier exchange's token ids (Ollama's `context`, as
+    Ollama itself puts it back), the prompt's own beginning-of-text token dropped."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocabulary = len(tokenizer)
+    wrong = next((token for token in context if not 0 <= token < vocabulary), None)
+    if wrong is not None:
+        raise InvalidRequest(
+            f"field 'context': {wrong} is not a token of this model (0-{vocabulary - 1}); "
+            "send back the context a response of this model gave"
+        )
+    text = tokenizer.decode(context, skip_special_tokens=False)
+    return text + prompt.removeprefix(tokenizer.bos_token or "")
+
+
+def context_ids(processor, ids: list[int]) -> tuple[int, ...]:
+    """Token ids to give back as `context`: an image's placeholder tokens left out (its pixels
+    do not come back with them)."""
+    image = getattr(processor, "image_token_id", None)
+    return tuple(token for token in ids if token != image)
 
 
 def render(processor, conversation: list[dict], tools: list[ToolSpec]) -> str:

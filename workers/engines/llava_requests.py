@@ -13,7 +13,7 @@ from PIL import Image
 
 from workers.contract import ChatJob, TokenLogprob
 from workers.engines.base import InvalidRequest, TokenSink
-from workers.engines.chat_prompt import prompt_text
+from workers.engines.chat_prompt import context_ids, prompt_text
 from workers.engines.grammar import Grammars
 from workers.engines.sampling import Sampler
 from workers.engines.text import Detokenizer
@@ -48,6 +48,7 @@ class Request:
     matcher: Any = None  # structured output: the grammar's matcher (workers.engines.grammar)
     # log probabilities of the tokens whose text is not sent yet (when the request asked)
     scored: list[TokenLogprob] = field(default_factory=list)
+    context: tuple[int, ...] | None = None  # the prompt's ids, for a job that keeps them
 
     def emit(self, text: str) -> None:
         """Send text that became final, with the log probabilities of the tokens it came
@@ -105,4 +106,7 @@ def prepare(
             options.stop,
         ),
         matcher=grammars.matcher(job.output_format) if job.output_format and grammars else None,
+        context=(
+            context_ids(processor, inputs["input_ids"][0].tolist()) if job.keeps_context() else None
+        ),
     )

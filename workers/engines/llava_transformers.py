@@ -188,6 +188,7 @@ class TransformersLlava:
             eval_seconds=request.finished_at - first,
             gpu_seconds=request.gpu_seconds,
             load_seconds=request.load_seconds,
+            context=None if request.context is None else request.context + tuple(request.detok.ids),
         )
 
     def active(self) -> int:

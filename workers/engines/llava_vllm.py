@@ -30,7 +30,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from workers.contract import ChatJob, Logprob, TokenLogprob
 from workers.engines.base import Generation, InvalidRequest, TokenSink
-from workers.engines.chat_prompt import prompt_text
+from workers.engines.chat_prompt import context_ids, prompt_text
 from workers.metering import WindowMeter
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class VllmLlava:
         self._active += 1
         first_at, prompt_tokens, output_tokens, reason = None, 0, 0, "stop"
         pending: list[TokenLogprob] = []  # log probabilities of tokens whose text is not out
+        context: list[int] = []  # the prompt's and answer's ids, for a job that keeps them
         next_poll = 0.0
         try:
             async for out in self.engine.generate(prompt, params, request_id):
@@ -183,6 +184,8 @@ class VllmLlava:
                     first_at = now
                     prompt_tokens = len(out.prompt_token_ids or [])
                     work += prompt_tokens
+                    context.extend(out.prompt_token_ids or [])
+                context.extend(completion.token_ids)
                 output_tokens += len(completion.token_ids)
                 self.meter.output(request_id, work, now)
                 if job.options.logprobs is None:
@@ -224,6 +227,7 @@ class VllmLlava:
             prompt_eval_seconds=first_at - started,
             eval_seconds=finished - first_at,
             gpu_seconds=gpu_seconds,
+            context=context_ids(self.processor, context) if job.keeps_context() else None,
         )
 
 

@@ -28,6 +28,11 @@ class Detokenizer:
         self._emitted = 0  # characters of self._text already emitted
         self.stopped = False
 
+    @property
+    def ids(self) -> list[int]:
+        """Every token id pushed so far."""
+        return self._ids
+
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became final (possibly empty)."""
         if self.stopped:
