@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
 from api.images import check_image
+from api.ollama import templates
 from api.structured import ollama_format
 from api.tools import tool_specs, turn_text
 from api.wire import NS, ChatImageLimits
@@ -158,17 +159,27 @@ class GenerateRequest(_Request):
     raw: bool = False  # the prompt as given, without the chat template
     # an earlier response's `context` (its token ids): that exchange's text goes first
     context: list[Annotated[int, Field(ge=0)]] | None = None
+    # the prompt's template instead of the model's (api.ollama.templates: Go's syntax, the
+    # part a generate prompt needs)
+    template: str | None = Field(None, max_length=64 * 1024)
     # Ollama's fields this server does not do: refused by name rather than ignored
     suffix: str | None = None
-    template: str | None = None
 
     UNSUPPORTED: ClassVar[dict[str, str]] = {
         "suffix": "fill-in-the-middle (a suffix) is not supported by this model",
-        "template": (
-            "a custom template (Go template syntax) is not supported; the model's own chat "
-            "template is applied, or send 'raw': true with the prompt already formatted"
-        ),
     }
+
+    def _templated(self, owner, request_id: str) -> ChatJob:
+        """The prompt the request's own template makes, as the model's whole input."""
+        for field in ("images", "context"):
+            if getattr(self, field):
+                raise BadRequest(f"field '{field}': not with a template", param=field)
+        text = templates.render(self.template, self.system or "", self.prompt)
+        if not text:
+            raise BadRequest("field 'template': it makes an empty prompt", param="template")
+        job = self._job("generate", [ChatTurn(role="user", content=text)], owner, request_id)
+        job.raw = True
+        return job
 
     def is_load_only(self) -> bool:
         """Ollama clients send an empty prompt to load a model."""
@@ -181,12 +192,14 @@ class GenerateRequest(_Request):
         for name, reason in self.UNSUPPORTED.items():
             if getattr(self, name):
                 raise BadRequest(f"field '{name}': {reason}", param=name)
-        if self.raw and (self.images or self.system or self.context):
-            field = "images" if self.images else "system" if self.system else "context"
+        if self.raw and (self.images or self.system or self.context or self.template):
+            field = next(f for f in ("images", "system", "context", "template") if getattr(self, f))
             raise BadRequest(
                 f"field '{field}': not with raw (a raw prompt is the model's whole input)",
                 param=field,
             )
+        if self.template:
+            return self._templated(owner, request_id)
         turns = []
         if self.system:
             turns.append(ChatTurn(role="system", content=self.system))

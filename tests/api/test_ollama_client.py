@@ -62,7 +62,10 @@ def test_generate_gives_its_context_and_takes_it_back(gateway, tenant_factory):
         ({"context": [10**9]}, "field 'context': 1000000000 is not a token of this model"),
         ({"context": [-1]}, "context"),
         ({"context": [1, 2], "raw": True}, "field 'context': not with raw"),
-        ({"template": "{{ .Prompt }}"}, "field 'template': a custom template"),
+        ({"template": "{{ range .Messages }}{{ end }}"}, "'{{ range .Messages }}' is not"),
+        ({"template": "{{ if .System }}S"}, "field 'template': an 'if' without its 'end'"),
+        ({"template": "{{ .Prompt }}", "images": [png()]}, "field 'images': not with a template"),
+        ({"template": "{{ .Prompt }}", "raw": True}, "field 'template': not with raw"),
     ],
 )
 def test_a_bad_context_is_refused_by_name(gateway, tenant_factory, fields, message):
@@ -71,6 +74,24 @@ def test_a_bad_context_is_refused_by_name(gateway, tenant_factory, fields, messa
         client(gateway, key).generate(model=MODEL, prompt="hi", **fields)
     assert caught.value.status_code == 400
     assert message in caught.value.error
+
+
+def test_generate_with_its_own_template(gateway, tenant_factory):
+    """The request's template instead of the model's: the prompt is what it makes of the
+    system and the prompt, up to {{ .Response }}, and is the model's whole input."""
+    _, key, _ = tenant_factory.create("free")
+    api = client(gateway, key)
+    options = {"num_predict": 3, "seed": 4}
+    template = "{{ if .System }}{{ .System }}\n{{ end }}Q: {{ .Prompt }}\nA: {{ .Response }} (end)"
+    templated = api.generate(model=MODEL, prompt="hi", template=template, options=options)
+    raw = api.generate(model=MODEL, prompt="Q: hi\nA: ", raw=True, options=options)
+    assert templated.response == raw.response
+    assert templated.prompt_eval_count == raw.prompt_eval_count
+    system = api.generate(
+        model=MODEL, prompt="hi", system="Be brief.", template=template, options=options
+    )
+    raw = api.generate(model=MODEL, prompt="Be brief.\nQ: hi\nA: ", raw=True, options=options)
+    assert system.response == raw.response
 
 
 def test_errors_are_the_clients_response_errors(gateway, tenant_factory):
