@@ -20,7 +20,9 @@ from api.jobs.stream import Chunk, JobStream
 from api.ollama.serving import NDJSON, Render, ndjson
 from api.openai.serving import SSE, ChatRender, CompletionRender, sse
 from api.state import AppState
+from api.tools import gathered
 from billing.tenants import KeyOwner
+from workers.contract import ToolSpec
 
 router = APIRouter(tags=["jobs"])
 MAX_CHUNKS = 1_000_000  # more than any stream holds (a token or a step a chunk)
@@ -29,13 +31,26 @@ MAX_CHUNKS = 1_000_000  # more than any stream holds (a token or a step a chunk)
 async def resume(
     state: AppState, request_id: str, owner: KeyOwner, after: int
 ) -> tuple[JobMeta, AsyncIterator[Chunk]]:
-    """A job's chunks from index `after` on, for its own tenant only (404 for anyone else)."""
+    """A job's chunks from index `after` on, for its own tenant only (404 for anyone else).
+    With tools offered, the chunks as they were first streamed: the answer whole, then the
+    final chunk (`after` counts those)."""
     meta = await JobMeta.read(state.redis, request_id)
     if meta is None or meta.tenant_id != str(owner.tenant_id):
         raise NotFound(f"job {request_id} not found (unknown, someone else's, or expired)")
     stream = JobStream(state.redis, request_id, state.settings)
-    await stream.seek(after)
-    return meta, stream.follow(attached=True)
+    if not meta.tools:
+        await stream.seek(after)
+        return meta, stream.follow(attached=True)
+    await stream.seek(0)
+    return meta, _skipped(gathered(stream.follow(attached=True)), after)
+
+
+async def _skipped(chunks: AsyncIterator[Chunk], count: int) -> AsyncIterator[Chunk]:
+    async for chunk in chunks:
+        if count:
+            count -= 1
+            continue
+        yield chunk
 
 
 @router.get("/api/jobs/{request_id}/stream")
@@ -55,11 +70,14 @@ async def stream(
     headers = {"X-Request-Id": request_id}
     if meta.family == "images":
         raise BadRequest("image requests are not resumable; ask again with the same seed")
+    tools = [ToolSpec(**tool) for tool in meta.tools]
+    if meta.family == "openai-completion":
+        render = CompletionRender(request_id, meta.model, int(meta.created), include_usage=True)
+    elif meta.family == "openai-chat":
+        render = ChatRender(request_id, meta.model, int(meta.created), True, tools)
     if meta.family in ("openai-chat", "openai-completion"):
-        kind = ChatRender if meta.family == "openai-chat" else CompletionRender
-        render = kind(request_id, meta.model, int(meta.created), include_usage=True)
         return StreamingResponse(
             sse(render, chunks, first_index=after or 0), media_type=SSE, headers=headers
         )
-    render = Render(meta.model, meta.family == "ollama-chat", meta.created)
+    render = Render(meta.model, meta.family == "ollama-chat", meta.created, tools)
     return StreamingResponse(ndjson(render, chunks), media_type=NDJSON, headers=headers)

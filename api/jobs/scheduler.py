@@ -44,7 +44,9 @@ def meta(record: dict) -> store.JobMeta:
     if record["type"] == store.SYNC:
         return store.JobMeta(**json.loads(record["meta"]))
     family = "images" if record["type"] == "images" else "openai-chat"
-    return store.JobMeta(record["tenant_id"], family, record["model"], float(record["created_at"]))
+    tools = tuple(json.loads(record.get("tools") or "[]"))
+    created = float(record["created_at"])
+    return store.JobMeta(record["tenant_id"], family, record["model"], created, tools)
 
 
 class Scheduler:

@@ -50,6 +50,9 @@ class JobMeta:
     family: Family
     model: str
     created: float  # unix time
+    # the tools a chat offered (ToolSpec fields): its answer was streamed whole, a call
+    # rendered as a call, and so is a resumed stream
+    tools: tuple[dict, ...] = ()
 
     def dump(self) -> str:
         return json.dumps(asdict(self))

@@ -119,7 +119,8 @@ async def submit(
     the caller owns the returned job and ends it through `opened` + `live` (a streamed
     answer) or `complete` (one that is not). A client that leaves while the request waits
     for a slot takes it out of the queue."""
-    meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time())
+    tools = tuple(tool.model_dump() for tool in getattr(spec, "tools", ()))
+    meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time(), tools)
     try:
         tier, lease = await _admit(state, owner, spec.request_id, meta, request.is_disconnected)
     except (PaymentRequired, TooManyRequests) as refused:

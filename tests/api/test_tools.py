@@ -105,6 +105,53 @@ def test_openai_named_function_streamed(gateway, key):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_resumed_call_stream_is_the_call_again(gateway, key):
+    """A stream resumed after its connection dropped reads as it was first sent: the call in
+    one event, then the finishing ones, with the same event ids."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What time is it?"}],
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        "seed": 5,
+        "max_tokens": 60,
+        "stream": True,
+    }
+    url = f"{gateway.url}/v1/chat/completions"
+    first = httpx.post(url, json=body, headers=auth(key), timeout=60)
+    sent = events(first.text)
+    again = httpx.get(
+        f"{gateway.url}/api/jobs/{first.headers['x-request-id']}/stream",
+        headers=auth(key),
+        timeout=60,
+    )
+    resumed = events(again.text)
+    assert [i for i, _ in resumed] == [i for i, _ in sent]
+    (call,) = [e for _, e in resumed if e["choices"][0]["delta"].get("tool_calls")]
+    assert call["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_time"
+    after_call = httpx.get(
+        f"{gateway.url}/api/jobs/{first.headers['x-request-id']}/stream",
+        headers=auth(key) | {"Last-Event-ID": str(sent[0][0])},
+        timeout=60,
+    )
+    rest = events(after_call.text)
+    assert [i for i, _ in rest] == [i for i, _ in sent[1:]]
+    assert not any(e["choices"][0]["delta"].get("tool_calls") for _, e in rest)
+
+
+def events(text: str) -> list[tuple[int, dict]]:
+    """(id, data) of each SSE event with a choice (a resumed stream adds a usage event)."""
+    found, at = [], None
+    for line in text.splitlines():
+        if line.startswith("id: "):
+            at = int(line.removeprefix("id: "))
+        elif line.startswith("data: {"):
+            event = json.loads(line.removeprefix("data: "))
+            if event["choices"]:
+                found.append((at, event))
+    return found
+
+
 def test_a_call_and_its_result_go_back_in(gateway, key):
     """The conversation goes on after a call: the assistant's call and the tool's result are
     turns of the prompt (it grows by them), and the answer is text again (tool_choice none)."""
