@@ -74,6 +74,8 @@ class GatewaySettings(ModelSettings):
     # Stripe webhooks: the endpoint's signing secret, and which price is which tier (a price
     # whose lookup_key names a tier needs no entry).
     stripe_webhook_secret: str = ""
+    # Stripe's event destination for thin events (meter error reports): its signing secret
+    stripe_events_secret: str = ""
     # PostgreSQL connections a gateway keeps open (as many again for bursts).
     db_pool_size: int = 20
     # A tenant's tier and GPU-seconds used are read at most this often per gateway (api/quota.py:

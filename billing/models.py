@@ -118,6 +118,27 @@ class OutboxEvent(Base):
     retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # With aggregation on: the meter event this row is part of (fixed before it is sent).
     batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    # What Stripe reported about the row's meter event after taking it (a meter error
+    # report: billing.stripe_meter_errors), e.g. "meter_event_customer_not_found: ...":
+    # Stripe did not count it.
+    stripe_error: Mapped[str | None] = mapped_column(Text)
+    stripe_error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class MeterErrorReport(Base):
+    """A Stripe meter error report as its event destination delivered it (a thin event: its id
+    and type), fetched in full by the relay, which flags the outbox rows it names."""
+
+    __tablename__ = "stripe_meter_error_reports"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # Stripe's event id
+    type: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    fetched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error_count: Mapped[int | None] = mapped_column(Integer)
+    summary: Mapped[str | None] = mapped_column(Text)
 
 
 class AuditEntry(Base):

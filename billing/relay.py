@@ -14,7 +14,7 @@ import stripe
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import stripe_catalog, stripe_meter
+from billing import stripe_catalog, stripe_meter, stripe_meter_errors
 from billing.settings import StripeSettings
 
 log = logging.getLogger("gpuhost.billing")
@@ -29,6 +29,7 @@ class Summary:
     already_delivered: int  # of `sent`: Stripe already had them (their identifier)
     waiting_for_customer: int
     stale: int  # unsent rows older than the alert threshold
+    rejected: int = 0  # rows Stripe's meter error reports named (fetched this pass)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +52,11 @@ class RelayMetrics:
         self.already_delivered = Counter(
             "gpuhost_relay_events_already_delivered",
             "Meter events Stripe refused as already taken (their identifier): marked sent.",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "gpuhost_relay_events_rejected",
+            "Meter events Stripe took and then reported it could not count (error reports).",
             registry=self.registry,
         )
         self.stale = Gauge(
@@ -93,6 +99,12 @@ class Relay:
         except stripe.StripeError as exc:  # usage still goes out; these wait for the next pass
             self.metrics.stripe_errors.inc()
             log.warning("Stripe customers/subscriptions not synced this pass: %s", exc)
+        rejected = 0
+        try:
+            rejected = stripe_meter_errors.fetch_reports(self.sessions, self.api)
+        except stripe.StripeError as exc:  # the reports wait for the next pass
+            self.metrics.stripe_errors.inc()
+            log.warning("Stripe meter error reports not fetched this pass: %s", exc)
         sent = failed = duplicates = 0
         deadline = time.monotonic() + max_seconds
         while True:
@@ -115,6 +127,14 @@ class Relay:
         self.metrics.stripe_errors.inc(failed)
         self.metrics.already_delivered.inc(duplicates)
         self.metrics.stale.set(stale)
+        self.metrics.rejected.inc(rejected)
         return Summary(
-            customers, subscriptions, sent, failed, duplicates, done.waiting_for_customer, stale
+            customers,
+            subscriptions,
+            sent,
+            failed,
+            duplicates,
+            done.waiting_for_customer,
+            stale,
+            rejected,
         )

@@ -24,6 +24,7 @@ import stripe
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing import stripe_meter_errors
 from billing.db import transaction
 from billing.models import OutboxEvent, Tenant, UsageRecord
 from billing.settings import StripeSettings
@@ -276,10 +277,11 @@ class Difference:
     ledger_milli: int  # what the usage records say
     pending_milli: int  # of which not yet sent (the relay's backlog)
     stripe_milli: int  # what Stripe's meter holds
+    rejected_milli: int = 0  # sent, then reported by Stripe as not counted (error reports)
 
     @property
     def unexplained(self) -> int:
-        return self.ledger_milli - self.pending_milli - self.stripe_milli
+        return self.ledger_milli - self.pending_milli - self.stripe_milli - self.rejected_milli
 
 
 def reconcile(
@@ -313,6 +315,9 @@ def reconcile(
                 .group_by(OutboxEvent.tenant_id)
             ).all()
         )
+        rejected: dict[str, int] = {}
+        for row in stripe_meter_errors.flagged(session, start, end):
+            rejected[row.tenant_id] = rejected.get(row.tenant_id, 0) + row.quantity_milli
     found = []
     for tenant_id, customer, total in rows:
         if customers is not None and customer not in customers:
@@ -333,6 +338,7 @@ def reconcile(
                 int(total),
                 int(pending.get(tenant_id, 0)),
                 int(round(held)),
+                rejected.get(str(tenant_id), 0),
             )
         )
     return found

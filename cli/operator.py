@@ -255,8 +255,10 @@ def billing_reconcile(
     period: Annotated[str | None, typer.Option(help="YYYY-MM (default: this month).")] = None,
     customer: Annotated[list[str] | None, typer.Option(help="Only these customers.")] = None,
 ) -> None:
-    """Ledger totals against Stripe's meter, per customer; exits 1 on any difference."""
+    """Ledger totals against Stripe's meter, per customer, and the meter events Stripe
+    reported it could not count; exits 1 on any difference or any such event."""
     from billing.plans import period_of
+    from billing.stripe_meter_errors import flagged
 
     stripe_meter, settings, api, sessions = _stripe()
     moment = datetime.now(UTC)
@@ -283,6 +285,20 @@ def billing_reconcile(
     except RuntimeError as exc:
         fail(str(exc))
     rows = [d.__dict__ | {"unexplained_milli": d.unexplained} for d in found]
-    print_json({"period_start": span.start, "period_end": span.end, "customers": rows})
-    if any(d.unexplained for d in found):
+    asked = {d.tenant_id for d in found} if customer else None
+    with sessions() as session:  # what Stripe took and then reported it could not count
+        rejected = [
+            r.__dict__
+            for r in flagged(session, span.start, span.end)
+            if asked is None or r.tenant_id in asked
+        ]
+    print_json(
+        {
+            "period_start": span.start,
+            "period_end": span.end,
+            "customers": rows,
+            "rejected_by_stripe": rejected,
+        }
+    )
+    if rejected or any(d.unexplained for d in found):
         raise typer.Exit(1)

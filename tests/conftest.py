@@ -25,6 +25,7 @@ from tests.stack import Gateway, Worker
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
 WEBHOOK_SECRET = "whsec_gpuhost_tests"
+EVENTS_SECRET = "whsec_gpuhost_tests_thin_events"  # Stripe's event destination (thin events)
 ADMIN_TOKEN = "adm_gpuhost_tests_5e3f0b7c91d24a6e8f13"
 
 
@@ -158,6 +159,7 @@ def stack_env(database_url, redis_url, models_dir, tmp_path_factory) -> dict[str
         "GPUHOST_QUEUE_TIMEOUT_SECONDS": "60",
         "GPUHOST_RESUME_GRACE_SECONDS": "1",
         "GPUHOST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "GPUHOST_STRIPE_EVENTS_SECRET": EVENTS_SECRET,
         "GPUHOST_ADMIN_TOKEN": ADMIN_TOKEN,
         # the suite sends many bad credentials from one address on purpose; the throttle has
         # its own gateway in tests/api/test_guards.py

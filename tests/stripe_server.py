@@ -11,17 +11,25 @@ identifier ...", marked not to be retried, as Stripe answers once its idempotenc
 passed), a reused `Idempotency-Key` replays the first response (and is refused with
 different parameters; `forget_idempotency_keys` stands for the window passing),
 timestamps must lie within the past 35 days and at most 5 minutes ahead, values are numbers.
+As Stripe does, it takes (200) a meter event for a customer it does not know and does not
+count it; `report_meter_errors` then sends the meter error report an event destination gets:
+a thin event (`v1.billing.meter.error_report_triggered`, signed as webhooks are) whose full
+event (`GET /v2/core/events/{id}`) names sample events by identifier.
 Faults can be injected: failures and slow answers.
 """
 
+import hashlib
+import hmac
 import json
 import re
 import secrets
 import threading
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -78,6 +86,9 @@ class FakeStripe:
         self.subscriptions: dict[str, dict] = {}
         self.events: dict[str, dict] = {}  # by identifier: what the meter counts
         self.posts: defaultdict[str, int] = defaultdict(int)  # meter event POSTs by identifier
+        # taken but not counted (its customer unknown), not reported yet: identifier -> error
+        self.uncounted: dict[str, tuple[str, str]] = {}
+        self.v2_events: dict[str, dict] = {}  # by id: the full events of thin events sent
         # Idempotency-Key: (the request's parameters, the answer's status, body, headers)
         self._idempotent: dict[str, tuple[str, int, dict, dict | None]] = {}
         self._faults: list[tuple[str, float]] = []  # ("fail", status) or ("slow", seconds)
@@ -93,6 +104,7 @@ class FakeStripe:
                 Route("/v1/subscriptions", self._subscriptions, methods=["POST"]),
                 Route("/v1/subscriptions/{id}", self._subscription, methods=["GET", "POST"]),
                 Route("/v1/billing/meter_events", self._meter_events, methods=["POST"]),
+                Route("/v2/core/events/{id}", self._v2_event, methods=["GET"]),
                 Route(
                     "/v1/billing/meters/{meter}/event_summaries", self._summaries, methods=["GET"]
                 ),
@@ -461,14 +473,6 @@ class FakeStripe:
                         "message": "Missing required param: event_name.",
                     }
                 }
-            if payload.get("stripe_customer_id") not in self.customers:
-                return 400, {
-                    "error": {
-                        "type": "invalid_request_error",
-                        "code": "resource_missing",
-                        "message": "No such customer",
-                    }
-                }
             try:
                 float(payload.get("value", ""))
             except ValueError:
@@ -512,10 +516,69 @@ class FakeStripe:
                 "payload": payload,
                 "timestamp": timestamp,
             }
+            customer = payload.get("stripe_customer_id")
+            if customer not in self.customers:  # validated later, as Stripe does: not counted
+                message = f"No customer found with the ID {customer!r}"
+                self.uncounted[identifier] = ("meter_event_customer_not_found", message)
+                return 200, event
             self.events[identifier] = event
             return 200, event
 
         return self._replay(request, params, make)
+
+    def report_meter_errors(self, destination: str, secret: str) -> httpx.Response:
+        """Send the meter error report of the events taken and not counted since the last one
+        to an event destination, as a signed thin event; its answer."""
+        with self._lock:
+            uncounted, self.uncounted = self.uncounted, {}
+        by_code: dict[str, list[dict]] = defaultdict(list)
+        for identifier, (code, message) in uncounted.items():
+            by_code[code].append({"error_message": message, "request": {"identifier": identifier}})
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        meter = next(iter(self.meters), "mtr_unknown")
+        thin = {
+            "id": f"evt_{secrets.token_hex(12)}",
+            "object": "v2.core.event",
+            "type": "v1.billing.meter.error_report_triggered",
+            "created": now,
+            "livemode": False,
+            "context": None,
+            "reason": None,
+            "related_object": {
+                "id": meter,
+                "type": "billing.meter",
+                "url": f"/v1/billing/meters/{meter}",
+            },
+        }
+        data = {
+            "developer_message_summary": f"{len(uncounted)} meter event(s) could not be counted",
+            "reason": {
+                "error_count": len(uncounted),
+                "error_types": [
+                    {"code": code, "error_count": len(samples), "sample_errors": samples}
+                    for code, samples in by_code.items()
+                ],
+            },
+            "validation_start": now,
+            "validation_end": now,
+        }
+        self.v2_events[thin["id"]] = thin | {"data": data}
+        body = json.dumps(thin).encode()
+        stamp = int(time.time())
+        digest = hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256)
+        headers = {
+            "Stripe-Signature": f"t={stamp},v1={digest.hexdigest()}",
+            "Content-Type": "application/json",
+        }
+        return httpx.post(destination, content=body, headers=headers, timeout=30)
+
+    async def _v2_event(self, request: Request) -> JSONResponse:
+        if not request.headers.get("authorization", "").startswith("Bearer sk_"):
+            return _error(401, "Invalid API Key provided", "api_key_invalid")
+        event = self.v2_events.get(request.path_params["id"])
+        if event is None:
+            return _error(404, "No such event", "resource_missing")
+        return JSONResponse(event)
 
     async def _summaries(self, request: Request) -> JSONResponse:
         _, failed = await self._common(request)

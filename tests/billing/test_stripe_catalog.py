@@ -11,16 +11,8 @@ from billing.db import transaction
 from billing.models import Tenant
 from billing.plans import DEFAULT_PLANS
 from billing.settings import StripeSettings
-from tests.stripe_server import FakeStripe
 
 TIERS = {tier: plan.concurrency for tier, plan in DEFAULT_PLANS.items()}
-
-
-@pytest.fixture(scope="module")
-def fake():
-    server = FakeStripe().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,30 +13,16 @@ from billing import stripe_meter, tenants
 from billing.db import transaction
 from billing.models import OutboxEvent, Tenant
 from billing.settings import StripeSettings
+from tests.billing.conftest import relay_settings
 from tests.helpers import record_usage
 from tests.stack import Process, free_port, wait_for
-from tests.stripe_server import FakeStripe
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
 
 
-@pytest.fixture(scope="module")
-def fake():
-    server = FakeStripe().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def settings(fake, database_url) -> StripeSettings:
-    return StripeSettings(
-        database_url=database_url,
-        stripe_api_key="sk_test_gpuhost",
-        stripe_api_base=fake.url,
-        stripe_timeout_seconds=1.0,
-        relay_batch_size=500,
-        relay_backoff_base_seconds=0,  # retry at the next pass (backoff has its own test)
-    )
+    return relay_settings(fake, database_url)
 
 
 @pytest.fixture
