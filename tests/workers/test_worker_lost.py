@@ -206,3 +206,53 @@ def test_an_async_job_whose_worker_was_lost_before_answering_keeps_its_slot_and_
     [record] = usage_rows(sessions, job_id)
     assert record.status == "completed" and record.gpu_seconds > 0
     wait_for(lambda: in_flight(client, tenant_id) == 0, 10, "the slot to be released")
+
+
+def test_a_gateway_gives_up_when_no_redelivery_comes_and_the_late_one_is_not_billed(
+    lost_env, tenant_factory, sessions, tmp_path
+):
+    """The job's worker died before its first chunk and nothing delivers it again within the
+    visibility timeout and the queue timeout: the client is told (503, nothing billed) and the
+    slot comes back; when a worker takes the job at last, it is recorded once, cancelled and
+    unbilled, and answers no one."""
+    env = lost_env | {"GPUHOST_QUEUE_TIMEOUT_SECONDS": "3"}
+    client = redis.Redis.from_url(env["GPUHOST_REDIS_URL"])
+    tenant_id, key, _ = tenant_factory.create("free")
+    (tmp_path / "gateway").mkdir()
+    (tmp_path / "heir").mkdir()
+    gateway = Gateway("gateway-gives-up", env, tmp_path / "gateway")
+    heir = None
+    try:
+        gateway.wait_ready()
+        earlier = set(client.scan_iter("gpuhost:job:*:meta"))
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                httpx.post,
+                f"{gateway.url}/api/chat",
+                json=chat_body(num_predict=5) | {"stream": False},
+                headers=auth(key),
+                timeout=120,
+            )
+            [meta] = wait_for(
+                lambda: list(set(client.scan_iter("gpuhost:job:*:meta")) - earlier),
+                30,
+                "the request to be queued",
+            )
+            request_id = meta.decode().split(":")[2]
+            client.set(started_key(request_id), "worker-that-died", ex=600)  # no claim, no chunk
+            started = time.monotonic()
+            response = answer.result()
+        waited = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert "the worker running this request was lost" in response.json()["error"]
+        assert waited >= 2 + 3 - 0.5  # the visibility timeout and the queue timeout first
+        wait_for(lambda: in_flight(client, tenant_id) == 0, 10, "the slot to be released")
+        assert usage_rows(sessions, request_id) == []
+        heir = Worker("worker-heir-late", env, tmp_path / "heir", env["GPUHOST_REDIS_URL"])
+        heir.wait_ready()
+        [record] = wait_for(lambda: usage_rows(sessions, request_id), 60, "the late record")
+    finally:
+        if heir is not None:
+            heir.stop()
+        gateway.stop()
+    assert record.status == "cancelled" and record.gpu_seconds == 0
