@@ -120,13 +120,13 @@ class TestRefusedBeforeAdmission:
         assert response.status_code == 413
 
 
-class TestOllamaFieldsNotDoneYet:
+class TestOllamaFieldsNotDone:
     @pytest.mark.parametrize(
         "field, value, reason",
         [
             ("suffix", "end of the story", "fill-in-the-middle"),
-            ("template", "{{ .Prompt }}", "a custom template is not supported"),
-            ("context", [1, 2, 3], "send the conversation as /api/chat messages"),
+            ("template", "{{ range .Messages }}{{ end }}", "is not supported"),
+            ("context", [1, -2, 3], "'context.1': Input should be greater than or equal to 0"),
         ],
     )
     def test_refused_by_name_not_ignored(self, gateway, free_tenant, field, value, reason):
@@ -136,7 +136,7 @@ class TestOllamaFieldsNotDoneYet:
             f"{gateway.url}/api/generate", json=body, headers=auth(key), timeout=30
         )
         assert response.status_code == 400, response.text
-        assert f"field '{field}'" in response.json()["error"]
+        assert f"field '{field}" in response.json()["error"]
         assert reason in response.json()["error"]
 
 
