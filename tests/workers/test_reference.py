@@ -1,0 +1,161 @@
+"""The engines give what the reference implementations give (CPU, fp32, tiny models), so that
+real weights behave as their authors intended: greedy decoding through the LLaVA engine, with
+both decode batches, rows of different lengths batched together, with and without images and
+over several turns, is token for token transformers' `generate(do_sample=False)`; the
+Stable Diffusion engine's images are diffusers' own pipelines' for the same seed, scheduler
+and size, within 1/255."""
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from tests.helpers import png
+from tests.workers.test_engine import Sink, run_together
+from tests.workers.test_sd_engine import Sink as ProgressSink
+from tests.workers.test_sd_engine import job as image_job
+from tests.workers.test_sd_engine import pixels
+from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from workers.engines.diffusion import DiffusionEngine
+from workers.engines.sd_requests import decode_image
+from workers.engines.sd_requests import png as encoded
+
+TOKENS = 12
+CONVERSATIONS = {
+    "short text": [ChatTurn(role="user", content="hi")],
+    "an image": [ChatTurn(role="user", content="What is this?", images=[png(color="red")])],
+    "several turns": [
+        ChatTurn(role="system", content="Answer in one sentence."),
+        ChatTurn(role="user", content="Describe the picture.", images=[png(color="blue")]),
+        ChatTurn(role="assistant", content="A blue square on a white background."),
+        ChatTurn(role="user", content="And what is written on it, if anything at all?"),
+    ],
+    "a longer text": [
+        ChatTurn(
+            role="user",
+            content="Read the table and give the total of the second column, then explain "
+            "how you added the numbers up, one by one, in a short paragraph.",
+        )
+    ],
+}
+
+
+def greedy(turns: list[ChatTurn]) -> ChatJob:
+    """Greedy, and kind `generate`: its final chunk keeps the token ids (`context`)."""
+    return ChatJob(
+        request_id=uuid.uuid4().hex,
+        tenant_id=uuid.uuid4(),
+        api_key_id=None,
+        model="llava-llama3",
+        kind="generate",
+        messages=turns,
+        options=SamplingOptions(max_tokens=TOKENS, temperature=0.0),
+        enqueued_at=time.time(),
+    )
+
+
+def reference_tokens(model, processor, turns: list[ChatTurn]) -> list[int]:
+    """What transformers' generate gives for the same conversation, processor and template."""
+    conversation, images = [], []
+    for turn in turns:
+        parts = [{"type": "image"} for _ in turn.images]
+        parts.append({"type": "text", "text": turn.content})
+        conversation.append({"role": turn.role, "content": parts})
+        images += [decode_image(data, "RGB") for data in turn.images]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=TOKENS)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(models_dir):
+    path = models_dir / "llava-llama3"
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def test_greedy_decoding_is_transformers_generate_token_for_token(engine, reference):
+    model, processor = reference
+    expected = {name: reference_tokens(model, processor, t) for name, t in CONVERSATIONS.items()}
+    jobs = [greedy(turns) for turns in CONVERSATIONS.values()]
+    results = run_together(engine, jobs, [Sink() for _ in jobs])  # one batch, rows of all lengths
+    for name, result in zip(CONVERSATIONS, results, strict=True):
+        assert result.output_tokens == TOKENS, name
+        assert list(result.context[-TOKENS:]) == expected[name], name
+    alone = engine.generate(greedy(CONVERSATIONS["an image"]), Sink())
+    assert list(alone.context[-TOKENS:]) == expected["an image"]
+
+
+# -- Stable Diffusion --------------------------------------------------------------------------
+
+
+def content(color: str) -> str:
+    image = Image.new("RGB", (64, 64), color)
+    image.paste("white", (16, 16, 40, 40))
+    return encoded(image)
+
+
+def mask() -> str:
+    image = Image.new("L", (64, 64), 0)
+    image.paste(255, (8, 8, 32, 48))
+    return encoded(image)
+
+
+MODES = {
+    "txt2img": {},
+    "img2img": {"kind": "img2img", "image": content("green"), "strength": 0.7},
+    "inpaint": {"kind": "inpaint", "image": content("green"), "mask": mask()},
+}
+
+
+def drawn_by_diffusers(path, spec) -> np.ndarray:
+    """The same request through diffusers' own pipeline for its mode."""
+    kinds = {
+        "txt2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+    }
+    pipe = kinds[spec.kind].from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "num_inference_steps": spec.steps,
+        "guidance_scale": spec.guidance_scale,
+        "generator": torch.Generator("cpu").manual_seed(spec.seed),
+        "output_type": "pil",
+    }
+    size = {"width": spec.width, "height": spec.height}
+    if spec.kind == "txt2img":
+        kwargs |= size
+    else:
+        kwargs |= {"image": decode_image(spec.image, "RGB"), "strength": spec.strength}
+    if spec.kind == "inpaint":
+        kwargs |= {"mask_image": decode_image(spec.mask, "L")} | size
+    with torch.inference_mode():
+        return pixels(encoded(pipe(**kwargs).images[0]))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_images_are_diffusers_own_pipelines_within_one_level(models_dir, mode):
+    path = models_dir / "stable-diffusion"
+    spec = image_job(5).model_copy(update={"steps": 6} | MODES[mode])
+    engine = DiffusionEngine("sd", path, device="cpu")
+    try:
+        mine = pixels(engine.render(spec, ProgressSink()).images[0])
+    finally:
+        engine.close()
+    theirs = drawn_by_diffusers(path, spec)
+    assert mine.shape == theirs.shape == (64, 64, 3)
+    assert np.abs(mine - theirs).max() <= 1
