@@ -230,3 +230,15 @@ if not job then
 end
 return job
 """
+
+# A waiting synchronous request is granted its slot only while it still waits: its record
+# moves to granted with the slot's grant time in one step, and a record its request deleted
+# (it left) is not made again. KEYS: the record. ARGV: waiting, granted, the grant time (ms).
+# Returns 1 if granted.
+JOB_GRANT = """
+if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'state', ARGV[2], 'granted_ms', ARGV[3])
+  return 1
+end
+return 0
+"""

@@ -16,6 +16,7 @@ from workers.keyspace import (
     BATCHES_ACTIVE,
     BATCHES_EXPIRING,
     HOOKED,
+    JOB_GRANT,
     JOB_MOVE,
     SUBMITTED,
     TENANTS_WAITING,
@@ -155,8 +156,8 @@ async def add_waiter(
 async def grant(redis: aioredis.Redis, job_id: str, granted_ms: int) -> bool:
     """Hand a waiting synchronous request the slot taken for it; False if it left meanwhile
     (the caller gives the slot back)."""
-    await redis.hset(job_record_key(job_id), "granted_ms", str(granted_ms))
-    return await move_job(redis, job_id, WAITING, GRANTED)
+    args = (WAITING, GRANTED, str(granted_ms))
+    return bool(await redis.eval(JOB_GRANT, 1, job_record_key(job_id), *args))
 
 
 async def queue_length(redis: aioredis.Redis, tenant: str) -> int:

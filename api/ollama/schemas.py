@@ -72,10 +72,26 @@ DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+MAX_KEEP_ALIVE_SECONDS = 366 * 86400
+
+
 def keep_alive_seconds(value: str | int | float | None) -> float | None:
-    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1")."""
-    if value is None or isinstance(value, int | float):
-        return None if value is None else float(value)
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1"); at
+    most a year (a negative value keeps the model loaded for as long as its worker runs)."""
+    if value is None:
+        return None
+    seconds = _duration_seconds(value)
+    if seconds > MAX_KEEP_ALIVE_SECONDS:
+        raise ValueError(
+            f"{value!r} is more than a year; a negative value keeps the model loaded for as "
+            "long as its worker runs"
+        )
+    return seconds
+
+
+def _duration_seconds(value: str | int | float) -> float:
+    if isinstance(value, int | float):
+        return float(value)
     text = value.strip()
     sign = -1.0 if text.startswith("-") else 1.0
     text = text.lstrip("+-")

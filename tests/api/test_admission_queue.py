@@ -220,12 +220,18 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
 
     try:
         waiter = asyncio.run(leave_while_waiting())
-        wait_for(lambda: redis_client.llen(queue) == 0, 10, "the waiter to leave the queue")
-        assert not redis_client.exists(job_record_key(waiter))
+        # (an empty queue alone can be a scheduler's moment between taking and putting back)
+        record = job_record_key(waiter)
+        wait_for(
+            lambda: redis_client.llen(queue) == 0 and not redis_client.exists(record),
+            10,
+            "the waiter to leave the queue, its record gone",
+        )
     finally:
         free_slot(redis_client, tenant_id, holder)
     time.sleep(0.5)  # a scheduler pass or more: the freed slot is granted to nobody
     assert in_flight(redis_client, tenant_id) == 0
+    assert redis_client.llen(queue) == 0 and not redis_client.exists(record)
 
 
 def test_a_request_put_back_is_not_lost_when_another_scheduler_found_its_queue_empty(
@@ -256,3 +262,25 @@ def test_a_request_put_back_is_not_lost_when_another_scheduler_found_its_queue_e
     assert tenant not in {t for t, _ in second}
     assert (tenant, job_id) in third
     assert not redis_client.sismember(TENANTS_WAITING, tenant)
+
+
+def test_a_slot_granted_after_its_request_left_makes_no_record(redis_url, redis_client):
+    """A scheduler that took a slot for a request which left meanwhile (its gateway deleted
+    its record) is told so, and leaves nothing behind to outlive it."""
+    tenant, job_id = f"tenant-{uuid.uuid4().hex}", uuid.uuid4().hex
+    meta = JobMeta(tenant, "ollama-chat", "llava-llama3", time.time())
+
+    async def run():
+        redis = aioredis.Redis.from_url(redis_url)
+        async with redis.lock(TAKING, timeout=10):
+            await store.add_waiter(redis, job_id, "free", meta, ttl=60)
+            [taken] = [t for t in await store.next_waiting(redis) if t[0] == tenant]
+            await redis.delete(job_record_key(job_id))  # the request left (queue_wait._leave)
+            granted = await store.grant(redis, job_id, 123)
+            await store.next_waiting(redis)  # its queue is empty: the tenant leaves the set
+        await redis.aclose()
+        return taken, granted
+
+    taken, granted = asyncio.run(run())
+    assert taken == (tenant, job_id) and granted is False
+    assert not redis_client.exists(job_record_key(job_id))

@@ -50,11 +50,22 @@ class TestCatalog:
 
 
 class TestKeepAlive:
-    def test_a_malformed_keep_alive_is_a_clear_400(self, gateway, key):
-        body = chat_body() | {"keep_alive": "soon"}
+    @pytest.mark.parametrize(
+        "value, message",
+        [
+            ("soon", "is not a duration"),
+            # found by the OpenAPI fuzz: a worker kept it as a time past the year 9999, and
+            # /api/ps could not show it
+            (1e16, "is more than a year"),
+            ("9000000h", "is more than a year"),
+        ],
+    )
+    def test_a_malformed_or_endless_keep_alive_is_a_clear_400(self, gateway, key, value, message):
+        body = chat_body() | {"keep_alive": value}
         response = httpx.post(f"{gateway.url}/api/chat", json=body, headers=auth(key), timeout=30)
         assert response.status_code == 400
         assert "field 'keep_alive'" in response.json()["error"]
+        assert message in response.json()["error"]
 
     def test_keep_alive_zero_unloads_and_the_next_request_pays_no_load(
         self, gateway, key, redis_client
