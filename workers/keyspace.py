@@ -221,7 +221,7 @@ return 0
 
 # The next waiting job of a tenant, taken off its queue; a tenant whose queue is empty leaves
 # the set of tenants with jobs waiting. One step, so that a job put back meanwhile (its
-# tenant added again with it, WAITING_REQUEUE) never finds its tenant gone.
+# tenant added again with it: WAITING_REQUEUE) never finds its tenant gone.
 # KEYS: the tenant's queue, TENANTS_WAITING. ARGV: the tenant. Returns the job id or nil.
 WAITING_POP = """
 local job = redis.call('LPOP', KEYS[1])
@@ -241,4 +241,17 @@ if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+# A job taken off its queue goes back first in line, its tenant among those with jobs
+# waiting, only if it still waits: one that left meanwhile (a request whose client went away,
+# a cancelled job) is not put back. KEYS: the job's record, the tenant's queue,
+# TENANTS_WAITING. ARGV: waiting, the job id, the tenant. Returns 1 if put back.
+WAITING_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then
+  return 0
+end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
 """

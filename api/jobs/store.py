@@ -21,6 +21,7 @@ from workers.keyspace import (
     SUBMITTED,
     TENANTS_WAITING,
     WAITING_POP,
+    WAITING_REQUEUE,
     batch_key,
     batch_running_key,
     batches_index_key,
@@ -183,11 +184,9 @@ async def next_waiting(redis: aioredis.Redis) -> list[tuple[str, str]]:
 
 
 async def requeue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:
-    """First in line again, its tenant among those with jobs waiting."""
-    pipe = redis.pipeline(transaction=True)
-    pipe.lpush(waiting_key(tenant), job_id)
-    pipe.sadd(TENANTS_WAITING, tenant)
-    await pipe.execute()
+    """First in line again, its tenant among those with jobs waiting, if it still waits."""
+    keys = (job_record_key(job_id), waiting_key(tenant), TENANTS_WAITING)
+    await redis.eval(WAITING_REQUEUE, 3, *keys, WAITING, job_id, tenant)
 
 
 async def unqueue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:

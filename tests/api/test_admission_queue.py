@@ -212,11 +212,11 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
                     headers=auth(key),
                 )
             )
-            while redis_client.llen(queue) < 1:
+            # (the schedulers take it off the queue and put it back, no slot being free)
+            while (waiter := redis_client.lindex(queue, 0)) is None:
                 await asyncio.sleep(0.01)
-            waiter = redis_client.lindex(queue, 0).decode()
             request.cancel()  # the connection closes
-            return waiter
+            return waiter.decode()
 
     try:
         waiter = asyncio.run(leave_while_waiting())
@@ -266,7 +266,8 @@ def test_a_request_put_back_is_not_lost_when_another_scheduler_found_its_queue_e
 
 def test_a_slot_granted_after_its_request_left_makes_no_record(redis_url, redis_client):
     """A scheduler that took a slot for a request which left meanwhile (its gateway deleted
-    its record) is told so, and leaves nothing behind to outlive it."""
+    its record) is told so, and leaves nothing behind to outlive it: no record, no place in
+    line."""
     tenant, job_id = f"tenant-{uuid.uuid4().hex}", uuid.uuid4().hex
     meta = JobMeta(tenant, "ollama-chat", "llava-llama3", time.time())
 
@@ -277,6 +278,7 @@ def test_a_slot_granted_after_its_request_left_makes_no_record(redis_url, redis_
             [taken] = [t for t in await store.next_waiting(redis) if t[0] == tenant]
             await redis.delete(job_record_key(job_id))  # the request left (queue_wait._leave)
             granted = await store.grant(redis, job_id, 123)
+            await store.requeue(redis, tenant, job_id)  # nor is it put back in line
             await store.next_waiting(redis)  # its queue is empty: the tenant leaves the set
         await redis.aclose()
         return taken, granted
@@ -284,3 +286,5 @@ def test_a_slot_granted_after_its_request_left_makes_no_record(redis_url, redis_
     taken, granted = asyncio.run(run())
     assert taken == (tenant, job_id) and granted is False
     assert not redis_client.exists(job_record_key(job_id))
+    assert redis_client.llen(waiting_key(tenant)) == 0
+    assert not redis_client.sismember(TENANTS_WAITING, tenant)
