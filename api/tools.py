@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import BadRequest
 from api.jobs.stream import Chunk
-from workers.contract import OutputFormat, TokenChunk, ToolSpec
+from workers.contract import OutputFormat, TokenChunk, ToolSpec, merged
 
 MAX_TOOLS = 64
 
@@ -176,14 +176,12 @@ def openai_call(call: dict) -> dict:
 async def gathered(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     """The stream with its text held back and handed on whole, as one chunk before the final
     one: with tools offered, whether the answer is a call is known only once it is whole."""
-    parts, scored = [], None
+    held: list[TokenChunk] = []
     async for chunk in chunks:
         if isinstance(chunk, TokenChunk):
-            parts.append(chunk.text)
-            if chunk.logprobs is not None:
-                scored = (scored or []) + chunk.logprobs
+            held.append(chunk)
             continue
-        if parts:
-            yield TokenChunk(text="".join(parts), logprobs=scored)
-            parts, scored = [], None
+        if held:
+            yield merged(held)
+            held = []
         yield chunk

@@ -263,6 +263,17 @@ class TokenChunk(BaseModel):
     choice: int | None = None  # which of a job's n answers (None: its only one)
 
 
+def merged(chunks: list[TokenChunk]) -> TokenChunk:
+    """Token chunks of one answer as one: their text, and their tokens' log probabilities
+    when they carry them (None when none does: they were not asked for)."""
+    scored = [chunk.logprobs for chunk in chunks if chunk.logprobs is not None]
+    return TokenChunk(
+        text="".join(chunk.text for chunk in chunks),
+        logprobs=[entry for entries in scored for entry in entries] if scored else None,
+        choice=chunks[0].choice if chunks else None,
+    )
+
+
 class DoneChunk(BaseModel):
     type: Literal["done"] = "done"
     done_reason: Literal["stop", "length", "cancelled"]

@@ -17,6 +17,7 @@ from workers.contract import (
     ProgressChunk,
     TokenChunk,
     ToolSpec,
+    merged,
 )
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -46,27 +47,25 @@ async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
     if record["state"] != store.SUBMITTED_STATE:
         return view
     stream = JobStream(state.redis, job_id, state.settings)
-    text, progress, scored = [], None, None
+    tokens, progress = [], None
     for written_at, chunk in await stream.snapshot():
         if isinstance(chunk, TokenChunk):
-            text.append(chunk.text)
-            if chunk.logprobs is not None:  # asked for
-                scored = (scored or []) + chunk.logprobs
+            tokens.append(chunk)
         elif isinstance(chunk, ProgressChunk):
             progress = {"step": chunk.step, "steps": chunk.steps}
         elif isinstance(chunk, DoneChunk | ImagesChunk | ErrorChunk):
-            ended = view | _ended(view, chunk, written_at, text, scored)
+            ended = view | _ended(view, chunk, written_at, merged(tokens))
             return _with_call(ended, record.get("tools"), f"call_{job_id[:24]}")
-    if text:
-        progress = {"tokens": len(text)}
+    if tokens:
+        progress = {"tokens": len(tokens)}
     status = "running" if await stream.started() else "queued"
     return view | {"status": status, "progress": progress}
 
 
-def _ended(view: dict, chunk, finished_at: float, text: list[str], scored=None) -> dict:
+def _ended(view: dict, chunk, finished_at: float, answer: TokenChunk) -> dict:
     """The fields of an ended job: when it ended (its final chunk's stream time) and started
-    (its queue time after submission, as the worker measured it), and what came of it (with
-    its tokens' log probabilities, `scored`, when they were asked for)."""
+    (its queue time after submission, as the worker measured it), and what came of it (its
+    `answer`, with its tokens' log probabilities when they were asked for)."""
     ended = {"finished_at": finished_at, "started_at": None}
     if isinstance(chunk, ErrorChunk):
         return ended | {"status": "failed", "error": chunk.message}
@@ -78,9 +77,9 @@ def _ended(view: dict, chunk, finished_at: float, text: list[str], scored=None) 
         return ended | cost | {"status": "succeeded", "output": output}
     usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.output_tokens}
     status = "cancelled" if chunk.done_reason == "cancelled" else "succeeded"
-    output = {"text": "".join(text), "finish_reason": chunk.done_reason, **usage}
-    if scored is not None:
-        output["logprobs"] = chat_logprobs(scored)
+    output = {"text": answer.text, "finish_reason": chunk.done_reason, **usage}
+    if answer.logprobs is not None:
+        output["logprobs"] = chat_logprobs(answer.logprobs)
     return ended | cost | {"status": status, "output": output}
 
 

@@ -19,7 +19,7 @@ from api.tools import gathered, openai_call, read_call
 from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
 from webhooks.targets import FetchFailed, TargetRefused, fetch, networks
-from workers.contract import DoneChunk, TokenChunk, TokenLogprob, ToolSpec
+from workers.contract import DoneChunk, TokenChunk, TokenLogprob, ToolSpec, merged
 
 SSE = "text/event-stream"
 FETCH_TIMEOUT_SECONDS = 10
@@ -105,19 +105,12 @@ def answers(done: DoneChunk) -> list[str]:
     return done.choices or [done.done_reason]
 
 
-def by_choice(tokens: list[TokenChunk], count: int) -> list[list[TokenChunk]]:
-    """The token chunks of each of `count` answers."""
+def by_choice(tokens: list[TokenChunk], count: int) -> list[TokenChunk]:
+    """Each of `count` answers, its token chunks merged."""
     split: list[list[TokenChunk]] = [[] for _ in range(count)]
     for chunk in tokens:
         split[chunk.choice or 0].append(chunk)
-    return split
-
-
-def scored_of(chunks: list[TokenChunk]) -> list[TokenLogprob] | None:
-    """The answer's tokens' log probabilities; None if they were not asked for."""
-    if not chunks or all(chunk.logprobs is None for chunk in chunks):
-        return None
-    return [entry for chunk in chunks for entry in chunk.logprobs or []]
+    return [merged(chunks) for chunks in split]
 
 
 class ChatRender:
@@ -188,10 +181,9 @@ class ChatRender:
     def completion(self, tokens: list[TokenChunk], done: DoneChunk) -> dict:
         choices = []
         reasons = answers(done)
-        for i, chunks in enumerate(by_choice(tokens, len(reasons))):
-            text = "".join(chunk.text for chunk in chunks)
-            calls = self._calls(text)
-            message = {"role": "assistant", "content": text}
+        for i, answer in enumerate(by_choice(tokens, len(reasons))):
+            calls = self._calls(answer.text)
+            message = {"role": "assistant", "content": answer.text}
             if calls is not None:
                 message = {"role": "assistant", "content": None, "tool_calls": calls}
             choices.append(
@@ -199,7 +191,7 @@ class ChatRender:
                     "index": i,
                     "message": message,
                     "finish_reason": finish_reason(reasons[i], calls is not None),
-                    "logprobs": self._logprobs(scored_of(chunks)),
+                    "logprobs": self._logprobs(answer.logprobs),
                 }
             )
         return {
@@ -261,11 +253,11 @@ class CompletionRender:
         choices = [
             self._choice(
                 i,
-                "".join(chunk.text for chunk in chunks),
+                answer.text,
                 finish_reason(reasons[i]),
-                scored_of(chunks) if self.scoring else None,
+                answer.logprobs if self.scoring else None,
             )
-            for i, chunks in enumerate(by_choice(tokens, len(reasons)))
+            for i, answer in enumerate(by_choice(tokens, len(reasons)))
         ]
         return self._body(choices) | {"usage": usage(done)}
 
