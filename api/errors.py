@@ -3,6 +3,7 @@
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from sqlalchemy import exc as db
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -10,6 +11,7 @@ from billing.db import database_away
 
 # The 503 for a route that found the database out of reach (billing.db.database_away).
 DATABASE_AWAY_MESSAGE = "the database is unavailable; try again shortly"
+REDIS_AWAY_MESSAGE = "the job store (Redis) is unavailable; try again shortly"
 
 
 class ApiError(Exception):
@@ -174,6 +176,15 @@ def install(app: FastAPI) -> None:
     # SQLAlchemy's errors only: a ConnectionError elsewhere (storage, say) is not the database's
     for kind in (db.OperationalError, db.InterfaceError, db.TimeoutError, db.DBAPIError):
         app.add_exception_handler(kind, database_outage)
+
+    @app.exception_handler(RedisError)
+    async def redis_outage(request: Request, exc: RedisError) -> JSONResponse:
+        """Redis restarting or unreachable, anywhere a request reads it (slots, job records,
+        streams): a 503 to retry, not a server error."""
+        headers = {"Retry-After": "1"}
+        return error_response(
+            request.url.path, 503, REDIS_AWAY_MESSAGE, headers, code="unavailable"
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

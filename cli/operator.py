@@ -224,14 +224,28 @@ def billing_relay(
 ) -> None:
     """Customers, subscriptions, and usage to Stripe's meter (each record once), until
     stopped. Deployments run `gpuhost billing worker` instead."""
+    import sys
     import time
+
+    from sqlalchemy.exc import DBAPIError
 
     from billing.relay import Relay
 
     _, settings, api, sessions = _stripe()
     relay = Relay(settings, sessions, api)
+    away = 0  # passes in a row that could not reach the database
     while True:
-        done = relay.run_pass()
+        try:
+            done = relay.run_pass()
+        except DBAPIError as exc:  # the ledger is away: nothing was sent that it did not note
+            if once:
+                fail(f"the database is unreachable: {exc.orig or exc}")
+            away += 1
+            wait = min(30.0, settings.relay_interval_seconds * 2 ** min(away, 5))
+            print(f"relay: the database is unreachable, again in {wait:.0f} s", file=sys.stderr)
+            time.sleep(wait)
+            continue
+        away = 0
         if done.sent or done.failed or done.customers or done.subscriptions or once:
             print_json(done.as_dict())
         if once:

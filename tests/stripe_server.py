@@ -15,7 +15,8 @@ As Stripe does, it takes (200) a meter event for a customer it does not know and
 count it; `report_meter_errors` then sends the meter error report an event destination gets:
 a thin event (`v1.billing.meter.error_report_triggered`, signed as webhooks are) whose full
 event (`GET /v2/core/events/{id}`) names sample events by identifier.
-Faults can be injected: failures and slow answers.
+Faults can be injected: failures, slow answers, and a hook between counting an event and
+answering.
 """
 
 import hashlib
@@ -92,6 +93,7 @@ class FakeStripe:
         # Idempotency-Key: (the request's parameters, the answer's status, body, headers)
         self._idempotent: dict[str, tuple[str, int, dict, dict | None]] = {}
         self._faults: list[tuple[str, float]] = []  # ("fail", status) or ("slow", seconds)
+        self._after_event: list = []  # callbacks for the next counted meter events
         self._lock = threading.Lock()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -137,6 +139,11 @@ class FakeStripe:
     def slow_next(self, count: int, seconds: float) -> None:
         """Answer late (the work is still done, as when a client times out on Stripe)."""
         self._faults += [("slow", seconds)] * count
+
+    def after_next_meter_event(self, callback) -> None:
+        """Call `callback()` once, after the next meter event is counted and before its 2xx is
+        sent: a test stops the sender there, between Stripe's answer and its own commit."""
+        self._after_event.append(callback)
 
     def total(self, customer: str) -> int:
         return sum(
@@ -524,7 +531,10 @@ class FakeStripe:
             self.events[identifier] = event
             return 200, event
 
-        return self._replay(request, params, make)
+        response = self._replay(request, params, make)
+        if response.status_code == 200 and self._after_event:
+            self._after_event.pop(0)()
+        return response
 
     def report_meter_errors(self, destination: str, secret: str) -> httpx.Response:
         """Send the meter error report of the events taken and not counted since the last one

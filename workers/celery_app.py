@@ -1,12 +1,15 @@
 """The Celery application of a worker process, built from its settings."""
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import redis
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 from billing.db import session_factory, sync_engine
 from billing.usage_writer import UsageWriter
@@ -19,6 +22,7 @@ from workers.tasks import WorkerRuntime, process_name, run_chat, run_images
 from workers.usage_spool import UsageSpool
 
 log = logging.getLogger(__name__)
+REQUEUE_PAUSE_SECONDS = 1.0  # a job Redis failed under goes back to its queue after this
 
 
 def load_engine(settings: WorkerSettings):
@@ -74,13 +78,29 @@ def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celer
 
     @app.task(name=CHAT_TASK, shared=False, bind=True)
     def chat(task, payload: dict) -> str:
-        return run_chat(runtime, payload, redelivered(task))
+        with requeued_while_redis_is_away():
+            return run_chat(runtime, payload, redelivered(task))
 
     @app.task(name=IMAGES_TASK, shared=False, bind=True)
     def images(task, payload: dict) -> str:
-        return run_images(runtime, payload, redelivered(task))
+        with requeued_while_redis_is_away():
+            return run_images(runtime, payload, redelivered(task))
 
     return app
+
+
+@contextmanager
+def requeued_while_redis_is_away() -> Iterator[None]:
+    """A job that Redis failed under (restarting: its claim, stream or slot unreachable) goes
+    back to its queue, a second later, rather than being acknowledged as done and lost. Its
+    next delivery is a redelivery: if it ran to its end meanwhile, the ledger says so and it
+    is not run again."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        log.warning("Redis is unreachable (%s): the job goes back to its queue", exc)
+        time.sleep(REQUEUE_PAUSE_SECONDS)
+        raise Reject(exc, requeue=True) from exc
 
 
 def redelivered(task) -> bool:
@@ -103,7 +123,9 @@ def consume(make_app: Callable[[], Celery], queue: str, concurrency: int) -> Non
         "--loglevel=INFO",
         "--without-gossip",
         "--without-mingle",
-        f"--hostname={queue}@%h",
+        # one node name per process: two workers of a queue on one host (compose, dev) would
+        # otherwise share it, and RabbitMQ lets only one of them hold its control queue
+        f"--hostname={queue}-{os.getpid()}@%h",
     ]
     asked = threading.Event()  # Celery's handlers of SIGTERM / SIGINT say so before stopping
 

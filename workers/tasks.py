@@ -109,6 +109,8 @@ def _run(
         return "duplicate"
     retention = runtime.settings.stream_retention_seconds
     start = runtime.claims.take(job.request_id, job.tenant_id, retention)
+    if start is None and redelivered:
+        start = _claim_when_free(runtime, job, retention)
     if start is None:
         log.info("job %s is running on another worker; this delivery ignored", job.request_id)
         return "duplicate"
@@ -134,6 +136,27 @@ def _run(
         return outcome.status
     finally:
         runtime.claims.release(job.request_id)
+
+
+def _claim_when_free(runtime: WorkerRuntime, job: ChatJob | ImageJob, retention: int):
+    """A job delivered again while another process holds its claim: that process still runs
+    it (the broker lost its acknowledgement, a restart say) and renews the claim, or it died
+    with it and the claim lapses within its TTL. RabbitMQ delivers a dead consumer's jobs
+    again at once, before that, so wait a TTL and a half: the job is this delivery's once its
+    claim is free and it was not recorded meanwhile (None: it is not)."""
+    deadline = time.monotonic() + runtime.settings.claim_ttl_seconds * 1.5
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if _recorded(runtime, job):
+            return None
+        start = runtime.claims.take(job.request_id, job.tenant_id, retention)
+        if start is None:
+            continue
+        if _recorded(runtime, job):  # it ended between the two looks
+            runtime.claims.release(job.request_id)
+            return None
+        return start
+    return None
 
 
 def _recorded(runtime: WorkerRuntime, job: ChatJob | ImageJob) -> bool:

@@ -11,6 +11,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from kombu.exceptions import KombuError
 from redis.exceptions import LockError, RedisError
 
 from api.admission import Lease
@@ -20,7 +21,7 @@ from api.jobs.submit import enqueue, take_slot
 from api.jobs.view import job_view
 from api.state import AppState
 from webhooks import service as webhooks
-from workers.contract import ChatJob, ImageJob
+from workers.contract import ChatJob, ImageJob, send_job
 from workers.keyspace import (
     HOOKED,
     SUBMITTED,
@@ -166,6 +167,29 @@ class Scheduler:
                 waiting.append(Lease(tenant, job_id))
         if waiting:
             await self.state.admission.renew_all(waiting)
+            await self._send_again_if_lost(waiting)
+
+    async def _send_again_if_lost(self, waiting: list[Lease]) -> None:
+        """A job enqueued over GPUHOST_QUEUE_TIMEOUT_SECONDS ago that no worker holds lost its
+        message (a broker that restarted before it was on disk, a delivery that failed and was
+        acknowledged): send it again. Should the first message turn up after all, its worker
+        finds the job claimed or recorded and does not run it twice."""
+        redis = self.state.redis
+        pipe = redis.pipeline(transaction=False)
+        for lease in waiting:
+            pipe.hmget(job_record_key(lease.holder), "submitted_at", "type", "spec")
+        timeout = self.state.settings.queue_timeout_seconds
+        for lease, (at, kind, spec) in zip(waiting, await pipe.execute(), strict=True):
+            if at is None or spec is None or time.time() - float(at) < timeout:
+                continue
+            job = (ImageJob if kind == b"images" else ChatJob).model_validate_json(spec)
+            job.enqueued_at = time.time()
+            log.warning("job %s was not started within %.0f s: sent again", job.request_id, timeout)
+            await store.mark_submitted(redis, job.request_id, lease.tenant_id, job.enqueued_at)
+            try:
+                await asyncio.to_thread(send_job, self.state.celery, job)
+            except (KombuError, OSError) as exc:  # the broker is away: the next pass tries
+                log.warning("job %s could not be sent again: %s", job.request_id, exc)
 
     async def _observe_webhooks(self) -> None:
         """Record the events of jobs with webhooks as they happen (the sender delivers them);

@@ -52,6 +52,9 @@ from workers.keyspace import attached_key, meta_key
 log = logging.getLogger(__name__)
 # How long a cancelled job's final chunk (what it ran) is waited for, to count it.
 COUNT_WAIT_SECONDS = 120
+# How long a message the broker refuses is tried again (each try waits for the connection
+# up to Celery's broker_connection_timeout, 4 s) before the request gets 503.
+BROKER_RETRY_SECONDS = 10.0
 
 Spec = ChatJob | ImageJob
 
@@ -69,13 +72,26 @@ async def enqueue(state: AppState, lease: Lease, spec: Spec) -> None:
     """Send the job to its family's queue. If it cannot be sent (503 when the broker is
     away), its slot is given back."""
     try:
-        await anyio.to_thread.run_sync(send_job, state.celery, spec)
+        await _send(state, spec)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await _release(state, lease)
         if isinstance(exc, KombuError | OSError):
             raise Unavailable(f"the job queue is unavailable ({exc}); try again shortly") from exc
         raise
+
+
+async def _send(state: AppState, spec: Spec) -> None:
+    """Send the message; a broker that refuses it (restarting, say) is tried again for up to
+    BROKER_RETRY_SECONDS, so that a request arriving meanwhile waits rather than fails."""
+    deadline = time.monotonic() + BROKER_RETRY_SECONDS
+    while True:
+        try:
+            return await anyio.to_thread.run_sync(send_job, state.celery, spec)
+        except (KombuError, OSError):
+            if time.monotonic() >= deadline:
+                raise
+            await anyio.sleep(0.5)
 
 
 async def check_quota(state: AppState, owner: KeyOwner, fresh: bool = False) -> str:

@@ -6,50 +6,16 @@ every answered one is recorded with what it reported; and the service recovers b
 new requests are answered once Redis is back, without restarting anything."""
 
 import json
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import redis
 
 from tests.helpers import auth, chat_body, usage_rows
-from tests.stack import Gateway, Worker, free_port, wait_for
+from tests.stack import Gateway, RedisServer, Worker, wait_for
 
 REQUESTS = 16
-
-
-class RedisServer:
-    def __init__(self, directory):
-        self.port = free_port()
-        self.directory = directory
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.popen = None
-
-    def start(self) -> None:
-        self.popen = subprocess.Popen(
-            [
-                "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(self.ping, 10, "redis-server to answer", interval=0.05)
-
-    def ping(self) -> bool:
-        try:
-            return redis.Redis.from_url(self.url, socket_timeout=0.5).ping()
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        self.popen.kill()
-        self.popen.wait()
 
 
 def test_a_redis_restart_under_load_loses_nothing_and_heals(

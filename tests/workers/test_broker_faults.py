@@ -1,0 +1,134 @@
+"""Workers on RabbitMQ (a node of the tests' own) when something under them fails: a job is
+never acknowledged as done when it did not run.
+
+- RabbitMQ delivers a dead consumer's unacknowledged jobs again at once, before the dead
+  worker's claim on the job has lapsed: the new delivery waits for the claim to lapse and
+  runs the job, rather than taking it for a duplicate and dropping it.
+- A job delivered while Redis (claims, streams, slots) is unreachable goes back to its queue
+  and runs once Redis is back, once.
+"""
+
+import signal
+import time
+import uuid
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.helpers import usage_rows
+from tests.stack import RabbitNode, RedisServer, Worker, wait_for
+from workers.contract import (
+    ChatJob,
+    ChatTurn,
+    SamplingOptions,
+    celery_config,
+    send_job,
+)
+from workers.keyspace import claim_key, started_key
+
+CLAIM_TTL = 2.0
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory):
+    node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+    node.start()
+    yield node
+    node.kill()
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+def rabbit_env(stack_env, rabbit, own_redis) -> dict[str, str]:
+    return stack_env | {
+        "GPUHOST_BROKER_URL": rabbit.url,
+        "GPUHOST_REDIS_URL": own_redis.url,
+        "GPUHOST_CLAIM_TTL_SECONDS": str(CLAIM_TTL),
+    }
+
+
+@pytest.fixture(scope="module")
+def rabbit_worker(stack_env, rabbit, own_redis, tmp_path_factory):
+    env = rabbit_env(stack_env, rabbit, own_redis)
+    process = Worker("worker-rabbit", env, tmp_path_factory.mktemp("logs"), rabbit.url)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def producer(rabbit):
+    app = Celery("gpuhost-tests-rabbit")
+    app.conf.update(celery_config(rabbit.url))
+    yield app
+    app.close()
+
+
+def job(tenant_factory) -> ChatJob:
+    tenant_id, _, key_id = tenant_factory.create("free")
+    return ChatJob(
+        request_id=uuid.uuid4().hex,
+        tenant_id=tenant_id,
+        api_key_id=key_id,
+        model="llava-llama3",
+        kind="chat",
+        messages=[ChatTurn(role="user", content="hello")],
+        options=SamplingOptions(max_tokens=4, temperature=0),
+        enqueued_at=time.time(),
+    )
+
+
+def test_a_job_redelivered_before_its_dead_workers_claim_lapsed_runs(
+    stack_env, rabbit, own_redis, producer, tenant_factory, sessions, tmp_path, request
+):
+    spec = job(tenant_factory)
+    client = redis.Redis.from_url(own_redis.url)
+    env = rabbit_env(stack_env, rabbit, own_redis)
+    victim = Worker("worker-victim", env, tmp_path, rabbit.url)
+    try:
+        victim.wait_ready()
+        victim.popen.send_signal(signal.SIGSTOP)
+        send_job(producer, spec)  # the only consumer is the victim: the job is in its hands
+        survivor = request.getfixturevalue("rabbit_worker")
+        # The victim claimed the job (a claim of a name of its own, renewed no more) and dies:
+        # RabbitMQ delivers the job again at once, before the claim lapses.
+        client.set(claim_key(spec.request_id), "victim:1", px=int(CLAIM_TTL * 1000))
+        client.set(started_key(spec.request_id), "victim:1", ex=600)
+        victim.popen.send_signal(signal.SIGKILL)
+        victim.popen.wait()
+    finally:
+        victim.stop()
+    [record] = wait_for(lambda: usage_rows(sessions, spec.request_id), 60, "the job to run")
+    assert record.status == "completed" and record.gpu_seconds > 0
+    assert "lost before answering; running it" in survivor.log.read_text()
+
+
+def test_a_job_delivered_while_redis_is_away_runs_once_it_is_back(
+    rabbit_worker, own_redis, producer, tenant_factory, sessions
+):
+    spec = job(tenant_factory)
+    own_redis.kill()
+    try:
+        send_job(producer, spec)
+        wait_for(
+            lambda: "goes back to its queue" in rabbit_worker.log.read_text(),
+            30,
+            "the worker to put the job back",
+        )
+        time.sleep(1.5)  # delivered and put back more than once
+        assert not usage_rows(sessions, spec.request_id)
+    finally:
+        own_redis.start()
+    [record] = wait_for(lambda: usage_rows(sessions, spec.request_id), 60, "the job to run")
+    assert record.status == "completed"
+    time.sleep(1.0)  # any later delivery of the same job finds it recorded
+    assert len(usage_rows(sessions, spec.request_id)) == 1
