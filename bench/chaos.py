@@ -424,7 +424,9 @@ def _load(stack: ChaosStack, rng: random.Random, requests: int, faults: int, per
     for tenant, queue in by_tenant.items():
         for n in range(TIERS[tier_of[tenant]] + 1):
             client = Client(stack, random.Random(f"{tenant}{n}"))
-            threads.append(threading.Thread(target=client_thread, args=(tenant, queue, client)))
+            threads.append(
+                threading.Thread(target=client_thread, args=(tenant, queue, client), daemon=True)
+            )
     observer.start()
     began = time.monotonic()
     for thread in threads:
@@ -435,15 +437,15 @@ def _load(stack: ChaosStack, rng: random.Random, requests: int, faults: int, per
         if not order:
             order = rng.sample(FAULT_KINDS, len(FAULT_KINDS))
         kind = order.pop()
-        with lock:  # every request before the mark has started; some are still running
-            lock.wait_for(lambda i=i: done["started"] >= mark(i))
-        time.sleep(rng.uniform(0.2, 1.5))
-        with lock:  # the load runs on through the fault, to the next mark
+        with lock:  # every request before the mark has started: the load runs on, through
+            lock.wait_for(lambda i=i: done["started"] >= mark(i))  # the fault, to the next
             allowed[0] = mark(i + 1)
             lock.notify_all()
+        time.sleep(rng.uniform(0.5, 2.0))  # the fault strikes requests under way
+        in_flight = done["started"] - done["n"]
         fault = stack.inject(kind, rng)
         fault.at -= began
-        fault.in_flight = done["started"] - done["n"]
+        fault.in_flight = in_flight
         fault.slots_back_seconds = observer.slots_back()
         injected.append(fault)
         print(f"fault {i + 1}: {fault.kind} ({fault.target}) at {fault.at:.0f} s", file=sys.stderr)

@@ -59,16 +59,23 @@ def celery_config(
 
     With the Redis broker, a job whose worker died unacknowledged is delivered again once
     `visibility_timeout` has passed (checked every `restore_interval`). A job that is still
-    running when that happens is not run twice: its worker holds the job's claim.
+    running when that happens is not run twice: its worker holds the job's claim. With
+    RabbitMQ, it comes back at once, and every message is published with a confirm.
     """
+    transport = {
+        "visibility_timeout": visibility_timeout,
+        "unacked_restore_interval": restore_interval,
+        "unacked_restore_throttle": 1,
+    }
+    if broker_url.startswith(("amqp", "pyamqp")):
+        # Publisher confirms: a job is sent once RabbitMQ has it on disk. Without them a
+        # message published just before the broker dies is lost (and its request waits out
+        # its queue timeout).
+        transport["confirm_publish"] = True
     return {
         "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
-            "visibility_timeout": visibility_timeout,
-            "unacked_restore_interval": restore_interval,
-            "unacked_restore_throttle": 1,
-        },
+        "broker_transport_options": transport,
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,

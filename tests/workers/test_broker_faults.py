@@ -10,18 +10,15 @@ never acknowledged as done when it did not run.
 
 import signal
 import time
-import uuid
 
 import pytest
 import redis
 from celery import Celery
 
-from tests.helpers import usage_rows
+from tests.helpers import chat_job, usage_rows
 from tests.stack import RabbitNode, RedisServer, Worker, wait_for
 from workers.contract import (
     ChatJob,
-    ChatTurn,
-    SamplingOptions,
     celery_config,
     send_job,
 )
@@ -75,16 +72,7 @@ def producer(rabbit):
 
 def job(tenant_factory) -> ChatJob:
     tenant_id, _, key_id = tenant_factory.create("free")
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=tenant_id,
-        api_key_id=key_id,
-        model="llava-llama3",
-        kind="chat",
-        messages=[ChatTurn(role="user", content="hello")],
-        options=SamplingOptions(max_tokens=4, temperature=0),
-        enqueued_at=time.time(),
-    )
+    return chat_job(tenant_id, key_id, tokens=4)
 
 
 def test_a_job_redelivered_before_its_dead_workers_claim_lapsed_runs(

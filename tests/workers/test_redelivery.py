@@ -1,7 +1,6 @@
 """Exactly once: a task Celery delivers twice yields one usage record and one answer."""
 
 import json
-import time
 import uuid
 
 import pytest
@@ -10,14 +9,11 @@ from sqlalchemy import func, select
 
 from billing.db import transaction
 from billing.models import UsageRecord
-from tests.helpers import record_usage, usage_rows
+from tests.helpers import chat_job, record_usage, usage_rows
 from tests.stack import wait_for
 from workers.contract import (
     CHAT_TASK,
     LLAVA_QUEUE,
-    ChatJob,
-    ChatTurn,
-    SamplingOptions,
     celery_config,
     decode_chunk,
 )
@@ -30,19 +26,6 @@ def producer(redis_url):
     app.conf.update(celery_config(redis_url))
     yield app
     app.close()
-
-
-def job(tenant_id, key_id, tokens: int = 6) -> ChatJob:
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=tenant_id,
-        api_key_id=key_id,
-        model="llava-llama3",
-        kind="chat",
-        messages=[ChatTurn(role="user", content="hello")],
-        options=SamplingOptions(max_tokens=tokens, temperature=0),
-        enqueued_at=time.time(),
-    )
 
 
 def chunks(redis_client, request_id: str) -> list:
@@ -64,7 +47,7 @@ class TestDeliveredTwice:
         self, worker, producer, tenant_factory, sessions, redis_client
     ):
         tenant_id, _, key_id = tenant_factory.create("free")
-        spec = job(tenant_id, key_id)
+        spec = chat_job(tenant_id, key_id)
         for _ in range(2):  # the same message, twice, as a redelivery would give it
             producer.send_task(
                 CHAT_TASK,
@@ -84,7 +67,7 @@ class TestDeliveredTwice:
         self, worker, producer, tenant_factory, sessions, redis_client
     ):
         tenant_id, _, key_id = tenant_factory.create("free")
-        spec = job(tenant_id, key_id)
+        spec = chat_job(tenant_id, key_id)
         message = dict(
             args=[spec.model_dump(mode="json")], task_id=spec.request_id, queue=LLAVA_QUEUE
         )
