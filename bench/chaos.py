@@ -10,9 +10,9 @@ Stripe-compatible server. The load: streamed and non-streamed chats, images and 
 from two tenants of each tier (Free / Pro / Max), each sending with one more client than its
 tier allows in flight, so that every tenant is sometimes over its limit. The faults, spread
 over the run by progress and cycling through the six kinds in a shuffled order: a worker
-SIGKILLed (a busy one), a gateway SIGKILLed, Redis SIGKILLed and started again, PostgreSQL
-unreachable for 5-15 s, the RabbitMQ node SIGKILLed and started again, and the billing relay
-killed between Stripe's 2xx and its own commit. A killed process is started again a second
+SIGKILLed (a busy one), a gateway SIGKILLed, Redis restarted (SIGTERM, down for a second),
+PostgreSQL unreachable for 5-15 s, the RabbitMQ node SIGKILLed and started again, and the
+billing relay killed between Stripe's 2xx and its own commit. A killed process is started again a second
 later, as Kubernetes would.
 
 The clients do what a careful client of the API does: a stream cut by its gateway is resumed

@@ -220,7 +220,7 @@ class ChaosStack:
         return self._kill(self.roles[rng.choice(names)]), {}
 
     def _redis_restart(self, rng) -> tuple[str, dict]:
-        self.redis_server.kill()  # SIGKILL: what the append-only file has, survives
+        self.redis_server.shutdown()  # a restart (SIGTERM): what it acknowledged survives
         time.sleep(1.0)
         self.redis_server.start()
         return "redis", {}

@@ -83,6 +83,10 @@ def celery_config(
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # After a broker connection is lost with jobs running, Celery shrinks the prefetch
+        # count and grows it back as those jobs are acknowledged; they cannot be (their channel
+        # is gone), so a worker took no new job after a RabbitMQ restart.
+        "worker_enable_prefetch_count_reduction": False,
         "task_routes": {
             CHAT_TASK: {"queue": LLAVA_QUEUE},
             IMAGES_TASK: {"queue": SD_QUEUE},

@@ -30,6 +30,7 @@ from workers.keyspace import (
 )
 
 log = logging.getLogger(__name__)
+REDIS_WAIT_SECONDS = 10.0  # a chunk waits this long for Redis (restarting) to come back
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,12 @@ class JobChannel:
         self.tokens_sent = 0
 
     def cancelled(self) -> bool:
-        return bool(self._redis.exists(cancel_key(self._id)))
+        """Whether the job was cancelled; Redis away (restarting) reads as not: the job runs
+        on, and its chunks wait for Redis (`_publish`)."""
+        try:
+            return bool(self._redis.exists(cancel_key(self._id)))
+        except redis.RedisError:
+            return False
 
     # -- TokenSink
 
@@ -155,6 +161,19 @@ class JobChannel:
         self._publish(chunk, final=True)
 
     def _publish(self, chunk: AnyChunk, final: bool = False) -> None:
+        """Append the chunk; Redis away (restarting) is waited for, up to REDIS_WAIT_SECONDS,
+        before the error goes up (the engine fails the job, unbilled)."""
+        deadline = time.monotonic() + REDIS_WAIT_SECONDS
+        while True:
+            try:
+                return self._append(chunk, final)
+            except redis.RedisError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("could not publish to %s (%s); trying again", self._id, exc)
+                time.sleep(0.5)
+
+    def _append(self, chunk: AnyChunk, final: bool) -> None:
         """Append the chunk. The stream's expiry is set with its first chunk and its last, and
         in between only every quarter of the retention time (XADD keeps a key's expiry), so a
         token costs one command."""

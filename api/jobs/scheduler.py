@@ -59,6 +59,7 @@ class Scheduler:
         self.state = state
         self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
         self._observed_at = 0.0
+        self._unplaced: list[tuple[str, str]] = []  # taken off their queues, not yet placed
         self.then = [make(state, self) for make in then]
 
     async def run(self) -> None:
@@ -92,6 +93,7 @@ class Scheduler:
         if not await taking.acquire():
             return  # another gateway's scheduler is taking them in this pass
         try:
+            await self._put_back_unplaced()
             for _ in range(MAX_ROUNDS):
                 if not await self._take_round():
                     return
@@ -102,32 +104,59 @@ class Scheduler:
     async def _take_round(self) -> int:
         redis = self.state.redis
         taken = 0
-        for tenant, job_id in await store.next_waiting(redis):
-            record = await store.job_record(redis, job_id)
-            if record.get("state") != store.WAITING:
-                continue  # cancelled or expired meanwhile
-            try:
-                lease = await take_slot(self.state, tenant, record["tier"], job_id, meta(record))
-            except TooManyRequests:
-                await store.requeue(redis, tenant, job_id)  # its turn comes again
-                continue
-            except Exception:  # Redis away: the job stays first in line, if it can be put back
-                await store.requeue(redis, tenant, job_id)
-                raise
-            taken += 1
-            if record["type"] == store.SYNC:  # its own gateway sends it
-                if not await store.grant(redis, job_id, lease.granted_ms):
-                    await self.state.admission.release(lease)  # it left while it was taken
-                continue
-            if not await store.move_job(redis, job_id, store.WAITING, store.SUBMITTED_STATE):
-                await self.state.admission.release(lease)  # cancelled while it was taken
-                continue
-            try:
-                await self.send(job_id, record, lease)
-            except Exception:  # not enqueued (its slot is back): first in line again
-                await store.unsubmit(redis, job_id, tenant)
-                raise
+        popped: list[tuple[str, str]] = []
+        try:
+            await store.next_waiting(redis, popped)
+        finally:
+            self._unplaced.extend(popped)  # held here until placed or put back
+        for tenant, job_id in popped:
+            taken += await self._place(tenant, job_id)
+            self._unplaced.remove((tenant, job_id))
         return taken
+
+    async def _put_back_unplaced(self) -> None:
+        """Jobs this scheduler took off their queues and could not place because Redis
+        failed under it (restarting): back in line, first, once it answers again. A job that
+        got as far as being marked submitted, but not to being sent, waits again."""
+        redis = self.state.redis
+        while self._unplaced:
+            tenant, job_id = self._unplaced[0]
+            state = await redis.hget(job_record_key(job_id), "state")
+            if state == store.WAITING.encode():
+                await store.requeue(redis, tenant, job_id)
+            elif state == store.SUBMITTED_STATE.encode() and not await redis.hexists(
+                SUBMITTED, job_id
+            ):
+                await store.unsubmit(redis, job_id, tenant)
+            self._unplaced.pop(0)
+
+    async def _place(self, tenant: str, job_id: str) -> int:
+        """A slot for a job taken off its queue, and its next step: 1 if it got one."""
+        redis = self.state.redis
+        record = await store.job_record(redis, job_id)
+        if record.get("state") != store.WAITING:
+            return 0  # cancelled or expired meanwhile
+        try:
+            lease = await take_slot(self.state, tenant, record["tier"], job_id, meta(record))
+        except TooManyRequests:
+            await store.requeue(redis, tenant, job_id)  # its turn comes again
+            return 0
+        except Exception:  # Redis away: the job stays first in line, if it can be put back
+            await store.requeue(redis, tenant, job_id)
+            raise
+        if record["type"] == store.SYNC:  # its own gateway sends it
+            if not await store.grant(redis, job_id, lease.granted_ms):
+                await self.state.admission.release(lease)  # it left while it was taken
+            return 1
+        if not await store.move_job(redis, job_id, store.WAITING, store.SUBMITTED_STATE):
+            await self.state.admission.release(lease)  # cancelled while it was taken
+            return 1
+        try:
+            await self.send(job_id, record, lease)
+        except Exception:  # not enqueued (its slot is back): first in line again
+            await store.unsubmit(redis, job_id, tenant)
+            raise
+        return 1
 
     async def send(self, job_id: str, record: dict, lease: Lease) -> None:
         """Enqueue a job that holds its slot (a waiting job or a batch line); the schedulers

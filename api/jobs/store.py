@@ -171,10 +171,14 @@ async def move_job(redis: aioredis.Redis, job_id: str, from_state: str, to_state
     return bool(await redis.eval(JOB_MOVE, 1, job_record_key(job_id), from_state, to_state))
 
 
-async def next_waiting(redis: aioredis.Redis) -> list[tuple[str, str]]:
+async def next_waiting(
+    redis: aioredis.Redis, taken: list[tuple[str, str]] | None = None
+) -> list[tuple[str, str]]:
     """(tenant, job id): the next waiting job of each tenant that has one, taken off its
-    queue (`requeue` puts one back first in line); tenants with none left leave the set."""
-    taken = []
+    queue (`requeue` puts one back first in line); tenants with none left leave the set.
+    Each is appended to `taken` as it is taken, so that a caller whom Redis fails half way
+    knows which it holds."""
+    taken = [] if taken is None else taken
     for raw in await redis.smembers(TENANTS_WAITING):
         tenant = raw.decode()
         job_id = await redis.eval(WAITING_POP, 2, waiting_key(tenant), TENANTS_WAITING, tenant)

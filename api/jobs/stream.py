@@ -10,6 +10,7 @@ job, the model went silent, the client left, the job's stream expired.
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -30,8 +31,30 @@ POLL_MS = 500
 ATTACHED_TTL_SECONDS = 3
 WORKER_LOST = "the worker running this request was lost; it was not billed, please retry"
 
+# A relay rides out a Redis restart this long before its client gets an error.
+REDIS_WAIT_SECONDS = 10.0
+
 Chunk = AnyChunk
 Disconnected = Callable[[], Awaitable[bool]]
+
+
+class RedisOutage:
+    """Redis failing under a relay: it is tried again every half second until it answers, for
+    up to REDIS_WAIT_SECONDS since it first failed; then the client gets a 503."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    async def wait(self, exc: RedisError) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since >= REDIS_WAIT_SECONDS:
+            raise Unavailable(f"lost the connection to the job stream ({exc})") from exc
+        await anyio.sleep(0.5)
+
+    def over(self) -> None:
+        self._since = None
 
 
 class JobStream:
@@ -64,6 +87,7 @@ class JobStream:
         twice a second: when it says True the job is cancelled and iteration ends. `attached`:
         a client reads this resumed stream (the job's abandoned relay keeps it alive)."""
         heard_at = asked_at = time.monotonic()
+        outage = RedisOutage()
         while not self.ended:
             try:
                 if attached:
@@ -77,7 +101,9 @@ class JobStream:
                     if not reply:
                         raise await self._given_up_as_lost()
             except RedisError as exc:
-                raise Unavailable(f"lost the connection to the job stream ({exc})") from exc
+                await outage.wait(exc)
+                continue
+            outage.over()
             now = time.monotonic()
             if disconnected is not None and now - asked_at >= POLL_MS / 1000:
                 asked_at = now
@@ -101,6 +127,7 @@ class JobStream:
         what `follow` watches."""
         signal = done_key(self.request_id)
         heard_at, length = time.monotonic(), -1
+        outage = RedisOutage()
         while not self.ended:
             try:
                 signalled = await self.redis.blpop([signal], timeout=POLL_MS / 1000)
@@ -119,7 +146,9 @@ class JobStream:
                     await self._check_silence(now - heard_at)
                     continue
             except RedisError as exc:
-                raise Unavailable(f"lost the connection to the job stream ({exc})") from exc
+                await outage.wait(exc)
+                continue
+            outage.over()
             for entry_id, fields in entries:
                 yield self._accept(entry_id, fields)
                 if self.ended:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import httpx
 import ollama
@@ -13,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.jobs import store
+from api.jobs.scheduler import Scheduler
 from api.jobs.store import JobMeta
 from tests.conftest import running_gateway
 from tests.helpers import auth, chat_body, in_flight, usage_rows
@@ -288,3 +290,39 @@ def test_a_slot_granted_after_its_request_left_makes_no_record(redis_url, redis_
     assert not redis_client.exists(job_record_key(job_id))
     assert redis_client.llen(waiting_key(tenant)) == 0
     assert not redis_client.sismember(TENANTS_WAITING, tenant)
+
+
+def test_jobs_taken_when_redis_failed_under_the_scheduler_go_back_in_line(redis_url, redis_client):
+    """A scheduler takes jobs off their queues, then Redis fails under it (restarting) before
+    it places them: it keeps them, and once Redis answers puts each back first in line, the
+    one it had marked submitted but not sent too. (CI's chaos run saw such an async job never
+    run.)"""
+    tenant = f"tenant-{uuid.uuid4().hex}"
+    waiting_job, marked_job = uuid.uuid4().hex, uuid.uuid4().hex
+    record = {"tenant_id": tenant, "tier": "pro", "type": "chat", "model": "llava-llama3"}
+
+    async def run():
+        redis = aioredis.Redis.from_url(redis_url)
+        scheduler = Scheduler(SimpleNamespace(redis=redis))
+        async with redis.lock(TAKING, timeout=10):
+            for job_id in (waiting_job, marked_job):
+                await store.add_waiting_job(redis, job_id, record, 60, False, time.time())
+            for _ in range(2):  # taken, one a round; then Redis failed under the scheduler
+                scheduler._unplaced += [
+                    t for t in await store.next_waiting(redis) if t[0] == tenant
+                ]
+            await store.move_job(redis, marked_job, store.WAITING, store.SUBMITTED_STATE)
+            await scheduler._put_back_unplaced()
+            queued = [raw.decode() for raw in await redis.lrange(waiting_key(tenant), 0, -1)]
+            states = [await redis.hget(job_record_key(j), "state") for j in queued]
+            for job_id in (waiting_job, marked_job):
+                await redis.delete(job_record_key(job_id))
+            await redis.delete(waiting_key(tenant))
+            await redis.srem(TENANTS_WAITING, tenant)
+        await redis.aclose()
+        return scheduler._unplaced, queued, states
+
+    unplaced, queued, states = asyncio.run(run())
+    assert unplaced == []
+    assert sorted(queued) == sorted([waiting_job, marked_job])
+    assert states == [store.WAITING.encode()] * 2
