@@ -12,8 +12,8 @@ tier allows in flight, so that every tenant is sometimes over its limit. The fau
 over the run by progress and cycling through the six kinds in a shuffled order: a worker
 SIGKILLed (a busy one), a gateway SIGKILLed, Redis restarted (SIGTERM, down for a second),
 PostgreSQL unreachable for 5-15 s, the RabbitMQ node SIGKILLed and started again, and the
-billing relay killed between Stripe's 2xx and its own commit. A killed process is started again a second
-later, as Kubernetes would.
+billing relay killed between Stripe's 2xx and its own commit. A killed process is started
+again a second later, as Kubernetes would.
 
 The clients do what a careful client of the API does: a stream cut by its gateway is resumed
 on the other one (`GET /api/jobs/{id}/stream?after=N`), an async job is submitted with an
