@@ -53,6 +53,9 @@ TENANTS_WAITING = f"{PREFIX}jobs:waiting-tenants"  # tenants with a job waiting 
 SUBMITTED = f"{PREFIX}jobs:submitted"  # enqueued, lease kept by the schedulers until started
 HOOKED = f"{PREFIX}jobs:hooked"  # jobs with a webhook whose last event is not recorded yet
 TAKING = f"{PREFIX}jobs:taking"  # a lock: held by the one scheduler taking waiting jobs
+# job id -> tenant: taken off its queue by a scheduler and not yet placed (a slot and its next
+# step); what a scheduler that failed or died half way left, the next one puts back in line
+IN_HAND = f"{PREFIX}jobs:in-hand"
 
 
 def job_record_key(job_id: str) -> str:
@@ -222,11 +225,14 @@ return 0
 # The next waiting job of a tenant, taken off its queue; a tenant whose queue is empty leaves
 # the set of tenants with jobs waiting. One step, so that a job put back meanwhile (its
 # tenant added again with it: WAITING_REQUEUE) never finds its tenant gone.
-# KEYS: the tenant's queue, TENANTS_WAITING. ARGV: the tenant. Returns the job id or nil.
+# The job taken is noted in IN_HAND in the same step.
+# KEYS: the tenant's queue, TENANTS_WAITING, IN_HAND. ARGV: the tenant. Returns the job id or nil.
 WAITING_POP = """
 local job = redis.call('LPOP', KEYS[1])
 if not job then
   redis.call('SREM', KEYS[2], ARGV[1])
+else
+  redis.call('HSET', KEYS[3], job, ARGV[1])
 end
 return job
 """

@@ -59,7 +59,6 @@ class Scheduler:
         self.state = state
         self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
         self._observed_at = 0.0
-        self._unplaced: list[tuple[str, str]] = []  # taken off their queues, not yet placed
         self.then = [make(state, self) for make in then]
 
     async def run(self) -> None:
@@ -93,7 +92,8 @@ class Scheduler:
         if not await taking.acquire():
             return  # another gateway's scheduler is taking them in this pass
         try:
-            await self._put_back_unplaced()
+            if put_back := await store.put_back_in_hand(self.state.redis):
+                log.warning("%d job(s) a scheduler took and never placed: back in line", put_back)
             for _ in range(MAX_ROUNDS):
                 if not await self._take_round():
                     return
@@ -102,33 +102,11 @@ class Scheduler:
                 await taking.release()
 
     async def _take_round(self) -> int:
-        redis = self.state.redis
         taken = 0
-        popped: list[tuple[str, str]] = []
-        try:
-            await store.next_waiting(redis, popped)
-        finally:
-            self._unplaced.extend(popped)  # held here until placed or put back
-        for tenant, job_id in popped:
+        for tenant, job_id in await store.next_waiting(self.state.redis):
             taken += await self._place(tenant, job_id)
-            self._unplaced.remove((tenant, job_id))
+            await store.placed(self.state.redis, job_id)
         return taken
-
-    async def _put_back_unplaced(self) -> None:
-        """Jobs this scheduler took off their queues and could not place because Redis
-        failed under it (restarting): back in line, first, once it answers again. A job that
-        got as far as being marked submitted, but not to being sent, waits again."""
-        redis = self.state.redis
-        while self._unplaced:
-            tenant, job_id = self._unplaced[0]
-            state = await redis.hget(job_record_key(job_id), "state")
-            if state == store.WAITING.encode():
-                await store.requeue(redis, tenant, job_id)
-            elif state == store.SUBMITTED_STATE.encode() and not await redis.hexists(
-                SUBMITTED, job_id
-            ):
-                await store.unsubmit(redis, job_id, tenant)
-            self._unplaced.pop(0)
 
     async def _place(self, tenant: str, job_id: str) -> int:
         """A slot for a job taken off its queue, and its next step: 1 if it got one."""

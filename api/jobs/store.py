@@ -16,6 +16,7 @@ from workers.keyspace import (
     BATCHES_ACTIVE,
     BATCHES_EXPIRING,
     HOOKED,
+    IN_HAND,
     JOB_GRANT,
     JOB_MOVE,
     SUBMITTED,
@@ -171,20 +172,41 @@ async def move_job(redis: aioredis.Redis, job_id: str, from_state: str, to_state
     return bool(await redis.eval(JOB_MOVE, 1, job_record_key(job_id), from_state, to_state))
 
 
-async def next_waiting(
-    redis: aioredis.Redis, taken: list[tuple[str, str]] | None = None
-) -> list[tuple[str, str]]:
+async def next_waiting(redis: aioredis.Redis) -> list[tuple[str, str]]:
     """(tenant, job id): the next waiting job of each tenant that has one, taken off its
     queue (`requeue` puts one back first in line); tenants with none left leave the set.
-    Each is appended to `taken` as it is taken, so that a caller whom Redis fails half way
-    knows which it holds."""
-    taken = [] if taken is None else taken
+    Each stays noted in IN_HAND until `placed` (or put back by `put_back_in_hand`)."""
+    taken = []
     for raw in await redis.smembers(TENANTS_WAITING):
         tenant = raw.decode()
-        job_id = await redis.eval(WAITING_POP, 2, waiting_key(tenant), TENANTS_WAITING, tenant)
+        keys = (waiting_key(tenant), TENANTS_WAITING, IN_HAND)
+        job_id = await redis.eval(WAITING_POP, 3, *keys, tenant)
         if job_id is not None:
             taken.append((tenant, job_id.decode()))
     return taken
+
+
+async def placed(redis: aioredis.Redis, job_id: str) -> None:
+    """A job taken off its queue has its slot and its next step, or is back in line."""
+    await redis.hdel(IN_HAND, job_id)
+
+
+async def put_back_in_hand(redis: aioredis.Redis) -> int:
+    """Jobs a scheduler took off their queues and never placed (Redis failed under it, or it
+    died): each back first in line, one marked submitted but never sent too. Called by the
+    scheduler that holds TAKING, before it takes any. Returns how many."""
+    count = 0
+    for raw_id, raw_tenant in (await redis.hgetall(IN_HAND)).items():
+        job_id, tenant = raw_id.decode(), raw_tenant.decode()
+        state = await redis.hget(job_record_key(job_id), "state")
+        if state == WAITING.encode():
+            await requeue(redis, tenant, job_id)
+            count += 1
+        elif state == SUBMITTED_STATE.encode() and not await redis.hexists(SUBMITTED, job_id):
+            await unsubmit(redis, job_id, tenant)
+            count += 1
+        await placed(redis, job_id)
+    return count
 
 
 async def requeue(redis: aioredis.Redis, tenant: str, job_id: str) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 import uuid
-from types import SimpleNamespace
 
 import httpx
 import ollama
@@ -14,12 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.jobs import store
-from api.jobs.scheduler import Scheduler
 from api.jobs.store import JobMeta
 from tests.conftest import running_gateway
 from tests.helpers import auth, chat_body, in_flight, usage_rows
 from tests.stack import wait_for
 from workers.keyspace import (
+    IN_HAND,
     SLOT_ACQUIRE,
     TAKING,
     TENANTS_WAITING,
@@ -292,27 +291,26 @@ def test_a_slot_granted_after_its_request_left_makes_no_record(redis_url, redis_
     assert not redis_client.sismember(TENANTS_WAITING, tenant)
 
 
-def test_jobs_taken_when_redis_failed_under_the_scheduler_go_back_in_line(redis_url, redis_client):
-    """A scheduler takes jobs off their queues, then Redis fails under it (restarting) before
-    it places them: it keeps them, and once Redis answers puts each back first in line, the
-    one it had marked submitted but not sent too. (CI's chaos run saw such an async job never
-    run.)"""
+def test_jobs_a_scheduler_took_and_never_placed_go_back_in_line(redis_url, redis_client):
+    """A scheduler takes jobs off their queues, then Redis fails under it (restarting) or it
+    dies before it places them: the next scheduler to take jobs puts each back first in line,
+    the one marked submitted but never sent too. (The chaos run saw such an async job, taken by
+    a gateway SIGKILLed a moment later, never run.)"""
     tenant = f"tenant-{uuid.uuid4().hex}"
     waiting_job, marked_job = uuid.uuid4().hex, uuid.uuid4().hex
     record = {"tenant_id": tenant, "tier": "pro", "type": "chat", "model": "llava-llama3"}
 
     async def run():
         redis = aioredis.Redis.from_url(redis_url)
-        scheduler = Scheduler(SimpleNamespace(redis=redis))
         async with redis.lock(TAKING, timeout=10):
             for job_id in (waiting_job, marked_job):
                 await store.add_waiting_job(redis, job_id, record, 60, False, time.time())
-            for _ in range(2):  # taken, one a round; then Redis failed under the scheduler
-                scheduler._unplaced += [
-                    t for t in await store.next_waiting(redis) if t[0] == tenant
-                ]
+            for _ in range(2):  # taken, one a round; then the scheduler is gone
+                await store.next_waiting(redis)
             await store.move_job(redis, marked_job, store.WAITING, store.SUBMITTED_STATE)
-            await scheduler._put_back_unplaced()
+            in_hand = await redis.hmget(IN_HAND, [waiting_job, marked_job])
+            put_back = await store.put_back_in_hand(redis)
+            left = await redis.hmget(IN_HAND, [waiting_job, marked_job])
             queued = [raw.decode() for raw in await redis.lrange(waiting_key(tenant), 0, -1)]
             states = [await redis.hget(job_record_key(j), "state") for j in queued]
             for job_id in (waiting_job, marked_job):
@@ -320,9 +318,10 @@ def test_jobs_taken_when_redis_failed_under_the_scheduler_go_back_in_line(redis_
             await redis.delete(waiting_key(tenant))
             await redis.srem(TENANTS_WAITING, tenant)
         await redis.aclose()
-        return scheduler._unplaced, queued, states
+        return in_hand, put_back, left, queued, states
 
-    unplaced, queued, states = asyncio.run(run())
-    assert unplaced == []
+    in_hand, put_back, left, queued, states = asyncio.run(run())
+    assert in_hand == [tenant.encode()] * 2 and put_back >= 2
+    assert left == [None, None]
     assert sorted(queued) == sorted([waiting_job, marked_job])
     assert states == [store.WAITING.encode()] * 2
