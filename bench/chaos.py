@@ -502,7 +502,9 @@ def report(stack, plan, injected, observer, tier_of, load_seconds) -> dict:
     retried = Counter(r for o in answered for r in set(o.retries) if r != "rerouted")
     retried["redelivered to another worker"] = sum(o.request_id in redelivered for o in answered)
     limits = {t: TIERS[tier] for t, tier in tier_of.items()}
-    running_peak = _running_peak(stack, list(tier_of))
+    running_peak, overlapping = _running_peak(
+        stack, {t: TIERS[tier] for t, tier in tier_of.items()}
+    )
     faults_by_kind = Counter(f.kind for f in injected)
     result = {
         "requests": len(plan),
@@ -533,7 +535,10 @@ def report(stack, plan, injected, observer, tier_of, load_seconds) -> dict:
             }
             for tier in ("free", "pro", "max")
         },
-        "over_tier": [t for t in tier_of if max(observer.peak[t], running_peak[t]) > limits[t]],
+        # the admission invariant: slots held (Redis) never above the tier
+        "over_tier": [t for t in tier_of if observer.peak[t] > limits[t]],
+        # runs whose ledger times overlap beyond the tier (reported, with examples below)
+        "runs_overlapping_over_tier": [t for t in tier_of if running_peak[t] > limits[t]],
         "slots_back_seconds": [
             {"kind": f.kind, "at": round(f.at, 1), "requests_in_flight": f.in_flight}
             | {"seconds": f.slots_back_seconds}
@@ -548,6 +553,7 @@ def report(stack, plan, injected, observer, tier_of, load_seconds) -> dict:
         for outcome in plan:
             file.write(json.dumps(outcome.__dict__) + "\n")
     result["examples"] = {
+        "runs_over_tier": overlapping,
         "unrecorded": unrecorded[:5],
         "errors_billed": errors_billed[:5],
         "hung": [o.index for o in plan if o.end == "hung"][:5],
@@ -588,24 +594,33 @@ def _redelivered(stack: ChaosStack) -> set[str]:
     return found
 
 
-def _running_peak(stack: ChaosStack, tenant_ids: list[str]) -> dict[str, int]:
-    """Per tenant, the most requests whose runs (the ledger's start and end) overlapped."""
+def _running_peak(stack: ChaosStack, limits: dict[str, int]) -> tuple[dict, dict]:
+    """Per tenant, the most requests whose runs (the ledger's start and end) overlapped, and
+    for a tenant over its tier, the runs that overlapped (request id, status, start, end)."""
     with stack.sessions() as session:
         rows = session.execute(
-            select(UsageRecord.tenant_id, UsageRecord.started_at, UsageRecord.finished_at).where(
-                UsageRecord.started_at.is_not(None)
-            )
+            select(
+                UsageRecord.tenant_id,
+                UsageRecord.request_id,
+                UsageRecord.status,
+                UsageRecord.started_at,
+                UsageRecord.finished_at,
+            ).where(UsageRecord.started_at.is_not(None))
         ).all()
     edges = defaultdict(list)
-    for tenant, start, end in rows:
-        edges[str(tenant)] += [(start, 1), (end, -1)]
-    peak = dict.fromkeys(tenant_ids, 0)
+    for tenant, request_id, status, start, end in rows:
+        run = (request_id, status, start.isoformat(), end.isoformat())
+        edges[str(tenant)] += [(start, 1, run), (end, -1, run)]
+    peak = dict.fromkeys(limits, 0)
+    over: dict[str, list] = {}
     for tenant, points in edges.items():
-        level = 0
-        for _, step in sorted(points, key=lambda p: (p[0], p[1])):
-            level += step
-            peak[tenant] = max(peak.get(tenant, 0), level)
-    return peak
+        running = set()
+        for _, step, run in sorted(points, key=lambda p: (p[0], p[1])):
+            (running.add if step > 0 else running.discard)(run)
+            peak[tenant] = max(peak.get(tenant, 0), len(running))
+            if len(running) > limits.get(tenant, len(running)) and tenant not in over:
+                over[tenant] = sorted(running, key=lambda r: r[2])
+    return peak, over
 
 
 def _settle(stack: ChaosStack, observer: Observer) -> dict:

@@ -5,8 +5,8 @@ of each of the six kinds spread over the run: a busy worker and a gateway SIGKIL
 restarted, the RabbitMQ node killed and started again, PostgreSQL unreachable for 5-15 s, and the
 billing relay killed between Stripe's 2xx and its own commit. Then, from the clients' view, the
 ledger, Redis and the Stripe-compatible server: no request hangs, every answer is recorded
-once with the GPU-seconds it reported, no error is billed, no tenant ran more than its tier,
-every slot came back after each fault, and the ledger's total is the meter's after
+once with the GPU-seconds it reported, no error is billed, no tenant held more slots than its
+tier, every slot came back after each fault, and the ledger's total is the meter's after
 `gpuhost billing reconcile`."""
 
 import json
