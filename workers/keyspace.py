@@ -198,6 +198,18 @@ local answered = redis.call('EXISTS', KEYS[4])
 return (fresh and 0 or 1) + 2 * cancelled + 4 * answered
 """
 
+# A lapsed claim set again (a Redis restart can let it expire between two renewals), unless
+# someone else has taken it meanwhile: a lapsed claim would read as a lost worker.
+# KEYS: the claim. ARGV: worker process, claim TTL (ms). Returns 1 if set.
+CLAIM_KEEP = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # Drop the claim only if it is still ours (it may have expired and been taken since), and give
 # the tenant's slot back (a no-op if the gateway already has). KEYS: claim, slots (or none).
 # ARGV: worker process, holder.

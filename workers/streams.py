@@ -18,6 +18,7 @@ from workers.contract import (
     encode_chunk,
 )
 from workers.keyspace import (
+    CLAIM_KEEP,
     JOB_RELEASE,
     JOB_TAKE,
     SLOT_RENEW,
@@ -60,6 +61,7 @@ class Claims:
         self._take = client.register_script(JOB_TAKE)
         self._release = client.register_script(JOB_RELEASE)
         self._renew_lease = client.register_script(SLOT_RENEW)
+        self._keep = client.register_script(CLAIM_KEEP)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="claims", daemon=True)
         self._thread.start()
@@ -94,6 +96,14 @@ class Claims:
         keys = [claim_key(request_id), slots] if slots else [claim_key(request_id)]
         self._release(keys=keys, args=[self._process, request_id])
 
+    def _restore(self, request_id: str) -> None:
+        """Set a lapsed claim again while the job is still held here and no one else has
+        taken it: a lapsed claim reads as a lost worker, to the gateway and to a redelivery."""
+        with self._lock:
+            if request_id in self._held:
+                self._keep(keys=[claim_key(request_id)], args=[self._process, self._ttl_ms])
+                log.warning("the claim of %s had lapsed; set again", request_id)
+
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join()
@@ -109,7 +119,10 @@ class Claims:
                 pipe = self._redis.pipeline(transaction=False)
                 for request_id in held:
                     pipe.pexpire(claim_key(request_id), self._ttl_ms)
-                pipe.execute()
+                kept = pipe.execute()
+                for request_id, renewed in zip(held, kept, strict=True):
+                    if not renewed:  # lapsed (a Redis restart between two renewals)
+                        self._restore(request_id)
                 for request_id, slots in held.items():
                     if slots:  # only while the lease is still there: XX never re-adds one
                         self._renew_lease(keys=[slots], args=[self._lease_ms, request_id])

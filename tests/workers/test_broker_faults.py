@@ -10,6 +10,7 @@ never acknowledged as done when it did not run.
 
 import signal
 import time
+import uuid
 
 import pytest
 import redis
@@ -23,6 +24,7 @@ from workers.contract import (
     send_job,
 )
 from workers.keyspace import claim_key, started_key
+from workers.streams import Claims
 
 CLAIM_TTL = 2.0
 
@@ -120,3 +122,25 @@ def test_a_job_delivered_while_redis_is_away_runs_once_it_is_back(
     assert record.status == "completed"
     time.sleep(1.0)  # any later delivery of the same job finds it recorded
     assert len(usage_rows(sessions, spec.request_id)) == 1
+
+
+def test_a_claim_that_lapsed_under_its_running_job_is_set_again(redis_client):
+    """A Redis restart can let a running job's claim expire between two renewals; a lapsed
+    claim reads as a lost worker (the gateway gives the slot back while the job still runs).
+    The worker holding the job sets it again, unless another has taken it meanwhile."""
+    claims = Claims(redis_client, "worker-a:1", ttl=0.6)
+    mine, taken_over = uuid.uuid4().hex, uuid.uuid4().hex
+    try:
+        for request_id in (mine, taken_over):
+            assert claims.take(request_id, None, retention=60) is not None
+            redis_client.delete(claim_key(request_id))  # lapsed
+        redis_client.set(claim_key(taken_over), "worker-b:2", px=5000)
+        wait_for(lambda: redis_client.get(claim_key(mine)) == b"worker-a:1", 5, "the claim back")
+        time.sleep(0.5)  # renewals since: the other worker's claim is left alone
+        assert redis_client.get(claim_key(taken_over)) == b"worker-b:2"
+    finally:
+        for request_id in (mine, taken_over):
+            claims.release(request_id)
+        claims.stop()
+    assert not redis_client.exists(claim_key(mine))
+    redis_client.delete(claim_key(taken_over), started_key(mine), started_key(taken_over))
