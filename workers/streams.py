@@ -32,6 +32,8 @@ from workers.keyspace import (
 
 log = logging.getLogger(__name__)
 REDIS_WAIT_SECONDS = 10.0  # a chunk waits this long for Redis (restarting) to come back
+# ... and a final chunk this long: its job is recorded, its client must hear how it ended
+FINAL_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -170,13 +172,17 @@ class JobChannel:
     def publish_final(self, chunk: AnyChunk) -> None:
         """The job's last chunk. Its tenant's slot is given back first, in the same round
         trip, so that the slot is free before anyone reads the chunk (the gateway, which would
-        otherwise give it back itself, does not)."""
-        self._publish(chunk, final=True)
+        otherwise give it back itself, does not). Redis away is waited for up to
+        FINAL_WAIT_SECONDS; past that the error goes up, the job goes back to its queue, and
+        its next delivery finds it recorded."""
+        self._publish(chunk, final=True, wait=FINAL_WAIT_SECONDS)
 
-    def _publish(self, chunk: AnyChunk, final: bool = False) -> None:
-        """Append the chunk; Redis away (restarting) is waited for, up to REDIS_WAIT_SECONDS,
-        before the error goes up (the engine fails the job, unbilled)."""
-        deadline = time.monotonic() + REDIS_WAIT_SECONDS
+    def _publish(
+        self, chunk: AnyChunk, final: bool = False, wait: float = REDIS_WAIT_SECONDS
+    ) -> None:
+        """Append the chunk; Redis away (restarting) is waited for, up to `wait` seconds,
+        before the error goes up (for a token: the engine fails the job, unbilled)."""
+        deadline = time.monotonic() + wait
         while True:
             try:
                 return self._append(chunk, final)

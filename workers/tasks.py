@@ -38,7 +38,6 @@ from workers.streams import Claims, JobChannel
 from workers.usage_spool import UsageSpool
 
 log = logging.getLogger(__name__)
-FINAL_WAIT_SECONDS = 30.0  # how long a recorded job's final chunk waits for Redis
 
 
 def process_name() -> str:
@@ -133,28 +132,10 @@ def _run(
                 log.info("job %s: its worker was lost before answering; running it", job.request_id)
             outcome = _attempt(job, channel, queue_seconds, execute)
         _record(runtime, job, outcome, started, queue_seconds)
-        _publish_final(channel, outcome.final)
+        channel.publish_final(outcome.final)
         return outcome.status
     finally:
         runtime.claims.release(job.request_id)
-
-
-def _publish_final(channel: JobChannel, final: AnyChunk) -> None:
-    """The job is recorded: its client must hear how it ended. Redis away (restarting) is
-    waited for, up to FINAL_WAIT_SECONDS; past that the error goes up, the job goes back to its
-    queue, and its next delivery finds it recorded."""
-    deadline = time.monotonic() + FINAL_WAIT_SECONDS
-    pause = 0.2
-    while True:
-        try:
-            channel.publish_final(final)
-            return
-        except redis.RedisError as exc:
-            if time.monotonic() >= deadline:
-                raise
-            log.warning("could not publish the final chunk (%s); trying again", exc)
-            time.sleep(pause)
-            pause = min(2.0, pause * 2)
 
 
 def _claim_when_free(runtime: WorkerRuntime, job: ChatJob | ImageJob, retention: int):
