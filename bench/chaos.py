@@ -148,37 +148,35 @@ class Client:
                 _read(response, lines)
 
         try:
-            used, _ = self._call(out, send)
+            self._call(out, send)
         except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
             if out.request_id is None:
                 out.end, out.error = "lost", f"connection lost with its gateway: {exc!r}"
                 return
-            used = None
             self._resume(out, headers, lines)
         _stream_end(out, lines)
-        del used
 
     def _resume(self, out: Outcome, headers: dict, lines: list[dict]) -> None:
         """The stream was cut (its gateway died): pick it up where it stopped, on another
         gateway, for up to 60 s."""
         out.retries.append("resumed")
         deadline = time.monotonic() + 60
+        path = f"/api/jobs/{out.request_id}/stream"
+
+        def send(gateway: str):
+            with httpx.stream(
+                "GET",
+                f"{gateway}{path}",
+                params={"after": len(lines)},
+                headers=headers,
+                timeout=120,
+            ) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise _Refused(response)
+                _read(response, lines)
+
         while True:
-            url = f"/api/jobs/{out.request_id}/stream"
-
-            def send(gateway: str, url=url):
-                with httpx.stream(
-                    "GET",
-                    f"{gateway}{url}",
-                    params={"after": len(lines)},
-                    headers=headers,
-                    timeout=120,
-                ) as response:
-                    if response.status_code != 200:
-                        response.read()
-                        raise _Refused(response)
-                    _read(response, lines)
-
             try:
                 self._call(out, send)
                 return
@@ -186,7 +184,8 @@ class Client:
                 pass  # that gateway died too
             except _Refused as refused:
                 if refused.response.status_code not in (502, 503, 504):
-                    lines.append(_json(refused.response) | {"status": refused.status})
+                    status = refused.response.status_code
+                    lines.append(_json(refused.response) | {"status": status})
                     return
             if time.monotonic() > deadline:
                 return
@@ -256,7 +255,7 @@ class Client:
 
 class _Refused(Exception):
     def __init__(self, response: httpx.Response):
-        self.response, self.status = response, response.status_code
+        self.response = response
 
 
 def _chat(tokens: int) -> dict:

@@ -272,9 +272,10 @@ class ChaosStack:
         """Every process up again and ready."""
         deadline = time.monotonic() + timeout
         for role in self.roles.values():
-            wait_for(lambda r=role: r.process.alive(), max(1, deadline - time.monotonic()), r"up")
+            left = max(1, deadline - time.monotonic())
+            wait_for(lambda r=role: r.process.alive(), left, f"{role.name} to be up")
             if hasattr(role.process, "wait_ready"):
                 role.process.wait_ready(timeout=max(1, deadline - time.monotonic()))
 
 
-__all__ = ["ChaosStack", "FAULT_KINDS", "FaultDone", "STRIPE_KEY", "wait_for"]
+__all__ = ["ChaosStack", "FAULT_KINDS", "FaultDone", "STRIPE_KEY"]
