@@ -51,8 +51,14 @@ class TimedMeter(Meter):
 
 
 class Sink:
+    """Notes when the first token reached it (time to first token, from arrival)."""
+
+    def __init__(self) -> None:
+        self.first_at: float | None = None
+
     def token(self, text: str) -> None:
-        pass
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
 
     def should_stop(self) -> bool:
         return False
@@ -87,13 +93,15 @@ def job(tokens: int, i: int, image: bool = False) -> ChatJob:
 def run(engine: TransformersLlava, streams: int, tokens: int, image: bool = False) -> dict:
     results = [None] * streams
     jobs = [job(tokens, i, image) for i in range(streams)]
+    sinks = [Sink() for _ in range(streams)]
 
     def one(i: int) -> None:
-        results[i] = engine.generate(jobs[i], Sink())
+        results[i] = engine.generate(jobs[i], sinks[i])
 
     meter: TimedMeter = engine.meter
     busy0, own0 = meter.busy_seconds, meter.own_seconds
     steps0, decoded0 = engine.decode_steps, engine.decode_tokens
+    prefills0 = engine.prefill_batches
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
     started = time.perf_counter()
     for thread in threads:
@@ -103,6 +111,7 @@ def run(engine: TransformersLlava, streams: int, tokens: int, image: bool = Fals
     wall = time.perf_counter() - started
     produced = sum(r.output_tokens for r in results)
     busy = meter.busy_seconds - busy0
+    first = sorted(s.first_at - started for s in sinks)
     return {
         "streams": streams,
         "image_per_request": image,
@@ -112,6 +121,10 @@ def run(engine: TransformersLlava, streams: int, tokens: int, image: bool = Fals
         "per_stream_tokens_per_second": round(produced / wall / streams, 1),
         "prompt_tokens": results[0].prompt_tokens,
         "mean_prefill_seconds": round(sum(r.prompt_eval_seconds for r in results) / streams, 4),
+        # from arrival (all arrive together): the median and the last request's
+        "first_token_p50_seconds": round(first[(streams - 1) // 2], 4),
+        "first_token_last_seconds": round(first[-1], 4),
+        "prefill_batches": engine.prefill_batches - prefills0,
         "decode_tokens_per_second_per_stream": round(
             sum(r.output_tokens / r.eval_seconds for r in results) / streams, 1
         ),

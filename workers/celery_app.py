@@ -68,6 +68,7 @@ def load_engine(settings: WorkerSettings):
         max_batch=settings.concurrency,
         keep_alive=settings.keep_alive_seconds,
         decode=settings.llava_decode,
+        prefill_tokens=settings.llava_prefill_tokens,
     )
 
 

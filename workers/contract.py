@@ -46,6 +46,8 @@ class WorkerStatus(BaseModel):
     active: int  # requests running or waiting in the engine
     decode_steps: int = 0  # batched decode steps since the process started
     decode_tokens: int = 0  # tokens those steps produced (/ decode_steps: mean batch size)
+    prefill_batches: int = 0  # LLaVA prefill forwards (a group of requests arriving together)
+    prefill_rows: int = 0  # requests they prefilled (/ prefill_batches: mean group size)
     batches: int = 0  # Stable Diffusion: batches run
     batch_requests: int = 0  # requests they held (/ batches: mean requests per batch)
     compiled: bool = False  # Stable Diffusion: the UNet compiled at load for the warm sizes

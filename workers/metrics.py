@@ -10,6 +10,8 @@ COUNTERS = {
     "billed_seconds": "Device time already billed to finished requests.",
     "decode_steps": "Batched LLaVA decode steps.",
     "decode_tokens": "Tokens those decode steps produced (/ steps: mean batch size).",
+    "prefill_batches": "LLaVA prefill forward passes (each a group of requests).",
+    "prefill_rows": "Requests those prefills took (/ prefill batches: mean group size).",
     "batches": "Stable Diffusion batches run.",
     "batch_requests": "Requests in those batches (/ batches: mean requests per batch).",
 }

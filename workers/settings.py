@@ -3,7 +3,7 @@
 import re
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from billing.settings import ModelSettings
 
@@ -26,6 +26,10 @@ class WorkerSettings(ModelSettings):
     # context window), each step's shape replayed as a CUDA graph on a GPU; dynamic: a cache
     # that grows with the sequences, one eager step after another; auto: slots on a GPU.
     llava_decode: Literal["auto", "slots", "dynamic"] = "auto"
+    # Requests that arrive together are prefilled in one forward pass of at most this many
+    # padded prompt tokens (rows x the longest prompt; one image is 576 of them). Smaller:
+    # running streams stall less per pass; larger: a burst's first tokens come in fewer passes.
+    llava_prefill_tokens: int = Field(8192, ge=1)
     # Stable Diffusion: most images run as one batch.
     sd_max_batch_images: int = 8
     # An idle Stable Diffusion engine given a request waits this long for others of its shape,

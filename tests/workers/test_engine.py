@@ -69,6 +69,48 @@ def run_together(engine, jobs, sinks):
     return results
 
 
+class Holding(Sink):
+    """A sink that holds the engine thread at its first cancellation check (the one before
+    its request is prefilled) until released: jobs sent meanwhile are all waiting when the
+    engine resumes, as a burst of arrivals would be."""
+
+    def __init__(self):
+        super().__init__()
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def should_stop(self) -> bool:
+        if not self.reached.is_set():
+            self.reached.set()
+            assert self.released.wait(30), "the test never released the engine"
+        return False
+
+
+def arriving_together(engine, jobs, sinks=None):
+    """Run `jobs` so that the engine finds them all waiting at once; their results."""
+    sinks = sinks or [Sink() for _ in jobs]
+    holding = Holding()
+    results = [None] * len(jobs)
+
+    def run(i, sink):
+        results[i] = engine.generate(jobs[i], sink)
+
+    first = threading.Thread(target=run, args=(0, holding))
+    first.start()
+    assert holding.reached.wait(30)
+    others = [threading.Thread(target=run, args=(i, sinks[i])) for i in range(1, len(jobs))]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while engine.active() < len(jobs) - 1:  # the first is in the engine's hands, not counted
+        assert time.monotonic() < deadline, "the jobs never reached the engine"
+        time.sleep(0.001)
+    holding.released.set()
+    for thread in [first, *others]:
+        thread.join()
+    sinks[0].parts = holding.parts
+    return results
+
+
 JOBS = [
     dict(content="hello there", tokens=30),
     dict(content="what is this?", images=[png(color="red")], tokens=25),
@@ -108,6 +150,63 @@ class TestBatching:
         for i in (0, 2):
             assert results[i].done_reason == "length"
             assert sinks[i].text == expected[i]
+
+
+class TestPrefillTogether:
+    """Requests that arrive together are prefilled in one forward pass (prompts left-padded
+    to the longest, images through the vision tower as one batch), and each gets exactly what
+    it gets alone."""
+
+    def test_a_burst_is_prefilled_in_one_pass_and_each_answer_is_its_own(self, engine):
+        jobs = [job(**spec) for spec in JOBS]
+        alone = one_by_one(engine, jobs)
+        passes, rows = engine.prefill_batches, engine.prefill_rows
+        sinks = [Sink() for _ in jobs]
+        together = arriving_together(engine, jobs, sinks)
+        assert (engine.prefill_batches - passes, engine.prefill_rows - rows) == (1, len(jobs))
+        for (single, text), batched, sink in zip(alone, together, sinks, strict=True):
+            assert sink.text == text
+            assert batched.output_tokens == single.output_tokens
+            assert batched.prompt_tokens == single.prompt_tokens
+
+    def test_a_group_stays_within_its_padded_tokens(self, models_dir, engine):
+        same = [job("the same prompt for each of them", tokens=8) for _ in range(5)]
+        expected = [text for _, text in one_by_one(engine, same)]
+        prompt = engine.generate(same[0], Sink()).prompt_tokens
+        small = TransformersLlava(
+            "llava-llama3",
+            models_dir / "llava-llama3",
+            device="cpu",
+            decode=engine.decode,
+            prefill_tokens=2 * prompt,
+        )
+        try:
+            sinks = [Sink() for _ in same]
+            arriving_together(small, same, sinks)
+            assert (small.prefill_batches, small.prefill_rows) == (3, 5)  # 2 + 2 + 1
+            assert [sink.text for sink in sinks] == expected
+            longer = small.generate(job("word " * (3 * prompt), tokens=4), Sink())
+            assert longer.prompt_tokens > small.prefill_tokens and longer.output_tokens == 4
+            assert small.prefill_batches == 4  # a prompt past the budget goes alone
+        finally:
+            small.close()
+
+    def test_the_prefill_is_billed_by_the_prompts_tokens(self, engine):
+        short, long = job("hi", tokens=1), job("word " * 400, tokens=1)
+        busy = engine.meter.busy_seconds
+        results = arriving_together(engine, [short, long])
+        spent = engine.meter.busy_seconds - busy
+        assert sum(r.gpu_seconds for r in results) == pytest.approx(spent, rel=1e-9)
+        share = results[0].prompt_tokens / (results[0].prompt_tokens + results[1].prompt_tokens)
+        assert results[0].gpu_seconds == pytest.approx(spent * share, rel=1e-6)
+
+    def test_a_request_cancelled_while_waiting_is_never_prefilled(self, engine):
+        jobs = [job("first"), job("gone before its turn"), job("third")]
+        passes, rows = engine.prefill_batches, engine.prefill_rows
+        results = arriving_together(engine, jobs, [Sink(), Sink(stop_after=0), Sink()])
+        assert results[1].done_reason == "cancelled" and results[1].gpu_seconds == 0
+        assert [r.done_reason for r in (results[0], results[2])] == ["length", "length"]
+        assert (engine.prefill_batches - passes, engine.prefill_rows - rows) == (1, 2)
 
 
 class TestMetering:

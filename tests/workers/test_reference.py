@@ -1,7 +1,7 @@
 """The engines give what the reference implementations give (CPU, fp32, tiny models), so that
 real weights behave as their authors intended: greedy decoding through the LLaVA engine, with
-both decode batches, rows of different lengths batched together, with and without images and
-over several turns, is token for token transformers' `generate(do_sample=False)`; the
+both decode batches, rows of different lengths prefilled and decoded together, with and without
+images and over several turns, is token for token transformers' `generate(do_sample=False)`; the
 Stable Diffusion engine's images are diffusers' own pipelines' for the same seed, scheduler
 and size, within 1/255."""
 
@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tests.helpers import png
-from tests.workers.test_engine import Sink, run_together
+from tests.workers.test_engine import Sink, arriving_together
 from tests.workers.test_sd_engine import Sink as ProgressSink
 from tests.workers.test_sd_engine import job as image_job
 from tests.workers.test_sd_engine import pixels
@@ -89,7 +89,9 @@ def test_greedy_decoding_is_transformers_generate_token_for_token(engine, refere
     model, processor = reference
     expected = {name: reference_tokens(model, processor, t) for name, t in CONVERSATIONS.items()}
     jobs = [greedy(turns) for turns in CONVERSATIONS.values()]
-    results = run_together(engine, jobs, [Sink() for _ in jobs])  # one batch, rows of all lengths
+    passes = engine.prefill_batches
+    results = arriving_together(engine, jobs)  # one prefill, one batch, rows of all lengths
+    assert engine.prefill_batches - passes == 1
     for name, result in zip(CONVERSATIONS, results, strict=True):
         assert result.output_tokens == TOKENS, name
         assert list(result.context[-TOKENS:]) == expected[name], name

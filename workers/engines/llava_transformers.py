@@ -3,26 +3,26 @@ GPU fallback.
 
 One engine thread owns the model. Celery task threads hand it requests (`generate` blocks the
 calling thread until its request ends). Between decode steps the engine admits waiting
-requests: each is prefilled on its own (images included), then joins the running batch, whose
-rows then decode together, one token per row per step, each row streaming, sampling with its
-own options and seed, and leaving the batch as soon as it finishes or is cancelled.
+requests while rows are free and prefills them in groups: the prompts of a group, left-padded
+to the longest, and all their images (through the vision tower as one batch) go through the
+model in one forward pass, at most `prefill_tokens` padded tokens of it, and one group
+between two decode steps, so that a burst of arrivals neither waits in line for one prefill
+after another nor stalls the running streams for long. A prefilled request joins the running
+batch, whose rows then decode together, one token per row per step, each row streaming,
+sampling with its own options and seed, and leaving the batch as soon as it finishes or is
+cancelled.
 
 Decode steps run over one of two batches with the same contract: on a GPU, `SlotBatch`, a KV
 cache allocated at load with every step's shape captured as a CUDA graph
 (`workers.engines.kv_cache`); on the CPU (or with `decode="dynamic"`), `Batch`, a cache that grows
 with the sequences (`workers.engines.batch`).
 
-Decode steps are pipelined: the engine launches step t+1 (its input, step t's sampled tokens,
-never leaves the device) before it waits for step t's tokens and hands them to the requests,
-so detokenising, streaming and the step's bookkeeping run on the CPU while the device computes.
-A row that finished at step t rode along in step t+1 for nothing; that step's time is charged
-to the rows still live in it, and a step whose rows had all finished is billed to nobody and
-not counted as busy time.
+Decode steps are pipelined (`workers.engines.llava_decode`).
 
 Every step's device time is charged to the requests that were in it (`workers.metering`):
-a prefill to its request alone, a decode step equally to its live rows (one token each). On a
-GPU a step's time is read from CUDA events around it, so it is the device's time, however the
-CPU's work overlapped it.
+a prefill to the requests of its group by their prompts' tokens, a decode step equally to its
+live rows (one token each). On a GPU a step's time is read from CUDA events around it, so it
+is the device's time, however the CPU's work overlapped it.
 """
 
 import gc
@@ -43,11 +43,13 @@ from transformers import (
 from workers.contract import ChatJob
 from workers.engines.base import Generation, TokenSink
 from workers.engines.batch import CACHE, Batch
-from workers.engines.device import Step, clock, place, to_device
+from workers.engines.device import Step, place
 from workers.engines.grammar import Grammars
 from workers.engines.kv_cache import SlotBatch, decode_batch
+from workers.engines.llava_decode import PipelinedDecode
 from workers.engines.llava_requests import Request, prepare
 from workers.engines.logprobs import Speller, score
+from workers.engines.prefill import next_group, row_cache, stacked
 from workers.engines.sampling import pick
 from workers.metering import Meter
 
@@ -55,9 +57,12 @@ log = logging.getLogger(__name__)
 
 CANCEL_POLL_SECONDS = 0.1
 IDLE_WAIT_SECONDS = 0.5
+# Padded prompt tokens (rows x the group's longest prompt) one prefill forward takes at most;
+# a longer prompt goes alone. One image is 576 tokens: 8 requests of a 622-token prompt fit.
+PREFILL_TOKENS = 8192
 
 
-class TransformersLlava:
+class TransformersLlava(PipelinedDecode):
     def __init__(
         self,
         model_name: str,
@@ -67,6 +72,7 @@ class TransformersLlava:
         max_batch: int = 8,
         keep_alive: float = -1.0,
         decode: str = "auto",
+        prefill_tokens: int = PREFILL_TOKENS,
     ):
         self.model_name = model_name
         self.path = path
@@ -74,6 +80,9 @@ class TransformersLlava:
         self.max_output_tokens = max_output_tokens
         self.max_batch = max_batch
         self.keep_alive = keep_alive  # seconds an idle model stays loaded; negative: forever
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1, not {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         if decode not in ("auto", "slots", "dynamic"):
             raise ValueError(f"decode must be auto, slots or dynamic, not {decode!r}")
         # auto: slots (static cache, CUDA graphs) on a GPU; the growing cache on the CPU.
@@ -83,6 +92,7 @@ class TransformersLlava:
         )
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
+        self.pad_id = self.processor.tokenizer.pad_token_id or 0  # masked: any id will do
         self.config = AutoConfig.from_pretrained(path)
         self.context_window = int(self.config.text_config.max_position_embeddings)
         generation = GenerationConfig.from_pretrained(path)
@@ -96,10 +106,13 @@ class TransformersLlava:
         self.meter = Meter()
         self.decode_steps = 0  # batched decode steps run
         self.decode_tokens = 0  # tokens they produced: / decode_steps = mean batch occupancy
+        self.prefill_batches = 0  # prefill forwards run
+        self.prefill_rows = 0  # requests they prefilled: / prefill_batches = mean group
         self.model: LlavaForConditionalGeneration | None = None
         self.load_seconds = 0.0
         self.expires_at: float | None = None  # unix time; None: no expiry
         self._waiting: queue.Queue[Request] = queue.Queue()
+        self._admitted: list[Request] = []  # taken from the queue, rows kept for them, to prefill
         self._batch: Batch | SlotBatch | None = None  # made with the model
         self._inflight: Step | None = None  # launched, tokens not yet handed out
         self._next: torch.Tensor | None = None  # the batch rows' next input tokens (device)
@@ -160,6 +173,8 @@ class TransformersLlava:
             "decode": self.decode,
             "decode_steps": self.decode_steps,
             "decode_tokens": self.decode_tokens,
+            "prefill_batches": self.prefill_batches,
+            "prefill_rows": self.prefill_rows,
         }
 
     # -- the calling (Celery task) thread ------------------------------------------------------
@@ -192,7 +207,7 @@ class TransformersLlava:
         )
 
     def active(self) -> int:
-        return self._rows() + self._waiting.qsize()
+        return self._rows() + len(self._admitted) + self._waiting.qsize()
 
     def _rows(self) -> int:
         batch = self._batch
@@ -208,6 +223,7 @@ class TransformersLlava:
         while not self._stopping.is_set():
             try:
                 self._admit()
+                self._prefill_next()
                 if self._rows() or self._inflight is not None:
                     self._decode()
                 elif self._expired():
@@ -227,12 +243,15 @@ class TransformersLlava:
             and self.expires_at is not None
             and time.time() >= self.expires_at
             and self._waiting.empty()
+            and not self._admitted
         )
 
     def _admit(self) -> None:
-        while self._rows() < self.max_batch:
+        """Take waiting requests while rows are free (loading the model if it was unloaded);
+        a request cancelled while it waited ends here, never prefilled."""
+        while self._rows() + len(self._admitted) < self.max_batch:
             try:
-                busy = self._rows() or self._inflight is not None
+                busy = self._rows() or self._inflight is not None or self._admitted
                 wait = None if busy else IDLE_WAIT_SECONDS
                 request = self._waiting.get(block=wait is not None, timeout=wait)
             except queue.Empty:
@@ -240,89 +259,54 @@ class TransformersLlava:
             try:
                 if self.model is None:
                     request.load_seconds = self._load()
-                self._prefill(request)
             except Exception as exc:
-                log.exception("prefill of %s failed", request.job.request_id)
+                log.exception("loading the model for %s failed", request.job.request_id)
                 self._finish(request, None, error=exc)
+                continue
+            if request.sink.should_stop():
+                self.meter.open(request)
+                self._finish(request, "cancelled")
+                continue
+            self._admitted.append(request)
 
-    @torch.inference_mode()
-    def _prefill(self, request: Request) -> None:
-        if request.sink.should_stop():
-            self.meter.open(request)
-            self._finish(request, "cancelled")
+    def _prefill_next(self) -> None:
+        """Prefill the next group of admitted requests; if it fails, its requests fail."""
+        if not self._admitted:
             return
-        inputs = {k: v.to(self.device) for k, v in request.inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        self.meter.open(request)
-        self._sync()
-        request.started_at = time.perf_counter()
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        first, scores = self._choose([request], out.logits[:, -1].float())
-        token = int(first[0])
-        self._sync()
-        self.meter.charge(time.perf_counter() - request.started_at, {request: 1.0})
-        request.inputs = {}  # the prompt now lives in the KV cache
-        if self._accept(request, token, scores):
-            self._batch.add(request, getattr(out, CACHE), request.prompt_tokens)
-            self._next = first if self._next is None else torch.cat([self._next, first])
+        group = next_group(self._admitted, self.prefill_tokens)
+        self._admitted = [r for r in self._admitted if r not in group]
+        try:
+            self._prefill(group)
+        except Exception as exc:
+            log.exception("prefill of %d request(s) failed", len(group))
+            for request in group:
+                if not request.done.is_set():
+                    self._finish(request, None, error=exc)
 
     @torch.inference_mode()
-    def _decode(self) -> None:
-        """Launch the next step (if a row needs one), then finish the one before it. A row
-        with a grammar needs its last token before its next can be chosen: with one in the
-        batch, the step before is finished while the next one's forward pass runs (on a GPU;
-        on the CPU nothing would overlap, so it is finished first)."""
-        batch = self._batch
-        constrained = any(r.matcher is not None for r in batch.rows)
-        if constrained and self.device.type != "cuda" and self._inflight is not None:
-            self._complete(self._inflight)
-            self._inflight = None
-            self._drop_finished(batch)
-        needed = any(1 + r.launched < r.max_new_tokens for r in batch.rows)
-        # (with nothing in flight a row always needs one: its tokens are all handed out)
-        launch = batch.rows and (needed or self._inflight is None)
-        completing = self._inflight if constrained and launch else None
-        step = self._launch(batch, completing) if launch else None
-        if self._inflight is not None and completing is None:
-            self._complete(self._inflight)
-        self._inflight = step
-        self._drop_finished(batch)
-
-    def _drop_finished(self, batch: Batch | SlotBatch) -> None:
-        keep = [i for i, r in enumerate(batch.rows) if not r.done.is_set()]
-        if len(keep) < len(batch.rows):
-            batch.keep(keep)
-            self._next = self._next[to_device(keep, self.device)] if keep else None
-
-    def _launch(self, batch: Batch | SlotBatch, completing: Step | None = None) -> Step:
-        """Run a decode step over the batch and choose its tokens. `completing`: the step
-        before, finished after this one's forward pass is launched and before its tokens are
-        chosen (its tokens reach the rows' grammars)."""
-        rows = list(batch.rows)
-        started = clock(self.device)
-        logits = batch.step(self._next)
-        if completing is not None:
-            self._complete(completing)
-        tokens, scores = self._choose(rows, logits)
-        host = tokens.to("cpu", non_blocking=True) if self.device.type == "cuda" else tokens
-        for request in rows:
-            request.launched += 1
-        self._next = tokens
-        scores = scores.to_host() if scores is not None else None
-        return Step(rows, tokens, host, started, clock(self.device), scores)
-
-    def _complete(self, step: Step) -> None:
-        """Wait for a step's tokens; charge its time to its live rows, hand them their tokens."""
-        step.wait()
-        live = [r for r in step.rows if not r.done.is_set()]
-        if live:  # a step of rows that had all finished was waste: nobody is billed for it
-            self.meter.charge(step.seconds(), {r: 1.0 for r in live})
-            self.decode_steps += 1
-            self.decode_tokens += len(live)
-        for row, (request, token) in enumerate(zip(step.rows, step.host.tolist(), strict=True)):
-            if not request.done.is_set():
-                self._accept(request, token, step.scores, row)
+    def _prefill(self, group: list[Request]) -> None:
+        inputs = stacked(group, self.pad_id, self.dtype, self.device)
+        for request in group:
+            self.meter.open(request)
+        self._sync()
+        started = time.perf_counter()
+        for request in group:
+            request.started_at = started
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        first, scores = self._choose(group, out.logits[:, -1].float())
+        tokens = first.tolist()
+        self._sync()
+        self.meter.charge(time.perf_counter() - started, {r: r.prompt_tokens for r in group})
+        self.prefill_batches += 1
+        self.prefill_rows += len(group)
+        cache, columns = getattr(out, CACHE), inputs["input_ids"].shape[1]
+        for row, (request, token) in enumerate(zip(group, tokens, strict=True)):
+            request.inputs = {}  # the prompt now lives in the KV cache
+            if self._accept(request, token, scores, row):
+                own = row_cache(cache, row, columns - request.prompt_tokens)
+                self._batch.add(request, own, request.prompt_tokens)
+                mine = first[row : row + 1]
+                self._next = mine if self._next is None else torch.cat([self._next, mine])
 
     def _choose(self, rows: list[Request], logits: torch.Tensor):
         """Each row's next token (on the device), suppressed tokens never chosen but by a row
