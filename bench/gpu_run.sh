@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issues 3 and 4, in one run, next to the reference probe.
+# The GPU benchmarks of issues 3, 4 and 22, in one run, next to the reference probe.
 #
 #   bench/gpu_run.sh [OUTDIR]
 #
 # GPUHOST_BENCH_SECONDS: the whole run's budget (570); GPUHOST_BENCH_SECTIONS: which of
-# "probe sd llava" to run (all); GPUHOST_SD_VARIANTS: which Stable Diffusion variants (below).
+# "probe sd llava" to run (all); GPUHOST_SD_VARIANTS, GPUHOST_LLAVA_VARIANTS: which variants of
+# each engine (below).
 #
 # Run from the repository root on a GPU machine whose python3 has torch (CUDA) and transformers.
 # Wheels in .whl/ (diffusers, importlib_metadata, pydantic, ..., and transformers) are
@@ -87,7 +88,14 @@ EOF
 
 [[ $sections == *" llava "* ]] && {
 echo "== gpuhost LLaVA engine (LLaVA-Llama-3-8B architecture, one image per request)"
-PYTHONPATH=$ours within 200 python3 bench/llava_gpu.py --tokens 128 >"$out/llava.log" 2>&1
-grep '^{' "$out/llava.log"; grep -q Traceback "$out/llava.log" && tail -25 "$out/llava.log"
+# bf16, then float8 language model layers (its quality guard first); GPUHOST_LLAVA_VARIANTS
+# picks some of these
+for weights in ${GPUHOST_LLAVA_VARIANTS:-bf16 fp8}; do
+  echo "-- $weights"
+  PYTHONPATH=$ours within 240 python3 bench/llava_gpu.py --tokens 128 --streams 1,8,32 \
+    --weights "$weights" >"$out/llava-$weights.log" 2>&1
+  grep '^{' "$out/llava-$weights.log"
+  grep -q Traceback "$out/llava-$weights.log" && tail -25 "$out/llava-$weights.log"
+done
 }
 echo "== done with $((deadline - SECONDS)) s of the budget left"

@@ -69,6 +69,7 @@ def load_engine(settings: WorkerSettings):
         keep_alive=settings.keep_alive_seconds,
         decode=settings.llava_decode,
         prefill_tokens=settings.llava_prefill_tokens,
+        weights=settings.llava_weight_format,
     )
 
 

@@ -39,6 +39,7 @@ class WorkerStatus(BaseModel):
     size_bytes: int  # parameters x bytes each, 0 when unloaded
     device: str
     dtype: str
+    weights: str = "bf16"  # LLaVA's language model layers: bf16, or fp8 (workers.engines.fp8)
     context_length: int
     load_seconds: float = 0.0  # how long the model's last load took (never billed)
     busy_seconds: float  # device time spent on requests since the process started

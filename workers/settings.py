@@ -3,7 +3,7 @@
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from billing.settings import ModelSettings
 
@@ -30,6 +30,12 @@ class WorkerSettings(ModelSettings):
     # padded prompt tokens (rows x the longest prompt; one image is 576 of them). Smaller:
     # running streams stall less per pass; larger: a burst's first tokens come in fewer passes.
     llava_prefill_tokens: int = Field(8192, ge=1)
+    # The language model's linear layers: bf16 (float32 on the CPU), or fp8 (float8 weights
+    # with a scale per channel, inputs scaled per token; GPUs of compute capability 8.9 and
+    # newer; half the layers' bytes, so decode reads half as much). GPUHOST_LLAVA_WEIGHTS.
+    llava_weight_format: Literal["bf16", "fp8"] = Field(
+        "bf16", validation_alias=AliasChoices("GPUHOST_LLAVA_WEIGHTS", "llava_weight_format")
+    )
     # Stable Diffusion: most images run as one batch.
     sd_max_batch_images: int = 8
     # An idle Stable Diffusion engine given a request waits this long for others of its shape,
@@ -64,6 +70,16 @@ class WorkerSettings(ModelSettings):
                     f"sd_warm_sizes: {size!r} is not WIDTHxHEIGHT in multiples of 8 (512x512)"
                 )
         return sizes
+
+    @model_validator(mode="after")
+    def _fp8_needs_transformers(self) -> "WorkerSettings":
+        if self.llava_weight_format == "fp8" and self.engine != "transformers":
+            raise ValueError(
+                f"GPUHOST_LLAVA_WEIGHTS=fp8 is a transformers engine setting; the {self.engine} "
+                "engine loads the weights as they are (unset it, or set "
+                "GPUHOST_ENGINE=transformers)"
+            )
+        return self
 
     def sd_compile_wanted(self) -> bool | None:
         return {"auto": None, "on": True, "off": False}[self.sd_compile]

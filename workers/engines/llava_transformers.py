@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from workers.contract import ChatJob
+from workers.engines import fp8
 from workers.engines.base import Generation, TokenSink
 from workers.engines.batch import CACHE, Batch
 from workers.engines.device import Step, place
@@ -73,6 +74,7 @@ class TransformersLlava(PipelinedDecode):
         keep_alive: float = -1.0,
         decode: str = "auto",
         prefill_tokens: int = PREFILL_TOKENS,
+        weights: str = "bf16",
     ):
         self.model_name = model_name
         self.path = path
@@ -83,6 +85,11 @@ class TransformersLlava(PipelinedDecode):
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be at least 1, not {prefill_tokens}")
         self.prefill_tokens = prefill_tokens
+        if weights not in ("bf16", "fp8"):
+            raise ValueError(f"weights must be bf16 or fp8, not {weights!r}")
+        if weights == "fp8" and (why := fp8.supported(self.device)) is not None:
+            raise ValueError(f"{why}: set GPUHOST_LLAVA_WEIGHTS=bf16 for this device")
+        self.weights = weights  # the language model's linear layers (workers.engines.fp8)
         if decode not in ("auto", "slots", "dynamic"):
             raise ValueError(f"decode must be auto, slots or dynamic, not {decode!r}")
         # auto: slots (static cache, CUDA graphs) on a GPU; the growing cache on the CPU.
@@ -129,6 +136,11 @@ class TransformersLlava(PipelinedDecode):
         model = LlavaForConditionalGeneration.from_pretrained(
             self.path, dtype=self.dtype, device_map=str(self.device)
         )
+        if self.weights == "fp8":
+            replaced = fp8.to_float8(model)
+            log.info("%d linear layers of the language model in float8", replaced)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 weights they replaced
         self.model = model.eval()
         self._batch = decode_batch(
             model, self.decode, self._decode_choice, self.max_batch, self.context_window
@@ -165,6 +177,7 @@ class TransformersLlava(PipelinedDecode):
             "size_bytes": sum(p.numel() * p.element_size() for p in weights),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": self.weights,
             "context_length": self.context_window,
             "load_seconds": self.load_seconds,
             "busy_seconds": self.meter.busy_seconds,
