@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--decode", default="auto", choices=("auto", "slots", "dynamic"))
     parser.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--streams", default="1,8", help="concurrent requests, in turn")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
     args = parser.parse_args()
     concurrency = [int(n) for n in args.streams.split(",")]
     device = "cpu" if args.dry_run else "cuda"
@@ -172,6 +173,7 @@ def main() -> None:
         max_batch=max(concurrency),
         decode=args.decode,
         weights=args.weights,
+        compile=args.compile,
     )
     capture = getattr(engine._batch, "capture_seconds", None)
     print(
@@ -180,6 +182,7 @@ def main() -> None:
                 "load_seconds": round(engine.load_seconds, 1),
                 "decode": type(engine._batch).__name__,
                 "graph_capture_seconds": capture,
+                "compile_seconds": getattr(engine._batch, "compile_seconds", None),
                 "weights": args.weights,
                 "size_GiB": round(engine.status()["size_bytes"] / 2**30, 2),
             }

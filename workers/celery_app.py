@@ -70,6 +70,7 @@ def load_engine(settings: WorkerSettings):
         decode=settings.llava_decode,
         prefill_tokens=settings.llava_prefill_tokens,
         weights=settings.llava_weight_format,
+        compile=settings.llava_compile,
     )
 
 

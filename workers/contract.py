@@ -51,7 +51,8 @@ class WorkerStatus(BaseModel):
     prefill_rows: int = 0  # requests they prefilled (/ prefill_batches: mean group size)
     batches: int = 0  # Stable Diffusion: batches run
     batch_requests: int = 0  # requests they held (/ batches: mean requests per batch)
-    compiled: bool = False  # Stable Diffusion: the UNet compiled at load for the warm sizes
+    # compiled at load: LLaVA's decode step (slot cache), Stable Diffusion's UNet (warm sizes)
+    compiled: bool = False
     updated_at: float
 
 

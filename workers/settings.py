@@ -30,6 +30,9 @@ class WorkerSettings(ModelSettings):
     # padded prompt tokens (rows x the longest prompt; one image is 576 of them). Smaller:
     # running streams stall less per pass; larger: a burst's first tokens come in fewer passes.
     llava_prefill_tokens: int = Field(8192, ge=1)
+    # The slot cache's decode step compiled (torch.compile, Inductor) at load, for every
+    # bucket, then captured as CUDA graphs (auto: on a GPU). Loading takes minutes longer.
+    llava_compile: Literal["auto", "on", "off"] = "auto"
     # The language model's linear layers: bf16 (float32 on the CPU), or fp8 (float8 weights
     # with a scale per channel, inputs scaled per token; GPUs of compute capability 8.9 and
     # newer; half the layers' bytes, so decode reads half as much). GPUHOST_LLAVA_WEIGHTS.

@@ -26,6 +26,7 @@ from tests.workers.test_sd_engine import job as image_job
 from tests.workers.test_sd_engine import pixels
 from workers.contract import ChatJob, ChatTurn, SamplingOptions
 from workers.engines.diffusion import DiffusionEngine
+from workers.engines.llava_transformers import TransformersLlava
 from workers.engines.sd_requests import decode_image
 from workers.engines.sd_requests import png as encoded
 
@@ -97,6 +98,58 @@ def test_greedy_decoding_is_transformers_generate_token_for_token(engine, refere
         assert list(result.context[-TOKENS:]) == expected[name], name
     alone = engine.generate(greedy(CONVERSATIONS["an image"]), Sink())
     assert list(alone.context[-TOKENS:]) == expected["an image"]
+
+
+def graphs_compiled() -> int:
+    """How many graphs this process has compiled so far (the compiler's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_a_compiled_decode_step_is_transformers_generate_too(models_dir, reference):
+    """The GPU's default (the slot cache's step compiled at load, every bucket), here on the
+    CPU: greedy decoding is still generate's token for token, and no request compiles."""
+    torch._dynamo.reset()  # as in a fresh worker: no graph compiled by an earlier test
+    before = graphs_compiled()
+    engine = TransformersLlava(
+        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="slots", compile="on"
+    )
+    try:
+        assert engine.status()["compiled"] is True
+        at_load = graphs_compiled()
+        assert at_load > before
+        model, processor = reference
+        jobs = [greedy(turns) for turns in CONVERSATIONS.values()]
+        results = arriving_together(engine, jobs)
+        for name, turns, result in zip(CONVERSATIONS, CONVERSATIONS.values(), results, strict=True):
+            expected = reference_tokens(model, processor, turns)
+            assert list(result.context[-TOKENS:]) == expected, name
+        assert graphs_compiled() == at_load
+    finally:
+        engine.close()
+
+
+def test_a_decode_step_that_fails_to_compile_runs_uncompiled(models_dir, monkeypatch, caplog):
+    """Where compiling fails at load (no C compiler for Triton, say; here Inductor made to
+    fail), the worker says so and decodes eagerly."""
+    import torch._inductor.compile_fx
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", no_compiler)
+    torch._dynamo.reset()
+    engine = TransformersLlava(
+        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="slots", compile="on"
+    )
+    try:
+        assert engine.status()["compiled"] is False
+        result = engine.generate(greedy(CONVERSATIONS["short text"]), Sink())
+        assert result.output_tokens == TOKENS
+    finally:
+        engine.close()
+    assert "compiling the decode step failed: it runs uncompiled" in caplog.text
 
 
 # -- Stable Diffusion --------------------------------------------------------------------------

@@ -13,6 +13,15 @@ launches, whatever the model's depth.
 
 Rows are kept compact (sequence i in slot i); when one leaves, the rows after it move down.
 Padding rows of a bucket attend to their own slot's first column and their logits are unused.
+
+Compiled (`compiled=True`; the engine's `compile`, on a GPU by default), the step is
+`torch.compile`d (Inductor: the norms, rotary embedding, activations and residual additions
+fused into a few kernels instead of one per operation) with the rows and the span symbolic,
+so that a few graphs (one row, more rows) serve every bucket; every bucket is run at load, so
+that nothing compiles on a tenant's time, and on a GPU the CUDA graphs are then captured of
+the compiled step. Steps run under the compiler's `eager_on_recompile` stance: a shape the
+load did not see runs eagerly rather than compiling. Where compiling fails, the batch says so
+and steps eagerly.
 """
 
 import logging
@@ -44,13 +53,15 @@ def _buckets(smallest: int, largest: int) -> list[int]:
 
 
 def _cache_shape(model, max_batch: int, context: int) -> tuple[int, int, int, int, int]:
-    """The keys' (and the values') shape: layers, slots, kv heads, context, head dim."""
+    """The keys' (and the values') shape: layers, slots, kv heads, columns, head dim. One
+    column more than the context: no span is then the whole of the cache, which a compiled
+    step would otherwise need a graph of its own for."""
     config = model.model.language_model.config
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-    return layers, max_batch, kv_heads, context, head_dim
+    return layers, max_batch, kv_heads, context + 1, head_dim
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +72,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class SlotBatch:
     """The same contract as `Batch` (rows, add, step, keep), over a preallocated cache."""
 
-    def __init__(self, model, max_batch: int, context: int, graphs: bool):
+    def __init__(self, model, max_batch: int, context: int, graphs: bool, compiled: bool = False):
         text = model.model.language_model
         config = text.config
         rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -82,7 +93,7 @@ class SlotBatch:
         # Static inputs of a step: each slot's next token and its position (= tokens before it).
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self.columns = torch.arange(context, device=self.device)
+        self.columns = torch.arange(context + 1, device=self.device)
         self.slot_ids = torch.arange(max_batch, device=self.device)
         self.row_buckets = _buckets(1, max_batch)
         self.span_buckets = _buckets(min(SMALLEST_SPAN, context), context)
@@ -90,6 +101,11 @@ class SlotBatch:
         self.lengths: list[int] = []  # tokens in each row's slot (= its next position)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
+        self.compile_seconds = 0.0
+        self.compiled = False
+        self._step = self._forward
+        if compiled:
+            self._compile_all()
         if graphs:
             self._capture_all()
 
@@ -131,6 +147,9 @@ class SlotBatch:
         if graph is not None:
             graph[0].replay()
             logits = graph[1][:n]
+        elif self.compiled:
+            with torch.compiler.set_stance("eager_on_recompile"):
+                logits = self._step(rows, span)[:n]
         else:
             logits = self._forward(rows, span)[:n]
         self.positions[:n] += 1
@@ -190,6 +209,29 @@ class SlotBatch:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.head(self.norm(hidden)[:, 0]).float()
 
+    @torch.inference_mode()
+    def _compile_all(self) -> None:
+        """Compile the step and run it for every (rows, span) bucket (at load: never billed;
+        the slots are empty, so what the runs write into them is overwritten by the first
+        sequences). If compiling fails, the batch steps eagerly and the log says why."""
+        started = time.perf_counter()
+        step = torch.compile(self._forward, dynamic=True, fullgraph=True)
+        try:
+            for rows in self.row_buckets:
+                for span in self.span_buckets:
+                    step(rows, span)
+        except Exception:
+            log.exception("compiling the decode step failed: it runs uncompiled")
+            return
+        self._step, self.compiled = step, True
+        self.compile_seconds = time.perf_counter() - started
+        log.info(
+            "compiled the decode step for rows %s x spans %s in %.1fs",
+            self.row_buckets,
+            self.span_buckets,
+            self.compile_seconds,
+        )
+
     def _capture_all(self) -> None:
         """Capture every (rows, span) bucket's step as a CUDA graph (at load: never billed)."""
         started = time.perf_counter()
@@ -199,12 +241,12 @@ class SlotBatch:
             for span in self.span_buckets:
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA asks
-                    self._forward(rows, span)
+                    self._step(rows, span)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: another thread's CUDA work (none is expected) cannot break it
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    logits = self._forward(rows, span)
+                    logits = self._step(rows, span)
                 pool = graph.pool()
                 self._graphs[(rows, span)] = (graph, logits)
         torch.cuda.synchronize(self.device)
@@ -226,10 +268,12 @@ SLOT_HEADROOM_BYTES = 2 * 2**30
 
 @torch.inference_mode()
 def decode_batch(
-    model, decode: str, choice: str, max_batch: int, context_window: int
+    model, decode: str, choice: str, max_batch: int, context_window: int, compiled: bool = False
 ) -> "Batch | SlotBatch":
     """The batch an engine decodes over: `decode` is slots or dynamic; `choice` auto on a GPU
-    takes the slot cache only if it fits beside SLOT_HEADROOM_BYTES, else the growing cache."""
+    takes the slot cache only if it fits beside SLOT_HEADROOM_BYTES, else the growing cache;
+    `compiled`: the slot cache's step compiled (the growing cache's shapes change every step,
+    so it never is)."""
     device = model.device
     if decode == "dynamic":
         return Batch(model)
@@ -247,7 +291,9 @@ def decode_batch(
             )
             return Batch(model)
     try:
-        return SlotBatch(model, max_batch, context_window, graphs=device.type == "cuda")
+        return SlotBatch(
+            model, max_batch, context_window, graphs=device.type == "cuda", compiled=compiled
+        )
     except Unsupported as exc:
         log.warning("decoding with a growing cache: %s", exc)
         return Batch(model)

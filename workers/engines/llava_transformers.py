@@ -3,14 +3,12 @@ GPU fallback.
 
 One engine thread owns the model. Celery task threads hand it requests (`generate` blocks the
 calling thread until its request ends). Between decode steps the engine admits waiting
-requests while rows are free and prefills them in groups: the prompts of a group, left-padded
-to the longest, and all their images (through the vision tower as one batch) go through the
-model in one forward pass, at most `prefill_tokens` padded tokens of it, and one group
-between two decode steps, so that a burst of arrivals neither waits in line for one prefill
-after another nor stalls the running streams for long. A prefilled request joins the running
-batch, whose rows then decode together, one token per row per step, each row streaming,
-sampling with its own options and seed, and leaving the batch as soon as it finishes or is
-cancelled.
+requests while rows are free and prefills them in groups (`workers.engines.prefill`): one
+forward pass of at most `prefill_tokens` padded tokens, images included, per decode step, so
+that a burst neither waits for one prefill after another nor stalls running streams for long.
+A prefilled request joins the running batch, whose rows decode together, one token per row
+per step, each streaming, sampling with its own options and seed, and leaving as soon as it
+finishes or is cancelled.
 
 Decode steps run over one of two batches with the same contract: on a GPU, `SlotBatch`, a KV
 cache allocated at load with every step's shape captured as a CUDA graph
@@ -43,14 +41,14 @@ from transformers import (
 from workers.contract import ChatJob
 from workers.engines import fp8
 from workers.engines.base import Generation, TokenSink
-from workers.engines.batch import CACHE, Batch
+from workers.engines.batch import Batch
 from workers.engines.device import Step, place
 from workers.engines.grammar import Grammars
 from workers.engines.kv_cache import SlotBatch, decode_batch
 from workers.engines.llava_decode import PipelinedDecode
 from workers.engines.llava_requests import Request, prepare
 from workers.engines.logprobs import Speller, score
-from workers.engines.prefill import next_group, row_cache, stacked
+from workers.engines.prefill import GroupedPrefill
 from workers.engines.sampling import pick
 from workers.metering import Meter
 
@@ -63,7 +61,7 @@ IDLE_WAIT_SECONDS = 0.5
 PREFILL_TOKENS = 8192
 
 
-class TransformersLlava(PipelinedDecode):
+class TransformersLlava(GroupedPrefill, PipelinedDecode):
     def __init__(
         self,
         model_name: str,
@@ -75,6 +73,7 @@ class TransformersLlava(PipelinedDecode):
         decode: str = "auto",
         prefill_tokens: int = PREFILL_TOKENS,
         weights: str = "bf16",
+        compile: str = "auto",
     ):
         self.model_name = model_name
         self.path = path
@@ -85,13 +84,15 @@ class TransformersLlava(PipelinedDecode):
         if prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be at least 1, not {prefill_tokens}")
         self.prefill_tokens = prefill_tokens
-        if weights not in ("bf16", "fp8"):
-            raise ValueError(f"weights must be bf16 or fp8, not {weights!r}")
+        _one_of("weights", weights, ("bf16", "fp8"))
+        _one_of("compile", compile, ("auto", "on", "off"))
+        _one_of("decode", decode, ("auto", "slots", "dynamic"))
         if weights == "fp8" and (why := fp8.supported(self.device)) is not None:
             raise ValueError(f"{why}: set GPUHOST_LLAVA_WEIGHTS=bf16 for this device")
         self.weights = weights  # the language model's linear layers (workers.engines.fp8)
-        if decode not in ("auto", "slots", "dynamic"):
-            raise ValueError(f"decode must be auto, slots or dynamic, not {decode!r}")
+        # the slot cache's decode step compiled at load (auto: on a GPU; on the CPU, Inductor's
+        # code for the symbolic shapes is slower than eager)
+        self.compile = self.device.type == "cuda" if compile == "auto" else compile == "on"
         # auto: slots (static cache, CUDA graphs) on a GPU; the growing cache on the CPU.
         self._decode_choice = decode
         self.decode = (
@@ -143,7 +144,12 @@ class TransformersLlava(PipelinedDecode):
                 torch.cuda.empty_cache()  # the bf16 weights they replaced
         self.model = model.eval()
         self._batch = decode_batch(
-            model, self.decode, self._decode_choice, self.max_batch, self.context_window
+            model,
+            self.decode,
+            self._decode_choice,
+            self.max_batch,
+            self.context_window,
+            compiled=self.compile,
         )
         self.load_seconds = time.perf_counter() - started
         log.info(
@@ -184,6 +190,7 @@ class TransformersLlava(PipelinedDecode):
             "billed_seconds": self.meter.billed_seconds,
             "active": self.active(),
             "decode": self.decode,
+            "compiled": bool(getattr(self._batch, "compiled", False)),
             "decode_steps": self.decode_steps,
             "decode_tokens": self.decode_tokens,
             "prefill_batches": self.prefill_batches,
@@ -282,45 +289,6 @@ class TransformersLlava(PipelinedDecode):
                 continue
             self._admitted.append(request)
 
-    def _prefill_next(self) -> None:
-        """Prefill the next group of admitted requests; if it fails, its requests fail."""
-        if not self._admitted:
-            return
-        group = next_group(self._admitted, self.prefill_tokens)
-        self._admitted = [r for r in self._admitted if r not in group]
-        try:
-            self._prefill(group)
-        except Exception as exc:
-            log.exception("prefill of %d request(s) failed", len(group))
-            for request in group:
-                if not request.done.is_set():
-                    self._finish(request, None, error=exc)
-
-    @torch.inference_mode()
-    def _prefill(self, group: list[Request]) -> None:
-        inputs = stacked(group, self.pad_id, self.dtype, self.device)
-        for request in group:
-            self.meter.open(request)
-        self._sync()
-        started = time.perf_counter()
-        for request in group:
-            request.started_at = started
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        first, scores = self._choose(group, out.logits[:, -1].float())
-        tokens = first.tolist()
-        self._sync()
-        self.meter.charge(time.perf_counter() - started, {r: r.prompt_tokens for r in group})
-        self.prefill_batches += 1
-        self.prefill_rows += len(group)
-        cache, columns = getattr(out, CACHE), inputs["input_ids"].shape[1]
-        for row, (request, token) in enumerate(zip(group, tokens, strict=True)):
-            request.inputs = {}  # the prompt now lives in the KV cache
-            if self._accept(request, token, scores, row):
-                own = row_cache(cache, row, columns - request.prompt_tokens)
-                self._batch.add(request, own, request.prompt_tokens)
-                mine = first[row : row + 1]
-                self._next = mine if self._next is None else torch.cat([self._next, mine])
-
     def _choose(self, rows: list[Request], logits: torch.Tensor):
         """Each row's next token (on the device), suppressed tokens never chosen but by a row
         with a grammar (which allows the stop tokens exactly when its answer is complete);
@@ -383,6 +351,13 @@ class TransformersLlava(PipelinedDecode):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}"
+        )
 
 
 def _as_list(value) -> list[int]:

@@ -7,10 +7,16 @@ the vision tower as one batch, in the rows' order (the model fills its image tok
 order).
 """
 
+import logging
+import time
+
 import torch
 from transformers import DynamicCache
 
+from workers.engines.batch import CACHE
 from workers.engines.llava_requests import Request
+
+log = logging.getLogger(__name__)
 
 
 def next_group(admitted: list[Request], budget: int) -> list[Request]:
@@ -57,3 +63,50 @@ def row_cache(cache: DynamicCache, row: int, start: int) -> DynamicCache:
             for layer in cache.layers
         ]
     )
+
+
+class GroupedPrefill:
+    """Prefills of `TransformersLlava`, which holds what they use: the requests admitted and
+    not yet prefilled (`_admitted`), the budget (`prefill_tokens`), the model, its dtype and
+    device, the meter and the counters, the decode batch the prefilled rows join (`_batch`,
+    with their next input tokens, `_next`), and how tokens are chosen (`_choose`) and taken
+    (`_accept`) and requests ended (`_finish`)."""
+
+    def _prefill_next(self) -> None:
+        """Prefill the next group of admitted requests; if it fails, its requests fail."""
+        if not self._admitted:
+            return
+        group = next_group(self._admitted, self.prefill_tokens)
+        self._admitted = [r for r in self._admitted if r not in group]
+        try:
+            self._prefill(group)
+        except Exception as exc:
+            log.exception("prefill of %d request(s) failed", len(group))
+            for request in group:
+                if not request.done.is_set():
+                    self._finish(request, None, error=exc)
+
+    @torch.inference_mode()
+    def _prefill(self, group: list[Request]) -> None:
+        inputs = stacked(group, self.pad_id, self.dtype, self.device)
+        for request in group:
+            self.meter.open(request)
+        self._sync()
+        started = time.perf_counter()
+        for request in group:
+            request.started_at = started
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        first, scores = self._choose(group, out.logits[:, -1].float())
+        tokens = first.tolist()
+        self._sync()
+        self.meter.charge(time.perf_counter() - started, {r: r.prompt_tokens for r in group})
+        self.prefill_batches += 1
+        self.prefill_rows += len(group)
+        cache, columns = getattr(out, CACHE), inputs["input_ids"].shape[1]
+        for row, (request, token) in enumerate(zip(group, tokens, strict=True)):
+            request.inputs = {}  # the prompt now lives in the KV cache
+            if self._accept(request, token, scores, row):
+                own = row_cache(cache, row, columns - request.prompt_tokens)
+                self._batch.add(request, own, request.prompt_tokens)
+                mine = first[row : row + 1]
+                self._next = mine if self._next is None else torch.cat([self._next, mine])
