@@ -13,8 +13,9 @@ ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 ARG VARIANT=cuda
 ARG PIP_EXTRA_INDEX_URL=
-# gcc and python3-dev: Triton builds its kernel launchers with them when the Stable Diffusion
-# worker compiles its UNet at load (GPUHOST_SD_COMPILE), on GPUs only.
+# gcc and python3-dev: Triton builds its kernel launchers with them when a worker compiles at
+# load (the Stable Diffusion UNet, GPUHOST_SD_COMPILE; LLaVA's decode step,
+# GPUHOST_LLAVA_COMPILE), on GPUs only.
 RUN case "$VARIANT" in \
       cuda) apt-get update \
         && apt-get install -y --no-install-recommends python3 python3-venv gcc python3-dev \
