@@ -22,6 +22,10 @@ TRAIN_TASK = "gpuhost.sd.train"
 
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim")
 
+# What a client is told when the worker running its request died (the gateway, when no worker
+# came back for it; the next worker, when the first had already answered in part).
+WORKER_LOST = "the worker running this request was lost; it was not billed, please retry"
+
 # Statuses of a finished request, as written to its usage record.
 COMPLETED, CANCELLED, FAILED, REJECTED = "completed", "cancelled", "failed", "rejected"
 

@@ -25,6 +25,7 @@ from workers.contract import (
     COMPLETED,
     FAILED,
     REJECTED,
+    WORKER_LOST,
     AnyChunk,
     ChatJob,
     DoneChunk,
@@ -123,8 +124,7 @@ def _run(
         if start.started_before and start.answered_before:
             # An earlier delivery died mid-answer (worker lost): the client has part of an
             # answer that cannot be resumed. The platform's fault: unbilled.
-            message = "the worker running this request was lost; please retry"
-            outcome = Outcome(FAILED, ErrorChunk(status=503, message=message))
+            outcome = Outcome(FAILED, ErrorChunk(status=503, message=WORKER_LOST))
         elif start.cancelled:
             outcome, started = Outcome(CANCELLED, cancelled_early(queue_seconds)), None
         else:

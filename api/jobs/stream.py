@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from api.errors import BadRequest, GatewayTimeout, Unavailable
 from api.settings import GatewaySettings
-from workers.contract import AnyChunk, decode_chunk, is_final
+from workers.contract import WORKER_LOST, AnyChunk, decode_chunk, is_final
 from workers.keyspace import (
     attached_key,
     cancel_key,
@@ -29,7 +29,6 @@ from workers.keyspace import (
 
 POLL_MS = 500
 ATTACHED_TTL_SECONDS = 3
-WORKER_LOST = "the worker running this request was lost; it was not billed, please retry"
 
 # A relay rides out a Redis restart this long before its client gets an error.
 REDIS_WAIT_SECONDS = 10.0
