@@ -575,7 +575,9 @@ def ok(result: dict) -> bool:
 
 
 def _billed(records) -> bool:
-    return bool(records) and any(status == "completed" for status, _ in records)
+    """Whether any of a request's records charges device time: a completed one, or a
+    cancelled one that had run (an error the client got is the platform's: neither is due)."""
+    return bool(records) and any(gpu > 0 for _, gpu in records)
 
 
 def _error_class(outcome: Outcome) -> str:
