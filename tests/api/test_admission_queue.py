@@ -3,6 +3,7 @@ for a slot (GPUHOST_ADMISSION_WAIT_SECONDS), never running past the tier, and le
 queue when it times out or its client goes away."""
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -235,6 +236,18 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
     assert redis_client.llen(queue) == 0 and not redis_client.exists(record)
 
 
+@contextlib.asynccontextmanager
+async def scheduling_alone(redis_url: str):
+    """A Redis client for a test that plays a gateway's scheduler: it holds the schedulers'
+    TAKING lock, so the running gateways' own schedulers stay off until the block ends."""
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        async with redis.lock(TAKING, timeout=10):
+            yield redis
+    finally:
+        await redis.aclose()
+
+
 def test_a_request_put_back_is_not_lost_when_another_scheduler_found_its_queue_empty(
     redis_url, redis_client
 ):
@@ -245,17 +258,14 @@ def test_a_request_put_back_is_not_lost_when_another_scheduler_found_its_queue_e
     meta = JobMeta(tenant, "ollama-chat", "llava-llama3", time.time())
 
     async def run():
-        redis = aioredis.Redis.from_url(redis_url)
-        # the running gateways' schedulers stay off while the test plays both
-        async with redis.lock(TAKING, timeout=10):
+        async with scheduling_alone(redis_url) as redis:  # the test plays both schedulers
             await store.add_waiter(redis, job_id, "free", meta, ttl=60)
             first = await store.next_waiting(redis)  # scheduler A takes it: no slot is free
             second = await store.next_waiting(redis)  # scheduler B: the queue is empty
             await store.requeue(redis, tenant, job_id)  # A puts it back
             third = await store.next_waiting(redis)
             await store.next_waiting(redis)  # empty again: the tenant leaves the set
-        await redis.delete(job_record_key(job_id))
-        await redis.aclose()
+            await redis.delete(job_record_key(job_id))
         return first, second, third
 
     first, second, third = asyncio.run(run())
@@ -273,15 +283,13 @@ def test_a_slot_granted_after_its_request_left_makes_no_record(redis_url, redis_
     meta = JobMeta(tenant, "ollama-chat", "llava-llama3", time.time())
 
     async def run():
-        redis = aioredis.Redis.from_url(redis_url)
-        async with redis.lock(TAKING, timeout=10):
+        async with scheduling_alone(redis_url) as redis:
             await store.add_waiter(redis, job_id, "free", meta, ttl=60)
             [taken] = [t for t in await store.next_waiting(redis) if t[0] == tenant]
             await redis.delete(job_record_key(job_id))  # the request left (queue_wait._leave)
             granted = await store.grant(redis, job_id, 123)
             await store.requeue(redis, tenant, job_id)  # nor is it put back in line
             await store.next_waiting(redis)  # its queue is empty: the tenant leaves the set
-        await redis.aclose()
         return taken, granted
 
     taken, granted = asyncio.run(run())
@@ -301,8 +309,7 @@ def test_jobs_a_scheduler_took_and_never_placed_go_back_in_line(redis_url, redis
     record = {"tenant_id": tenant, "tier": "pro", "type": "chat", "model": "llava-llama3"}
 
     async def run():
-        redis = aioredis.Redis.from_url(redis_url)
-        async with redis.lock(TAKING, timeout=10):
+        async with scheduling_alone(redis_url) as redis:
             for job_id in (waiting_job, marked_job):
                 await store.add_waiting_job(redis, job_id, record, 60, False, time.time())
             for _ in range(2):  # taken, one a round; then the scheduler is gone
@@ -317,7 +324,6 @@ def test_jobs_a_scheduler_took_and_never_placed_go_back_in_line(redis_url, redis
                 await redis.delete(job_record_key(job_id))
             await redis.delete(waiting_key(tenant))
             await redis.srem(TENANTS_WAITING, tenant)
-        await redis.aclose()
         return in_hand, put_back, left, queued, states
 
     in_hand, put_back, left, queued, states = asyncio.run(run())
