@@ -58,6 +58,7 @@ for variant in ${GPUHOST_SD_VARIANTS:-compiled uncompiled compiled-nchw uncompil
     uncompiled) flags="--no-compile" ;;
     compiled-nchw) flags="--no-channels-last" ;;
     uncompiled-nhwc) flags="--no-compile --channels-last" ;;
+    compiled-warm25) flags="--rounds 2 --warm-steps 25" ;;  # warmed at the full step count
     compiled-lora) flags="--lora" ;;  # every request with an adapter (fused, compiled)
     uncompiled-lora) flags="--no-compile --lora" ;;  # the same as layers, uncompiled
   esac

@@ -164,6 +164,9 @@ def main() -> None:
         help="build the GPU plans of --size at load (the workers' default, 512x512)",
     )
     parser.add_argument(
+        "--warm-steps", type=int, default=2, help="steps of each warm-up batch (the workers' 2)"
+    )
+    parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -209,6 +212,7 @@ def main() -> None:
             cudnn_attention=args.cudnn_attention,
             cudnn_benchmark=args.cudnn_benchmark,
             warm_sizes=((args.size, args.size),) if args.warm else (),
+            warm_steps=args.warm_steps,
             compiled=args.compile,
             channels_last=args.channels_last,
             storage=storage,

@@ -38,6 +38,7 @@ def load_engine(settings: WorkerSettings):
             storage=Storage(settings.storage_url),
             cudnn_attention=settings.sd_cudnn_attention,
             warm_sizes=settings.sd_warm_sizes_parsed(),
+            warm_steps=settings.sd_warm_steps,
             compiled=settings.sd_compile_wanted(),
         )
     if settings.engine == "echo":

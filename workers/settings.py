@@ -48,6 +48,8 @@ class WorkerSettings(ModelSettings):
     # new shape first builds a plan), and build the plans of these sizes (WxH) at load.
     sd_cudnn_attention: bool = True
     sd_warm_sizes: list[str] = ["512x512"]
+    # Denoising steps of each warm-up batch at load (every batch size, each warm size).
+    sd_warm_steps: int = Field(2, ge=1)
     # Compile the UNet (torch.compile) at load for the warm sizes (auto: on a GPU). Loading
     # takes a minute or more longer; batches of other sizes run uncompiled.
     sd_compile: Literal["auto", "on", "off"] = "auto"

@@ -101,6 +101,34 @@ def test_warming_shapes_at_load_is_never_billed_and_changes_no_image(models_dir)
     assert after.images == before.images  # same seed, same image: warm-up left no state
 
 
+def test_the_warm_up_runs_every_batch_size_at_its_step_count(models_dir, monkeypatch):
+    """`warm_steps` (GPUHOST_SD_WARM_STEPS) is how many steps each warm-up batch denoises."""
+    from workers.engines import diffusion
+
+    calls = []
+    run = diffusion.TextToImage.__call__
+
+    def counted(pipe, *args, **kwargs):
+        calls.append((len(kwargs["prompt"]), kwargs["num_inference_steps"]))
+        return run(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion.TextToImage, "__call__", counted)
+    engine = DiffusionEngine(
+        "stable-diffusion",
+        models_dir / "stable-diffusion",
+        device="cpu",
+        max_batch_images=3,
+        warm_steps=5,
+    )
+    try:
+        engine._warm(((64, 64),))
+    finally:
+        engine.close()
+    assert calls == [(1, 5), (2, 5), (3, 5)]
+    with pytest.raises(ValueError, match="warm_steps must be at least 1, not 0"):
+        DiffusionEngine("sd", models_dir / "stable-diffusion", device="cpu", warm_steps=0)
+
+
 def graphs_compiled() -> int:
     """How many graphs this process has compiled so far (the compiler's own count)."""
     from torch._dynamo.utils import counters

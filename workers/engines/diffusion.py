@@ -82,6 +82,7 @@ class DiffusionEngine:
         warm_sizes: tuple[tuple[int, int], ...] = (),
         compiled: bool | None = None,
         channels_last: bool | None = None,
+        warm_steps: int = 2,
     ):
         self.model_name = model_name
         self.device, self.dtype = place(device, torch.float16, cudnn_attention)
@@ -89,6 +90,9 @@ class DiffusionEngine:
             # cuDNN times its convolution algorithms on each new shape and keeps the fastest.
             torch.backends.cudnn.benchmark = True
         self.max_batch_images = max_batch_images
+        if warm_steps < 1:
+            raise ValueError(f"warm_steps must be at least 1, not {warm_steps}")
+        self.warm_steps = warm_steps  # denoising steps of each warm-up batch
         # An idle engine given a request waits this long for others of its shape to join it.
         self.batch_window_seconds = batch_window_seconds
         started = time.perf_counter()
@@ -161,10 +165,13 @@ class DiffusionEngine:
 
     @torch.inference_mode()
     def _warm(self, sizes: tuple[tuple[int, int], ...]) -> None:
-        """Run every batch size at each of `sizes` once, two steps, at load: the first batch
-        of a shape pays for the GPU libraries' plans and kernel loading (cuDNN's attention
-        most of all) and, with a compiled UNet, for compiling it; load time is never billed,
-        and without this the tenant whose request first made a shape would pay for it."""
+        """Run every batch size at each of `sizes` once, `warm_steps` steps, at load: the
+        first batch of a shape pays for the GPU libraries' plans and kernel loading (cuDNN's
+        attention most of all) and, with a compiled UNet, for compiling it; load time is never
+        billed, and without this the tenant whose request first made a shape would pay for
+        it. (On an H200 the first 25-step batch of 4 and of 8 after a 2-step warm-up still
+        cost 1.3-2x the later ones, cause not found: `GPUHOST_SD_WARM_STEPS=25` is how a GPU
+        run tells whether a full-length warm-up pays that too, bench/gpu_run.sh.)"""
         started = time.perf_counter()
         pipe = self.pipelines["txt2img"]
         for width, height in sizes:
@@ -172,7 +179,7 @@ class DiffusionEngine:
                 pipe(
                     prompt=["warm-up"] * n,
                     negative_prompt=[""] * n,
-                    num_inference_steps=2,
+                    num_inference_steps=self.warm_steps,
                     width=width,
                     height=height,
                     output_type="pil",
