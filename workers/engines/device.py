@@ -1,6 +1,7 @@
 """Where an engine runs, in which precision, which attention kernels it lets PyTorch choose
 on a GPU, and how work queued on the device is fed and timed."""
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -77,3 +78,11 @@ class Step:
         if isinstance(self.started, float):
             return self.ended - self.started
         return self.started.elapsed_time(self.ended) / 1000
+
+
+def serving(compiled: bool) -> contextlib.AbstractContextManager:
+    """Where a request's work runs on an engine that compiled at load (the SD UNet, the LLaVA
+    decode step): compiled code where its guards hold, eager elsewhere, never a compilation."""
+    if not compiled:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("eager_on_recompile")

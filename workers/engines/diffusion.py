@@ -37,11 +37,11 @@ from diffusers import (
 from storage import Storage
 from workers.contract import ImageJob
 from workers.engines.base import InvalidRequest
-from workers.engines.device import place
+from workers.engines.device import place, serving
 from workers.engines.sd_adapters import Adapters
 from workers.engines.sd_requests import ImageRequest, ProgressSink, Rendering, decode_image, png
 from workers.engines.sd_style import RowStyles, Style
-from workers.engines.unet_compile import compile_unet, serving, uncompile_unet
+from workers.engines.unet_compile import compile_unet, uncompile_unet
 from workers.metering import Meter
 
 log = logging.getLogger(__name__)

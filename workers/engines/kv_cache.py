@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from workers.engines.batch import Batch
+from workers.engines.device import serving
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +148,9 @@ class SlotBatch:
         if graph is not None:
             graph[0].replay()
             logits = graph[1][:n]
-        elif self.compiled:
-            with torch.compiler.set_stance("eager_on_recompile"):
-                logits = self._step(rows, span)[:n]
         else:
-            logits = self._forward(rows, span)[:n]
+            with serving(self.compiled):
+                logits = self._step(rows, span)[:n]
         self.positions[:n] += 1
         self.lengths = [length + 1 for length in self.lengths]
         return logits

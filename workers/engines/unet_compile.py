@@ -3,14 +3,13 @@ worker warms.
 
 Compiling takes a minute or more on a GPU host, so it happens only while the worker loads
 (never billed), and a request only ever uses what was compiled then: each batch runs under the
-compiler's `eager_on_recompile` stance, so a batch the compiled graph does not cover (a size
-not warmed, say) runs eagerly, as it would uncompiled, instead of compiling on a tenant's
-time. The guards that decide this are the compiler's own: a graph is used only where it
-computes what the eager UNet would. (LoRA adapters are fused into the weights rather than
-added as layers, `sd_adapters`, so that the graph covers their batches too.)
+compiler's `eager_on_recompile` stance (`workers.engines.device.serving`), so a batch the
+compiled graph does not cover (a size not warmed, say) runs eagerly, as it would uncompiled,
+instead of compiling on a tenant's time. The guards that decide this are the compiler's own:
+a graph is used only where it computes what the eager UNet would. (LoRA adapters are fused
+into the weights rather than added as layers, `sd_adapters`, so that the graph covers their
+batches too.)
 """
-
-import contextlib
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -41,11 +40,3 @@ def compile_unet(unet: UNet2DConditionModel) -> None:
 def uncompile_unet(unet: UNet2DConditionModel) -> None:
     """Undo `compile_unet`: the module's own forward again."""
     del unet.forward
-
-
-def serving(compiled: bool) -> contextlib.AbstractContextManager:
-    """Where a request's batch runs: compiled code where its guards hold, eager elsewhere,
-    never a compilation."""
-    if not compiled:
-        return contextlib.nullcontext()
-    return torch.compiler.set_stance("eager_on_recompile")
