@@ -16,3 +16,23 @@ def engine(models_dir, request):
     )
     yield engine
     engine.close()
+
+
+def graphs_compiled() -> int:
+    """How many graphs this process has compiled so far (the compiler's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """Inductor made to fail, as on a GPU host without a C compiler for Triton; and no graph
+    compiled by an earlier test, as in a fresh worker."""
+    import torch._inductor.compile_fx
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", fails)
+    torch._dynamo.reset()

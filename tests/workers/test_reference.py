@@ -20,6 +20,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tests.helpers import png
+from tests.workers.conftest import graphs_compiled
 from tests.workers.test_engine import Sink, arriving_together
 from tests.workers.test_sd_engine import Sink as ProgressSink
 from tests.workers.test_sd_engine import job as image_job
@@ -100,13 +101,6 @@ def test_greedy_decoding_is_transformers_generate_token_for_token(engine, refere
     assert list(alone.context[-TOKENS:]) == expected["an image"]
 
 
-def graphs_compiled() -> int:
-    """How many graphs this process has compiled so far (the compiler's own count)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
 def test_a_compiled_decode_step_is_transformers_generate_too(models_dir, reference):
     """The GPU's default (the slot cache's step compiled at load, every bucket), here on the
     CPU: greedy decoding is still generate's token for token, and no request compiles."""
@@ -130,16 +124,9 @@ def test_a_compiled_decode_step_is_transformers_generate_too(models_dir, referen
         engine.close()
 
 
-def test_a_decode_step_that_fails_to_compile_runs_uncompiled(models_dir, monkeypatch, caplog):
+def test_a_decode_step_that_fails_to_compile_runs_uncompiled(models_dir, no_compiler, caplog):
     """Where compiling fails at load (no C compiler for Triton, say; here Inductor made to
     fail), the worker says so and decodes eagerly."""
-    import torch._inductor.compile_fx
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Failed to find C compiler")
-
-    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", no_compiler)
-    torch._dynamo.reset()
     engine = TransformersLlava(
         "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="slots", compile="on"
     )

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from storage import Storage, tenant_key
+from tests.workers.conftest import graphs_compiled
 from workers.contract import ImageJob, WorkerStatus
 from workers.engines.diffusion import DiffusionEngine
 from workers.tiny import make_lora_adapter
@@ -129,13 +130,6 @@ def test_the_warm_up_runs_every_batch_size_at_its_step_count(models_dir, monkeyp
         DiffusionEngine("sd", models_dir / "stable-diffusion", device="cpu", warm_steps=0)
 
 
-def graphs_compiled() -> int:
-    """How many graphs this process has compiled so far (the compiler's own count)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
 def reference(color: str = "red") -> str:
     """A reference image for a style: a pattern, so that the encoder sees more than a colour."""
     image = Image.new("RGB", (48, 48), color)
@@ -219,16 +213,9 @@ def test_a_compiled_unet_draws_what_the_eager_one_does_and_compiles_only_at_load
     assert np.array_equal(drawn["compiled"][8], plain)
 
 
-def test_a_unet_that_fails_to_compile_runs_uncompiled(models_dir, monkeypatch, caplog):
+def test_a_unet_that_fails_to_compile_runs_uncompiled(models_dir, no_compiler, caplog):
     """Where compiling fails at load (on a GPU host without a C compiler for Triton, say;
     here Inductor made to fail), the worker says so and serves the same images uncompiled."""
-    import torch._inductor.compile_fx
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Failed to find C compiler")
-
-    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", no_compiler)
-    torch._dynamo.reset()  # as in a fresh worker: no graph compiled by an earlier test
     model = models_dir / "stable-diffusion"
     failed = DiffusionEngine(
         "sd", model, device="cpu", max_batch_images=1, warm_sizes=((64, 64),), compiled=True
