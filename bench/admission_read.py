@@ -33,8 +33,8 @@ from billing.db import (  # noqa: E402
 )
 from billing.models import UsageRecord  # noqa: E402
 from billing.plans import period_of  # noqa: E402
-from tests.conftest import drop_database, fresh_database  # noqa: E402
-from tests.helpers import usage_create  # noqa: E402
+from harness.helpers import usage_create  # noqa: E402
+from harness.services import drop_database, fresh_database  # noqa: E402
 
 
 def fill(sessions, tenant_id, records: int, when: datetime) -> None:

@@ -33,9 +33,9 @@ from billing import stripe_meter, tenants, usage  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from billing.settings import StripeSettings  # noqa: E402
 from billing.usage_writer import UsageWriter  # noqa: E402
-from tests.conftest import drop_database, fresh_database  # noqa: E402
-from tests.helpers import usage_create  # noqa: E402
-from tests.stripe_server import FakeStripe  # noqa: E402
+from harness.helpers import usage_create  # noqa: E402
+from harness.services import drop_database, fresh_database  # noqa: E402
+from harness.stripe_server import FakeStripe  # noqa: E402
 
 
 def ingest(record, tenant_ids: list, records: int, writers: int, when: datetime) -> float:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants, usage  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
-from tests.helpers import dashboard_sign_in  # noqa: E402
-from tests.stack import Gateway  # noqa: E402
+from harness.helpers import dashboard_sign_in  # noqa: E402
+from harness.processes import Gateway  # noqa: E402
 
 ADMIN = "adm_bench_dashboard_4c1e9a7f03b65d28"
 MODELS = [("llava-llama3", "chat"), ("stable-diffusion", "txt2img")]

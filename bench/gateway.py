@@ -42,7 +42,7 @@ from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from billing.plans import DEFAULT_PLANS  # noqa: E402
-from tests.stack import Gateway, Process, free_port, wait_for  # noqa: E402
+from harness.processes import Gateway, Process, free_port, wait_for  # noqa: E402
 
 BODY = {
     "model": "llava-llama3",

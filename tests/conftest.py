@@ -1,7 +1,8 @@
 """Fixtures: a migrated PostgreSQL database, a Redis database, tiny models, real processes.
 
-Everything talks to real services: PostgreSQL and Redis (started by .ci/run when not
-running), and `gpuhost worker` / `gpuhost serve` processes.
+Everything talks to real services: PostgreSQL and Redis (the machine's, started by .ci/run
+when not running, or with GPUHOST_TEST_EMBEDDED=1 the ones `gpuhost dev` ships:
+harness/services.py), and `gpuhost worker` / `gpuhost serve` processes.
 """
 
 import fcntl
@@ -11,35 +12,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
 
 import migrations
 from billing import tenants
 from billing.db import session_factory, sync_engine, transaction
-from tests.proxy import TcpProxy
-from tests.stack import Gateway, Worker
+from harness.processes import Gateway, Worker
+from harness.proxy import TcpProxy
+from harness.services import TIERS, drop_database, fresh_database, postgres_address
+from harness.services import redis_url as redis_url_of
 
-TIERS = {"free": 1, "pro": 3, "max": 10}
 WEBHOOK_SECRET = "whsec_gpuhost_tests"
 EVENTS_SECRET = "whsec_gpuhost_tests_thin_events"  # Stripe's event destination (thin events)
 ADMIN_TOKEN = "adm_gpuhost_tests_5e3f0b7c91d24a6e8f13"
-
-
-class TestServices(BaseSettings):
-    """Where the test services are (GPUHOST_TEST_*)."""
-
-    model_config = SettingsConfigDict(env_prefix="GPUHOST_TEST_")
-
-    postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-    redis_host: str = "127.0.0.1"
-    redis_port: int = 6379
-
-
-SERVICES = TestServices()
 
 
 def _worker_index() -> int:
@@ -77,22 +63,6 @@ def redis_database(offset: int) -> int:
     return 1 + offset * SLOTS + run_slot()
 
 
-def drop_database(name: str) -> None:
-    libpq = make_url(SERVICES.postgres_url).set(drivername="postgresql")
-    with psycopg.connect(libpq.render_as_string(hide_password=False), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def fresh_database(name: str) -> str:
-    """Drop and create database `name`; return its SQLAlchemy URL."""
-    admin = make_url(SERVICES.postgres_url)
-    libpq = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return admin.set(database=name).render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="session")
 def database_url() -> str:
     name = f"gpuhost_test_{os.getpid()}_{_worker_index()}"
@@ -120,8 +90,7 @@ def db(sessions) -> Iterator:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    index = redis_database(0)
-    url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/{index}"
+    url = redis_url_of(redis_database(0))
     redis.Redis.from_url(url).flushdb()
     return url
 
@@ -236,12 +205,6 @@ def tenant_factory(sessions) -> Tenants:
 def pg_partition(database_url) -> Iterator[TcpProxy]:
     """A TCP proxy to the tests' PostgreSQL that a test can cut and restore: a process given
     `database_url_through(pg_partition)` loses the database while the others keep it."""
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy = TcpProxy(postgres_address(database_url))
     yield proxy
     proxy.close()
-
-
-def database_url_through(database_url: str, proxy: TcpProxy) -> str:
-    through = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
-    return through.render_as_string(hide_password=False)

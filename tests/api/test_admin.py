@@ -5,9 +5,9 @@ import uuid
 import httpx
 import pytest
 
+from harness.helpers import auth, record_usage
+from harness.processes import wait_for
 from tests.conftest import ADMIN_TOKEN
-from tests.helpers import auth, record_usage
-from tests.stack import wait_for
 
 
 def admin(gateway, method: str, path: str, token: str = ADMIN_TOKEN, **kwargs) -> httpx.Response:

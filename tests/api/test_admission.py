@@ -5,10 +5,9 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-
 from api.admission import Admission, LeaseKeeper
 from api.errors import TooManyRequests, Unavailable
-from tests.stack import free_port
+from harness.processes import free_port
 
 LIMITS = {"free": 1, "pro": 3, "max": 10}
 

@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 
 from api.jobs import store
 from api.jobs.store import JobMeta
+from harness.helpers import auth, chat_body, in_flight, usage_rows
+from harness.processes import wait_for
 from tests.conftest import running_gateway
-from tests.helpers import auth, chat_body, in_flight, usage_rows
-from tests.stack import wait_for
 from workers.keyspace import (
     IN_HAND,
     SLOT_ACQUIRE,

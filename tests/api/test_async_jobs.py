@@ -7,8 +7,8 @@ import time
 
 import httpx
 
-from tests.helpers import auth, in_flight, usage_rows
-from tests.stack import wait_for
+from harness.helpers import auth, in_flight, usage_rows
+from harness.processes import wait_for
 
 
 def chat(tokens: int, content: str = "Describe a lighthouse.") -> dict:

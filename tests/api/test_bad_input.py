@@ -5,7 +5,7 @@ import base64
 import httpx
 import pytest
 
-from tests.helpers import MODEL, auth, chat_body, in_flight, png, png_bomb
+from harness.helpers import MODEL, auth, chat_body, in_flight, png, png_bomb
 
 
 @pytest.fixture(scope="module")

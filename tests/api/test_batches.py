@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from harness.helpers import auth, in_flight, usage_rows
+from harness.processes import Gateway, wait_for
 from storage import Storage
-from tests.helpers import auth, in_flight, usage_rows
-from tests.stack import Gateway, wait_for
 
 
 def chat_line(custom_id: str, tokens: int = 3, openai_form: bool = False) -> dict:

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import MODEL, auth, png
+from harness.helpers import MODEL, auth, png
 
 pytestmark = pytest.mark.usefixtures("worker")
 PROMPT = "Once upon a time"

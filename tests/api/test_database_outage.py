@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, database_url_through, running_gateway
-from tests.helpers import auth, chat_body
-from tests.stack import Gateway, wait_for
+from harness.helpers import auth, chat_body
+from harness.processes import Gateway, wait_for
+from harness.services import database_url_through
+from tests.conftest import ADMIN_TOKEN, running_gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 GRACE_SECONDS = 6

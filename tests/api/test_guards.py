@@ -13,12 +13,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from harness.helpers import auth, dashboard_sign_in, png_bomb
+from harness.processes import Gateway, free_port
 from PIL import Image
-
 from tests.api.test_batches import ended, output
 from tests.conftest import running_gateway
-from tests.helpers import auth, dashboard_sign_in, png_bomb
-from tests.stack import Gateway, free_port
 
 LINES = 24  # of an image each: about 4 s of checking on this machine
 

@@ -3,8 +3,8 @@
 import httpx
 import pytest
 
-from tests.helpers import auth, chat_body
-from tests.stack import Gateway, free_port
+from harness.helpers import auth, chat_body
+from harness.processes import Gateway, free_port
 
 
 def test_ready_when_postgres_redis_and_broker_answer(gateway):
@@ -27,7 +27,7 @@ def gateway_without_redis(stack_env, tmp_path_factory):
 
 
 def test_redis_down_means_not_ready_and_503_never_allow(gateway_without_redis, tenant_factory):
-    from tests.stack import wait_for
+    from harness.processes import wait_for
 
     gateway = gateway_without_redis
 

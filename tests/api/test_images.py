@@ -11,8 +11,8 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.helpers import auth, idle_status, in_flight, png_bomb, usage_rows, worker_statuses
-from tests.stack import wait_for
+from harness.helpers import auth, idle_status, in_flight, png_bomb, usage_rows, worker_statuses
+from harness.processes import wait_for
 
 pytestmark = pytest.mark.usefixtures("sd_worker")
 

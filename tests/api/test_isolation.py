@@ -6,8 +6,8 @@ import subprocess
 import httpx
 from sqlalchemy.engine import make_url
 
+from harness.helpers import auth, chat_body
 from tests.conftest import ADMIN_TOKEN
-from tests.helpers import auth, chat_body
 
 # Every path of the OpenAPI document that names something by id, and who may use it.
 TENANT_SCOPED = {

@@ -4,12 +4,11 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-
 from billing import tenants
 from billing.db import transaction
+from harness.helpers import auth, chat_body
+from harness.processes import wait_for
 from tests.conftest import running_gateway
-from tests.helpers import auth, chat_body
-from tests.stack import wait_for
 
 
 def status(gateway, key) -> int:

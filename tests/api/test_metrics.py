@@ -9,9 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from billing.models import UsageRecord
+from harness.helpers import auth, chat_body, ndjson
+from harness.processes import Gateway, wait_for
 from tests.conftest import running_gateway
-from tests.helpers import auth, chat_body, ndjson
-from tests.stack import Gateway, wait_for
 
 
 def samples(url: str) -> dict[tuple, float]:
@@ -101,10 +101,10 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
     from api.metrics import GatewayMetrics, _read_backlogs
     from api.settings import GatewaySettings
     from billing.db import async_engine, async_session_factory, transaction
-    from tests.conftest import SERVICES
-    from tests.helpers import record_usage
+    from harness.helpers import record_usage
+    from harness.services import redis_url
 
-    url = f"redis://{SERVICES.redis_host}:{SERVICES.redis_port}/15"
+    url = redis_url(15)
     client = aioredis.Redis.from_url(url)
     await client.flushdb()
     await client.rpush("llava", "a", "b", "c")

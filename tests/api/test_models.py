@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tests.helpers import MODEL, auth, chat_body
+from harness.helpers import MODEL, auth, chat_body
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -72,8 +72,8 @@ class TestKeepAlive:
     ):
         import time
 
-        from tests.helpers import idle_status, worker_statuses
-        from tests.stack import wait_for
+        from harness.helpers import idle_status, worker_statuses
+        from harness.processes import wait_for
 
         # The latest request to finish sets the expiry (as in Ollama): let earlier ones end.
         idle_status(redis_client, after=time.time())

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from tests.helpers import MODEL, auth, chat_body, in_flight, ndjson, png, usage_rows
+from harness.helpers import MODEL, auth, chat_body, in_flight, ndjson, png, usage_rows
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -3,7 +3,7 @@
 import ollama
 import pytest
 
-from tests.helpers import MODEL, png
+from harness.helpers import MODEL, png
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -4,8 +4,8 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import MODEL, in_flight, png, usage_rows
-from tests.stack import wait_for
+from harness.helpers import MODEL, in_flight, png, usage_rows
+from harness.processes import wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -11,7 +11,7 @@ from billing import tenants
 from billing.db import transaction
 from billing.models import UsageRecord
 from billing.plans import DEFAULT_PLANS, period_of
-from tests.helpers import auth, chat_body, ndjson, record_usage
+from harness.helpers import auth, chat_body, ndjson, record_usage
 
 pytestmark = pytest.mark.usefixtures("worker")
 

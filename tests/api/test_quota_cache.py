@@ -14,7 +14,7 @@ from billing import tenants
 from billing.db import async_engine, async_session_factory, transaction
 from billing.models import Tenant, UsageRecord
 from billing.plans import DEFAULT_PLANS
-from tests.helpers import record_usage
+from harness.helpers import record_usage
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 
-from tests.helpers import MODEL, auth, chat_body, ndjson
+from harness.helpers import MODEL, auth, chat_body, ndjson
 
 pytestmark = pytest.mark.usefixtures("worker")
 

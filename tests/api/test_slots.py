@@ -5,8 +5,8 @@ import asyncio
 import httpx
 import pytest
 
-from tests.helpers import auth, chat_body, in_flight, ndjson, png, usage_rows
-from tests.stack import wait_for
+from harness.helpers import auth, chat_body, in_flight, ndjson, png, usage_rows
+from harness.processes import wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
 

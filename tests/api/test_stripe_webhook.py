@@ -11,7 +11,8 @@ import httpx
 from billing import tenants
 from billing.db import transaction
 from billing.models import Tenant
-from tests.conftest import TIERS, WEBHOOK_SECRET
+from harness.services import TIERS
+from tests.conftest import WEBHOOK_SECRET
 
 
 def signed(payload: bytes, secret: str = WEBHOOK_SECRET) -> dict:

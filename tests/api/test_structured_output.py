@@ -12,7 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from tests.helpers import MODEL, auth, chat_body, png
+from harness.helpers import MODEL, auth, chat_body, png
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -11,8 +11,8 @@ import ollama
 import openai
 import pytest
 
+from harness.helpers import MODEL, auth, chat_body
 from tests.api.test_structured_output import Person
-from tests.helpers import MODEL, auth, chat_body
 
 pytestmark = pytest.mark.usefixtures("worker")
 

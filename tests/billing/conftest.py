@@ -3,7 +3,7 @@
 import pytest
 
 from billing.settings import StripeSettings
-from tests.stripe_server import FakeStripe
+from harness.stripe_server import FakeStripe
 
 
 @pytest.fixture(scope="module")

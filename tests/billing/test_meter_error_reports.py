@@ -17,10 +17,10 @@ from billing.db import transaction
 from billing.models import MeterErrorReport, OutboxEvent, Tenant
 from billing.relay import Relay
 from billing.settings import StripeSettings
+from harness.helpers import record_usage
 from tests.billing.conftest import relay_settings
 from tests.billing.test_stripe_relay import TIERS, tenant_with_usage
 from tests.conftest import EVENTS_SECRET
-from tests.helpers import record_usage
 
 
 @pytest.fixture

@@ -3,11 +3,10 @@
 import os
 import uuid
 
-import pytest
-from sqlalchemy import create_engine, inspect, text
-
 import migrations
-from tests.conftest import drop_database, fresh_database
+import pytest
+from harness.services import drop_database, fresh_database
+from sqlalchemy import create_engine, inspect, text
 
 TABLES = {"tenants", "api_keys", "usage_records", "billing_outbox"}
 

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from billing import tenants, usage
 from billing.models import OutboxEvent
 from billing.plans import DEFAULT_PLANS, Balance, period_of
-from tests.helpers import record_usage
+from harness.helpers import record_usage
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
 

@@ -13,9 +13,9 @@ from billing import stripe_meter, tenants
 from billing.db import transaction
 from billing.models import OutboxEvent, Tenant
 from billing.settings import StripeSettings
+from harness.helpers import record_usage
+from harness.processes import Process, free_port, wait_for
 from tests.billing.conftest import relay_settings
-from tests.helpers import record_usage
-from tests.stack import Process, free_port, wait_for
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
 

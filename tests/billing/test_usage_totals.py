@@ -16,8 +16,8 @@ import migrations
 from billing.db import transaction
 from billing.models import UsageRecord, UsageTotal
 from billing.usage import UsageCreate, record_many
-from tests.conftest import drop_database, fresh_database
-from tests.helpers import usage_create
+from harness.helpers import usage_create
+from harness.services import drop_database, fresh_database
 
 NOVEMBER = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
 DECEMBER = datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC)

@@ -13,7 +13,7 @@ from billing.db import transaction
 from billing.models import OutboxEvent, UsageRecord
 from billing.usage import UsageCreate
 from billing.usage_writer import UsageWriter, WriterClosed
-from tests.helpers import usage_create
+from harness.helpers import usage_create
 
 
 def usage_for(tenant_id, request_id=None, gpu_seconds=0.25) -> UsageCreate:

@@ -8,9 +8,9 @@ import httpx
 import pytest
 import redis
 
+from harness.helpers import auth, chat_body, in_flight, usage_rows
+from harness.processes import Gateway, Worker, wait_for
 from tests.conftest import redis_database
-from tests.helpers import auth, chat_body, in_flight, usage_rows
-from tests.stack import Gateway, Worker, wait_for
 from workers.keyspace import claim_key
 
 LEASE_TTL = 5.0

@@ -1,17 +1,18 @@
-"""Issue 18's chaos run in its bounded CI form: `bench/chaos.py` with 150 requests (streamed and
-non-streamed chats, images, async jobs) from two tenants of each tier through two gateways to
-two LLaVA workers and one Stable Diffusion worker, with RabbitMQ as the broker, and one fault
-of each of the six kinds spread over the run: a busy worker and a gateway SIGKILLed, Redis
-restarted, the RabbitMQ node killed and started again, PostgreSQL unreachable for 5-15 s, and the
-billing relay killed between Stripe's 2xx and its own commit. Then, from the clients' view, the
-ledger, Redis and the Stripe-compatible server: no request hangs, every answer is recorded
-once with the GPU-seconds it reported, no error is billed, no tenant held more slots than its
-tier, every slot came back after each fault, and the ledger's total is the meter's after
-`gpuhost billing reconcile`."""
+"""Issue 18's chaos run in its bounded CI form: `bench/chaos.py`'s load (`harness/chaos/`)
+with 150 requests (streamed and non-streamed chats, images, async jobs) from two tenants of
+each tier through two gateways to two LLaVA workers and one Stable Diffusion worker, with
+RabbitMQ as the broker, and one fault of each of the six kinds spread over the run: a busy
+worker and a gateway SIGKILLed, Redis restarted, the RabbitMQ node killed and started again,
+PostgreSQL unreachable for 5-15 s, and the billing relay killed between Stripe's 2xx and its
+own commit. Then, from the clients' view, the ledger, Redis and the Stripe-compatible server:
+no request hangs, every answer is recorded once with the GPU-seconds it reported, no error is
+billed, no tenant held more slots than its tier, every slot came back after each fault, and
+the ledger's total is the meter's after `gpuhost billing reconcile`."""
 
 import json
 
-from bench.chaos import ok, run
+from harness.chaos.load import run
+from harness.chaos.report import ok
 
 REQUESTS = 150
 

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.helpers import auth, chat_body, usage_rows
-from tests.stack import Gateway, RedisServer, Worker, wait_for
+from harness.helpers import auth, chat_body, usage_rows
+from harness.processes import Gateway, RedisServer, Worker, wait_for
 
 REQUESTS = 16
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import png
+from harness.helpers import png
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -111,7 +111,7 @@ class TestListings:
         _, key, _ = tenant_factory.create("free")
         import httpx
 
-        from tests.helpers import auth, chat_body
+        from harness.helpers import auth, chat_body
 
         httpx.post(
             f"{gateway.url}/api/chat", json=chat_body(num_predict=2), headers=auth(key), timeout=60

@@ -17,8 +17,8 @@ import psutil
 from billing import tenants
 from billing.db import transaction
 from cli.dev_state import demo_key
-from tests.helpers import auth, chat_body, dashboard_sign_in, ndjson
-from tests.stack import free_port, wait_for
+from harness.helpers import auth, chat_body, dashboard_sign_in, ndjson
+from harness.processes import free_port, wait_for
 
 TIERS = {"free": 1, "pro": 3, "max": 10}
 

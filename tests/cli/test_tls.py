@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from cli.tls import local_tls
-from tests.helpers import dashboard_sign_in
-from tests.stack import Process, free_port, wait_for
+from harness.helpers import dashboard_sign_in
+from harness.processes import Process, free_port, wait_for
 
 
 @pytest.fixture(scope="module")

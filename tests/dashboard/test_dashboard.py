@@ -7,17 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
-from sqlalchemy import select
-
 from billing import usage
 from billing.db import transaction
 from billing.keys import well_formed
 from billing.models import AuditEntry, Tenant
 from billing.plans import period_of
+from harness.helpers import auth, dashboard_sign_in
+from harness.processes import wait_for
+from playwright.sync_api import Page, expect, sync_playwright
+from sqlalchemy import select
 from tests.conftest import ADMIN_TOKEN, running_gateway
-from tests.helpers import auth, dashboard_sign_in
-from tests.stack import wait_for
 
 LLAVA, SD = "llava-llama3", "stable-diffusion"
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import auth, chat_body, in_flight, png_bomb
+from harness.helpers import auth, chat_body, in_flight, png_bomb
 from workers.keyspace import batches_index_key, jobs_index_key
 
 
@@ -212,8 +212,8 @@ def test_a_damaged_dataset_zip_is_a_clear_error(damage, gateway, tenant_factory)
 
 
 def test_a_tenant_name_longer_than_its_column_is_a_clear_error_on_the_dashboard(gateway):
+    from harness.helpers import dashboard_sign_in
     from tests.conftest import ADMIN_TOKEN
-    from tests.helpers import dashboard_sign_in
 
     with httpx.Client(base_url=gateway.url) as browser:
         assert dashboard_sign_in(browser, ADMIN_TOKEN).status_code == 303

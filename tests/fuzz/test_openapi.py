@@ -9,7 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-from tests.helpers import auth
+from harness.helpers import auth
 
 EXAMPLES_PER_OPERATION = 25
 # Work sizes are clamped (the values stay valid) so that a run takes minutes on two CPU cores:

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from harness.helpers import auth, usage_rows
+from harness.processes import Worker, wait_for
 from storage import Storage
-from tests.helpers import auth, usage_rows
-from tests.stack import Worker, wait_for
 from tests.tuning.datasets import picture, striped, zipped
 from tuning.models import FineTuneSegment
 from workers.contract import TRAIN_QUEUE

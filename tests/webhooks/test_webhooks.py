@@ -10,8 +10,8 @@ import httpx
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.helpers import auth
-from tests.stack import wait_for
+from harness.helpers import auth
+from harness.processes import wait_for
 from workers.keyspace import HOOKED, job_record_key
 
 

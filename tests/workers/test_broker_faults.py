@@ -16,8 +16,8 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.helpers import chat_job, usage_rows
-from tests.stack import RabbitNode, RedisServer, Worker, wait_for
+from harness.helpers import chat_job, usage_rows
+from harness.processes import RabbitNode, RedisServer, Worker, wait_for
 from workers.contract import (
     ChatJob,
     celery_config,

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.helpers import auth, chat_body, idle_status, png, usage_rows
+from harness.helpers import auth, chat_body, idle_status, png, usage_rows
 
 
 def test_tenants_share_batches_and_records_add_up_to_busy_time(

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.helpers import png
+from harness.helpers import png
 from tests.workers.conftest import DECODES
 from workers.contract import ChatJob, ChatTurn, SamplingOptions
 from workers.engines.base import InvalidRequest

@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from tests.helpers import png
+from harness.helpers import png
 from tests.workers.test_engine import JOBS, Sink, arriving_together, job, one_by_one
 from tests.workers.test_reference import CONVERSATIONS, greedy, reference_tokens
 from workers.engines.fp8 import FLOAT8, Float8Linear, to_float8

@@ -6,9 +6,10 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import database_url_through, redis_database
-from tests.helpers import auth, chat_body, ndjson, usage_rows
-from tests.stack import Gateway, Worker, wait_for
+from harness.helpers import auth, chat_body, ndjson, usage_rows
+from harness.processes import Gateway, Worker, wait_for
+from harness.services import database_url_through
+from tests.conftest import redis_database
 from workers.keyspace import USAGE_PARKED
 
 

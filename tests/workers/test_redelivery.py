@@ -9,8 +9,8 @@ from sqlalchemy import func, select
 
 from billing.db import transaction
 from billing.models import UsageRecord
-from tests.helpers import chat_job, record_usage, usage_rows
-from tests.stack import wait_for
+from harness.helpers import chat_job, record_usage, usage_rows
+from harness.processes import wait_for
 from workers.contract import (
     CHAT_TASK,
     LLAVA_QUEUE,

@@ -19,7 +19,7 @@ from diffusers import (
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from tests.helpers import png
+from harness.helpers import png
 from tests.workers.conftest import graphs_compiled
 from tests.workers.test_engine import Sink, arriving_together
 from tests.workers.test_sd_engine import Sink as ProgressSink

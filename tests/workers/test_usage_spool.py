@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from billing.usage_writer import UsageWriter
+from harness.helpers import usage_create, usage_rows
 from tests.conftest import redis_database
-from tests.helpers import usage_create, usage_rows
 from workers.keyspace import USAGE_PARKED
 from workers.usage_spool import UsageSpool, _dump, _load
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import redis
 
+from harness.helpers import auth, chat_body, in_flight, ndjson, usage_rows
+from harness.processes import Gateway, Worker, wait_for
 from tests.conftest import redis_database
-from tests.helpers import auth, chat_body, in_flight, ndjson, usage_rows
-from tests.stack import Gateway, Worker, wait_for
 from workers.keyspace import SUBMITTED, started_key
 
 

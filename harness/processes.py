@@ -13,6 +13,7 @@ import httpx
 from celery import Celery
 from kombu.exceptions import KombuError
 
+from harness.services import services
 from workers.contract import celery_config
 
 
@@ -128,7 +129,7 @@ class RedisServer:
     def start(self) -> None:
         self.popen = subprocess.Popen(
             [
-                "redis-server",
+                services().redis_server,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",

@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.stack import free_port, wait_for
+from harness.processes import free_port, wait_for
 
 KEY_PART = re.compile(r"\[([^\]]*)\]")
 

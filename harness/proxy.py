@@ -1,19 +1,21 @@
 """A TCP forwarder on loopback that a test can cut and restore: a network partition between
-one process and one server (PostgreSQL, say), without stopping the server for everyone."""
+one process and one server (PostgreSQL, say), without stopping the server for everyone. The
+server may listen on TCP or on a Unix socket (the embedded PostgreSQL)."""
 
 import contextlib
 import socket
 import threading
 
-from tests.stack import free_port
+from harness.processes import free_port
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:`port` to `target`. `cut()` drops every connection and refuses new
-    ones (the address stops listening); `restore()` listens again on the same port."""
+    """Forwards 127.0.0.1:`port` to `target`, a (host, port) or a Unix socket's path. `cut()`
+    drops every connection and refuses new ones (the address stops listening); `restore()`
+    listens again on the same port."""
 
-    def __init__(self, target_host: str, target_port: int):
-        self.target = (target_host, target_port)
+    def __init__(self, target: tuple[str, int] | str):
+        self.target = target
         self.port = free_port()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -45,7 +47,7 @@ class TcpProxy:
             except OSError:
                 return  # cut
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = _connect(self.target)
             except OSError:
                 _close(client)
                 continue
@@ -76,3 +78,16 @@ def _close(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):  # already closed
         conn.shutdown(socket.SHUT_RDWR)
     conn.close()
+
+
+def _connect(target: tuple[str, int] | str) -> socket.socket:
+    if isinstance(target, str):
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.settimeout(5)
+        try:
+            upstream.connect(target)
+        except OSError:
+            upstream.close()
+            raise
+        return upstream
+    return socket.create_connection(target, timeout=5)

@@ -72,7 +72,7 @@ def idle_status(redis_client, after: float, queue: str = "llava"):
     """The queue's single worker's status, published after `after` (unix time), once idle."""
     import time
 
-    from tests.stack import wait_for
+    from harness.processes import wait_for
 
     def fresh():
         statuses = [s for s in worker_statuses(redis_client) if s.queue == queue]

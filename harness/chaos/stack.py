@@ -1,9 +1,10 @@
-"""The stack `bench/chaos.py` runs its load against, and the faults it injects into it.
+"""The stack the chaos load (`harness/chaos/load.py`, run by `bench/chaos.py` and
+`tests/chaos/`) runs against, and the faults it injects into it.
 
 Everything is its own and gone afterwards: a database on the local PostgreSQL that every
 process reaches through a TCP proxy (cut for an outage), a redis-server run as the compose file
 runs it (append-only), a RabbitMQ node as the Celery broker, a Stripe-compatible server
-(`tests/stripe_server.py`), two gateways, LLaVA and Stable Diffusion workers, and the billing
+(`harness/stripe_server.py`), two gateways, LLaVA and Stable Diffusion workers, and the billing
 relay. A supervisor starts a process that died again after `RESTART_DELAY`, as Kubernetes
 would; each fault is one of `FAULT_KINDS`.
 """
@@ -21,18 +22,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
-from sqlalchemy import make_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import migrations  # noqa: E402
-from billing import tenants  # noqa: E402
-from billing.db import session_factory, sync_engine, transaction  # noqa: E402
-from tests.conftest import TIERS, database_url_through, drop_database, fresh_database  # noqa: E402
-from tests.proxy import TcpProxy  # noqa: E402
-from tests.stack import Gateway, Process, RabbitNode, RedisServer, Worker, wait_for  # noqa: E402
-from tests.stripe_server import FakeStripe  # noqa: E402
-from workers.tiny import make_all  # noqa: E402
+import migrations
+from billing import tenants
+from billing.db import session_factory, sync_engine, transaction
+from harness.processes import Gateway, Process, RabbitNode, RedisServer, Worker, wait_for
+from harness.proxy import TcpProxy
+from harness.services import (
+    TIERS,
+    database_url_through,
+    drop_database,
+    fresh_database,
+    postgres_address,
+)
+from harness.stripe_server import FakeStripe
+from workers.tiny import make_all
 
 RESTART_DELAY = 1.0  # a killed process is started again this long after it died
 FAULT_KINDS = (
@@ -76,8 +80,7 @@ class ChaosStack:
         self.database_url = fresh_database(self.database)  # direct: for the harness's reads
         migrations.upgrade(self.database_url)
         self.sessions = session_factory(sync_engine(self.database_url))
-        server = make_url(self.database_url)
-        self.proxy = TcpProxy(server.host or "127.0.0.1", server.port or 5432)
+        self.proxy = TcpProxy(postgres_address(self.database_url))
         proxied = database_url_through(self.database_url, self.proxy)
         (workdir / "redis").mkdir(exist_ok=True)
         self.redis_server = RedisServer(workdir / "redis", appendonly=True)
