@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from api.errors import TooManyRequests, Unavailable
+from api.errors import REDIS_AWAY, TooManyRequests, Unavailable
 from workers.keyspace import SLOT_ACQUIRE, SLOT_RENEW, slots_key
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Admission:
             args += [value, ttl]
         try:
             granted, held, *at = await self._acquire(keys=keys, args=args)
-        except RedisError as exc:
+        except REDIS_AWAY as exc:
             raise Unavailable(
                 f"admission is unavailable (Redis: {exc}); try again shortly"
             ) from exc

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from api.body import json_body, openapi_body, validated
 from api.deps import InferenceKey, StateDep
-from api.errors import BadRequest, NotFound, Unavailable
+from api.errors import REDIS_AWAY, BadRequest, NotFound, Unavailable
 from api.jobs import store
 from api.jobs.submit import check_quota
 from api.jobs.view import FINISHED, job_view, settled_view
@@ -140,6 +140,8 @@ async def create(
     except RedisError as exc:
         if idempotency_key:
             await store.release_idempotency(state.redis, job_id)
+        if not isinstance(exc, REDIS_AWAY):
+            raise
         raise Unavailable(f"the job store is unavailable ({exc}); try again shortly") from exc
     return await _answer(state, job_id, tenant, prefer)
 

@@ -3,7 +3,8 @@
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import exc as db
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -12,6 +13,10 @@ from billing.db import database_away
 # The 503 for a route that found the database out of reach (billing.db.database_away).
 DATABASE_AWAY_MESSAGE = "the database is unavailable; try again shortly"
 REDIS_AWAY_MESSAGE = "the job store (Redis) is unavailable; try again shortly"
+# Redis out of reach (restarting, loading, partitioned, too slow): an outage, to retry. Any
+# other RedisError is a command Redis refused (a wrong argument, a server too old): a bug, a
+# 500 with its traceback in the log, never a 503 that tells the client to retry.
+REDIS_AWAY = (RedisConnectionError, RedisTimeoutError)
 
 
 class ApiError(Exception):
@@ -177,14 +182,16 @@ def install(app: FastAPI) -> None:
     for kind in (db.OperationalError, db.InterfaceError, db.TimeoutError, db.DBAPIError):
         app.add_exception_handler(kind, database_outage)
 
-    @app.exception_handler(RedisError)
-    async def redis_outage(request: Request, exc: RedisError) -> JSONResponse:
+    async def redis_outage(request: Request, exc: Exception) -> JSONResponse:
         """Redis restarting or unreachable, anywhere a request reads it (slots, job records,
         streams): a 503 to retry, not a server error."""
         headers = {"Retry-After": "1"}
         return error_response(
             request.url.path, 503, REDIS_AWAY_MESSAGE, headers, code="unavailable"
         )
+
+    for kind in REDIS_AWAY:
+        app.add_exception_handler(kind, redis_outage)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -16,7 +16,7 @@ import anyio
 from redis.exceptions import RedisError
 
 from api.admission import Lease
-from api.errors import ClientGone, TooManyRequests, Unavailable
+from api.errors import REDIS_AWAY, ClientGone, TooManyRequests, Unavailable
 from api.jobs import store
 from api.jobs.store import JobMeta
 from api.jobs.stream import Disconnected
@@ -42,7 +42,7 @@ async def wait_for_slot(
                 headers=retry,
             )
         await store.add_waiter(redis, job_id, tier, meta, int(settings.admission_wait_seconds) + 60)
-    except RedisError as exc:
+    except REDIS_AWAY as exc:
         raise Unavailable(f"admission is unavailable (Redis: {exc}); try again shortly") from exc
     deadline = time.monotonic() + settings.admission_wait_seconds
     try:

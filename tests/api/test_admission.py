@@ -5,9 +5,12 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
 from api.admission import Admission, LeaseKeeper
 from api.errors import TooManyRequests, Unavailable
 from harness.processes import free_port
+from workers.keyspace import slots_key
 
 LIMITS = {"free": 1, "pro": 3, "max": 10}
 
@@ -145,10 +148,16 @@ class TestInFlight:
             await gate.release(lease)
 
 
-class TestRedisDown:
+class TestRedisErrors:
     async def test_unreachable_redis_refuses_with_503_never_allows(self):
         dead = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
         with pytest.raises(Unavailable) as refused:
             await admission(dead).acquire(uuid.uuid4(), "max", "r")
         assert refused.value.status == 503
         await dead.aclose()
+
+    async def test_a_command_redis_refuses_is_a_bug_not_an_outage(self, client):
+        tenant = uuid.uuid4()
+        await client.set(slots_key(tenant), "not a sorted set")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await admission(client).acquire(tenant, "max", "r")
