@@ -66,7 +66,8 @@ def client_address(scope) -> str:
 
 async def owner_of_key_header(state: AppState, header: str, address: str) -> KeyOwner:
     """The owner of the API key in an Authorization header, or the 401 (429 when its sender
-    has failed too often, 503 while the key store is away) that says why."""
+    has failed too often, 503 while the key store is away) that says why. A valid key is
+    never refused for others' failures (api/throttle.py)."""
     if not header:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     presented = bearer(header)
@@ -75,12 +76,10 @@ async def owner_of_key_header(state: AppState, header: str, address: str) -> Key
     cache_key = hash_key(presented)
     owner = state.key_cache.get(cache_key)
     if owner is None:
-        await state.throttle.check(address, presented)
         try:
             owner = await _look_up(state, presented, cache_key)
-        except Unauthorized:
-            await state.throttle.failed(address, presented)
-            raise
+        except Unauthorized as refused:
+            raise await state.throttle.failed(address) or refused from None
     if owner.expired(datetime.now(UTC)):
         state.key_cache.pop(cache_key, None)
         state.known_keys.pop(cache_key, None)
@@ -91,6 +90,7 @@ async def owner_of_key_header(state: AppState, header: str, address: str) -> Key
 async def _look_up(state: AppState, presented: str, cache_key: str) -> KeyOwner:
     """The key's owner from the ledger, cached; while the ledger is away, as it was looked up
     within the outage grace (not cached again: the grace runs from the last real read)."""
+    generation = state.key_generation
     try:
         async with state.sessions() as session, session.begin():
             owner = await owner_of_key(session, presented)
@@ -103,8 +103,9 @@ async def _look_up(state: AppState, presented: str, cache_key: str) -> KeyOwner:
         return known
     if owner is None:
         raise Unauthorized("invalid API key: unknown, revoked or expired")
-    state.key_cache[cache_key] = owner
-    state.known_keys[cache_key] = owner
+    if generation == state.key_generation:  # no revocation came while it was read
+        state.key_cache[cache_key] = owner
+        state.known_keys[cache_key] = owner
     return owner
 
 

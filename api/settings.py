@@ -99,8 +99,8 @@ class GatewaySettings(ModelSettings):
     # Keys are looked up at most this often per gateway: a revoked key stops within it.
     auth_cache_seconds: float = 5.0
     # This many failed credentials (API keys, the admin token, dashboard sign-ins) from one
-    # client address, or starting with the same 8 characters, within the window: the next are
-    # refused unchecked with 429 until it ends (api/throttle.py; 0 turns it off).
+    # client address within the window: its next failures are answered 429 until the window
+    # ends. Valid credentials are always checked and never refused (api/throttle.py; 0: off).
     credential_failures_limit: int = 20
     credential_failures_window_seconds: int = 60
     # PostgreSQL out of this gateway's reach: keys and quota figures it read within this many

@@ -1,19 +1,21 @@
-"""Failed credentials slow their sender down, across every gateway replica.
+"""Failed credentials are counted by the address they came from, across every gateway replica,
+and a sender that keeps failing is told to stop.
 
-Each API key, admin token or dashboard sign-in that fails counts against the client address
-it came from and against the first 8 characters it presented (a key's visible prefix), in
-Redis, for a window. Once either count reaches the limit, credentials from that address or
-with that prefix are not even checked until the window ends: 429 with Retry-After. A key the
-gateway has already verified (in its cache) is never throttled; a key that works resets
-nothing (a guesser's one success does not buy more guesses).
+Every credential is checked; a valid one is never refused, whoever failed before it, from
+wherever (DESIGN, invariant 6). Guessing cannot succeed: an API key carries ~142 random bits
+and the admin token at least 32 characters, so refusing valid credentials would protect
+nothing and would hand out a lockout: anyone who had seen a key's visible prefix, or shared a
+client's address, could keep it out. So each API key, admin token or dashboard sign-in that
+fails counts against its client address, in Redis, for a window; once the address has failed
+`limit` times in it, its failures are answered 429 with Retry-After (the window's rest)
+instead of 401, and counted in the metrics, so that a client guessing or misconfigured learns
+to stop. The counter always expires with its window, on any Redis of 6.2 or later.
 """
 
 import redis.asyncio as aioredis
 
 from api.errors import TooManyRequests
 from workers.keyspace import credential_failures_key
-
-PREFIX_CHARS = 8
 
 
 class Throttled(TooManyRequests):
@@ -26,33 +28,22 @@ class CredentialThrottle:
         self.limit = limit
         self.window = window_seconds
 
-    def _counters(self, address: str, presented: str) -> dict[str, str]:
-        """The counters a credential counts against: Redis key -> what it counts, in words."""
-        counters = {credential_failures_key("address", address): "this address"}
-        if len(presented) >= PREFIX_CHARS:
-            prefix = credential_failures_key("prefix", presented[:PREFIX_CHARS])
-            counters[prefix] = "keys starting with this prefix"
-        return counters
-
-    async def check(self, address: str, presented: str) -> None:
-        """TooManyRequests if this address or prefix is over its failures in this window."""
+    async def failed(self, address: str) -> Throttled | None:
+        """Count one failed credential from `address`. Returns the 429 to answer it with once
+        the address is over its limit in this window; None below it (the caller's own 401)."""
         if self.limit <= 0:
-            return
-        counters = self._counters(address, presented)
-        counts = await self.redis.mget(list(counters))
-        for (key, what), count in zip(counters.items(), counts, strict=True):
-            if count is not None and int(count) >= self.limit:
-                wait = max(1, await self.redis.ttl(key))
-                raise Throttled(
-                    f"too many failed credentials from {what}; try again in {wait} s",
-                    headers={"Retry-After": str(wait)},
-                )
-
-    async def failed(self, address: str, presented: str) -> None:
-        if self.limit <= 0:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in self._counters(address, presented):
-                pipe.incr(key)
-                pipe.expire(key, self.window, nx=True)
-            await pipe.execute()
+            return None
+        key = credential_failures_key(address)
+        # One MULTI: the counter is made with its expiry, then counted (INCR keeps the TTL)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, 0, ex=self.window, nx=True)
+            pipe.incr(key)
+            pipe.ttl(key)
+            _, count, ttl = await pipe.execute()
+        if count <= self.limit:
+            return None
+        wait = max(1, ttl)
+        return Throttled(
+            f"too many failed credentials from this address; try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )

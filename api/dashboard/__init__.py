@@ -31,7 +31,6 @@ from api.dashboard.common import (
     secure,
 )
 from api.deps import SessionDep, StateDep, client_address, is_admin_token
-from api.errors import ApiError
 from billing import tenants
 from billing.keys import PREFIX, well_formed
 from workers.keyspace import dashboard_session_key
@@ -120,21 +119,23 @@ async def login(
         error = "This sign-in form has expired or did not come from this dashboard; try again."
         return login_form(request, 403, error=error)
     credential = credential.strip()
-    address = client_address(request.scope)
-    try:
-        await state.throttle.check(address, credential)
-    except ApiError as exc:
-        return login_form(request, exc.status, exc.headers, error=exc.message)
     session = {"csrf": secrets.token_urlsafe(24)}
     if is_admin_token(state.settings, credential):
         session["kind"] = "operator"
-    elif credential.startswith(PREFIX):
+    else:
         owner = None
         if well_formed(credential):
             owner = await tenants.owner_of_key(db, credential)
         if owner is None:
-            await state.throttle.failed(address, credential)
-            return login_form(request, 401, error="That key is not valid.")
+            error = (
+                "That key is not valid."
+                if credential.startswith(PREFIX)
+                else "Enter an API key (gph_...) or the admin token."
+            )
+            refused = await state.throttle.failed(client_address(request.scope))
+            if refused is not None:
+                return login_form(request, refused.status, refused.headers, error=refused.message)
+            return login_form(request, 401, error=error)
         if "usage:read" not in owner.scopes:
             return login_form(request, 403, error="That key lacks the usage:read scope.")
         session |= {
@@ -142,9 +143,6 @@ async def login(
             "tenant_id": str(owner.tenant_id),
             "key_id": str(owner.key_id),
         }
-    else:
-        await state.throttle.failed(address, credential)
-        return login_form(request, 401, error="Enter an API key (gph_...) or the admin token.")
     token = secrets.token_urlsafe(32)
     await state.redis.set(dashboard_session_key(token), json.dumps(session), ex=SESSION_SECONDS)
     target = "/dashboard/usage" if session["kind"] == "tenant" else "/dashboard/admin"
