@@ -13,6 +13,7 @@ from api import (
     job_webhooks,
     metrics,
     resume,
+    revocations,
     stripe_events,
     usage,
 )
@@ -35,6 +36,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     background = [
         lambda state: Scheduler(state, then=[BatchRunner]).run(),
         lambda state: Sender(state).run(),
+        revocations.follow,
     ]
     app = FastAPI(
         title="gpuhost", version="0.1.0", lifespan=lifespan(settings, observed, background)

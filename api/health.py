@@ -18,7 +18,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONResponse:
-    """Ready when PostgreSQL, Redis and the job broker all answer."""
+    """Ready when PostgreSQL, Redis and the job broker all answer, and the gateway follows
+    key revocations (a revoked key is refused as soon as it is announced)."""
 
     async def postgres() -> None:
         async with state.db.connect() as connection:
@@ -42,5 +43,7 @@ async def readyz(state: StateDep) -> JSONResponse:
             checks[name] = "ok"
         except Exception as exc:  # a probe reports any failure as "not ready", with its reason
             checks[name] = f"error: {type(exc).__name__}: {exc}"
+    following = state.following_revocations.is_set()
+    checks["revocations"] = "ok" if following else "error: not following key revocations yet"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

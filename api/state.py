@@ -41,6 +41,11 @@ class AppState:
     decoder: Decoder
     throttle: CredentialThrottle
     tasks: set[asyncio.Task] = field(default_factory=set)
+    # Bumped by every key dropped from the caches: a lookup that began before a revocation
+    # is not cached (api/deps.py), so that it cannot put the revoked key back.
+    key_generation: int = 0
+    # Set while this gateway follows the revocation channel (api/revocations.py; /readyz)
+    following_revocations: asyncio.Event = field(default_factory=asyncio.Event)
 
     def spawn(self, work: Coroutine) -> None:
         """Run `work` in the background, owned by the app (ended at shutdown)."""
@@ -48,12 +53,19 @@ class AppState:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def forget_key(self, key_id: uuid.UUID) -> None:
-        """A key was revoked through this gateway: it is dropped from its caches at once (the
-        other gateways' caches let it go within auth_cache_seconds); other keys stay cached."""
+    def forget_key(self, key_id: uuid.UUID | str) -> None:
+        """Drop a revoked key from this gateway's caches (api/revocations.py); other keys stay
+        cached."""
+        key_id = key_id if isinstance(key_id, uuid.UUID) else uuid.UUID(key_id)
+        self.key_generation += 1
         for cache in (self.key_cache, self.known_keys):
             for cached in [k for k, owner in list(cache.items()) if owner.key_id == key_id]:
                 cache.pop(cached, None)
+
+    def forget_all_keys(self) -> None:
+        self.key_generation += 1
+        self.key_cache.clear()
+        self.known_keys.clear()
 
     def serves(self, model: str) -> bool:
         return model in self.model_names()

@@ -6,11 +6,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+import redis
 import typer
 
 from billing import operator, tenants, usage
 from billing.db import session_factory, sync_engine, transaction
 from billing.settings import StackSettings
+from workers.keyspace import KEYS_REVOKED
 
 db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
 admin_app = typer.Typer(help="Tenants, keys and usage (prints JSON).", no_args_is_help=True)
@@ -163,13 +165,24 @@ def key_list(tenant_id: str) -> None:
 
 @key_app.command("revoke")
 def key_revoke(key_id: str) -> None:
-    """Revoke a key; every gateway refuses it within seconds."""
+    """Revoke a key; every gateway refuses it at once (announced through GPUHOST_REDIS_URL)."""
 
     def work(session, _):
         row = operator.revoke_key(session, _who(), key_id)
         return {"id": str(row.id), "revoked_at": row.revoked_at}
 
-    print_json(_admin(work))
+    revoked = _admin(work)
+    settings = StackSettings()
+    try:
+        with redis.Redis.from_url(settings.redis_url, socket_timeout=5) as client:
+            client.publish(KEYS_REVOKED, revoked["id"])
+    except redis.RedisError as exc:
+        typer.echo(
+            f"revoked, but not announced to the gateways (Redis: {exc}): each refuses the key "
+            "within GPUHOST_AUTH_CACHE_SECONDS, or when it reconnects to Redis",
+            err=True,
+        )
+    print_json(revoked)
 
 
 @usage_app.command("list")

@@ -117,10 +117,15 @@ def image_file_key(token: str) -> str:
     return f"{PREFIX}file:{token}"
 
 
-def credential_failures_key(kind: str, value: str) -> str:
-    """Failed credentials from one client address (kind "address") or presented with one key
-    prefix ("prefix") in the current window: a counter that expires with it."""
-    return f"{PREFIX}auth-failures:{kind}:{value}"
+def credential_failures_key(address: str) -> str:
+    """Failed credentials from one client address in the current window: a counter that
+    expires with it (api/throttle.py)."""
+    return f"{PREFIX}auth-failures:address:{address}"
+
+
+# A pub/sub channel: the id of each key revoked, by whatever path (the admin API, the
+# dashboard, `gpuhost admin key revoke`); every gateway drops it from its caches at once.
+KEYS_REVOKED = f"{PREFIX}keys:revoked"
 
 
 def dashboard_session_key(token: str) -> str:
