@@ -11,7 +11,10 @@ from sqlalchemy.orm import Session
 from billing import keys
 from billing.models import ApiKey, Tenant
 
-DEFAULT_SCOPES = ("inference", "usage:read")
+# What a key may do: call the models; read its tenant's usage (and sign in to the dashboard);
+# make and revoke its tenant's keys, with no more scopes than its own (the dashboard's keys page).
+INFERENCE, USAGE_READ, KEYS_WRITE = "inference", "usage:read", "keys:write"
+DEFAULT_SCOPES = (INFERENCE, USAGE_READ, KEYS_WRITE)
 KNOWN_SCOPES = frozenset(DEFAULT_SCOPES)
 
 

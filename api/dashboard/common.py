@@ -4,7 +4,7 @@ Redis), the checks every page and form makes, and the errors pages render."""
 import hmac
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -46,6 +46,10 @@ class Visitor:
     token: str  # the session's id (the cookie's value)
     tenant_id: uuid.UUID | None = None
     key_id: uuid.UUID | None = None
+    scopes: tuple[str, ...] = ()  # a tenant session's: its key's, as they are now
+
+    def may_manage_keys(self) -> bool:
+        return tenants.KEYS_WRITE in self.scopes
 
 
 class SignInRequired(ApiError):
@@ -94,6 +98,7 @@ async def visitor_of(request: Request, state: StateDep, session: SessionDep) -> 
         if key is None or key.revoked_at or (key.expires_at and key.expires_at <= now):
             await state.redis.delete(dashboard_session_key(token))
             raise SignInRequired("the key this session was opened with is no longer valid")
+        visitor = replace(visitor, scopes=tuple(key.scopes))
     return visitor
 
 
@@ -104,6 +109,17 @@ def tenant_of(visitor: Visitor) -> uuid.UUID:
     if visitor.kind != "tenant":
         raise NotAllowed("these pages are a tenant's: sign in with an API key")
     return visitor.tenant_id
+
+
+def key_manager_of(visitor: Visitor) -> uuid.UUID:
+    """The tenant whose keys this session may make and revoke (its key has `keys:write`)."""
+    tenant_id = tenant_of(visitor)
+    if not visitor.may_manage_keys():
+        raise NotAllowed(
+            f"the key this session was opened with lacks the '{tenants.KEYS_WRITE}' scope: "
+            "it cannot make or revoke keys"
+        )
+    return tenant_id
 
 
 def who_of(request: Request, actor: str = "dashboard (admin token)") -> tuple[str, str | None]:

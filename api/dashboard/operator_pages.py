@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Form, Request
 from fastapi.responses import RedirectResponse, Response
 
+from api import revocations
 from api.dashboard.common import (
     VisitorDep,
     check_csrf,
@@ -161,5 +162,5 @@ async def admin_revoke_key(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     row = await run_committed(state, lambda s: operator.revoke_key(s, who_of(request), key_id), 404)
-    state.forget_key(row.id)
+    await revocations.announce(state, row.id)
     return RedirectResponse(f"/dashboard/admin/tenants/{row.tenant_id}", status_code=303)

@@ -6,12 +6,15 @@ from typing import Annotated
 from fastapi import Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
+from api import revocations
 from api.dashboard.common import (
     PAGE_SIZE,
     RANGES,
+    NotAllowed,
     VisitorDep,
     check_csrf,
     invoice,
+    key_manager_of,
     render,
     router,
     run_committed,
@@ -88,7 +91,7 @@ async def keys_page(request: Request, session: SessionDep, visitor: VisitorDep) 
         "keys.html",
         visitor=visitor,
         keys=await tenant_keys(session, tenant_id),
-        scopes=sorted(tenants.KNOWN_SCOPES),
+        scopes=sorted(visitor.scopes),
     )
 
 
@@ -100,12 +103,17 @@ async def create_key(
     csrf: Annotated[str, Form()] = "",
     scope: Annotated[list[str] | None, Form()] = None,
 ) -> Response:
-    tenant_id = tenant_of(visitor)
+    tenant_id = key_manager_of(visitor)
     await check_csrf(visitor, csrf)
     chosen = tuple(scope or ())
+    beyond = sorted(set(chosen) - set(visitor.scopes))
     error, secret = None, None
     if not chosen:
         error = "Choose at least one scope."
+    elif beyond:
+        raise NotAllowed(
+            f"a key made here has at most this session's scopes; not {', '.join(beyond)}"
+        )
     else:
         try:
             who = who_of(request, "dashboard (tenant)")
@@ -120,7 +128,7 @@ async def create_key(
         400 if error else 201,
         visitor=visitor,
         keys=await tenant_keys(session, tenant_id),
-        scopes=sorted(tenants.KNOWN_SCOPES),
+        scopes=sorted(visitor.scopes),
         error=error,
         new_key=secret,
     )
@@ -134,7 +142,7 @@ async def revoke_key(
     visitor: VisitorDep,
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
-    tenant_id = tenant_of(visitor)
+    tenant_id = key_manager_of(visitor)
     await check_csrf(visitor, csrf)
     # Its own transaction: the key is dropped from the cache once the revocation is committed;
     # another tenant's key is not found.
@@ -142,7 +150,7 @@ async def revoke_key(
     row = await run_committed(
         state, lambda s: operator.revoke_key(s, who, key_id, tenant_id=tenant_id), 404
     )
-    state.forget_key(row.id)
+    await revocations.announce(state, row.id)
     return RedirectResponse("/dashboard/keys", status_code=303)
 
 

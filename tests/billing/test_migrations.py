@@ -3,10 +3,11 @@
 import os
 import uuid
 
-import migrations
 import pytest
-from harness.services import drop_database, fresh_database
 from sqlalchemy import create_engine, inspect, text
+
+import migrations
+from harness.services import drop_database, fresh_database
 
 TABLES = {"tenants", "api_keys", "usage_records", "billing_outbox"}
 
@@ -69,5 +70,33 @@ def test_cancelled_fine_tunes_are_spelt_one_way_after_0011(scratch_url):
         with engine.connect() as connection:
             statuses = dict(connection.execute(text("SELECT id, status FROM fine_tunes")).all())
         assert statuses == {"ft-a": "cancelled", "ft-b": "succeeded"}
+    finally:
+        engine.dispose()
+
+
+def test_keys_that_held_every_scope_keep_managing_keys_after_0013(scratch_url):
+    migrations.upgrade(scratch_url, "0012")
+    engine = create_engine(scratch_url)
+    tenant = uuid.uuid4()
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO tenants (id, name, tier) VALUES (:id, 'old', 'pro')"),
+                {"id": tenant},
+            )
+            for n, scopes in enumerate((["inference", "usage:read"], ["usage:read"])):
+                connection.execute(
+                    text(
+                        "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, last_four, scopes)"
+                        " VALUES (:id, :tenant, :hash, 'gph_abcd', 'wxyz', :scopes)"
+                    ),
+                    {"id": uuid.uuid4(), "tenant": tenant, "hash": f"h{n}", "scopes": scopes},
+                )
+        migrations.upgrade(scratch_url)
+        with engine.connect() as connection:
+            found = sorted(
+                sorted(row[0]) for row in connection.execute(text("SELECT scopes FROM api_keys"))
+            )
+        assert found == [["inference", "keys:write", "usage:read"], ["usage:read"]]
     finally:
         engine.dispose()

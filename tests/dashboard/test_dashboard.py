@@ -1,21 +1,23 @@
 """The billing dashboard in a real headless Chromium (Debian's, driven by Playwright) against
 the running gateway, with seeded usage."""
 
+import re
 import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from billing import usage
+from playwright.sync_api import Page, expect, sync_playwright
+from sqlalchemy import select
+
+from billing import tenants, usage
 from billing.db import transaction
 from billing.keys import well_formed
 from billing.models import AuditEntry, Tenant
 from billing.plans import period_of
 from harness.helpers import auth, dashboard_sign_in
 from harness.processes import wait_for
-from playwright.sync_api import Page, expect, sync_playwright
-from sqlalchemy import select
 from tests.conftest import ADMIN_TOKEN, running_gateway
 
 LLAVA, SD = "llava-llama3", "stable-diffusion"
@@ -262,3 +264,51 @@ def test_the_outbox_card_says_when_stripe_is_not_configured(stack_env, tmp_path_
             assert dashboard_sign_in(browser, ADMIN_TOKEN).status_code == 303
             card = browser.get("/dashboard/admin").text
         assert "Stripe not configured: usage is kept in PostgreSQL only" in card
+
+
+def dashboard_csrf(client: httpx.Client) -> str:
+    page = client.get("/dashboard/keys")
+    assert page.status_code == 200, page.text
+    return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+
+class TestKeyScopes:
+    """A dashboard session carries the scopes of the key that opened it: making and revoking
+    keys needs `keys:write`, and a key made there has no scope its maker lacks."""
+
+    def test_a_usage_only_session_can_neither_mint_nor_revoke(self, gateway, tenant_factory):
+        tenant_id, full_key, full_id = tenant_factory.create("pro")
+        with transaction(tenant_factory.sessions) as session:
+            _, reader = tenants.create_key(session, tenant_id, ("usage:read",))
+        with httpx.Client(base_url=gateway.url) as browser:
+            assert dashboard_sign_in(browser, reader).status_code == 303
+            page = browser.get("/dashboard/keys")
+            assert "Create key" not in page.text and "keys:write scope" in page.text
+            csrf = dashboard_csrf(browser)
+            minted = browser.post("/dashboard/keys", data={"csrf": csrf, "scope": "inference"})
+            assert minted.status_code == 403, minted.text
+            assert "keys:write" in minted.text and "cannot make or revoke keys" in minted.text
+            revoked = browser.post(f"/dashboard/keys/{full_id}/revoke", data={"csrf": csrf})
+            assert revoked.status_code == 403, revoked.text
+        assert httpx.get(f"{gateway.url}/api/balance", headers=auth(full_key)).status_code == 200
+        with tenant_factory.sessions() as session:
+            assert len(tenants.keys_of(session, tenant_id)) == 2  # nothing was made
+
+    def test_a_key_made_in_a_session_has_at_most_its_scopes(self, gateway, tenant_factory):
+        tenant_id, _, _ = tenant_factory.create("pro")
+        with transaction(tenant_factory.sessions) as session:
+            _, manager = tenants.create_key(session, tenant_id, ("usage:read", "keys:write"))
+        with httpx.Client(base_url=gateway.url) as browser:
+            assert dashboard_sign_in(browser, manager).status_code == 303
+            csrf = dashboard_csrf(browser)
+            beyond = browser.post("/dashboard/keys", data={"csrf": csrf, "scope": "inference"})
+            assert beyond.status_code == 403 and "not inference" in beyond.text
+            within = browser.post("/dashboard/keys", data={"csrf": csrf, "scope": "usage:read"})
+            assert within.status_code == 201, within.text
+            made = re.search(r'<output id="new-key"><code>([^<]+)</code>', within.text).group(1)
+        refused = httpx.post(
+            f"{gateway.url}/api/chat",
+            headers=auth(made),
+            json={"model": LLAVA, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert refused.status_code == 403
