@@ -7,6 +7,7 @@ from api import (
     async_jobs,
     batches,
     dashboard,
+    docs_page,
     errors,
     fine_tuning,
     health,
@@ -39,7 +40,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         revocations.follow,
     ]
     app = FastAPI(
-        title="gpuhost", version="0.1.0", lifespan=lifespan(settings, observed, background)
+        title="gpuhost",
+        version="0.1.0",
+        lifespan=lifespan(settings, observed, background),
+        docs_url=None,  # FastAPI's pages load from a CDN: api/docs_page serves /docs instead
+        redoc_url=None,
     )
     app.state.metrics = observed
     errors.install(app)
@@ -58,6 +63,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(stripe_events.router)
     app.include_router(admin.router)
     dashboard.install(app)
+    docs_page.install(app)
     app.add_middleware(
         BodyGuard,
         max_bytes=settings.max_body_bytes,
