@@ -1,10 +1,11 @@
 """Settings of a gateway process (`gpuhost serve`)."""
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from billing.settings import ModelSettings
+from billing.settings import Listed, Mapped, ModelSettings
 
 ADMIN_TOKEN_MIN = 32
 
@@ -19,7 +20,7 @@ class GatewaySettings(ModelSettings):
     # Behind reverse proxies: their addresses or networks (CIDRs), whose X-Forwarded-For and
     # X-Forwarded-Proto are believed; a client's address (for throttling and per-address
     # limits) is then the one they name. None by default: the peer's address is the client's.
-    trusted_proxies: list[str] = Field(default_factory=list)
+    trusted_proxies: Listed = Field(default_factory=list)
     # The URL clients reach the service at (https://gpu.example.com): links the gateway hands
     # out (images as URLs) start with it. Empty: the request's own scheme and host.
     public_base_url: str = ""
@@ -46,7 +47,7 @@ class GatewaySettings(ModelSettings):
     # Job webhooks: networks they may reach besides public addresses (CIDRs, e.g. an
     # internal receiver's); how long a receiver has to answer; attempts before giving up, and
     # the backoff between them (base x 2^(attempt - 1), at most the cap).
-    webhook_allowed_networks: list[str] = Field(default_factory=list)
+    webhook_allowed_networks: Listed = Field(default_factory=list)
     webhook_timeout_seconds: float = 10.0
     webhook_max_attempts: int = 8
     webhook_backoff_base_seconds: float = 5.0
@@ -67,7 +68,7 @@ class GatewaySettings(ModelSettings):
     # images asked for as URLs can be fetched.
     sd_max_side: int = 1024
     sd_default_side: int = 512  # an image's width and height when the request names neither
-    sd_images_per_request: dict[str, int] = Field(
+    sd_images_per_request: Mapped[int] = Field(
         default_factory=lambda: {"free": 1, "pro": 4, "max": 8}
     )
     image_url_ttl_seconds: int = 3600
@@ -84,12 +85,12 @@ class GatewaySettings(ModelSettings):
     # The operator's token for /admin/... and the dashboard (empty: the admin API is off); at
     # least 32 characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`.
     admin_token: str = ""
-    stripe_price_tiers: dict[str, str] = Field(default_factory=dict)
+    stripe_price_tiers: Mapped[str] = Field(default_factory=dict)
     # OpenAI-style image_url parts with http(s) URLs: fetched by the gateway only if enabled,
     # from public addresses only, unless their network is listed here (CIDRs); redirects are
     # not followed (webhooks/targets.py).
     fetch_image_urls: bool = False
-    image_url_allowed_networks: list[str] = Field(default_factory=list)
+    image_url_allowed_networks: Listed = Field(default_factory=list)
     retry_after_seconds: int = 1
     # A synchronous request over its tenant's tier waits up to this long for a slot, in the
     # tenant's queue (the one its async jobs wait in, first come first served), then gets 429
@@ -115,6 +116,18 @@ class GatewaySettings(ModelSettings):
     # /api/jobs/{id}/stream); after it, with no one reading, the request is cancelled and its
     # slot freed. The time it ran on is billed. 0: cancel at once.
     resume_grace_seconds: float = 5.0
+
+    @field_validator("trusted_proxies", "webhook_allowed_networks", "image_url_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{network!r} is not an address or a network (CIDR, e.g. 10.0.0.0/8)"
+                ) from None
+        return networks
 
     @field_validator("admin_token")
     @classmethod

@@ -4,12 +4,72 @@ Each role's settings class derives from `StackSettings`; all read `GPUHOST_*`
 environment variables (and a `.env` file when present).
 """
 
+import json
+import re
 from pathlib import Path
+from typing import Annotated, TypeVar
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 from billing.plans import DEFAULT_PLANS, Plan
+
+
+def _listed(value: object) -> object:
+    """A list setting's text: a JSON array, or values separated by commas (`a,b`)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _mapped(value: object) -> object:
+    """A mapping setting's text: a JSON object, or `name=value` pairs separated by commas."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    pairs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, equals, given = part.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"expected name=value pairs or a JSON object, not {part!r}")
+        pairs[name.strip()] = given.strip()
+    return pairs
+
+
+# A list or mapping read from the environment as JSON or in the short form (`a,b`, `a=1,b=2`)
+Listed = Annotated[list[str], NoDecode, BeforeValidator(_listed)]
+V = TypeVar("V")
+Mapped = Annotated[dict[str, V], NoDecode, BeforeValidator(_mapped)]  # Mapped[int]
+
+
+PREFIX = "GPUHOST_"
+
+
+def settings_problem(exc: Exception) -> str | None:
+    """What is wrong with the settings, one line per setting at fault, naming it (for a
+    process that cannot start with them); None if `exc` is not about settings."""
+    if isinstance(exc, SourceError):  # a value its source could not parse (bad JSON)
+        named = re.search(r'field "(\w+)"', str(exc))
+        name = f"{PREFIX}{named.group(1).upper()}" if named else "a setting"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        return f"{name}: not valid JSON{cause}"
+    if not (isinstance(exc, ValidationError) and exc.title.endswith("Settings")):
+        return None
+    lines = []
+    for error in exc.errors():
+        field, *inside = [str(part) for part in error["loc"]] or ["?"]
+        where = "".join(f"[{part!r}]" for part in inside)
+        given = error.get("input")
+        shown = f" (given: {given!r})" if isinstance(given, str | int | float) else ""
+        lines.append(f"{PREFIX}{field.upper()}{where}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/gpuhost"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -2,12 +2,15 @@
 
 import logging
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError as SourceError
 
-from billing.settings import ModelSettings
+from billing.settings import ModelSettings, settings_problem
 from cli.operator import admin_app, billing_app, db_app, fail, print_json
 
 app = typer.Typer(
@@ -196,4 +199,12 @@ def main() -> None:
     # the HTTP client's line per request: only with `run --verbose`
     for library in ("httpx", "httpcore"):
         logging.getLogger(library).setLevel(logging.WARNING)
-    app()
+    try:
+        app()
+    except (ValidationError, SourceError) as exc:
+        problem = settings_problem(exc)
+        if problem is None:
+            raise
+        for line in problem.splitlines():
+            print(f"gpuhost: bad setting {line}", file=sys.stderr)
+        sys.exit(2)

@@ -117,7 +117,7 @@ def stack_env(database_url, redis_url, models_dir, tmp_path_factory) -> dict[str
         # slowed by a busy 2-core machine reads as a lost worker (a second attempt)
         "GPUHOST_TRAIN_STALE_SECONDS": "6",
         # the tests' webhook receivers listen on loopback; retries come quickly
-        "GPUHOST_WEBHOOK_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+        "GPUHOST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",  # a list setting, in its short form
         "GPUHOST_WEBHOOK_BACKOFF_BASE_SECONDS": "0.2",
         "GPUHOST_WEBHOOK_MAX_ATTEMPTS": "3",
         "GPUHOST_DATABASE_URL": database_url,

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from billing.settings import ModelSettings
+from billing.settings import Listed, ModelSettings
 
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -47,7 +47,7 @@ class WorkerSettings(ModelSettings):
     # On a GPU: let attention use cuDNN (fastest on Stable Diffusion's fixed shapes, but each
     # new shape first builds a plan), and build the plans of these sizes (WxH) at load.
     sd_cudnn_attention: bool = True
-    sd_warm_sizes: list[str] = ["512x512"]
+    sd_warm_sizes: Listed = ["512x512"]
     # Denoising steps of each warm-up batch at load (every batch size, each warm size).
     sd_warm_steps: int = Field(2, ge=1)
     # Compile the UNet (torch.compile) at load for the warm sizes (auto: on a GPU). Loading
