@@ -17,6 +17,7 @@ from billing.tenants import KeyOwner
 
 router = APIRouter(tags=["usage"])
 UsageKey = Annotated[KeyOwner, require("usage:read")]
+SUB_CENT = Decimal("0.0001")  # costs are shown to a hundredth of a cent
 RANGES = {
     "24h": (timedelta(hours=24), "hour"),
     "7d": (timedelta(days=7), "day"),
@@ -45,20 +46,30 @@ async def summary(
     range: Annotated[Literal["24h", "7d", "30d"], Query()] = "24h",  # noqa: A002 (API name)
 ) -> dict:
     """Totals and hourly (24h) or daily (7d, 30d) buckets: GPU-seconds, requests, tokens,
-    images, and their cost at the plan's per-GPU-second price."""
+    images, and what they cost on the tenant's plan beyond its monthly price: a bucket's
+    seconds within the period's allowance cost nothing, those beyond it the overage price
+    (`Plan.overage_usd`, as the invoice counts them)."""
     span, unit = RANGES[range]
     since = datetime.now(UTC) - span
     rows = await usage.buckets(session, owner.tenant_id, since, unit)
     plan = state.settings.plans.get(owner.tier)
-    price = plan.overage_usd_per_gpu_second if plan and plan.overage_usd_per_gpu_second else 0
+    used: dict[datetime, float] = {}  # by billing period: its seconds before this bucket
+    total_cost = Decimal(0)
     for row in rows:
-        row["cost_usd"] = str(
-            (Decimal(str(row["gpu_seconds"])) * Decimal(price)).quantize(Decimal("0.0001"))
-        )
+        period = period_of(datetime.fromisoformat(row["start"]))
+        if period.start not in used:
+            before = since if since > period.start else period.start
+            used[period.start] = await usage.used_between(
+                session, owner.tenant_id, period.start, before
+            )
+        cost = plan.overage_usd(used[period.start], row["gpu_seconds"]) if plan else Decimal(0)
+        used[period.start] += row["gpu_seconds"]
+        total_cost += cost
+        row["cost_usd"] = str(cost.quantize(SUB_CENT))
     keys = ("gpu_seconds", "requests", "prompt_tokens", "output_tokens", "images")
     totals = {key: sum(row[key] for row in rows) for key in keys}
     totals["gpu_seconds"] = round(totals["gpu_seconds"], 3)
-    totals["cost_usd"] = str(sum((Decimal(row["cost_usd"]) for row in rows), Decimal("0")))
+    totals["cost_usd"] = str(total_cost.quantize(SUB_CENT))
     return {
         "range": range,
         "since": since.isoformat(),

@@ -11,6 +11,8 @@ from decimal import Decimal
 
 from pydantic import BaseModel
 
+CENT = Decimal("0.01")
+
 
 class Plan(BaseModel):
     tier: str
@@ -22,6 +24,20 @@ class Plan(BaseModel):
     # Fine-tuning: jobs queued or running at once, and a dataset's size (uncompressed bytes).
     training_jobs: int = 1
     dataset_bytes: int = 50 * 1024 * 1024
+
+    def overage_usd(self, used_before: float, seconds: float) -> Decimal:
+        """What `seconds` GPU-seconds cost beyond the allowance, `used_before` having been used
+        in the period already: exact, unrounded (round the sum, not each part). The one price
+        computation: the balance, the estimated invoice, /api/usage's costs; Stripe's
+        graduated metered price charges the same (the allowance free, then the overage price),
+        and, like it, seconds count to the millisecond."""
+        price = self.overage_usd_per_gpu_second
+        if price is None:
+            return Decimal(0)
+        included = Decimal(str(self.included_gpu_seconds))
+        before = Decimal(str(round(used_before, 3)))
+        after = before + Decimal(str(round(seconds, 3)))
+        return max(Decimal(0), after - max(before, included)) * price
 
 
 DEFAULT_PLANS: dict[str, Plan] = {
@@ -95,9 +111,12 @@ class Balance:
 
     @property
     def overage_usd(self) -> Decimal:
-        price = self.plan.overage_usd_per_gpu_second or Decimal(0)
-        over = max(0.0, self.used_gpu_seconds - self.plan.included_gpu_seconds)
-        return (Decimal(str(round(over, 3))) * price).quantize(Decimal("0.01"))
+        return self.plan.overage_usd(0.0, self.used_gpu_seconds).quantize(CENT)
+
+    @property
+    def total_usd(self) -> Decimal:
+        """The period's estimated invoice: the monthly price and the overage."""
+        return (self.plan.monthly_price_usd + self.overage_usd).quantize(CENT)
 
     def to_dict(self) -> dict:
         return {
@@ -114,6 +133,7 @@ class Balance:
                 else None
             ),
             "overage_usd": str(self.overage_usd),
+            "total_usd": str(self.total_usd),
             "monthly_price_usd": str(self.plan.monthly_price_usd),
             "exhausted": self.exhausted,
         }

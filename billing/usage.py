@@ -160,6 +160,20 @@ async def admission_view(
     return (row[0], float(row[1])) if row else None
 
 
+async def used_between(
+    session: AsyncSession, tenant_id: uuid.UUID, start: datetime, end: datetime
+) -> float:
+    """GPU-seconds of the tenant's requests that finished in [start, end)."""
+    used = await session.scalar(
+        select(func.coalesce(func.sum(UsageRecord.gpu_seconds), 0.0)).where(
+            UsageRecord.tenant_id == tenant_id,
+            UsageRecord.finished_at >= start,
+            UsageRecord.finished_at < end,
+        )
+    )
+    return float(used)
+
+
 async def buckets(
     session: AsyncSession, tenant_id: uuid.UUID, since: datetime, unit: str
 ) -> list[dict]:

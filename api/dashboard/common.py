@@ -6,7 +6,6 @@ import json
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +19,7 @@ from api.deps import SessionDep, StateDep
 from api.errors import ApiError
 from api.state import AppState
 from billing import tenants
-from billing.models import ApiKey, Tenant
+from billing.models import ApiKey
 from billing.plans import Balance
 from workers.keyspace import dashboard_session_key
 
@@ -137,11 +136,10 @@ async def check_csrf(visitor: Visitor, csrf: str) -> None:
 
 
 def invoice(balance: Balance) -> dict:
-    monthly = balance.plan.monthly_price_usd
     return {
-        "monthly": f"{monthly:.2f}",
-        "overage": f"{balance.overage_usd:.2f}",
-        "total": f"{(monthly + balance.overage_usd).quantize(Decimal('0.01')):.2f}",
+        "monthly": f"{balance.plan.monthly_price_usd:,.2f}",
+        "overage": f"{balance.overage_usd:,.2f}",
+        "total": f"{balance.total_usd:,.2f}",
     }
 
 
@@ -163,7 +161,3 @@ async def run_committed(state: AppState, work, failed_status: int = 400):
     whose caches must be dropped only once it is committed."""
     async with state.sessions() as session, session.begin():
         return await run_change(session, work, failed_status)
-
-
-async def tenant_row(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
-    return await session.get(Tenant, tenant_id)

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import Form, Request
+from fastapi import Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from api import revocations
@@ -18,9 +18,9 @@ from api.dashboard.common import (
     run_change,
     run_committed,
     tenant_keys,
-    tenant_row,
     who_of,
 )
+from api.dashboard.usage_view import usage_view
 from api.deps import SessionDep, StateDep
 from billing import operator, tenants, usage
 from billing.plans import Balance, period_of
@@ -42,8 +42,9 @@ async def admin_page(
     for tenant, held in zip(rows, in_flight, strict=True):
         plan = state.settings.plans.get(tenant.tier)
         seconds = float(used.get(tenant.id, 0.0))
-        bill = invoice(Balance(plan, period, seconds)) if plan else None
-        revenue += Decimal(bill["total"]) if bill else 0
+        balance = Balance(plan, period, seconds) if plan else None
+        bill = invoice(balance) if balance else None
+        revenue += balance.total_usd if balance else 0
         listed.append(
             {
                 "tenant": tenant,
@@ -59,7 +60,7 @@ async def admin_page(
         visitor=visitor,
         period=period,
         tenants=listed,
-        revenue=f"{revenue:.2f}",
+        revenue=f"{revenue:,.2f}",
         by_model=[(m, round(s, 3)) for m, s in by_model],
         unsent=unsent,
         lag=round(lag, 1),
@@ -110,23 +111,36 @@ async def admin_set_tier(
 
 @router.get("/admin/tenants/{tenant_id}")
 async def admin_tenant_page(
-    tenant_id: str, request: Request, session: SessionDep, visitor: VisitorDep
+    tenant_id: str,
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+    visitor: VisitorDep,
+    range: Annotated[str, Query(pattern="^(24h|7d|30d)$")] = "7d",  # noqa: A002
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
 ) -> Response:
     operator_only(visitor)
     tenant = await run_change(session, lambda s: tenants.get_tenant(s, tenant_id), 404)
-    return _tenant_page(request, visitor, tenant, await tenant_keys(session, tenant.id))
+    return await _tenant_page(request, state, session, visitor, tenant.id, range, model, page)
 
 
-def _tenant_page(request, visitor, tenant, keys, status: int = 200, new_key: str = ""):
+async def _tenant_page(
+    request, state, session, visitor, tenant_id, range_="7d", model=None, page=1, **extra
+) -> Response:
+    """A tenant as its operator sees it: its usage (as the tenant's own page shows it), then
+    its keys."""
+    shown = await usage_view(state, session, tenant_id, range_, model, page)
     return render(
         request,
         "admin_tenant.html",
-        status,
+        extra.pop("status", 200),
         visitor=visitor,
-        tenant=tenant,
-        keys=keys,
+        keys=await tenant_keys(session, tenant_id),
         scopes=sorted(tenants.KNOWN_SCOPES),
-        new_key=new_key,
+        here=f"/dashboard/admin/tenants/{tenant_id}",
+        **shown,
+        **extra,
     )
 
 
@@ -134,6 +148,7 @@ def _tenant_page(request, visitor, tenant, keys, status: int = 200, new_key: str
 async def admin_issue_key(
     tenant_id: str,
     request: Request,
+    state: StateDep,
     session: SessionDep,
     visitor: VisitorDep,
     csrf: Annotated[str, Form()] = "",
@@ -146,9 +161,9 @@ async def admin_issue_key(
     row, secret = await run_change(
         session, lambda s: operator.issue_key(s, who_of(request), tenant_id, tuple(scope))
     )
-    tenant = await tenant_row(session, row.tenant_id)
-    keys = await tenant_keys(session, row.tenant_id)
-    return _tenant_page(request, visitor, tenant, keys, 201, new_key=secret)
+    return await _tenant_page(
+        request, state, session, visitor, row.tenant_id, status=201, new_key=secret
+    )
 
 
 @router.post("/admin/keys/{key_id}/revoke")

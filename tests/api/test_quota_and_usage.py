@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -98,8 +99,28 @@ class TestUsageApi:
             f"{gateway.url}/api/usage", params={"range": "7d"}, headers=auth(key), timeout=30
         ).json()
         assert week["unit"] == "day" and week["totals"]["gpu_seconds"] == pytest.approx(11.0)
-        price = DEFAULT_PLANS["pro"].overage_usd_per_gpu_second
-        assert float(week["totals"]["cost_usd"]) == pytest.approx(float(11 * price), abs=1e-3)
+        # all of it within the Pro allowance: nothing beyond the monthly price
+        assert week["totals"]["cost_usd"] == "0.0000"
+        assert {bucket["cost_usd"] for bucket in week["buckets"]} == {"0.0000"}
+
+    def test_seconds_beyond_the_allowance_cost_what_the_invoice_says(
+        self, gateway, tenant_factory, sessions
+    ):
+        tenant_id, key, _ = tenant_factory.create("pro")
+        plan = DEFAULT_PLANS["pro"]
+        now = datetime.now(UTC)
+        spend(sessions, tenant_id, plan.included_gpu_seconds - 5, now)
+        spend(sessions, tenant_id, 15.0, now)  # 10 of its 15 seconds beyond the allowance
+        day = httpx.get(
+            f"{gateway.url}/api/usage", params={"range": "24h"}, headers=auth(key), timeout=30
+        ).json()
+        beyond = 10 * plan.overage_usd_per_gpu_second
+        assert Decimal(day["totals"]["cost_usd"]) == beyond
+        balance = httpx.get(f"{gateway.url}/api/balance", headers=auth(key), timeout=30).json()
+        assert Decimal(balance["overage_usd"]) == beyond.quantize(Decimal("0.01"))
+        assert Decimal(balance["total_usd"]) == plan.monthly_price_usd + Decimal(
+            balance["overage_usd"]
+        )
 
     def test_a_bad_range_is_a_400(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("pro")
