@@ -3,7 +3,6 @@ named by GPUHOST_HOST with the key in GPUHOST_API_KEY (`ollama run`'s experience
 
 import base64
 import json
-import logging
 import shlex
 import sys
 import time
@@ -159,8 +158,6 @@ def _answer(
 
 
 def run(model: str, prompt: str | None, image: list[Path] | None, verbose: bool) -> None:
-    if verbose:  # the HTTP client's line per request too
-        logging.getLogger("httpx").setLevel(logging.INFO)
     client = Client()
     if prompt is not None:
         text, found = _images_in(prompt)
@@ -286,21 +283,32 @@ def list_models() -> None:
 
 
 def usage(limit: int) -> None:
-    found = Client().request("GET", "/api/usage/requests", params={"limit": limit}).json()
+    client = Client()
+    found = client.request("GET", "/api/usage/requests", params={"limit": limit}).json()
     rows = [
         [
             r["finished_at"][:19].replace("T", " "),
             r["request_id"][:12],
+            r["model"],
             r["kind"],
             r["status"],
-            str(r["prompt_tokens"]),
-            str(r["output_tokens"]),
-            f"{r['gpu_seconds']:.3f}",
+            f"{r['prompt_tokens']:,}",
+            f"{r['output_tokens']:,}",
+            f"{r['gpu_seconds']:,.3f}",
         ]
         for r in found["requests"]
     ]
-    print(_table(rows, ["FINISHED", "REQUEST", "KIND", "STATUS", "PROMPT", "OUTPUT", "GPU-S"]))
-    print(f"\n{len(rows)} request(s), {found['gpu_seconds']:.3f} GPU-seconds")
+    head = ["FINISHED", "REQUEST", "MODEL", "KIND", "STATUS", "PROMPT", "OUTPUT", "GPU-S"]
+    print(_table(rows, head))
+    print(f"\n{len(rows)} request(s), {found['gpu_seconds']:,.3f} GPU-seconds")
+    period = client.request("GET", "/api/balance").json()
+    print(
+        f"this period ({period['plan']}, to {period['period_end'][:10]}): "
+        f"{period['used_gpu_seconds']:,.3f} of {period['included_gpu_seconds']:,.0f} "
+        f"GPU-seconds used; estimated invoice ${float(period['total_usd']):,.2f} "
+        f"(${float(period['monthly_price_usd']):,.2f} monthly, "
+        f"${float(period['overage_usd']):,.2f} beyond the allowance)"
+    )
 
 
 def generate(prompt: str, output: Path, options: dict) -> None:
@@ -312,12 +320,16 @@ def generate(prompt: str, output: Path, options: dict) -> None:
         raise ClientError(f"could not connect to gpuhost at {client.settings.base_url()}") from None
     if response.status_code == 404 and "model" not in response.text:
         raise ClientError("this server does not offer image generation (Stable Diffusion) yet")
-    images = client._check(response).json()["images"]
+    answer = client._check(response).json()
+    images = answer["images"]
     for i, data in enumerate(images):
         target = output if len(images) == 1 else output.with_stem(f"{output.stem}-{i}")
         target.write_bytes(base64.b64decode(data))
         print(f"wrote {target}")
-    print(f"done in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    print(
+        f"done in {time.monotonic() - started:.1f}s, {answer['gpu_seconds']:,.3f} GPU-seconds",
+        file=sys.stderr,
+    )
 
 
 def fail(exc: ClientError) -> None:

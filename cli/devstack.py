@@ -25,13 +25,15 @@ from pathlib import Path
 
 import httpx
 import redis
+from celery import Celery
+from kombu.exceptions import KombuError
 
 import migrations
 from billing.settings import ModelSettings
 from cli import embedded
 from cli.dev_state import DEMO_TIER, demo_key, hold, operator_token, private
 from cli.tls import local_tls
-from workers.contract import WorkerStatus
+from workers.contract import WorkerStatus, celery_config
 from workers.keyspace import WORKER_KEY_PREFIX
 
 READY_TIMEOUT_SECONDS = 180
@@ -61,14 +63,21 @@ def _port_free(port: int) -> None:
 
 
 def _wait_ready(
-    url: str, redis_url: str, children: dict[str, subprocess.Popen], ca: str | None = None
+    url: str,
+    redis_url: str,
+    broker_url: str,
+    children: dict[str, subprocess.Popen],
+    ca: str | None = None,
 ) -> None:
-    """Until the gateway answers /readyz and the LLaVA and SD workers have loaded their models
-    (their status in Redis); a child that exits meanwhile ends it, naming the child."""
+    """Until the gateway answers /readyz, the LLaVA and SD workers have loaded their models
+    (their status in Redis) and the train worker consumes (it answers a ping), so that the
+    banner is the last thing said; a child that exits meanwhile ends it, naming the child."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     verify = ssl.create_default_context(cafile=ca) if ca else True
     client = redis.Redis.from_url(redis_url)
-    waiting = ["gateway", "LLaVA worker", "SD worker"]
+    control = Celery("gpuhost-dev")  # the train worker answers pings once it consumes
+    control.conf.update(celery_config(broker_url or redis_url))
+    waiting = ["gateway", "LLaVA worker", "SD worker", "train worker"]
     said = None
     while time.monotonic() < deadline:
         for name, process in children.items():
@@ -86,7 +95,12 @@ def _wait_ready(
             gateway = httpx.get(f"{url}/readyz", timeout=2, verify=verify).status_code == 200
         except httpx.HTTPError:
             gateway = False
-        ready = {"gateway": gateway, "LLaVA worker": "llava" in loaded, "SD worker": "sd" in loaded}
+        ready = {
+            "gateway": gateway,
+            "LLaVA worker": "llava" in loaded,
+            "SD worker": "sd" in loaded,
+            "train worker": _answers(control, "train-"),
+        }
         waiting = [name for name, up in ready.items() if not up]
         if not waiting:
             return
@@ -97,6 +111,15 @@ def _wait_ready(
     raise RuntimeError(
         f"not ready within {READY_TIMEOUT_SECONDS}s: the {', '.join(waiting)} (is it loading?)"
     )
+
+
+def _answers(control: Celery, prefix: str) -> bool:
+    """Whether a worker whose node name starts with `prefix` answers a ping (it consumes)."""
+    try:
+        replies = control.control.ping(timeout=0.5)
+    except (OSError, KombuError):
+        return False
+    return any(node.startswith(prefix) for reply in replies for node in reply)
 
 
 def _interrupt(*_: object) -> None:
@@ -186,7 +209,7 @@ def run_dev(port: int, state_dir: Path, tls: bool = False) -> int:
             for name in ("worker", "sd-worker", "train-worker", "gateway"):
                 stack.callback(embedded.stop, children[name], name, _say)
             url = f"{scheme}://127.0.0.1:{port}"
-            _wait_ready(url, redis_url, children, trust)
+            _wait_ready(url, redis_url, settings.broker_url, children, trust)
             _banner(url, tenant_id, key, admin_token, settings.llava_model, state_dir, trust)
             while all(p.poll() is None for p in children.values()):
                 time.sleep(0.5)

@@ -150,6 +150,13 @@ def consume(make_app: Callable[[], Celery], queue: str, concurrency: int) -> Non
         pause = min(30.0, pause * 2)
 
 
+def weights_modified_at(settings: WorkerSettings) -> float:
+    """When the weights this worker serves last changed: their files' newest mtime."""
+    weights = settings.llava_weights() if settings.queue == "llava" else settings.sd_weights()
+    files = [path for path in weights.rglob("*") if path.is_file()] if weights.is_dir() else []
+    return max((path.stat().st_mtime for path in files), default=0.0)
+
+
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model once, then consume the queue with a pool of threads until SIGTERM/SIGINT."""
     client = redis.Redis.from_url(settings.redis_url)
@@ -164,11 +171,16 @@ def run_worker(settings: WorkerSettings) -> None:
         ),
         ledger=UsageSpool(client, sessions, UsageWriter(sessions)),
     )
+    changed = weights_modified_at(settings)
     status = StatusPublisher(
         client,
         process_name(),
         lambda: WorkerStatus(
-            process=process_name(), queue=settings.queue, updated_at=0.0, **runtime.engine.status()
+            process=process_name(),
+            queue=settings.queue,
+            weights_modified_at=changed,
+            updated_at=0.0,
+            **runtime.engine.status(),
         ),
     )
     if settings.metrics_port:

@@ -57,6 +57,9 @@ class WorkerStatus(BaseModel):
     batch_requests: int = 0  # requests they held (/ batches: mean requests per batch)
     # compiled at load: LLaVA's decode step (slot cache), Stable Diffusion's UNet (warm sizes)
     compiled: bool = False
+    # when the served weights last changed (their files' newest mtime, unix time): Ollama's
+    # modified_at; 0 from a worker that does not say
+    weights_modified_at: float = 0.0
     updated_at: float
 
 

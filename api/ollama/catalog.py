@@ -16,6 +16,11 @@ def _iso(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat().replace("+00:00", "Z")
 
 
+def _modified(statuses: list[WorkerStatus]) -> str:
+    """When the model's weights last changed, as its workers say (Ollama's modified_at)."""
+    return _iso(max((s.weights_modified_at for s in statuses), default=0.0))
+
+
 def _parameter_size(count: int) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= scale:
@@ -51,7 +56,7 @@ async def tags(state: AppState) -> dict:
             {
                 "name": f"{model}:latest",
                 "model": f"{model}:latest",
-                "modified_at": _iso(max((s.updated_at for s in statuses), default=0.0)),
+                "modified_at": _modified(statuses),
                 "size": max((s.size_bytes for s in loaded), default=0),
                 "digest": "",
                 "details": _details(statuses) | family,
@@ -100,5 +105,5 @@ async def show(state: AppState, model: str) -> dict:
         "details": _details(statuses),
         "model_info": info,
         "capabilities": ["completion", "vision"],
-        "modified_at": _iso(max((s.updated_at for s in statuses), default=0.0)),
+        "modified_at": _modified(statuses),
     }

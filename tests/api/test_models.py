@@ -1,5 +1,7 @@
 """/api/tags, /api/ps, /api/show and keep_alive."""
 
+from datetime import UTC, datetime
+
 import httpx
 import pytest
 
@@ -19,6 +21,13 @@ class TestCatalog:
         by_name = {entry["name"]: entry for entry in models["models"]}
         assert by_name[f"{MODEL}:latest"]["details"]["family"] == "llava"
         assert by_name["stable-diffusion:latest"]["details"]["family"] == "stable-diffusion"
+
+    def test_a_model_was_modified_when_its_weights_were(self, gateway, key, models_dir):
+        weights = [p for p in (models_dir / MODEL).rglob("*") if p.is_file()]
+        changed = datetime.fromtimestamp(max(p.stat().st_mtime for p in weights), UTC)
+        models = httpx.get(f"{gateway.url}/api/tags", headers=auth(key), timeout=30).json()
+        [entry] = [m for m in models["models"] if m["name"] == f"{MODEL}:latest"]
+        assert datetime.fromisoformat(entry["modified_at"]) == changed  # not the time of asking
 
     def test_ps_shows_the_resident_model(self, gateway, key):
         httpx.post(

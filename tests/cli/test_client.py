@@ -57,6 +57,7 @@ class TestRun:
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip(), "the answer should be printed"
         assert "eval rate:" in done.stderr and "gpu seconds:" in done.stderr
+        assert "HTTP Request" not in done.stderr  # timings and cost, no library log lines
         [count] = prompt_counts(done.stderr)
         assert count > 576  # the picture went along
 
@@ -123,6 +124,8 @@ class TestListings:
         used = gpuhost(gateway, key, "usage")
         assert used.returncode == 0
         assert "1 request(s)" in used.stdout and "completed" in used.stdout
+        assert "MODEL" in used.stdout and "llava-llama3" in used.stdout
+        assert "estimated invoice $0.00" in used.stdout  # Free: nothing monthly, no overage
 
     def test_generate_writes_the_image(self, gateway, tenant_factory, tmp_path, sd_worker):
         from PIL import Image
@@ -145,6 +148,7 @@ class TestListings:
         )
         assert done.returncode == 0, done.stderr
         assert f"wrote {target}" in done.stdout
+        assert "GPU-seconds" in done.stderr
         assert Image.open(target).size == (64, 64)
 
     def test_generate_with_a_bad_size_says_so(self, gateway, tenant_factory, tmp_path):

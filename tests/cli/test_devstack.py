@@ -52,6 +52,9 @@ def test_dev_serves_a_request_and_a_closed_terminal_stops_everything(tmp_path):
         ).group(1)
         banner = "".join(output)
         assert f"curl http://127.0.0.1:{port}/api/chat" in banner
+        # every worker said it was ready before the banner: nothing scrolls it away
+        before = banner.split("gpuhost is ready at")[0]
+        assert re.search(r"train-\d+@\S+ ready", before), before[-2000:]
         assert "the gateway and the LLaVA and SD workers" in banner  # said once they are ready
         assert f"export GPUHOST_API_KEY={key}" in banner
         env_file = (state_dir / "env").read_text()
