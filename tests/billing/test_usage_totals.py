@@ -19,6 +19,8 @@ from billing.usage import UsageCreate, record_many
 from harness.helpers import usage_create
 from harness.services import drop_database, fresh_database
 
+pytestmark = pytest.mark.services  # servers of its own: gpuhost dev's too, embedded
+
 NOVEMBER = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
 DECEMBER = datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC)
 

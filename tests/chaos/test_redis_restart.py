@@ -15,6 +15,8 @@ import pytest
 from harness.helpers import auth, chat_body, usage_rows
 from harness.processes import Gateway, RedisServer, Worker, wait_for
 
+pytestmark = pytest.mark.services  # servers of its own: gpuhost dev's too, embedded
+
 REQUESTS = 16
 
 

@@ -26,6 +26,8 @@ from workers.contract import (
 from workers.keyspace import claim_key, started_key
 from workers.streams import Claims
 
+pytestmark = pytest.mark.services  # servers of its own: gpuhost dev's too, embedded
+
 CLAIM_TTL = 2.0
 
 
