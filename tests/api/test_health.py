@@ -7,11 +7,12 @@ from harness.helpers import auth, chat_body
 from harness.processes import Gateway, free_port
 
 
-def test_ready_when_postgres_redis_and_broker_answer(gateway):
+def test_ready_when_postgres_redis_and_broker_answer_and_revocations_are_followed(gateway):
     assert httpx.get(f"{gateway.url}/healthz", timeout=10).json() == {"status": "ok"}
     ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"postgres": "ok", "redis": "ok", "broker": "ok"}
+    checks = {"postgres": "ok", "redis": "ok", "broker": "ok", "revocations": "ok"}
+    assert ready.json()["checks"] == checks
 
 
 @pytest.fixture(scope="module")
