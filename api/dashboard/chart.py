@@ -54,16 +54,14 @@ def gpu_seconds(value: float) -> str:
     return f"{value:,.3f}"
 
 
-def _nice_top(largest: float) -> float:
-    """The axis' top: 1, 2 or 5 times a power of ten, at or above `largest`."""
-    if largest <= 0:
-        return 1.0
-    power = 10 ** floor(log10(largest))
-    return next(step * power for step in (1, 2, 5, 10) if step * power >= largest)
-
-
-def _axis_number(value: float) -> str:
-    return f"{value:,.0f}" if value >= 10 or value == 0 else f"{value:,.2g}"
+def _axis(largest: float) -> tuple[float, int, int]:
+    """The y axis for values up to `largest`: its top (1, 2 or 5 times a power of ten, at or
+    above it), how many steps of gridlines (each a round number), and the decimals they need."""
+    power = 10 ** floor(log10(largest)) if largest > 0 else 1.0
+    mantissa = next((m for m in (1, 2, 5, 10) if m * power >= largest), 10)
+    steps = {1: 5, 2: 4, 5: 5, 10: 5}[mantissa]
+    step = mantissa * power / steps
+    return mantissa * power, steps, max(0, -floor(log10(step) + 1e-9))
 
 
 def _bucket_name(start: datetime, unit: str) -> str:
@@ -87,14 +85,12 @@ def draw(starts: list[datetime], series: dict[str, dict[datetime, float]], unit:
     chart.legend = [
         (model, colors[model], round(sum(series[model].values()), 3)) for model in models
     ]
-    top = _nice_top(max(totals, default=0.0))
+    top, steps, decimals = _axis(max(totals, default=0.0))
     plot_width, plot_height = chart.right_edge - LEFT, chart.baseline - TOP
     slot = plot_width / max(1, len(starts))
-    for step in range(5):  # gridlines and their figures, 0 to the top
-        value = top * step / 4
-        chart.y_labels.append(
-            Label(LEFT - 6, chart.baseline - plot_height * step / 4, _axis_number(value))
-        )
+    for step in range(steps + 1):  # gridlines and their figures, 0 to the top
+        value = f"{top * step / steps:,.{decimals}f}"
+        chart.y_labels.append(Label(LEFT - 6, chart.baseline - plot_height * step / steps, value))
     every = max(1, ceil(len(starts) / MOST_LABELS))
     previous = None
     for i, start in enumerate(starts):
