@@ -5,7 +5,7 @@ A URL is checked when it is given and again at every use, on the addresses its h
 to then; the caller connects to the address that was checked (the host name still goes in the
 Host header and the TLS server name), so a DNS answer that changes in between cannot turn it
 towards an internal service. Redirects are not followed. IPv6 forms that carry an IPv4 address
-(mapped, compatible, NAT64, 6to4, Teredo) are judged by that address too.
+(mapped, translated, compatible, NAT64, 6to4, Teredo) are judged by that address too.
 """
 
 import ipaddress
@@ -52,12 +52,13 @@ def networks(cidrs: list[str]) -> list[Network]:
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
 LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: never public
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 (SIIT): ::ffff:0:a.b.c.d
 
 
 def embedded(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses an IPv6 address carries, by every transition form that has one."""
     found = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
-    if ip in NAT64 or ip in IPV4_COMPATIBLE:
+    if ip in NAT64 or ip in IPV4_COMPATIBLE or ip in IPV4_TRANSLATED:
         found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     return [address for address in found if address is not None]
 

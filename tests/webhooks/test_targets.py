@@ -21,6 +21,8 @@ from webhooks.targets import FetchFailed, TargetRefused, fetch, networks, resolv
         ("http://[::ffff:127.0.0.1]/hook", "::ffff:127.0.0.1"),
         # IPv6 forms that carry an internal IPv4 address
         ("http://[::127.0.0.1]/hook", "::127.0.0.1"),  # IPv4-compatible
+        ("http://[::ffff:0:127.0.0.1]/hook", "::ffff:0:7f00:1"),  # IPv4-translated (SIIT)
+        ("http://[::ffff:0:a9fe:a9fe]/hook", "::ffff:0:a9fe:a9fe"),  # translated metadata
         ("http://[64:ff9b::127.0.0.1]/hook", "64:ff9b::7f00:1"),  # NAT64
         ("http://[64:ff9b::a9fe:a9fe]/hook", "64:ff9b::a9fe:a9fe"),  # NAT64 of the metadata
         ("http://[64:ff9b:1::808:808]/hook", "64:ff9b:1::808:808"),  # local-use NAT64
