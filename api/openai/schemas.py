@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
 from api.images import check_image
-from api.sd.schemas import ImagesRequest
+from api.sd.schemas import MIN_SIDE, ImagesRequest
 from api.structured import openai_response_format
 from api.tools import choice_format, tool_specs, turn_text
 from api.wire import ChatImageLimits
@@ -140,8 +140,14 @@ class ChatCompletionRequest(BaseModel):
                 if count > limits.max_count:
                     raise BadRequest(f"{field}: at most {limits.max_count} images per request")
                 url = part.image_url.url
-                data = fetched.get(url, url)
-                images.append(check_image(data, field, limits.max_pixels))
+                if not url.startswith("data:") and url not in fetched:
+                    raise BadRequest(
+                        f"{field}: an http(s) image URL is fetched for a request answered at "
+                        "once only; for a job or a batch line, send the image in a data: URL "
+                        "(data:image/png;base64,...)",
+                        param=field,
+                    )
+                images.append(check_image(fetched.get(url, url), field, limits.max_pixels))
             role = "system" if message.role == "developer" else message.role
             calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
             text = turn_text("\n".join(texts), calls)
@@ -256,6 +262,10 @@ def parse_size(size: str) -> tuple[int, int]:
         raise BadRequest(f"field 'size': {size!r} is not WIDTHxHEIGHT, e.g. 512x512", param="size")
     if int(width) % 8 or int(height) % 8:
         raise BadRequest(f"field 'size': {size} is not a multiple of 8 on each side", param="size")
+    if min(int(width), int(height)) < MIN_SIDE:
+        raise BadRequest(
+            f"field 'size': {size} is smaller than {MIN_SIDE} pixels on a side", param="size"
+        )
     return int(width), int(height)
 
 

@@ -18,6 +18,9 @@ class ImageLimits(BaseModel):
     default_side: int = 512  # width and height when neither the request nor its image says
 
 
+MIN_SIDE = 64  # pixels: the smallest width or height an image may have
+
+
 def _multiple_of_8(value: int | None) -> int | None:
     if value is not None and value % 8:
         raise ValueError(f"{value} is not a multiple of 8")
@@ -33,8 +36,8 @@ class ImagesRequest(BaseModel):
     model: str | None = None
     prompt: str = Field(min_length=1, max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
-    width: int | None = Field(None, ge=64)
-    height: int | None = Field(None, ge=64)
+    width: int | None = Field(None, ge=MIN_SIDE)
+    height: int | None = Field(None, ge=MIN_SIDE)
     num_inference_steps: int = Field(25, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0, le=30)
     scheduler: Literal["euler", "euler_a", "dpmpp_2m", "ddim"] = "euler"

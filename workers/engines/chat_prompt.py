@@ -3,7 +3,9 @@ offers shown by the template when the template takes them (its `tools` variable,
 3.1's does), else by a system turn of ours (`FALLBACK`), asking for Llama 3.1's JSON call
 form, which api/tools.py reads back."""
 
+import functools
 import json
+import re
 
 from workers.contract import ChatJob, ToolSpec
 from workers.engines.base import InvalidRequest
@@ -29,16 +31,53 @@ def tool_list(tools: list[ToolSpec]) -> list[dict]:
     ]
 
 
+# Put after the first character of a special token's text found in a message, so that the
+# tokenizer reads it as text: a zero-width space, which a reader does not see.
+BREAK = "\u200b"
+
+
 def prompt_text(processor, conversation: list[dict], job: ChatJob) -> str:
     """The job's prompt: its text as given when it is raw (Ollama's raw, /v1/completions),
-    else its turns (`conversation`) in the chat template, with its tools."""
+    else its turns (`conversation`) in the chat template, with its tools. A message's text is
+    data, never markup: a special token's text in it (`<image>`, `<|eot_id|>`) stays text
+    (`as_text`). A raw prompt is the model's whole input, special tokens included, but carries
+    no image: the image placeholder's text in it is text too."""
     if not job.raw:
+        conversation = [
+            turn | {"content": _texts(processor, turn["content"])} for turn in conversation
+        ]
         text = render(processor, conversation, job.tools)
         return earlier(processor, job.context, text) if job.context else text
     text = job.messages[-1].content
     if not text:
         raise InvalidRequest("the prompt is empty; a raw prompt is the model's whole input")
-    return text
+    image = getattr(processor, "image_token", None)
+    return text.replace(image, image[0] + BREAK + image[1:]) if image else text
+
+
+def as_text(processor, text: str) -> str:
+    """`text` with every special token's text in it broken (BREAK after its first character),
+    so that the tokenizer reads it as the characters it is."""
+    pattern = _special_texts(getattr(processor, "tokenizer", processor))
+    return pattern.sub(lambda found: found[0][0] + BREAK + found[0][1:], text) if pattern else text
+
+
+@functools.cache
+def _special_texts(tokenizer) -> re.Pattern | None:
+    """A pattern of the texts the tokenizer reads as special tokens (its added tokens)."""
+    texts = sorted(getattr(tokenizer, "added_tokens_encoder", {}), key=len, reverse=True)
+    texts = [text for text in texts if len(text) > 1]
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def _texts(processor, content):
+    """A turn's content (a string, or parts) with its texts `as_text`."""
+    if isinstance(content, str):
+        return as_text(processor, content)
+    return [
+        part | {"text": as_text(processor, part["text"])} if part.get("type") == "text" else part
+        for part in content
+    ]
 
 
 def earlier(processor, context: list[int], prompt: str) -> str:
