@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from billing.models import UsageRecord
 from workers.contract import ChatJob, ChatTurn, SamplingOptions
-from workers.keyspace import slots_key
+from workers.keyspace import SLOT_ACQUIRE, slots_key
 
 MODEL = "llava-llama3"
 
@@ -56,6 +56,18 @@ def in_flight(redis_client, tenant_id) -> int:
     seconds, micros = redis_client.time()
     now_ms = seconds * 1000 + micros // 1000
     return redis_client.zcount(slots_key(tenant_id), f"({now_ms}", "+inf")
+
+
+def hold_slot(redis_client, tenant_id, limit: int = 1) -> str:
+    """Take one of the tenant's slots as a request would, so that the next one must wait."""
+    holder = f"test-{uuid.uuid4().hex}"
+    granted, *_ = redis_client.eval(SLOT_ACQUIRE, 1, slots_key(tenant_id), limit, 120_000, holder)
+    assert granted == 1
+    return holder
+
+
+def free_slot(redis_client, tenant_id, holder: str) -> None:
+    redis_client.zrem(slots_key(tenant_id), holder)
 
 
 def worker_statuses(redis_client) -> list:

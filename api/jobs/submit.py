@@ -14,7 +14,7 @@ the final chunk; the gateway gives it back on every other ending.
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -129,12 +129,19 @@ async def _admit(
 
 
 async def submit(
-    state: AppState, spec: Spec, owner: KeyOwner, family: Family, request: Request
+    state: AppState,
+    spec: Spec,
+    owner: KeyOwner,
+    family: Family,
+    request: Request,
+    finish: Callable[[Spec], Awaitable[Spec]] | None = None,
 ) -> "Job":
     """Admit and enqueue a synchronous request. Everything that fails here releases the slot;
     the caller owns the returned job and ends it through `opened` + `live` (a streamed
     answer) or `complete` (one that is not). A client that leaves while the request waits
-    for a slot takes it out of the queue."""
+    for a slot takes it out of the queue. `finish`: work the request needs before it is sent
+    and only once it is admitted, within its tier (images fetched by URL): it returns the
+    spec to send; if it fails, the slot is freed."""
     tools = tuple(tool.model_dump() for tool in getattr(spec, "tools", ()))
     meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time(), tools)
     try:
@@ -144,6 +151,8 @@ async def submit(
         raise
     job = Job(state, spec, lease, tier)
     async with job.ended_on_error():
+        if finish is not None:
+            spec = job.spec = await finish(spec)
         await enqueue(state, lease, spec)
         job.sent = True
     return job

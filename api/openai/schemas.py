@@ -96,6 +96,36 @@ class ChatCompletionRequest(BaseModel):
             for part in message.content
         )
 
+    def image_count(self) -> int:
+        return sum(
+            isinstance(part, ImagePart)
+            for message in self.messages
+            if isinstance(message.content, list)
+            for part in message.content
+        )
+
+    def without_url_images(self) -> "ChatCompletionRequest":
+        """This request with its http(s) image parts left out (what can be checked of it
+        before they are fetched)."""
+        messages = [
+            message.model_copy(
+                update={
+                    "content": [
+                        part
+                        for part in message.content
+                        if not (
+                            isinstance(part, ImagePart)
+                            and not part.image_url.url.startswith("data:")
+                        )
+                    ]
+                }
+            )
+            if isinstance(message.content, list)
+            else message
+            for message in self.messages
+        ]
+        return self.model_copy(update={"messages": messages})
+
     def image_urls(self) -> list[tuple[str, str]]:
         """(field, url) of every image part that is not a data: URL."""
         found = []

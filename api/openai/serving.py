@@ -9,7 +9,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api.errors import ApiError, BadRequest, NotFound, error_body_openai
+from api.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, error_body_openai
 from api.jobs.stream import Chunk
 from api.jobs.submit import complete, live, opened, submit
 from api.openai.logprobs import chat_logprobs, completion_logprobs
@@ -18,8 +18,8 @@ from api.state import AppState
 from api.tools import gathered, openai_call, read_call
 from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
-from webhooks.targets import FetchFailed, TargetRefused, fetch, networks
-from workers.contract import DoneChunk, TokenChunk, TokenLogprob, ToolSpec, merged
+from webhooks.targets import FetchFailed, TargetRefused, fetch, networks, parse
+from workers.contract import ChatJob, DoneChunk, TokenChunk, TokenLogprob, ToolSpec, merged
 
 SSE = "text/event-stream"
 FETCH_TIMEOUT_SECONDS = 10
@@ -34,13 +34,29 @@ class OpenAIServing:
     ) -> Response:
         if not self.state.serves(body.model):
             raise NotFound(f"The model '{body.model}' does not exist", param="model")
-        fetched = await self._fetch_images(body)
         limits = ChatImageLimits.of(self.state.settings)
+        if body.image_count() > limits.max_count:
+            raise BadRequest(
+                f"field 'messages': {body.image_count()} images; at most {limits.max_count} "
+                "per request",
+                param="messages",
+            )
         request_id = new_request_id()
+        urls = self._image_urls(body)
+        checked = body.without_url_images() if urls else body  # what is here to check now
         spec = await self.state.decoder.run(
-            owner, body.carries_images(), body.to_job, owner, request_id, limits, fetched
+            owner, checked.carries_images(), checked.to_job, owner, request_id, limits, {}
         )
-        job = await submit(self.state, spec, owner, "openai-chat", request)
+
+        async def with_fetched_images(_: ChatJob) -> ChatJob:
+            """Once admitted, within the tenant's tier: the images by URL, then the job."""
+            fetched = await self._fetch_images(urls)
+            return await self.state.decoder.run(
+                owner, True, body.to_job, owner, request_id, limits, fetched
+            )
+
+        finish = with_fetched_images if urls else None
+        job = await submit(self.state, spec, owner, "openai-chat", request, finish)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = ChatRender(request_id, body.model, int(time.time()), include_usage, spec.tools)
         render.scoring = spec.options.logprobs is not None
@@ -77,25 +93,46 @@ class OpenAIServing:
         _, final = await complete(job, request, tokens)
         return JSONResponse(render.completion(tokens, final), headers=headers)
 
-    async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, str]:
+    def _image_urls(self, body: ChatCompletionRequest) -> list[tuple[str, str]]:
+        """(field, url) of the request's http(s) images, each well formed; refused at once if
+        this server fetches none."""
         urls = body.image_urls()
-        if not urls:
-            return {}
         settings = self.state.settings
-        if not settings.fetch_image_urls:
+        if urls and not settings.fetch_image_urls:
             field, _ = urls[0]
             raise BadRequest(
                 f"{field}: only data: URLs are accepted (fetching http(s) images is disabled "
                 "on this server)",
                 param=field,
             )
+        for field, url in urls:
+            try:
+                parse(url, "image URL")
+            except TargetRefused as exc:
+                raise BadRequest(f"{field}: {exc}", param=field) from None
+        return urls
+
+    async def _fetch_images(self, urls: list[tuple[str, str]]) -> dict[str, str]:
+        """The images at `urls`, base64, by URL: at most the largest body a request may send
+        (GPUHOST_MAX_BODY_BYTES) fetched in all, as if they had come in the request."""
+        settings = self.state.settings
         fetched, allowed = {}, networks(settings.image_url_allowed_networks)
+        budget = settings.max_body_bytes
         async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS) as client:
             for field, url in urls:
+                if url in fetched:
+                    continue
+                if budget <= 0:
+                    raise PayloadTooLarge(
+                        f"{field}: the images by URL are over {settings.max_body_bytes} bytes "
+                        "in all, the most a request may carry",
+                        param=field,
+                    )
                 try:
-                    data = await fetch(client, url, allowed, settings.max_body_bytes, "image URL")
+                    data = await fetch(client, url, allowed, budget, "image URL")
                 except (TargetRefused, FetchFailed) as exc:
                     raise BadRequest(f"{field}: {exc}", param=field) from None
+                budget -= len(data)
                 fetched[url] = base64.b64encode(data).decode()
         return fetched
 

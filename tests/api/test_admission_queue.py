@@ -15,16 +15,14 @@ import redis.asyncio as aioredis
 
 from api.jobs import store
 from api.jobs.store import JobMeta
-from harness.helpers import auth, chat_body, in_flight, usage_rows
+from harness.helpers import auth, chat_body, free_slot, hold_slot, in_flight, usage_rows
 from harness.processes import wait_for
 from tests.conftest import running_gateway
 from workers.keyspace import (
     IN_HAND,
-    SLOT_ACQUIRE,
     TAKING,
     TENANTS_WAITING,
     job_record_key,
-    slots_key,
     waiting_key,
 )
 
@@ -75,18 +73,6 @@ class Peak:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-
-
-def hold_slot(redis_client, tenant_id, limit: int = 1) -> str:
-    """Take one of the tenant's slots as a request would, so that the next one must wait."""
-    holder = f"test-{uuid.uuid4().hex}"
-    granted, *_ = redis_client.eval(SLOT_ACQUIRE, 1, slots_key(tenant_id), limit, 120_000, holder)
-    assert granted == 1
-    return holder
-
-
-def free_slot(redis_client, tenant_id, holder: str) -> None:
-    redis_client.zrem(slots_key(tenant_id), holder)
 
 
 def chat_once(gateway, key: str) -> httpx.Response:
