@@ -90,6 +90,13 @@ def _params(fields: dict) -> dict:
         raise BadRequest(f"field '{name}': {error['msg']}", param=name) from None
 
 
+def _job_limit(plan) -> TooManyRequests:
+    return TooManyRequests(
+        f"the {plan.name} plan allows {plan.training_jobs} fine-tuning job(s) queued or "
+        "running at once; wait for one to finish or cancel one"
+    )
+
+
 @router.post(JOBS, status_code=201)
 async def create(
     owner: InferenceKey,
@@ -139,38 +146,44 @@ async def create(
         max_bytes=plan.dataset_bytes,
         max_pixels=state.settings.max_image_pixels,
     )
-    try:
-        examples = await anyio.to_thread.run_sync(dataset.validate, source, limits)
-    except dataset.DatasetError as exc:
-        error = PayloadTooLarge if exc.too_large else BadRequest
-        raise error(str(exc), param="dataset") from None
     job_id = tuning.new_id("ft")
     key = tenant_key(owner.tenant_id, "datasets", f"{job_id}.zip")
-    await anyio.to_thread.run_sync(state.storage.put_file, key, source, plan.dataset_bytes)
-    try:
+    # One of the tenant's turns at checking images (its tier's concurrency, in this gateway):
+    # the job limit is looked at before a picture is decoded, and the dataset is decoded in
+    # the gateway's checking threads, so that a tenant's uploads wait for each other, not
+    # for a CPU that others share.
+    async with state.decoder.turn(owner):
         async with state.sessions() as session, session.begin():
-            job = await tuning.create(
-                session,
-                job_id=job_id,
-                tenant_id=owner.tenant_id,
-                api_key_id=owner.key_id,
-                model=model_name,
-                params=params,
-                dataset_key=key,
-                dataset_images=len(examples),
-                dataset_bytes=size,
-                max_active=plan.training_jobs,
-            )
-            view = job_view(job)
-    except tuning.LimitReached:
-        await anyio.to_thread.run_sync(state.storage.delete, key)
-        raise TooManyRequests(
-            f"the {plan.name} plan allows {plan.training_jobs} fine-tuning job(s) queued or "
-            "running at once; wait for one to finish or cancel one"
-        ) from None
-    except BaseException:
-        await anyio.to_thread.run_sync(state.storage.delete, key)
-        raise
+            active = await tuning.active_count(session, owner.tenant_id)
+        if active >= plan.training_jobs:
+            raise _job_limit(plan)
+        try:
+            examples = await state.decoder.in_thread(dataset.validate, source, limits)
+        except dataset.DatasetError as exc:
+            error = PayloadTooLarge if exc.too_large else BadRequest
+            raise error(str(exc), param="dataset") from None
+        await anyio.to_thread.run_sync(state.storage.put_file, key, source, plan.dataset_bytes)
+        try:
+            async with state.sessions() as session, session.begin():
+                job = await tuning.create(
+                    session,
+                    job_id=job_id,
+                    tenant_id=owner.tenant_id,
+                    api_key_id=owner.key_id,
+                    model=model_name,
+                    params=params,
+                    dataset_key=key,
+                    dataset_images=len(examples),
+                    dataset_bytes=size,
+                    max_active=plan.training_jobs,
+                )
+                view = job_view(job)
+        except tuning.LimitReached:
+            await anyio.to_thread.run_sync(state.storage.delete, key)
+            raise _job_limit(plan) from None
+        except BaseException:
+            await anyio.to_thread.run_sync(state.storage.delete, key)
+            raise
     try:  # enqueued only after the commit it depends on
         await anyio.to_thread.run_sync(send_training, state.celery, job_id)
     except Exception as exc:

@@ -4,7 +4,8 @@ import base64
 import binascii
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import anyio
@@ -36,6 +37,16 @@ class Decoder:
         """`check(*args)` (which decodes images when `images`), off the loop if it has any."""
         if not images:
             return check(*args)
+        async with self.turn(owner):
+            return await self.in_thread(check, *args)
+
+    async def in_thread(self, check: Callable[..., T], *args) -> T:
+        """`check(*args)` in one of the gateway's checking threads (inside a `turn`)."""
+        return await anyio.to_thread.run_sync(check, *args, limiter=self._threads)
+
+    @asynccontextmanager
+    async def turn(self, owner) -> AsyncIterator[None]:
+        """One of the tenant's turns at checking: at most its tier's concurrency at once."""
         tenant = str(owner.tenant_id)
         limiter, users = self._tenants.get(tenant) or (
             anyio.CapacityLimiter(max(1, self._tier_limits.get(owner.tier, 1))),
@@ -44,7 +55,7 @@ class Decoder:
         self._tenants[tenant] = (limiter, users + 1)
         try:
             async with limiter:
-                return await anyio.to_thread.run_sync(check, *args, limiter=self._threads)
+                yield
         finally:
             limiter, users = self._tenants[tenant]
             if users == 1:

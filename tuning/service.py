@@ -55,11 +55,7 @@ async def create(
         text("SELECT pg_advisory_xact_lock(hashtext('fine-tunes:' || :tenant))"),
         {"tenant": str(tenant_id)},
     )
-    active = await session.scalar(
-        select(func.count())
-        .select_from(FineTune)
-        .where(FineTune.tenant_id == tenant_id, FineTune.status.in_(ACTIVE))
-    )
+    active = await active_count(session, tenant_id)
     if active >= max_active:
         raise LimitReached(active)
     job = FineTune(
@@ -81,6 +77,15 @@ async def create(
     session.add(job)
     await session.flush()
     return job
+
+
+async def active_count(session: AsyncSession, tenant_id: uuid.UUID) -> int:
+    """The tenant's fine-tunes queued or running."""
+    return await session.scalar(
+        select(func.count())
+        .select_from(FineTune)
+        .where(FineTune.tenant_id == tenant_id, FineTune.status.in_(ACTIVE))
+    )
 
 
 async def get(session: AsyncSession, tenant_id: uuid.UUID, job_id: str) -> FineTune | None:

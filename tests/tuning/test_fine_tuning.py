@@ -5,6 +5,7 @@ cancel or use none of it."""
 
 import base64
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 
 import httpx
@@ -287,6 +288,22 @@ class TestBadInput:
         answer = create(gateway, key, zipped({"a.png": picture(0), "a.txt": noise}))
         assert answer.status_code == 413, answer.text
         assert "limit" in answer.text
+
+    def test_the_job_limit_is_checked_before_a_picture_is_decoded(self, gateway, tenant_factory):
+        """A Free tenant (one job at a time) with a job queued, then four uploads at once of a
+        dataset whose picture is damaged: decoding one would be a 400; each is a 429 first."""
+        _, key, _ = tenant_factory.create("free")
+        first = create(gateway, key, striped(2), steps=1000)
+        assert first.status_code == 201, first.text
+        try:
+            damaged = zipped({"a.png": b"not a picture", "a.txt": "a caption"})
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda _: create(gateway, key, damaged), range(4)))
+            assert [a.status_code for a in answers] == [429] * 4, [a.text for a in answers]
+            assert "allows 1 fine-tuning job(s)" in answers[0].text
+        finally:
+            job_id = first.json()["id"]
+            httpx.post(f"{gateway.url}/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth(key))
 
     def test_no_dataset(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("pro")
