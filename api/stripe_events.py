@@ -13,7 +13,8 @@ router = APIRouter(tags=["billing"])
 
 @router.post("/billing/stripe/webhook")
 async def stripe_webhook(request: Request, state: StateDep, session: SessionDep) -> dict:
-    """A database outage answers 503 (api.errors), and Stripe retries a non-2xx."""
+    """A database outage answers 503 (api.errors), and Stripe retries a non-2xx. An event is
+    applied once, in its own order per subscription (billing.stripe_events)."""
     settings = state.settings
     if not settings.stripe_webhook_secret:
         raise Unavailable("Stripe webhooks are not configured on this server")
@@ -22,8 +23,8 @@ async def stripe_webhook(request: Request, state: StateDep, session: SessionDep)
         event = stripe_events.verify(
             payload, request.headers.get("stripe-signature", ""), settings.stripe_webhook_secret
         )
-    except stripe_events.BadSignature as exc:
-        raise BadRequest(f"invalid Stripe signature: {exc}") from None
+    except stripe_events.BadEvent as exc:
+        raise BadRequest(str(exc)) from None
     done = await stripe_events.apply(
         session, event, settings.stripe_price_tiers, set(settings.plans)
     )
@@ -42,7 +43,7 @@ async def stripe_thin_events(request: Request, state: StateDep, session: Session
         notification = stripe_meter_errors.verify(
             payload, request.headers.get("stripe-signature", ""), secret
         )
-    except stripe_meter_errors.BadEvent as exc:
+    except stripe_events.BadEvent as exc:
         raise BadRequest(str(exc)) from None
     recorded = await stripe_meter_errors.receive(session, notification)
     return {"received": True, "recorded": recorded}

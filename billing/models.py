@@ -10,6 +10,7 @@ from sqlalchemy import (
     Double,
     ForeignKey,
     Identity,
+    Index,
     Integer,
     String,
     Text,
@@ -139,6 +140,33 @@ class MeterErrorReport(Base):
     fetched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_count: Mapped[int | None] = mapped_column(Integer)
     summary: Mapped[str | None] = mapped_column(Text)
+
+
+class StripeEventApplied(Base):
+    """A Stripe webhook event already applied: sent again (a retry, a replay), it changes
+    nothing. Kept for `stripe_events.KEEP_DAYS`, longer than Stripe retries one."""
+
+    __tablename__ = "stripe_events_applied"
+    __table_args__ = (Index("stripe_events_applied_received", "received_at"),)
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class StripeSubscription(Base):
+    """A Stripe subscription as its last applied event left it, and that event's time: an
+    event about it created earlier is stale."""
+
+    __tablename__ = "stripe_subscriptions"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(Text)
+    tier: Mapped[str] = mapped_column(String(32))
+    event_created: Mapped[int] = mapped_column(BigInteger)
 
 
 class AuditEntry(Base):

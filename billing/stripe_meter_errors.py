@@ -10,7 +10,6 @@ the outbox rows whose identifiers it names as samples (`OutboxEvent.stripe_error
 the report's `error_count` says how many there were in its window.
 """
 
-import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -24,26 +23,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import transaction
 from billing.models import MeterErrorReport, OutboxEvent
+from billing.stripe_events import BadEvent, signed_json
 
 log = logging.getLogger(__name__)
 
 REPORTS = {"v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"}
-TOLERANCE_SECONDS = 300  # Stripe's default for a signature's age
-
-
-class BadEvent(ValueError):
-    pass
 
 
 def verify(payload: bytes, signature: str, secret: str) -> dict:
     """A thin event's notification, its signature checked (the same scheme as webhooks)."""
-    try:
-        stripe.WebhookSignature.verify_header(
-            payload.decode("utf-8"), signature, secret, TOLERANCE_SECONDS
-        )
-        notification = json.loads(payload)
-    except (stripe.SignatureVerificationError, ValueError) as exc:
-        raise BadEvent(f"invalid Stripe signature: {exc}") from None
+    notification = signed_json(payload, signature, secret)
     if not isinstance(notification, dict) or not isinstance(notification.get("id"), str):
         raise BadEvent("not a Stripe event notification (no id)")
     return notification
@@ -59,7 +48,6 @@ async def receive(session: AsyncSession, notification: dict) -> bool:
         .values(id=notification["id"], type=notification["type"])
         .on_conflict_do_nothing(index_elements=["id"])
     )
-    await session.commit()
     return True
 
 
