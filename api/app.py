@@ -2,30 +2,18 @@
 
 from fastapi import FastAPI
 
-from api import (
-    admin,
-    async_jobs,
-    batches,
-    dashboard,
-    docs_page,
-    errors,
-    fine_tuning,
-    health,
-    job_webhooks,
-    metrics,
-    resume,
-    revocations,
-    stripe_events,
-    usage,
-)
-from api.jobs.batch_runner import BatchRunner
-from api.jobs.scheduler import Scheduler
-from api.limits import BodyGuard, UrlGuard
+from api import account, dashboard, docs_page, errors
+from api.access import revocations
+from api.deferred import batches, fine_tuning, jobs, resume, webhooks
+from api.guards.limits import BodyGuard, UrlGuard
+from api.guards.security_headers import SecurityHeaders
 from api.ollama.router import router as ollama_router
 from api.openai.images import router as openai_images_router
 from api.openai.router import router as openai_router
+from api.operator import admin, health, metrics, stripe_webhooks
+from api.pipeline.batch_runner import BatchRunner
+from api.pipeline.scheduler import Scheduler
 from api.sd.router import router as sd_router
-from api.security_headers import SecurityHeaders
 from api.settings import GatewaySettings
 from api.state import lifespan
 from webhooks.sender import Sender
@@ -36,7 +24,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     observed = metrics.GatewayMetrics()
     background = [
         lambda state: Scheduler(state, then=[BatchRunner]).run(),
-        lambda state: Sender(state).run(),
+        lambda state: Sender(state.sessions, state.settings).run(),
         revocations.follow,
     ]
     app = FastAPI(
@@ -55,12 +43,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(sd_router)
     app.include_router(openai_images_router)
     app.include_router(resume.router)
-    app.include_router(async_jobs.router)
+    app.include_router(jobs.router)
     app.include_router(fine_tuning.router)
-    app.include_router(job_webhooks.router)
+    app.include_router(webhooks.router)
     app.include_router(batches.router)
-    app.include_router(usage.router)
-    app.include_router(stripe_events.router)
+    app.include_router(account.router)
+    app.include_router(stripe_webhooks.router)
     app.include_router(admin.router)
     dashboard.install(app)
     docs_page.install(app)

@@ -11,11 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.errors import Forbidden, Unauthorized, Unavailable
 from api.settings import GatewaySettings
 from api.state import AppState
-from billing.db import database_away
+from billing.db import async_transaction, database_away
 from billing.keys import hash_key
 from billing.tenants import KeyOwner, owner_of_key
 
-# Where api/limits.py hands on the owner of a key it checked, in the request's state.
+# Where api/guards/limits.py hands on the owner of a key it checked, in the request's state.
 KEY_OWNER = "key_owner"
 
 
@@ -31,7 +31,7 @@ async def db_session(state: StateDep) -> AsyncIterator[AsyncSession]:
     before its response is sent (scope "function"), rolled back if it raises. It takes a
     connection only at its first statement. A route whose work must follow the commit
     (deleting a file, enqueueing a task) opens its own transaction instead and says so."""
-    async with state.sessions() as session, session.begin():
+    async with async_transaction(state.sessions) as session:
         yield session
 
 
@@ -39,7 +39,7 @@ SessionDep = Annotated[AsyncSession, Depends(db_session, scope="function")]
 
 
 async def authenticate(request: Request, state: StateDep) -> KeyOwner:
-    # a request with a body was authenticated before it was read (api/limits.py)
+    # a request with a body was authenticated before it was read (api/guards/limits.py)
     checked = request.scope["state"].get(KEY_OWNER)
     if checked is not None and not checked.expired(datetime.now(UTC)):
         return checked
@@ -67,7 +67,7 @@ def client_address(scope) -> str:
 async def owner_of_key_header(state: AppState, header: str, address: str) -> KeyOwner:
     """The owner of the API key in an Authorization header, or the 401 (429 when its sender
     has failed too often, 503 while the key store is away) that says why. A valid key is
-    never refused for others' failures (api/throttle.py)."""
+    never refused for others' failures (api/guards/throttle.py)."""
     if not header:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     presented = bearer(header)
@@ -92,7 +92,7 @@ async def _look_up(state: AppState, presented: str, cache_key: str) -> KeyOwner:
     within the outage grace (not cached again: the grace runs from the last real read)."""
     generation = state.key_generation
     try:
-        async with state.sessions() as session, session.begin():
+        async with async_transaction(state.sessions) as session:
             owner = await owner_of_key(session, presented)
     except Exception as exc:
         if not database_away(exc):

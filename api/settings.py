@@ -32,11 +32,12 @@ class GatewaySettings(ModelSettings):
     # Uploads (fine-tuning datasets) may be larger, up to this; each tier has its own limit too.
     max_upload_bytes: int = 256 * 1024 * 1024
     # A request without an API key or the admin token (the dashboard's forms, Stripe's events)
-    # sends at most this; with one, the key is checked before the body is read (api/limits.py).
+    # sends at most this; with one, the key is checked before the body is read
+    # (api/guards/limits.py).
     anonymous_max_body_bytes: int = 1024 * 1024
     # A connection sends its request head within this time of opening (or of its next
     # request's first byte), or is closed; one client address holds at most this many
-    # connections at once (0: no limit). api/connections.py; trusted proxies are exempt.
+    # connections at once (0: no limit). api/guards/connections.py; trusted proxies are exempt.
     head_timeout_seconds: float = 10.0
     connections_per_client: int = 256
     # A body that pauses this long, or comes slower than this on average after its first 10 s,
@@ -61,7 +62,8 @@ class GatewaySettings(ModelSettings):
     # Largest image accepted, in pixels (decompression bombs are refused).
     max_image_pixels: int = 4096 * 4096
     # Images are checked (decoded) in threads, at most this many at once per gateway; one
-    # tenant's requests use at most its tier's concurrency of them (api/images.py: Decoder).
+    # tenant's requests use at most its tier's concurrency of them
+    # (api/inputs/image_checks.py: Decoder).
     image_check_threads: int = 4
     max_images_per_request: int = 8
     # Stable Diffusion: largest width or height, images per request by tier, and how long
@@ -79,8 +81,9 @@ class GatewaySettings(ModelSettings):
     stripe_events_secret: str = ""
     # PostgreSQL connections a gateway keeps open (as many again for bursts).
     db_pool_size: int = 20
-    # A tenant's tier and GPU-seconds used are read at most this often per gateway (api/quota.py:
-    # only fresh figures refuse a request; a downgrade applies within it; 0 reads every time).
+    # A tenant's tier and GPU-seconds used are read at most this often per gateway
+    # (api/access/quota.py: only fresh figures refuse a request; a downgrade applies within
+    # it; 0 reads every time).
     quota_cache_seconds: float = 1.0
     # The operator's token for /admin/... and the dashboard (empty: the admin API is off); at
     # least 32 characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`.
@@ -101,7 +104,7 @@ class GatewaySettings(ModelSettings):
     auth_cache_seconds: float = 5.0
     # This many failed credentials (API keys, the admin token, dashboard sign-ins) from one
     # client address within the window: its next failures are answered 429 until the window
-    # ends. Valid credentials are always checked and never refused (api/throttle.py; 0: off).
+    # ends. Valid credentials are always checked and never refused (api/guards/throttle.py; 0: off).
     credential_failures_limit: int = 20
     credential_failures_window_seconds: int = 60
     # PostgreSQL out of this gateway's reach: keys and quota figures it read within this many

@@ -12,16 +12,16 @@ from celery import Celery
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from api.admission import Admission, LeaseKeeper
-from api.images import Decoder
-from api.metrics import GatewayMetrics
-from api.quota import Quotas
+from api.access.admission import Admission, LeaseKeeper
+from api.access.quota import Quotas
+from api.guards.throttle import CredentialThrottle
+from api.inputs.image_checks import Decoder
+from api.operator.metrics import GatewayMetrics
 from api.settings import GatewaySettings
-from api.throttle import CredentialThrottle
 from billing.db import async_engine, async_session_factory
 from billing.tenants import KeyOwner
 from storage import Storage
-from workers.contract import celery_config
+from workers.contract import celery_app
 
 
 @dataclass
@@ -44,7 +44,7 @@ class AppState:
     # Bumped by every key dropped from the caches: a lookup that began before a revocation
     # is not cached (api/deps.py), so that it cannot put the revoked key back.
     key_generation: int = 0
-    # Set while this gateway follows the revocation channel (api/revocations.py; /readyz)
+    # Set while this gateway follows the revocation channel (api/access/revocations.py; /readyz)
     following_revocations: asyncio.Event = field(default_factory=asyncio.Event)
 
     def spawn(self, work: Coroutine) -> None:
@@ -54,8 +54,8 @@ class AppState:
         task.add_done_callback(self.tasks.discard)
 
     def forget_key(self, key_id: uuid.UUID | str) -> None:
-        """Drop a revoked key from this gateway's caches (api/revocations.py); other keys stay
-        cached."""
+        """Drop a revoked key from this gateway's caches (api/access/revocations.py); other
+        keys stay cached."""
         key_id = key_id if isinstance(key_id, uuid.UUID) else uuid.UUID(key_id)
         self.key_generation += 1
         for cache in (self.key_cache, self.known_keys):
@@ -88,8 +88,7 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
             client, settings.tier_limits, settings.lease_ttl_seconds, settings.retry_after_seconds
         )
         grace = max(settings.ledger_outage_grace_seconds, 1e-9)
-        celery = Celery("gpuhost-gateway")
-        celery.conf.update(celery_config(**settings.celery()))
+        celery = celery_app("gpuhost-gateway", **settings.celery())
         state = AppState(
             settings=settings,
             redis=client,

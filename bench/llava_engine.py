@@ -16,12 +16,12 @@ import json
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from PIL import Image
 
-from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from harness.jobs import chat_job  # noqa: E402
+from workers.contract import ChatJob
 from workers.engines.llava_transformers import TransformersLlava
 from workers.metering import Meter
 
@@ -72,22 +72,8 @@ def picture(seed: int) -> str:
 
 
 def job(tokens: int, i: int, image: bool = False) -> ChatJob:
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="llava-llama3",
-        kind="chat",
-        messages=[
-            ChatTurn(
-                role="user",
-                content=f"Request {i}: describe this picture at length.",
-                images=[picture(i)] if image else [],
-            )
-        ],
-        options=SamplingOptions(max_tokens=tokens, temperature=0.8, seed=i),
-        enqueued_at=time.time(),
-    )
+    text = f"Request {i}: describe this picture at length."
+    return chat_job(text, tokens, 0.8, i, [picture(i)] if image else [])
 
 
 def run(engine: TransformersLlava, streams: int, tokens: int, image: bool = False) -> dict:
@@ -144,7 +130,7 @@ def main() -> None:
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--image", action="store_true", help="one image with every request")
     parser.add_argument(
-        "--decode", default="auto", choices=("auto", "slots", "dynamic"), help="decode batch"
+        "--decode", default="auto", choices=("auto", "fixed", "dynamic"), help="decode batch"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:

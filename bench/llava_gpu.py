@@ -134,7 +134,7 @@ def fp8_agreement(path: Path, device: str) -> dict:
 
 def against_generate(engine: TransformersLlava, tokens: int = 64) -> dict:
     """Greedy decoding of one request with an image through the engine as configured
-    (compiled step, slot cache, float8 layers) against transformers' eager `generate` on the
+    (compiled step, fixed cache, float8 layers) against transformers' eager `generate` on the
     same loaded model: how many tokens agree before the first difference, and in all."""
     greedy = job(tokens, 0, image=True).model_copy(
         update={"kind": "generate", "options": SamplingOptions(max_tokens=tokens, temperature=0)}
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llava8b"))
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--dry-run", action="store_true", help="a small model on the CPU")
-    parser.add_argument("--decode", default="auto", choices=("auto", "slots", "dynamic"))
+    parser.add_argument("--decode", default="auto", choices=("auto", "fixed", "dynamic"))
     parser.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--streams", default="1,8", help="concurrent requests, in turn")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"))

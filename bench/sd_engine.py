@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+from harness.jobs import image_job  # noqa: E402
 from workers.contract import ImageJob
 from workers.engines.diffusion import DiffusionEngine
 
@@ -89,23 +90,8 @@ def build_sd15(out: Path) -> Path:
 
 
 def job(size: int, steps: int, seed: int, adapter: dict | None = None) -> ImageJob:
-    return ImageJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="sd",
-        kind="txt2img",
-        prompt=f"a lighthouse at dusk, variant {seed}",
-        width=size,
-        height=size,
-        steps=steps,
-        guidance_scale=7.5,
-        scheduler="euler",
-        seed=seed,
-        n=1,
-        enqueued_at=time.time(),
-        **(adapter or {}),
-    )
+    prompt = f"a lighthouse at dusk, variant {seed}"
+    return image_job(prompt, size, steps, seed, model="sd", **(adapter or {}))
 
 
 def run(

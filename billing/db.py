@@ -1,12 +1,17 @@
 """SQLAlchemy base, engines and session factories."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from sqlalchemy import MetaData, create_engine
 from sqlalchemy import exc as db
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING = {
@@ -53,4 +58,12 @@ def async_session_factory(engine: AsyncEngine) -> async_sessionmaker:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: committed when the block ends, rolled back if it raises."""
     with factory() as session, session.begin():
+        yield session
+
+
+@asynccontextmanager
+async def async_transaction(factory: async_sessionmaker) -> AsyncIterator[AsyncSession]:
+    """One unit of work on the async side (the gateway): committed when the block ends,
+    rolled back if it raises. A route's own session is `api.deps.SessionDep`."""
+    async with factory() as session, session.begin():
         yield session

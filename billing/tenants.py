@@ -18,7 +18,7 @@ DEFAULT_SCOPES = (INFERENCE, USAGE_READ, KEYS_WRITE)
 KNOWN_SCOPES = frozenset(DEFAULT_SCOPES)
 
 
-class NotFound(LookupError):
+class Unknown(LookupError):
     """No such tenant or key."""
 
 
@@ -74,7 +74,7 @@ def create_tenant(session: Session, name: str, tier: str, tiers: dict[str, int])
 def get_tenant(session: Session, tenant_id: str | uuid.UUID) -> Tenant:
     tenant = session.get(Tenant, _parse_id(tenant_id, "tenant"))
     if tenant is None:
-        raise NotFound(f"tenant {tenant_id} not found")
+        raise Unknown(f"tenant {tenant_id} not found")
     return tenant
 
 
@@ -141,7 +141,7 @@ def revoke_key(session: Session, key_id: str, tenant_id: uuid.UUID | None = None
     other is not found."""
     row = session.get(ApiKey, _parse_id(key_id, "key"))
     if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-        raise NotFound(f"key {key_id} not found")
+        raise Unknown(f"key {key_id} not found")
     if row.revoked_at is None:
         row.revoked_at = datetime.now(UTC)
         session.flush()

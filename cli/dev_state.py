@@ -54,7 +54,7 @@ def demo_key(database_url: str, state_dir: Path, tiers: dict[str, int]) -> tuple
         with transaction(session_factory(engine)) as session:
             try:
                 tenant = tenants.get_tenant(session, known["id"]) if known.get("id") else None
-            except tenants.NotFound:
+            except tenants.Unknown:
                 tenant = None
             if tenant is None:
                 tenant, known = tenants.create_tenant(session, "demo", DEMO_TIER, tiers), {}

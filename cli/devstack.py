@@ -33,7 +33,7 @@ from billing.settings import ModelSettings
 from cli import embedded
 from cli.dev_state import DEMO_TIER, demo_key, hold, operator_token, private
 from cli.tls import local_tls
-from workers.contract import WorkerStatus, celery_config
+from workers.contract import WorkerStatus, celery_app
 from workers.keyspace import WORKER_KEY_PREFIX
 
 READY_TIMEOUT_SECONDS = 180
@@ -75,8 +75,7 @@ def _wait_ready(
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     verify = ssl.create_default_context(cafile=ca) if ca else True
     client = redis.Redis.from_url(redis_url)
-    control = Celery("gpuhost-dev")  # the train worker answers pings once it consumes
-    control.conf.update(celery_config(broker_url or redis_url))
+    control = celery_app("gpuhost-dev", broker_url or redis_url)  # the train worker pings
     waiting = ["gateway", "LLaVA worker", "SD worker", "train worker"]
     said = None
     while time.monotonic() < deadline:

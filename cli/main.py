@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError as SourceError
 
 from billing.settings import ModelSettings, settings_problem
-from cli.operator import admin_app, billing_app, db_app, fail, print_json
+from cli.operator_commands import admin_app, billing_app, db_app, fail, print_json
 
 app = typer.Typer(
     help="gpuhost: GPU model hosting, billed by the GPU-second.", no_args_is_help=True
@@ -39,7 +39,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
-    from api.connections import guarded_protocol
+    from api.guards.connections import guarded_protocol
     from api.settings import GatewaySettings
     from cli.tls import check_pair
 

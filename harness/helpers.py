@@ -13,7 +13,6 @@ from PIL import Image
 from sqlalchemy import select
 
 from billing.models import UsageRecord
-from workers.contract import ChatJob, ChatTurn, SamplingOptions
 from workers.keyspace import SLOT_ACQUIRE, slots_key
 
 MODEL = "llava-llama3"
@@ -82,7 +81,6 @@ def worker_statuses(redis_client) -> list:
 
 def idle_status(redis_client, after: float, queue: str = "llava"):
     """The queue's single worker's status, published after `after` (unix time), once idle."""
-    import time
 
     from harness.processes import wait_for
 
@@ -159,18 +157,3 @@ def dashboard_sign_in(client: httpx.Client, credential: str, **kwargs) -> httpx.
     form = client.get("/dashboard/login", **kwargs)
     token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
     return client.post("/dashboard/login", data={"credential": credential, "csrf": token}, **kwargs)
-
-
-def chat_job(tenant_id, key_id, tokens: int = 6) -> ChatJob:
-    """A greedy chat job for the llava queue, as the gateway makes it, to send straight to a
-    worker."""
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=tenant_id,
-        api_key_id=key_id,
-        model="llava-llama3",
-        kind="chat",
-        messages=[ChatTurn(role="user", content="hello")],
-        options=SamplingOptions(max_tokens=tokens, temperature=0),
-        enqueued_at=time.time(),
-    )

@@ -14,7 +14,7 @@ from celery import Celery
 from kombu.exceptions import KombuError
 
 from harness.services import services
-from workers.contract import celery_config
+from workers.contract import celery_app
 
 
 def free_port() -> int:
@@ -94,8 +94,7 @@ class Worker(Process):
         self.metrics_port = free_port()
         env = env | {"GPUHOST_METRICS_PORT": str(self.metrics_port)}
         super().__init__(name, ["worker", "--queue", queue, "--concurrency", "4"], env, log_dir)
-        self.control = Celery("gpuhost-tests")
-        self.control.conf.update(celery_config(broker_url))
+        self.control = celery_app("gpuhost-tests", broker_url)
 
     def wait_ready(self, timeout: float = 120) -> None:
         def ready() -> bool:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import yaml
 from prometheus_client import CollectorRegistry
 
-from api.metrics import GatewayMetrics
+from api.operator.metrics import GatewayMetrics
 from billing.relay import RelayMetrics
 from workers.metrics import EngineCollector, GpuCollector
 

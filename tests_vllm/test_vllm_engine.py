@@ -6,14 +6,14 @@ transformers versions of its own.
 
 import json
 import threading
-import time
 import uuid
 
 import jsonschema
 import pytest
 
-from tests.structured import PERSON
-from workers.contract import ChatJob, ChatTurn, OutputFormat, SamplingOptions, ToolSpec
+from harness.jobs import chat_job
+from tests.person_schema import PERSON
+from workers.contract import ChatJob, OutputFormat, ToolSpec
 from workers.engines.base import InvalidRequest
 from workers.engines.llava_vllm import VllmLlava, VllmOptions
 from workers.tiny import make_text_llama
@@ -32,16 +32,7 @@ class Sink:
 
 
 def job(content: str, tokens: int = 16, seed: int = 1, images=()) -> ChatJob:
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="tiny-llama",
-        kind="chat",
-        messages=[ChatTurn(role="user", content=content, images=list(images))],
-        options=SamplingOptions(max_tokens=tokens, temperature=0.8, seed=seed),
-        enqueued_at=time.time(),
-    )
+    return chat_job(content, tokens, 0.8, seed, images, model="tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from celery.exceptions import Reject
 from billing.db import session_factory, sync_engine
 from billing.usage_writer import UsageWriter
 from storage import Storage
-from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, celery_config
+from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, celery_app
 from workers.settings import WorkerSettings
 from workers.status import StatusPublisher
 from workers.streams import Claims
@@ -77,8 +77,7 @@ def load_engine(settings: WorkerSettings):
 
 def create_worker_app(settings: WorkerSettings, runtime: WorkerRuntime) -> Celery:
     """A Celery app whose tasks run on `runtime` (which holds the resident model)."""
-    app = Celery("gpuhost")
-    app.conf.update(celery_config(**settings.celery()))
+    app = celery_app("gpuhost", **settings.celery())
 
     @app.task(name=CHAT_TASK, shared=False, bind=True)
     def chat(task, payload: dict) -> str:
@@ -169,7 +168,7 @@ def run_worker(settings: WorkerSettings) -> None:
         claims=Claims(
             client, process_name(), settings.claim_ttl_seconds, settings.lease_ttl_seconds
         ),
-        ledger=UsageSpool(client, sessions, UsageWriter(sessions)),
+        usage_spool=UsageSpool(client, sessions, UsageWriter(sessions)),
     )
     changed = weights_modified_at(settings)
     status = StatusPublisher(
@@ -195,6 +194,6 @@ def run_worker(settings: WorkerSettings) -> None:
         )
     finally:
         status.stop()
-        runtime.ledger.close()  # after the pool has stopped: what it finished is committed
+        runtime.usage_spool.close()  # after the pool has stopped: what it finished is committed
         runtime.claims.stop()
         runtime.engine.close()

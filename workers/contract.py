@@ -6,9 +6,12 @@ Imports neither torch nor any model code: the gateway imports this module.
 
 import json
 import uuid
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 LLAVA_QUEUE = "llava"
 SD_QUEUE = "sd"  # reserved for Stable Diffusion workers
@@ -55,12 +58,22 @@ class WorkerStatus(BaseModel):
     prefill_rows: int = 0  # requests they prefilled (/ prefill_batches: mean group size)
     batches: int = 0  # Stable Diffusion: batches run
     batch_requests: int = 0  # requests they held (/ batches: mean requests per batch)
-    # compiled at load: LLaVA's decode step (slot cache), Stable Diffusion's UNet (warm sizes)
+    # compiled at load: LLaVA's decode step (fixed cache), Stable Diffusion's UNet (warm sizes)
     compiled: bool = False
     # when the served weights last changed (their files' newest mtime, unix time): Ollama's
     # modified_at; 0 from a worker that does not say
     weights_modified_at: float = 0.0
     updated_at: float
+
+
+def celery_app(name: str, broker_url: str, **options) -> "Celery":
+    """A Celery app on the shared settings (`celery_config`): every producer and consumer of
+    the job queues makes its own this way (the billing beat, on its own queue, does not)."""
+    from celery import Celery
+
+    app = Celery(name)
+    app.conf.update(celery_config(broker_url, **options))
+    return app
 
 
 def celery_config(
@@ -127,7 +140,7 @@ class SamplingOptions(BaseModel):
 class ChatTurn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # tool: a tool's result (an assistant turn's calls are its content, as api/tools.py
+    # tool: a tool's result (an assistant turn's calls are its content, as api/inputs/tools.py
     # writes them)
     role: Literal["system", "user", "assistant", "tool"]
     content: str
@@ -136,7 +149,7 @@ class ChatTurn(BaseModel):
 
 class OutputFormat(BaseModel):
     """Structured output: the answer is a JSON object (`json`), or JSON valid against a JSON
-    Schema (`json_schema`), decoded under a grammar token by token (`api/structured.py`
+    Schema (`json_schema`), decoded under a grammar token by token (`api/inputs/output_format.py`
     checks the schema's keywords; the engine compiles it)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -147,7 +160,7 @@ class OutputFormat(BaseModel):
 
 
 class ToolSpec(BaseModel):
-    """A function the model may call (api/tools.py): shown to it in its prompt."""
+    """A function the model may call (api/inputs/tools.py): shown to it in its prompt."""
 
     model_config = ConfigDict(extra="forbid")
 

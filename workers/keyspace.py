@@ -119,7 +119,7 @@ def image_file_key(token: str) -> str:
 
 def credential_failures_key(address: str) -> str:
     """Failed credentials from one client address in the current window: a counter that
-    expires with it (api/throttle.py)."""
+    expires with it (api/guards/throttle.py)."""
     return f"{PREFIX}auth-failures:address:{address}"
 
 

@@ -22,15 +22,16 @@ class WorkerSettings(ModelSettings):
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool = False
     max_output_tokens: int = 2048
-    # The transformers engine's decode steps. slots: a KV cache allocated at load (max batch x
+    # The transformers engine's decode steps. fixed: a KV cache allocated at load (max batch x
     # context window), each step's shape replayed as a CUDA graph on a GPU; dynamic: a cache
-    # that grows with the sequences, one eager step after another; auto: slots on a GPU.
-    llava_decode: Literal["auto", "slots", "dynamic"] = "auto"
+    # that grows with the sequences, one eager step after another; auto: fixed on a GPU.
+    # ("slots", this setting's former name for fixed, is read as fixed.)
+    llava_decode: Literal["auto", "fixed", "dynamic"] = "auto"
     # Requests that arrive together are prefilled in one forward pass of at most this many
     # padded prompt tokens (rows x the longest prompt; one image is 576 of them). Smaller:
     # running streams stall less per pass; larger: a burst's first tokens come in fewer passes.
     llava_prefill_tokens: int = Field(8192, ge=1)
-    # The slot cache's decode step compiled (torch.compile, Inductor) at load, for every
+    # The fixed cache's decode step compiled (torch.compile, Inductor) at load, for every
     # bucket, then captured as CUDA graphs (auto: on a GPU). Loading takes minutes longer.
     llava_compile: Literal["auto", "on", "off"] = "auto"
     # The language model's linear layers: bf16 (float32 on the CPU), or fp8 (float8 weights
@@ -64,6 +65,11 @@ class WorkerSettings(ModelSettings):
     # Fine-tuning: a running job whose worker has not reported for this long is presumed
     # lost and queued again (it resumes from its last checkpoint).
     train_stale_seconds: float = 120.0
+
+    @field_validator("llava_decode", mode="before")
+    @classmethod
+    def _former_name(cls, value: object) -> object:
+        return "fixed" if value == "slots" else value
 
     @field_validator("sd_warm_sizes")
     @classmethod

@@ -55,7 +55,7 @@ class WorkerRuntime:
     sessions: sessionmaker[Session]
     engine: object  # a ChatEngine (llava queue) or a DiffusionEngine (sd queue)
     claims: Claims
-    ledger: UsageSpool  # usage records: group-committed, parked while the ledger is away
+    usage_spool: UsageSpool  # usage records: group-committed, parked while the ledger is away
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _record(
     started: datetime | None,
     queue_seconds: float,
 ) -> None:
-    written = runtime.ledger.record(
+    written = runtime.usage_spool.record(
         usage.UsageCreate(
             request_id=job.request_id,
             tenant_id=job.tenant_id,
@@ -161,7 +161,7 @@ def _claim_when_free(runtime: WorkerRuntime, job: ChatJob | ImageJob, retention:
 
 def _recorded(runtime: WorkerRuntime, job: ChatJob | ImageJob) -> bool:
     """The job ran to its end before: its record is in the ledger, or parked for it."""
-    if runtime.ledger.parked(job.request_id):
+    if runtime.usage_spool.parked(job.request_id):
         log.info(
             "job %s delivered again after it finished (record parked); ignored", job.request_id
         )

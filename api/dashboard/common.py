@@ -14,11 +14,13 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.admin import who
+from api.access import revocations
 from api.deps import SessionDep, StateDep
 from api.errors import ApiError
+from api.operator.admin import who
+from api.operator.changes import run_change, run_committed
 from api.state import AppState
-from billing import tenants
+from billing import operator, tenants
 from billing.models import ApiKey
 from billing.plans import Balance
 from workers.keyspace import dashboard_session_key
@@ -147,17 +149,38 @@ async def tenant_keys(session: AsyncSession, tenant_id: uuid.UUID) -> list[ApiKe
     return await session.run_sync(lambda s: tenants.keys_of(s, tenant_id))
 
 
-async def run_change(session: AsyncSession, work, failed_status: int = 400):
-    """Run `work(session)` (a change with its audit entry) in the page's transaction; returns
-    what it returns. A refused change is the error page, with `failed_status`."""
-    try:
-        return await session.run_sync(work)
-    except (tenants.NotFound, tenants.InvalidArgument) as exc:
-        raise PageError(failed_status, str(exc)) from None
+async def page_change(session: AsyncSession, work, failed_status: int = 400):
+    """A change with its audit entry in the page's transaction; returns what `work` returns.
+    A refused change is the error page, with `failed_status`."""
+    return await run_change(session, work, lambda _, message: PageError(failed_status, message))
 
 
-async def run_committed(state: AppState, work, failed_status: int = 400):
-    """`run_change` in a transaction of its own, committed when this returns: for a change
+async def page_change_committed(state: AppState, work, failed_status: int = 400):
+    """`page_change` in a transaction of its own, committed when this returns: for a change
     whose caches must be dropped only once it is committed."""
-    async with state.sessions() as session, session.begin():
-        return await run_change(session, work, failed_status)
+    refused = lambda _, message: PageError(failed_status, message)  # noqa: E731
+    return await run_committed(state, work, refused)
+
+
+async def issue_key(
+    session: AsyncSession, request: Request, actor: str, tenant_id, scopes: tuple[str, ...]
+) -> str:
+    """A new key for the tenant, audited as `actor`'s (from the dashboard, by the tenant or
+    the operator); its secret, shown once. PageError 400 if no scope, or one unknown."""
+    if not scopes:
+        raise PageError(400, "Choose at least one scope.")
+    who = who_of(request, actor)
+    _, secret = await page_change(session, lambda s: operator.issue_key(s, who, tenant_id, scopes))
+    return secret
+
+
+async def revoke_key(
+    state: AppState, request: Request, actor: str, key_id: str, tenant_id=None
+) -> ApiKey:
+    """Revoke a key (only one of `tenant_id`'s, when given; another is not found), audited as
+    `actor`'s, in a transaction of its own: every gateway drops it once it is committed."""
+    who = who_of(request, actor)
+    revoke = lambda s: operator.revoke_key(s, who, key_id, tenant_id=tenant_id)  # noqa: E731
+    row = await page_change_committed(state, revoke, 404)
+    await revocations.announce(state, row.id)
+    return row

@@ -7,16 +7,17 @@ from typing import Annotated
 from fastapi import Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from api import revocations
 from api.dashboard.common import (
     VisitorDep,
     check_csrf,
     invoice,
+    issue_key,
     operator_only,
+    page_change,
+    page_change_committed,
     render,
+    revoke_key,
     router,
-    run_change,
-    run_committed,
     tenant_keys,
     who_of,
 )
@@ -84,7 +85,7 @@ async def admin_create_tenant(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     tiers = state.settings.tier_limits
-    await run_change(
+    await page_change(
         session, lambda s: operator.create_tenant(s, who_of(request), name, tier, tiers)
     )
     return RedirectResponse("/dashboard/admin", status_code=303)
@@ -102,7 +103,7 @@ async def admin_set_tier(
     operator_only(visitor)
     await check_csrf(visitor, csrf)
     tiers = state.settings.tier_limits
-    changed = await run_committed(
+    changed = await page_change_committed(
         state, lambda s: operator.set_tier(s, who_of(request), tenant_id, tier, tiers)
     )
     state.quotas.forget(changed.id)
@@ -121,7 +122,7 @@ async def admin_tenant_page(
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
 ) -> Response:
     operator_only(visitor)
-    tenant = await run_change(session, lambda s: tenants.get_tenant(s, tenant_id), 404)
+    tenant = await page_change(session, lambda s: tenants.get_tenant(s, tenant_id), 404)
     return await _tenant_page(request, state, session, visitor, tenant.id, range, model, page)
 
 
@@ -156,13 +157,11 @@ async def admin_issue_key(
 ) -> Response:
     operator_only(visitor)
     await check_csrf(visitor, csrf)
-    if not scope:
-        return render(request, "error.html", 400, message="Choose at least one scope.")
-    row, secret = await run_change(
-        session, lambda s: operator.issue_key(s, who_of(request), tenant_id, tuple(scope))
-    )
+    tenant = await page_change(session, lambda s: tenants.get_tenant(s, tenant_id), 404)
+    actor = "dashboard (admin token)"
+    secret = await issue_key(session, request, actor, tenant.id, tuple(scope or ()))
     return await _tenant_page(
-        request, state, session, visitor, row.tenant_id, status=201, new_key=secret
+        request, state, session, visitor, tenant.id, status=201, new_key=secret
     )
 
 
@@ -176,6 +175,5 @@ async def admin_revoke_key(
 ) -> Response:
     operator_only(visitor)
     await check_csrf(visitor, csrf)
-    row = await run_committed(state, lambda s: operator.revoke_key(s, who_of(request), key_id), 404)
-    await revocations.announce(state, row.id)
+    row = await revoke_key(state, request, "dashboard (admin token)", key_id)
     return RedirectResponse(f"/dashboard/admin/tenants/{row.tenant_id}", status_code=303)

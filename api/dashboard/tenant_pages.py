@@ -5,22 +5,21 @@ from typing import Annotated
 from fastapi import Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from api import revocations
 from api.dashboard.common import (
     NotAllowed,
+    PageError,
     VisitorDep,
     check_csrf,
+    issue_key,
     key_manager_of,
     render,
+    revoke_key,
     router,
-    run_committed,
     tenant_keys,
     tenant_of,
-    who_of,
 )
 from api.dashboard.usage_view import usage_view
 from api.deps import SessionDep, StateDep
-from billing import operator, tenants
 
 
 @router.get("/usage")
@@ -51,7 +50,7 @@ async def keys_page(request: Request, session: SessionDep, visitor: VisitorDep) 
 
 
 @router.post("/keys")
-async def create_key(
+async def create_own_key(
     request: Request,
     session: SessionDep,
     visitor: VisitorDep,
@@ -62,21 +61,15 @@ async def create_key(
     await check_csrf(visitor, csrf)
     chosen = tuple(scope or ())
     beyond = sorted(set(chosen) - set(visitor.scopes))
-    error, secret = None, None
-    if not chosen:
-        error = "Choose at least one scope."
-    elif beyond:
+    if beyond:
         raise NotAllowed(
             f"a key made here has at most this session's scopes; not {', '.join(beyond)}"
         )
-    else:
-        try:
-            who = who_of(request, "dashboard (tenant)")
-            _, secret = await session.run_sync(
-                lambda s: operator.issue_key(s, who, tenant_id, chosen)
-            )
-        except tenants.InvalidArgument as exc:
-            error = str(exc)
+    error, secret = None, None
+    try:
+        secret = await issue_key(session, request, "dashboard (tenant)", tenant_id, chosen)
+    except PageError as exc:
+        error = exc.message
     return render(
         request,
         "keys.html",
@@ -90,7 +83,7 @@ async def create_key(
 
 
 @router.post("/keys/{key_id}/revoke")
-async def revoke_key(
+async def revoke_own_key(
     key_id: str,
     request: Request,
     state: StateDep,
@@ -99,11 +92,5 @@ async def revoke_key(
 ) -> Response:
     tenant_id = key_manager_of(visitor)
     await check_csrf(visitor, csrf)
-    # Its own transaction: the key is dropped from the cache once the revocation is committed;
-    # another tenant's key is not found.
-    who = who_of(request, "dashboard (tenant)")
-    row = await run_committed(
-        state, lambda s: operator.revoke_key(s, who, key_id, tenant_id=tenant_id), 404
-    )
-    await revocations.announce(state, row.id)
+    await revoke_key(state, request, "dashboard (tenant)", key_id, tenant_id)
     return RedirectResponse("/dashboard/keys", status_code=303)

@@ -5,9 +5,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
 from api.errors import NotFound
+from api.inputs.json_body import json_body, openapi_body
 from api.ollama import catalog
 from api.ollama.schemas import ChatRequest, GenerateRequest, ShowRequest
 from api.ollama.serving import OllamaServing

@@ -1,17 +1,16 @@
 """Ollama's wire format: requests (which translate themselves into jobs) and responses."""
 
 import re
-import time
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
-from api.images import check_image
+from api.inputs.image_checks import check_image
+from api.inputs.output_format import ollama_format
+from api.inputs.tools import tool_specs, turn_text
+from api.inputs.wire import NS, ChatImageLimits, chat_job
 from api.ollama import templates
-from api.structured import ollama_format
-from api.tools import tool_specs, turn_text
-from api.wire import NS, ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
 
@@ -121,15 +120,13 @@ class _Request(BaseModel):
         return value
 
     def _job(self, kind: str, turns: list[ChatTurn], owner, request_id: str) -> ChatJob:
-        return ChatJob(
-            request_id=request_id,
-            tenant_id=owner.tenant_id,
-            api_key_id=owner.key_id,
-            model=self.model,
-            kind=kind,
-            messages=turns,
-            options=self.options.to_sampling(),
-            enqueued_at=time.time(),
+        return chat_job(
+            owner,
+            request_id,
+            self.model,
+            kind,
+            turns,
+            self.options.to_sampling(),
             keep_alive_seconds=keep_alive_seconds(self.keep_alive),
             output_format=ollama_format(self.format),
         )

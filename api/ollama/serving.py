@@ -5,15 +5,15 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.errors import ApiError, NotFound
-from api.jobs.stream import Chunk
-from api.jobs.submit import complete, live, opened, submit
+from api.inputs.tools import read_call
+from api.inputs.wire import ChatImageLimits, new_request_id, timestamp
 from api.ollama.schemas import ChatRequest, GenerateRequest, final_fields
+from api.pipeline.stream import Chunk
+from api.pipeline.submit import complete, streamed, submit
 from api.state import AppState
-from api.tools import gathered, read_call
-from api.wire import ChatImageLimits, new_request_id, timestamp
 from billing.tenants import KeyOwner
 from workers.contract import DoneChunk, TokenChunk, ToolSpec
 
@@ -51,11 +51,8 @@ class OllamaServing:
         render = Render(body.model, chat, started, spec.tools)
         headers = {"X-Request-Id": spec.request_id}
         if body.stream:
-            first = await opened(job, request)
-            chunks = live(job, first)
-            if spec.tools:  # a call is known only once the answer is whole
-                chunks = gathered(chunks)
-            return StreamingResponse(ndjson(render, chunks), media_type=NDJSON, headers=headers)
+            frames = lambda chunks: ndjson(render, chunks)  # noqa: E731
+            return await streamed(job, request, frames, NDJSON, headers, bool(spec.tools))
         text, final = await complete(job, request)
         return JSONResponse(render(final, text), headers=headers)
 

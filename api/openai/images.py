@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
 from api.errors import BadRequest
+from api.inputs.json_body import json_body, openapi_body
 from api.openai.schemas import GenerationsRequest, parse_size
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing, openai_mask

@@ -6,9 +6,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep, TenantKey
 from api.errors import NotFound
+from api.inputs.json_body import json_body, openapi_body
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from api.openai.serving import OpenAIServing
 

@@ -1,16 +1,15 @@
 """OpenAI's chat completion wire format; requests translate themselves into jobs."""
 
-import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
-from api.images import check_image
+from api.inputs.image_checks import check_image
+from api.inputs.output_format import openai_response_format
+from api.inputs.tools import choice_format, tool_specs, turn_text
+from api.inputs.wire import ChatImageLimits, chat_job
 from api.sd.schemas import MIN_SIDE, ImagesRequest
-from api.structured import openai_response_format
-from api.tools import choice_format, tool_specs, turn_text
-from api.wire import ChatImageLimits
 from workers.contract import ChatJob, ChatTurn, DoneChunk, SamplingOptions
 
 
@@ -255,17 +254,8 @@ def _job(
         "stop": body.stop,
         "logprobs": logprobs,
     }
-    return ChatJob(
-        request_id=request_id,
-        tenant_id=owner.tenant_id,
-        api_key_id=owner.key_id,
-        model=body.model,
-        kind=kind,
-        messages=turns,
-        options=SamplingOptions(**{k: v for k, v in given.items() if v is not None}),
-        enqueued_at=time.time(),
-        n=body.n,
-    )
+    options = SamplingOptions(**{k: v for k, v in given.items() if v is not None})
+    return chat_job(owner, request_id, body.model, kind, turns, options, n=body.n)
 
 
 def usage(done: DoneChunk) -> dict:

@@ -7,16 +7,16 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, error_body_openai
-from api.jobs.stream import Chunk
-from api.jobs.submit import complete, live, opened, submit
+from api.inputs.tools import openai_call, read_call
+from api.inputs.wire import ChatImageLimits, new_request_id
 from api.openai.logprobs import chat_logprobs, completion_logprobs
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest, finish_reason, usage
+from api.pipeline.stream import Chunk
+from api.pipeline.submit import complete, streamed, submit
 from api.state import AppState
-from api.tools import gathered, openai_call, read_call
-from api.wire import ChatImageLimits, new_request_id
 from billing.tenants import KeyOwner
 from webhooks.targets import FetchFailed, TargetRefused, fetch, networks, parse
 from workers.contract import ChatJob, DoneChunk, TokenChunk, TokenLogprob, ToolSpec, merged
@@ -62,11 +62,8 @@ class OpenAIServing:
         render.scoring = spec.options.logprobs is not None
         headers = {"X-Request-Id": request_id}
         if body.stream:
-            first = await opened(job, request)
-            chunks = live(job, first)
-            if spec.tools:  # a call is known only once the answer is whole
-                chunks = gathered(chunks)
-            return StreamingResponse(sse(render, chunks), media_type=SSE, headers=headers)
+            frames = lambda chunks: sse(render, chunks)  # noqa: E731
+            return await streamed(job, request, frames, SSE, headers, bool(spec.tools))
         tokens: list[TokenChunk] = []
         _, final = await complete(job, request, tokens)
         return JSONResponse(render.completion(tokens, final), headers=headers)
@@ -87,8 +84,8 @@ class OpenAIServing:
         headers = {"X-Request-Id": request_id}
         render.echo = echo
         if body.stream:
-            first = await opened(job, request)
-            return StreamingResponse(sse(render, live(job, first)), media_type=SSE, headers=headers)
+            frames = lambda chunks: sse(render, chunks)  # noqa: E731
+            return await streamed(job, request, frames, SSE, headers)
         tokens: list[TokenChunk] = []
         _, final = await complete(job, request, tokens)
         return JSONResponse(render.completion(tokens, final), headers=headers)

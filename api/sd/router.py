@@ -5,8 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from api.body import json_body, openapi_body
 from api.deps import InferenceKey, StateDep
+from api.inputs.json_body import json_body, openapi_body
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing
 

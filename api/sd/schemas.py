@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.errors import BadRequest
-from api.images import check_image_sized
+from api.inputs.image_checks import check_image_sized
 from workers.contract import ImageJob
 
 

@@ -1,4 +1,4 @@
-"""Runs image requests through the job path (api.jobs) and shapes their answers."""
+"""Runs image requests through the job path (api.pipeline) and shapes their answers."""
 
 import base64
 import io
@@ -8,14 +8,15 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.errors import ApiError, BadRequest, NotFound
-from api.images import decoded
-from api.jobs.submit import complete, live, opened, submit
+from api.inputs.image_checks import decoded
+from api.inputs.wire import NS, new_request_id, timestamp
+from api.pipeline.stream import Chunk
+from api.pipeline.submit import complete, streamed, submit
 from api.sd.schemas import ImageLimits, ImagesRequest
 from api.state import AppState
-from api.wire import NS, new_request_id, timestamp
 from billing.tenants import KeyOwner
 from tuning import service as tuning
 from workers.contract import ImageJob, ImagesChunk, ProgressChunk
@@ -90,11 +91,10 @@ class ImageServing:
         started = time.time()
         spec = await self.job(body, owner, new_request_id())
         job = await submit(self.state, spec, owner, "images", request)
-        first = await opened(job, request)
 
-        async def lines() -> AsyncIterator[str]:
+        async def lines(chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
             try:
-                async for chunk in live(job, first):
+                async for chunk in chunks:
                     if isinstance(chunk, ProgressChunk):
                         yield (
                             json.dumps({"step": chunk.step, "steps": chunk.steps, "done": False})
@@ -107,9 +107,7 @@ class ImageServing:
             except ApiError as exc:
                 yield json.dumps({"error": exc.message}) + "\n"
 
-        return StreamingResponse(
-            lines(), media_type=NDJSON, headers={"X-Request-Id": spec.request_id}
-        )
+        return await streamed(job, request, lines, NDJSON, {"X-Request-Id": spec.request_id})
 
     async def openai(
         self, body: ImagesRequest, response_format: str, owner: KeyOwner, request: Request

@@ -32,7 +32,7 @@ REQUEST_TIMEOUT = 180.0  # a request not over by then is hung
 
 
 @dataclass
-class Outcome:
+class Exchange:
     index: int
     tenant: str
     kind: str
@@ -58,7 +58,7 @@ class Client:
         self.rng.shuffle(urls)
         return sorted(urls, key=lambda u: u == avoid)
 
-    def _call(self, out: Outcome, send, avoid: str | None = None):
+    def _call(self, out: Exchange, send, avoid: str | None = None):
         """`send(url)` on a gateway; a refused connection (nothing sent) tries the other one,
         for up to 30 s (a restart)."""
         deadline = time.monotonic() + 30
@@ -72,7 +72,7 @@ class Client:
                 raise httpx.ConnectError("no gateway accepted the connection for 30 s")
             time.sleep(0.5)
 
-    def run(self, out: Outcome, key: str, tokens: int) -> None:
+    def run(self, out: Exchange, key: str, tokens: int) -> None:
         headers = {"Authorization": f"Bearer {key}"}
         try:
             getattr(self, out.kind)(out, headers, tokens)
@@ -81,7 +81,7 @@ class Client:
         except httpx.ConnectError as exc:
             out.end, out.error = "error", f"no gateway: {exc}"
 
-    def chat(self, out: Outcome, headers: dict, tokens: int) -> None:
+    def chat(self, out: Exchange, headers: dict, tokens: int) -> None:
         body = _chat(tokens) | {"stream": False}
 
         def send(url: str) -> httpx.Response:
@@ -89,7 +89,7 @@ class Client:
 
         self._answer(out, send, lambda b: b.get("done") is True)
 
-    def image(self, out: Outcome, headers: dict, tokens: int) -> None:
+    def image(self, out: Exchange, headers: dict, tokens: int) -> None:
         body = {"model": "stable-diffusion", "prompt": "a red fox", "num_inference_steps": 2}
         body |= {"width": 64, "height": 64, "seed": tokens}
 
@@ -98,7 +98,7 @@ class Client:
 
         self._answer(out, send, lambda b: bool(b.get("images")))
 
-    def _answer(self, out: Outcome, send, answered) -> None:
+    def _answer(self, out: Exchange, send, answered) -> None:
         try:
             _, response = self._call(out, send)
         except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
@@ -112,7 +112,7 @@ class Client:
         else:
             out.end, out.error = "error", str(body.get("error") or response.text[:200])
 
-    def chat_stream(self, out: Outcome, headers: dict, tokens: int) -> None:
+    def chat_stream(self, out: Exchange, headers: dict, tokens: int) -> None:
         body = _chat(tokens) | {"stream": True}
         lines: list[dict] = []
 
@@ -133,7 +133,7 @@ class Client:
             self._resume(out, headers, lines)
         _stream_end(out, lines)
 
-    def _resume(self, out: Outcome, headers: dict, lines: list[dict]) -> None:
+    def _resume(self, out: Exchange, headers: dict, lines: list[dict]) -> None:
         """The stream was cut (its gateway died): pick it up where it stopped, on another
         gateway, for up to 60 s."""
         out.retries.append("resumed")
@@ -168,7 +168,7 @@ class Client:
                 return
             time.sleep(0.5)
 
-    def job(self, out: Outcome, headers: dict, tokens: int) -> None:
+    def job(self, out: Exchange, headers: dict, tokens: int) -> None:
         kind = "images" if self.rng.random() < 0.3 else "chat"
         if kind == "chat":
             payload = {
@@ -261,7 +261,7 @@ def _read(response: httpx.Response, lines: list[dict]) -> None:
             lines.append(json.loads(line))
 
 
-def _stream_end(out: Outcome, lines: list[dict]) -> None:
+def _stream_end(out: Exchange, lines: list[dict]) -> None:
     last = lines[-1] if lines else {}
     if last.get("done") is True and "error" not in last:
         out.end, out.gpu_seconds = "answered", last.get("gpu_seconds")
@@ -364,10 +364,10 @@ def _load(stack: ChaosStack, rng: random.Random, requests: int, faults: int, per
     observer = Observer(stack, list(tier_of))
     kinds, weights = zip(*KINDS.items(), strict=True)
     plan = [
-        Outcome(i, rng.choice(tenants)[0], rng.choices(kinds, weights)[0]) for i in range(requests)
+        Exchange(i, rng.choice(tenants)[0], rng.choices(kinds, weights)[0]) for i in range(requests)
     ]
     tokens = {o.index: rng.randint(8, 40) for o in plan}
-    by_tenant: dict[str, list[Outcome]] = defaultdict(list)
+    by_tenant: dict[str, list[Exchange]] = defaultdict(list)
     for outcome in plan:
         by_tenant[outcome.tenant].append(outcome)
     done = Counter()
@@ -379,7 +379,7 @@ def _load(stack: ChaosStack, rng: random.Random, requests: int, faults: int, per
 
     allowed = [mark(0)]
 
-    def client_thread(tenant: str, queue: list[Outcome], client: Client) -> None:
+    def client_thread(tenant: str, queue: list[Exchange], client: Client) -> None:
         while True:
             with lock:
                 if not queue:

@@ -18,7 +18,7 @@ from harness.services import TIERS
 from workers.keyspace import USAGE_PARKED
 
 if TYPE_CHECKING:
-    from harness.chaos.load import Observer, Outcome
+    from harness.chaos.load import Exchange, Observer
 
 MILLI = func.floor(UsageRecord.gpu_seconds * 1000 + 0.5)  # what a record bills, as the relay
 
@@ -144,7 +144,7 @@ def _billed(records) -> bool:
     return bool(records) and any(gpu > 0 for _, gpu in records)
 
 
-def _error_class(outcome: Outcome) -> str:
+def _error_class(outcome: Exchange) -> str:
     text = (outcome.error or "").split(":")[0][:60]
     return f"{outcome.status} {text}"
 

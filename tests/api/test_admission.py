@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from api.admission import Admission, LeaseKeeper
+from api.access.admission import Admission, LeaseKeeper
 from api.errors import TooManyRequests, Unavailable
 from harness.processes import free_port
 from workers.keyspace import slots_key

@@ -13,8 +13,8 @@ import ollama
 import pytest
 import redis.asyncio as aioredis
 
-from api.jobs import store
-from api.jobs.store import JobMeta
+from api.pipeline import store
+from api.pipeline.store import JobMeta
 from harness.helpers import auth, chat_body, free_slot, hold_slot, in_flight, usage_rows
 from harness.processes import wait_for
 from tests.conftest import running_gateway

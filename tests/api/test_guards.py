@@ -354,7 +354,7 @@ def test_every_page_and_answer_carries_the_security_headers(gateway, tenant_fact
             tenant.get("/dashboard/keys"),
             op.get("/dashboard/admin"),
             tenant.get("/dashboard/no-such-page"),
-            tenant.get("/dashboard/static/chart.js"),
+            tenant.get("/dashboard/static/dashboard.js"),
             httpx.get(f"{gateway.url}/api/tags", headers=auth(key)),
             httpx.get(f"{gateway.url}/v1/models"),  # a 401
         ]

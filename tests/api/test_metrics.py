@@ -98,7 +98,7 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
     """Against a Redis database of its own: jobs pushed onto the queues' lists are counted."""
     import redis.asyncio as aioredis
 
-    from api.metrics import GatewayMetrics, _read_backlogs
+    from api.operator.metrics import GatewayMetrics, _read_backlogs
     from api.settings import GatewaySettings
     from billing.db import async_engine, async_session_factory, transaction
     from harness.helpers import record_usage
@@ -197,7 +197,7 @@ def test_metrics_agree_with_the_ledger_for_every_outcome(
 
 
 def test_static_files_have_a_route_label_of_their_own(counted_gateway):
-    for name in ("chart.js", "dashboard.css", "favicon.svg"):
+    for name in ("dashboard.js", "dashboard.css", "favicon.svg"):
         assert httpx.get(f"{counted_gateway.url}/dashboard/static/{name}").status_code == 200
     assert httpx.get(f"{counted_gateway.url}/no/such/path").status_code == 404
     found = samples(f"{counted_gateway.url}/metrics")

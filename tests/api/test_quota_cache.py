@@ -1,4 +1,4 @@
-"""The gateway's cache of tenants' quota views (api/quota.py), against the real ledger: one
+"""The gateway's cache of tenants' quota views (api/access/quota.py), against the real ledger: one
 read per tenant per TTL however many requests arrive, and never a refusal on cached figures."""
 
 import asyncio
@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import event, update
 
+from api.access.quota import Quotas
 from api.errors import Forbidden, PaymentRequired, Unauthorized
-from api.quota import Quotas
 from billing import tenants
 from billing.db import async_engine, async_session_factory, transaction
 from billing.models import Tenant, UsageRecord

@@ -33,7 +33,7 @@ class TestTenants:
         assert tenants.create_tenant(db, "n" * 200, "free", TIERS).name == "n" * 200
 
     def test_unknown_or_malformed_ids(self, db):
-        with pytest.raises(tenants.NotFound):
+        with pytest.raises(tenants.Unknown):
             tenants.get_tenant(db, str(uuid.uuid4()))
         with pytest.raises(tenants.InvalidArgument, match="not a valid id"):
             tenants.get_tenant(db, "42")

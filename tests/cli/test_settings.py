@@ -55,3 +55,8 @@ def test_a_bad_setting_is_one_line_naming_it(name, value, said):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"gpuhost: bad setting {name}") and said in lines[0], lines[0]
+
+
+def test_the_fixed_cache_former_name_is_still_read(monkeypatch):
+    monkeypatch.setenv("GPUHOST_LLAVA_DECODE", "slots")
+    assert WorkerSettings().llava_decode == "fixed"

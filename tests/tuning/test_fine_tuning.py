@@ -5,8 +5,8 @@ cancel or use none of it."""
 
 import base64
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest

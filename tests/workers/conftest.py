@@ -4,9 +4,9 @@ import pytest
 
 from workers.engines.llava_transformers import TransformersLlava
 
-# both decode batches: the growing cache (the CPU's default) and the slot cache (the GPU's,
+# both decode batches: the growing cache (the CPU's default) and the fixed cache (the GPU's,
 # here without CUDA graphs)
-DECODES = ["dynamic", "slots"]
+DECODES = ["dynamic", "fixed"]
 
 
 @pytest.fixture(scope="module", params=DECODES)

@@ -14,13 +14,13 @@ import uuid
 
 import pytest
 import redis
-from celery import Celery
 
-from harness.helpers import chat_job, usage_rows
+from harness.helpers import usage_rows
+from harness.jobs import chat_job
 from harness.processes import RabbitNode, RedisServer, Worker, wait_for
 from workers.contract import (
     ChatJob,
-    celery_config,
+    celery_app,
     send_job,
 )
 from workers.keyspace import claim_key, started_key
@@ -68,15 +68,14 @@ def rabbit_worker(stack_env, rabbit, own_redis, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def producer(rabbit):
-    app = Celery("gpuhost-tests-rabbit")
-    app.conf.update(celery_config(rabbit.url))
+    app = celery_app("gpuhost-tests-rabbit", rabbit.url)
     yield app
     app.close()
 
 
 def job(tenant_factory) -> ChatJob:
     tenant_id, _, key_id = tenant_factory.create("free")
-    return chat_job(tenant_id, key_id, tokens=4)
+    return chat_job("hello", 4, seed=None, tenant_id=tenant_id, key_id=key_id)
 
 
 def test_a_job_redelivered_before_its_dead_workers_claim_lapsed_runs(

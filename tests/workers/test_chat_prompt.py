@@ -2,11 +2,11 @@
 variable; the tiny LLaVA's does not, so the fallback system turn does."""
 
 import json
-import uuid
 
 from transformers import AutoProcessor
 
-from workers.contract import ChatJob, ChatTurn, SamplingOptions, ToolSpec
+from harness.jobs import chat_job
+from workers.contract import ToolSpec
 from workers.engines.chat_prompt import prompt_text, render
 
 TOOL = ToolSpec(
@@ -40,23 +40,9 @@ def test_a_template_that_takes_tools_shows_them_itself(models_dir):
     assert "call one, answer with nothing but" not in prompt
 
 
-def text_job(content: str, raw: bool = False) -> ChatJob:
-    return ChatJob(
-        request_id="r",
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="llava-llama3",
-        kind="chat",
-        messages=[ChatTurn(role="user", content=content)],
-        options=SamplingOptions(max_tokens=4),
-        enqueued_at=0.0,
-        raw=raw,
-    )
-
-
 def ids_of(processor, content: str, raw: bool = False) -> list[int]:
     turns = [{"role": "user", "content": [{"type": "text", "text": content}]}]
-    prompt = prompt_text(processor, turns, text_job(content, raw))
+    prompt = prompt_text(processor, turns, chat_job(content, 4, raw=raw))
     return processor(text=prompt, return_tensors="pt")["input_ids"][0].tolist()
 
 

@@ -1,9 +1,7 @@
 """The no-op engine the gateway benchmark uses: it answers at once and bills nothing."""
 
-import time
-import uuid
-
-from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from harness.jobs import chat_job
+from workers.contract import ChatTurn, SamplingOptions
 from workers.engines.echo import EchoEngine
 
 
@@ -19,20 +17,12 @@ class Sink:
 
 
 def test_echo_repeats_the_first_words_and_uses_no_device():
-    job = ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="llava-llama3",
-        kind="chat",
-        messages=[
-            ChatTurn(role="user", content="ignored earlier turn"),
-            ChatTurn(role="assistant", content="sure"),
-            ChatTurn(role="user", content="hello there general kenobi you are a bold one"),
-        ],
-        options=SamplingOptions(max_tokens=3),
-        enqueued_at=time.time(),
-    )
+    turns = [
+        ChatTurn(role="user", content="ignored earlier turn"),
+        ChatTurn(role="assistant", content="sure"),
+        ChatTurn(role="user", content="hello there general kenobi you are a bold one"),
+    ]
+    job = chat_job(turns, options=SamplingOptions(max_tokens=3))
     sink = Sink()
     done = EchoEngine("llava-llama3").generate(job, sink)
     assert sink.text == "hello there general "

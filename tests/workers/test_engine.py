@@ -1,18 +1,18 @@
 """The continuous-batching LLaVA engine, in process, on the tiny model: every behaviour with
-both decode batches, the growing cache (`dynamic`, the CPU's default) and the slot cache
+both decode batches, the growing cache (`dynamic`, the CPU's default) and the fixed cache
 (`slots`, the GPU's default, here without CUDA graphs)."""
 
 import threading
 import time
-import uuid
 
 import pytest
 
 from harness.helpers import png
+from harness.jobs import chat_job
 from tests.workers.conftest import DECODES
-from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from workers.contract import ChatJob
 from workers.engines.base import InvalidRequest
-from workers.engines.kv_cache import SlotBatch, Unsupported
+from workers.engines.kv_cache import FixedCache, Unsupported
 from workers.engines.llava_transformers import TransformersLlava
 
 
@@ -33,17 +33,7 @@ class Sink:
 
 
 def job(content: str, images=(), tokens=20, temperature=0.0, seed=1, keep_alive=None) -> ChatJob:
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="llava-llama3",
-        kind="chat",
-        messages=[ChatTurn(role="user", content=content, images=list(images))],
-        options=SamplingOptions(max_tokens=tokens, temperature=temperature, seed=seed),
-        enqueued_at=time.time(),
-        keep_alive_seconds=keep_alive,
-    )
+    return chat_job(content, tokens, temperature, seed, images, keep_alive_seconds=keep_alive)
 
 
 def one_by_one(engine, jobs) -> list[tuple]:
@@ -291,12 +281,12 @@ class TestSlotDecode:
                 sinks = [Sink() for _ in jobs]
                 run_together(engine, jobs, sinks)
                 texts[decode] = (alone, [sink.text for sink in sinks])
-                expected = SlotBatch if decode == "slots" else object
+                expected = FixedCache if decode == "fixed" else object
                 assert isinstance(engine._batch, expected)
             finally:
                 engine.close()
-        assert texts["slots"] == texts["dynamic"]
-        assert all(texts["slots"][0]), "every request should have produced text"
+        assert texts["fixed"] == texts["dynamic"]
+        assert all(texts["fixed"][0]), "every request should have produced text"
 
     def test_a_rope_that_changes_with_length_keeps_the_growing_cache(self, models_dir):
         engine = TransformersLlava(
@@ -306,21 +296,21 @@ class TestSlotDecode:
             config = engine.model.model.language_model.config
             config.rope_parameters = {**config.rope_parameters, "rope_type": "dynamic"}
             with pytest.raises(Unsupported, match="rope type 'dynamic'"):
-                SlotBatch(engine.model, 2, 512, graphs=False)
+                FixedCache(engine.model, 2, 512, graphs=False)
         finally:
             engine.close()
 
     def test_the_cache_is_the_size_it_is_said_to_be_before_it_is_made(self, models_dir):
         engine = TransformersLlava(
-            "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="slots"
+            "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="fixed"
         )
         try:
             batch = engine._batch
-            expected = SlotBatch.bytes_for(engine.model, engine.max_batch, engine.context_window)
+            expected = FixedCache.bytes_for(engine.model, engine.max_batch, engine.context_window)
             assert batch.cache_bytes == expected > 0
         finally:
             engine.close()
 
     def test_an_unknown_decode_is_refused_by_name(self, models_dir):
-        with pytest.raises(ValueError, match="decode must be auto, slots or dynamic"):
+        with pytest.raises(ValueError, match="decode must be auto, fixed or dynamic"):
             TransformersLlava("llava-llama3", models_dir / "llava-llama3", decode="fast")

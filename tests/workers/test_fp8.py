@@ -114,7 +114,7 @@ class TestModel:
         assert (got == expected).float().mean().item() >= 0.95
 
 
-@pytest.fixture(scope="module", params=["dynamic", "slots"])
+@pytest.fixture(scope="module", params=["dynamic", "fixed"])
 def engine(models_dir, request):
     engine = TransformersLlava(
         "llava-llama3",

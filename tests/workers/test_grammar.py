@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 
-from tests.structured import PERSON
+from tests.person_schema import PERSON
 from tests.workers.test_engine import Sink, job, one_by_one, run_together
 from workers.contract import OutputFormat
 from workers.engines.base import InvalidRequest

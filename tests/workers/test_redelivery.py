@@ -4,17 +4,17 @@ import json
 import uuid
 
 import pytest
-from celery import Celery
 from sqlalchemy import func, select
 
 from billing.db import transaction
 from billing.models import UsageRecord
-from harness.helpers import chat_job, record_usage, usage_rows
+from harness.helpers import record_usage, usage_rows
+from harness.jobs import chat_job
 from harness.processes import wait_for
 from workers.contract import (
     CHAT_TASK,
     LLAVA_QUEUE,
-    celery_config,
+    celery_app,
     decode_chunk,
 )
 from workers.keyspace import stream_key
@@ -22,8 +22,7 @@ from workers.keyspace import stream_key
 
 @pytest.fixture(scope="module")
 def producer(redis_url):
-    app = Celery("gpuhost-tests-producer")
-    app.conf.update(celery_config(redis_url))
+    app = celery_app("gpuhost-tests-producer", redis_url)
     yield app
     app.close()
 
@@ -47,7 +46,7 @@ class TestDeliveredTwice:
         self, worker, producer, tenant_factory, sessions, redis_client
     ):
         tenant_id, _, key_id = tenant_factory.create("free")
-        spec = chat_job(tenant_id, key_id)
+        spec = chat_job("hello", 6, seed=None, tenant_id=tenant_id, key_id=key_id)
         for _ in range(2):  # the same message, twice, as a redelivery would give it
             producer.send_task(
                 CHAT_TASK,
@@ -67,7 +66,7 @@ class TestDeliveredTwice:
         self, worker, producer, tenant_factory, sessions, redis_client
     ):
         tenant_id, _, key_id = tenant_factory.create("free")
-        spec = chat_job(tenant_id, key_id)
+        spec = chat_job("hello", 6, seed=None, tenant_id=tenant_id, key_id=key_id)
         message = dict(
             args=[spec.model_dump(mode="json")], task_id=spec.request_id, queue=LLAVA_QUEUE
         )

@@ -5,9 +5,6 @@ images and over several turns, is token for token transformers' `generate(do_sam
 Stable Diffusion engine's images are diffusers' own pipelines' for the same seed, scheduler
 and size, within 1/255."""
 
-import time
-import uuid
-
 import numpy as np
 import pytest
 import torch
@@ -20,12 +17,13 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from harness.helpers import png
+from harness.jobs import chat_job
 from tests.workers.conftest import graphs_compiled
 from tests.workers.test_engine import Sink, arriving_together
 from tests.workers.test_sd_engine import Sink as ProgressSink
 from tests.workers.test_sd_engine import job as image_job
 from tests.workers.test_sd_engine import pixels
-from workers.contract import ChatJob, ChatTurn, SamplingOptions
+from workers.contract import ChatJob, ChatTurn
 from workers.engines.diffusion import DiffusionEngine
 from workers.engines.llava_transformers import TransformersLlava
 from workers.engines.sd_requests import decode_image
@@ -53,16 +51,7 @@ CONVERSATIONS = {
 
 def greedy(turns: list[ChatTurn]) -> ChatJob:
     """Greedy, and kind `generate`: its final chunk keeps the token ids (`context`)."""
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="llava-llama3",
-        kind="generate",
-        messages=turns,
-        options=SamplingOptions(max_tokens=TOKENS, temperature=0.0),
-        enqueued_at=time.time(),
-    )
+    return chat_job(turns, TOKENS, seed=None, kind="generate")
 
 
 def reference_tokens(model, processor, turns: list[ChatTurn]) -> list[int]:
@@ -102,12 +91,12 @@ def test_greedy_decoding_is_transformers_generate_token_for_token(engine, refere
 
 
 def test_a_compiled_decode_step_is_transformers_generate_too(models_dir, reference):
-    """The GPU's default (the slot cache's step compiled at load, every bucket), here on the
+    """The GPU's default (the fixed cache's step compiled at load, every bucket), here on the
     CPU: greedy decoding is still generate's token for token, and no request compiles."""
     torch._dynamo.reset()  # as in a fresh worker: no graph compiled by an earlier test
     before = graphs_compiled()
     engine = TransformersLlava(
-        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="slots", compile="on"
+        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="fixed", compile="on"
     )
     try:
         assert engine.status()["compiled"] is True
@@ -128,7 +117,7 @@ def test_a_decode_step_that_fails_to_compile_runs_uncompiled(models_dir, no_comp
     """Where compiling fails at load (no C compiler for Triton, say; here Inductor made to
     fail), the worker says so and decodes eagerly."""
     engine = TransformersLlava(
-        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="slots", compile="on"
+        "llava-llama3", models_dir / "llava-llama3", device="cpu", decode="fixed", compile="on"
     )
     try:
         assert engine.status()["compiled"] is False

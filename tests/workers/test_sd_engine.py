@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.jobs import image_job
 from storage import Storage, tenant_key
 from tests.workers.conftest import graphs_compiled
 from workers.contract import ImageJob, WorkerStatus
@@ -27,22 +28,7 @@ class Sink:
 
 
 def job(seed: int) -> ImageJob:
-    return ImageJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="stable-diffusion",
-        kind="txt2img",
-        prompt="a lighthouse",
-        width=64,
-        height=64,
-        steps=25,
-        guidance_scale=7.5,
-        scheduler="euler",
-        seed=seed,
-        n=1,
-        enqueued_at=time.time(),
-    )
+    return image_job(seed=seed)
 
 
 def staggered(engine: DiffusionEngine, count: int, gap: float) -> list:

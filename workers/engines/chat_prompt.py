@@ -1,7 +1,7 @@
 """A chat job's prompt, in the model's own chat template, for both LLaVA engines: the tools it
 offers shown by the template when the template takes them (its `tools` variable, as Llama
 3.1's does), else by a system turn of ours (`FALLBACK`), asking for Llama 3.1's JSON call
-form, which api/tools.py reads back."""
+form, which api/inputs/tools.py reads back."""
 
 import functools
 import json

@@ -1,18 +1,18 @@
-"""Decode steps over a KV cache allocated once: one slot per sequence, CUDA graphs on a GPU.
+"""Decode steps over a KV cache allocated once: one lane per sequence, CUDA graphs on a GPU.
 
-The dynamic batch (`workers.engines.batch`) grows its cache by a column every step and
+The dynamic batch (`workers.engines.growing_cache`) grows its cache by a column every step and
 reshapes it whenever a sequence joins or leaves, so every decode step is a new shape and runs
 eagerly, one kernel launch after another; on an H200 the LLaVA-8B engine then spent most of a
 step launching kernels (bench/RESULTS.md). Here the cache is one tensor per layer of
-[slots, kv heads, context, head dim], allocated when the model loads, and a decode step reads
+[lanes, kv heads, context, head dim], allocated when the model loads, and a decode step reads
 only fixed-shape tensors: each row's token and position are written into static inputs, its
-key and value into its own slot at its own position. The step's shape depends only on how many
+key and value into its own lane at its own position. The step's shape depends only on how many
 rows it carries and how far into the cache it attends, both rounded up to buckets, so on a GPU
 each (rows, span) bucket is captured once as a CUDA graph and replayed: a step costs a few
 launches, whatever the model's depth.
 
-Rows are kept compact (sequence i in slot i); when one leaves, the rows after it move down.
-Padding rows of a bucket attend to their own slot's first column and their logits are unused.
+Rows are kept compact (sequence i in lane i); when one leaves, the rows after it move down.
+Padding rows of a bucket attend to their own lane's first column and their logits are unused.
 
 Compiled (`compiled=True`; the engine's `compile`, on a GPU by default), the step is
 `torch.compile`d (Inductor: the norms, rotary embedding, activations and residual additions
@@ -31,8 +31,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from workers.engines.batch import Batch
 from workers.engines.device import serving
+from workers.engines.growing_cache import GrowingCache
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ SMALLEST_SPAN = 256  # columns attended, rounded up to this times a power of two
 
 
 class Unsupported(Exception):
-    """The model cannot decode from slots; the engine keeps the dynamic batch."""
+    """The model cannot decode from lanes; the engine keeps the dynamic batch."""
 
 
 def _buckets(smallest: int, largest: int) -> list[int]:
@@ -54,7 +54,7 @@ def _buckets(smallest: int, largest: int) -> list[int]:
 
 
 def _cache_shape(model, max_batch: int, context: int) -> tuple[int, int, int, int, int]:
-    """The keys' (and the values') shape: layers, slots, kv heads, columns, head dim. One
+    """The keys' (and the values') shape: layers, lanes, kv heads, columns, head dim. One
     column more than the context: no span is then the whole of the cache, which a compiled
     step would otherwise need a graph of its own for."""
     config = model.model.language_model.config
@@ -70,8 +70,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class SlotBatch:
-    """The same contract as `Batch` (rows, add, step, keep), over a preallocated cache."""
+class FixedCache:
+    """The same contract as `GrowingCache` (rows, add, step, keep), over a preallocated cache."""
 
     def __init__(self, model, max_batch: int, context: int, graphs: bool, compiled: bool = False):
         text = model.model.language_model
@@ -91,15 +91,15 @@ class SlotBatch:
         self.max_batch, self.context = max_batch, context
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # Static inputs of a step: each slot's next token and its position (= tokens before it).
+        # Static inputs of a step: each lane's next token and its position (= tokens before it).
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.columns = torch.arange(context + 1, device=self.device)
-        self.slot_ids = torch.arange(max_batch, device=self.device)
+        self.lane_ids = torch.arange(max_batch, device=self.device)
         self.row_buckets = _buckets(1, max_batch)
         self.span_buckets = _buckets(min(SMALLEST_SPAN, context), context)
         self.rows: list = []
-        self.lengths: list[int] = []  # tokens in each row's slot (= its next position)
+        self.lengths: list[int] = []  # tokens in each row's lane (= its next position)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.compile_seconds = 0.0
@@ -119,20 +119,20 @@ class SlotBatch:
 
     @staticmethod
     def bytes_for(model, max_batch: int, context: int) -> int:
-        """What the cache of `max_batch` slots of `context` tokens takes, before making it."""
+        """What the cache of `max_batch` lanes of `context` tokens takes, before making it."""
         keys = math.prod(_cache_shape(model, max_batch, context))
         return 2 * keys * model.lm_head.weight.element_size()
 
     @torch.inference_mode()
     def add(self, row, cache: DynamicCache, length: int) -> None:
-        """Put a prefilled sequence (`cache`: batch of one, `length` tokens) in the next slot."""
+        """Put a prefilled sequence (`cache`: batch of one, `length` tokens) in the next lane."""
         if length >= self.context:
             raise ValueError(f"a sequence of {length} tokens does not fit {self.context} columns")
-        slot = len(self.rows)
+        lane = len(self.rows)
         for i, layer in enumerate(cache.layers):
-            self.keys[i, slot, :, :length] = layer.keys[0]
-            self.values[i, slot, :, :length] = layer.values[0]
-        self.positions[slot] = length
+            self.keys[i, lane, :, :length] = layer.keys[0]
+            self.values[i, lane, :, :length] = layer.values[0]
+        self.positions[lane] = length
         self.rows.append(row)
         self.lengths.append(length)
 
@@ -158,12 +158,12 @@ class SlotBatch:
     @torch.inference_mode()
     def keep(self, keep: list[int]) -> None:
         """Keep only the rows at these indices (ascending); later rows move down to fill."""
-        for slot, old in enumerate(keep):
-            if old != slot:  # old > slot, and no earlier move wrote to old: safe in order
+        for lane, old in enumerate(keep):
+            if old != lane:  # old > lane, and no earlier move wrote to old: safe in order
                 used = self.lengths[old]
-                self.keys[:, slot, :, :used] = self.keys[:, old, :, :used]
-                self.values[:, slot, :, :used] = self.values[:, old, :, :used]
-                self.positions[slot] = self.positions[old]
+                self.keys[:, lane, :, :used] = self.keys[:, old, :, :used]
+                self.values[:, lane, :, :used] = self.values[:, old, :, :used]
+                self.positions[lane] = self.positions[old]
         self.positions[len(keep) :] = 0  # padding rows attend to their first column only
         self.rows = [self.rows[i] for i in keep]
         self.lengths = [self.lengths[i] for i in keep]
@@ -171,7 +171,7 @@ class SlotBatch:
     # -- the step itself ------------------------------------------------------------------------
 
     def _forward(self, rows: int, span: int) -> torch.Tensor:
-        """Logits ([rows, vocabulary], float32) for slots [0, rows), attending to columns
+        """Logits ([rows, vocabulary], float32) for lanes [0, rows), attending to columns
         [0, span). Only fixed-shape tensors: capturable as a CUDA graph."""
         positions = self.positions[:rows]
         hidden = self.embed(self.tokens[:rows]).unsqueeze(1)  # [rows, 1, hidden]
@@ -183,7 +183,7 @@ class SlotBatch:
         visible = self.columns[:span].unsqueeze(0) <= positions.unsqueeze(1)  # [rows, span]
         mask = torch.zeros((rows, 1, 1, span), dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible[:, None, None, :], float("-inf"))
-        slots = self.slot_ids[:rows]
+        lanes = self.lane_ids[:rows]
         groups = self.heads // self.kv_heads
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
@@ -195,8 +195,8 @@ class SlotBatch:
             value = attention.v_proj(x).view(rows, self.kv_heads, self.head_dim)
             query = query * cos + _rotate_half(query) * sin
             key = (key * cos + _rotate_half(key) * sin)[:, :, 0]
-            self.keys[i][slots, :, positions] = key
-            self.values[i][slots, :, positions] = value
+            self.keys[i][lanes, :, positions] = key
+            self.values[i][lanes, :, positions] = value
             out = torch.nn.functional.scaled_dot_product_attention(
                 query,
                 self.keys[i, :rows, :, :span],
@@ -211,7 +211,7 @@ class SlotBatch:
     @torch.inference_mode()
     def _compile_all(self) -> None:
         """Compile the step and run it for every (rows, span) bucket (at load: never billed;
-        the slots are empty, so what the runs write into them is overwritten by the first
+        the lanes are empty, so what the runs write into them is overwritten by the first
         sequences). If compiling fails, the batch steps eagerly and the log says why."""
         started = time.perf_counter()
         step = torch.compile(self._forward, dynamic=True, fullgraph=True)
@@ -260,39 +260,39 @@ class SlotBatch:
         )
 
 
-# With decode="auto", a GPU keeps this much free beside the slot cache (prefills' activations),
+# With decode="auto", a GPU keeps this much free beside the lane cache (prefills' activations),
 # or the engine decodes with the growing cache instead.
-SLOT_HEADROOM_BYTES = 2 * 2**30
+HEADROOM_BYTES = 2 * 2**30
 
 
 @torch.inference_mode()
 def decode_batch(
     model, decode: str, choice: str, max_batch: int, context_window: int, compiled: bool = False
-) -> "Batch | SlotBatch":
-    """The batch an engine decodes over: `decode` is slots or dynamic; `choice` auto on a GPU
-    takes the slot cache only if it fits beside SLOT_HEADROOM_BYTES, else the growing cache;
-    `compiled`: the slot cache's step compiled (the growing cache's shapes change every step,
+) -> "GrowingCache | FixedCache":
+    """The cache an engine decodes over: `decode` is fixed or dynamic; `choice` auto on a GPU
+    takes the fixed cache only if it fits beside HEADROOM_BYTES, else the growing cache;
+    `compiled`: the fixed cache's step compiled (the growing cache's shapes change every step,
     so it never is)."""
     device = model.device
     if decode == "dynamic":
-        return Batch(model)
+        return GrowingCache(model)
     if device.type == "cuda" and choice == "auto":
-        needed = SlotBatch.bytes_for(model, max_batch, context_window)
+        needed = FixedCache.bytes_for(model, max_batch, context_window)
         free, _ = torch.cuda.mem_get_info(device)
-        if needed + SLOT_HEADROOM_BYTES > free:
+        if needed + HEADROOM_BYTES > free:
             log.warning(
-                "decoding with a growing cache: a slot cache of %d x %d tokens needs "
-                "%.1f GiB and %.1f GiB are free (GPUHOST_CONCURRENCY sets the slots)",
+                "decoding with a growing cache: a fixed cache of %d x %d tokens needs "
+                "%.1f GiB and %.1f GiB are free (GPUHOST_CONCURRENCY sets the lanes)",
                 max_batch,
                 context_window,
                 needed / 2**30,
                 free / 2**30,
             )
-            return Batch(model)
+            return GrowingCache(model)
     try:
-        return SlotBatch(
+        return FixedCache(
             model, max_batch, context_window, graphs=device.type == "cuda", compiled=compiled
         )
     except Unsupported as exc:
         log.warning("decoding with a growing cache: %s", exc)
-        return Batch(model)
+        return GrowingCache(model)

@@ -10,9 +10,9 @@ not counted as busy time.
 
 import torch
 
-from workers.engines.batch import Batch
 from workers.engines.device import Step, clock, to_device
-from workers.engines.kv_cache import SlotBatch
+from workers.engines.growing_cache import GrowingCache
+from workers.engines.kv_cache import FixedCache
 
 
 class PipelinedDecode:
@@ -43,13 +43,13 @@ class PipelinedDecode:
         self._inflight = step
         self._drop_finished(batch)
 
-    def _drop_finished(self, batch: Batch | SlotBatch) -> None:
+    def _drop_finished(self, batch: GrowingCache | FixedCache) -> None:
         keep = [i for i, r in enumerate(batch.rows) if not r.done.is_set()]
         if len(keep) < len(batch.rows):
             batch.keep(keep)
             self._next = self._next[to_device(keep, self.device)] if keep else None
 
-    def _launch(self, batch: Batch | SlotBatch, completing: Step | None = None) -> Step:
+    def _launch(self, batch: GrowingCache | FixedCache, completing: Step | None = None) -> Step:
         """Run a decode step over the batch and choose its tokens. `completing`: the step
         before, finished after this one's forward pass is launched and before its tokens are
         chosen (its tokens reach the rows' grammars)."""

@@ -10,10 +10,10 @@ A prefilled request joins the running batch, whose rows decode together, one tok
 per step, each streaming, sampling with its own options and seed, and leaving as soon as it
 finishes or is cancelled.
 
-Decode steps run over one of two batches with the same contract: on a GPU, `SlotBatch`, a KV
+Decode steps run over one of two caches with the same contract: on a GPU, `FixedCache`, a KV
 cache allocated at load with every step's shape captured as a CUDA graph
-(`workers.engines.kv_cache`); on the CPU (or with `decode="dynamic"`), `Batch`, a cache that grows
-with the sequences (`workers.engines.batch`).
+(`workers.engines.kv_cache`); on the CPU (or with `decode="dynamic"`), `GrowingCache`, a cache
+that grows with the sequences (`workers.engines.growing_cache`).
 
 Decode steps are pipelined (`workers.engines.llava_decode`).
 
@@ -41,10 +41,10 @@ from transformers import (
 from workers.contract import ChatJob
 from workers.engines import fp8
 from workers.engines.base import Generation, TokenSink
-from workers.engines.batch import Batch
 from workers.engines.device import Step, place
 from workers.engines.grammar import Grammars
-from workers.engines.kv_cache import SlotBatch, decode_batch
+from workers.engines.growing_cache import GrowingCache
+from workers.engines.kv_cache import FixedCache, decode_batch
 from workers.engines.llava_decode import PipelinedDecode
 from workers.engines.llava_requests import Request, prepare
 from workers.engines.logprobs import Speller, score
@@ -86,17 +86,17 @@ class TransformersLlava(GroupedPrefill, PipelinedDecode):
         self.prefill_tokens = prefill_tokens
         _one_of("weights", weights, ("bf16", "fp8"))
         _one_of("compile", compile, ("auto", "on", "off"))
-        _one_of("decode", decode, ("auto", "slots", "dynamic"))
+        _one_of("decode", decode, ("auto", "fixed", "dynamic"))
         if weights == "fp8" and (why := fp8.supported(self.device)) is not None:
             raise ValueError(f"{why}: set GPUHOST_LLAVA_WEIGHTS=bf16 for this device")
         self.weights = weights  # the language model's linear layers (workers.engines.fp8)
-        # the slot cache's decode step compiled at load (auto: on a GPU; on the CPU, Inductor's
+        # the fixed cache's decode step compiled at load (auto: on a GPU; on the CPU, Inductor's
         # code for the symbolic shapes is slower than eager)
         self.compile = self.device.type == "cuda" if compile == "auto" else compile == "on"
-        # auto: slots (static cache, CUDA graphs) on a GPU; the growing cache on the CPU.
+        # auto: fixed (static cache, CUDA graphs) on a GPU; the growing cache on the CPU.
         self._decode_choice = decode
         self.decode = (
-            ("slots" if self.device.type == "cuda" else "dynamic") if decode == "auto" else decode
+            ("fixed" if self.device.type == "cuda" else "dynamic") if decode == "auto" else decode
         )
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
@@ -121,7 +121,7 @@ class TransformersLlava(GroupedPrefill, PipelinedDecode):
         self.expires_at: float | None = None  # unix time; None: no expiry
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._admitted: list[Request] = []  # taken from the queue, rows kept for them, to prefill
-        self._batch: Batch | SlotBatch | None = None  # made with the model
+        self._batch: GrowingCache | FixedCache | None = None  # made with the model
         self._inflight: Step | None = None  # launched, tokens not yet handed out
         self._next: torch.Tensor | None = None  # the batch rows' next input tokens (device)
         self._stopping = threading.Event()
@@ -158,7 +158,7 @@ class TransformersLlava(GroupedPrefill, PipelinedDecode):
             self.load_seconds,
             self.context_window,
             self.max_batch,
-            "slot" if isinstance(self._batch, SlotBatch) else "dynamic",
+            "fixed" if isinstance(self._batch, FixedCache) else "dynamic",
         )
         return self.load_seconds
 

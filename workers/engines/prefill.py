@@ -13,7 +13,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from workers.engines.batch import CACHE
+from workers.engines.growing_cache import CACHE
 from workers.engines.llava_requests import Request
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from tuning import service as tuning
 from tuning.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Adapter, FineTune
 from tuning.params import TrainParams
 from workers.celery_app import consume
-from workers.contract import TRAIN_QUEUE, TRAIN_TASK, celery_config, send_training
+from workers.contract import TRAIN_QUEUE, TRAIN_TASK, celery_app, send_training
 from workers.settings import WorkerSettings
 from workers.tasks import process_name
 from workers.training.trainer import Checkpoint, Hooks, Trainer
@@ -198,8 +198,7 @@ class Sweeper:
 
 
 def run_train_worker(settings: WorkerSettings) -> None:
-    producer = Celery("gpuhost")  # the sweep's: queues lost jobs again
-    producer.conf.update(celery_config(**settings.celery()))
+    producer = celery_app("gpuhost", **settings.celery())  # the sweep's: queues lost jobs again
     runtime = TrainRuntime(
         settings=settings,
         sessions=session_factory(sync_engine(settings.database_url)),
@@ -209,8 +208,7 @@ def run_train_worker(settings: WorkerSettings) -> None:
     )
 
     def make_app() -> Celery:
-        app = Celery("gpuhost")
-        app.conf.update(celery_config(**settings.celery()))
+        app = celery_app("gpuhost", **settings.celery())
 
         @app.task(name=TRAIN_TASK, shared=False)
         def train(payload: dict) -> str:

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from api.deps import InferenceKey, SessionDep, StateDep
-from api.jobs import store
+from api.pipeline import store
 from webhooks import service
 
 router = APIRouter(tags=["webhooks"])

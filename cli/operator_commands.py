@@ -41,7 +41,7 @@ def _admin(work):
     try:
         with transaction(session_factory(engine)) as session:
             return work(session, settings)
-    except (tenants.NotFound, tenants.InvalidArgument) as exc:
+    except (tenants.Unknown, tenants.InvalidArgument) as exc:
         fail(str(exc))
     finally:
         engine.dispose()

@@ -4,11 +4,11 @@ request holds until its end.
 `take_slot` gives the job a slot in its tenant's lease semaphore with its metadata written in
 the same Lua step (refused: nothing held, nothing written); `enqueue` sends its message (not
 sent: the slot back). Synchronous requests (`submit`, every API family), async jobs and batch
-lines (`api.jobs.scheduler`) all go through both. A synchronous request then holds a `Job`:
+lines (`api.pipeline.scheduler`) all go through both. A synchronous request then holds a `Job`:
 `opened` waits for its first chunk (an early error keeps its status) and `live` relays the
 rest to a streaming response; `complete` reads an answer that is not streamed in one go once
 its final chunk is signalled. A streaming client that leaves abandons its job for a grace
-period in which `api/resume.py` can pick its stream up. The worker gives the slot back with
+period in which `api/deferred/resume.py` can pick its stream up. The worker gives the slot back with
 the final chunk; the gateway gives it back on every other ending.
 """
 
@@ -19,10 +19,11 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from api.admission import Lease
+from api.access.admission import Lease
 from api.errors import (
     ApiError,
     ClientGone,
@@ -31,10 +32,11 @@ from api.errors import (
     Unavailable,
     UpstreamError,
 )
-from api.jobs import store
-from api.jobs.queue_wait import wait_for_slot
-from api.jobs.store import Family, JobMeta
-from api.jobs.stream import Chunk, Disconnected, JobStream
+from api.inputs.tools import gathered
+from api.pipeline import store
+from api.pipeline.queue_wait import wait_for_slot
+from api.pipeline.store import Family, JobMeta
+from api.pipeline.stream import Chunk, Disconnected, JobStream
 from api.state import AppState
 from billing.tenants import KeyOwner
 from workers.contract import (
@@ -97,7 +99,7 @@ async def _send(state: AppState, spec: Spec) -> None:
 async def check_quota(state: AppState, owner: KeyOwner, fresh: bool = False) -> str:
     """The tenant's current tier, after checking that its plan still covers another request
     this billing period (HTTP 402 if not). Read from the ledger at most once a second or so
-    per tenant (`api.quota`); `fresh` reads it now."""
+    per tenant (`api.access.quota`); `fresh` reads it now."""
     return (await state.quotas.check(owner.tenant_id, fresh)).tier
 
 
@@ -322,6 +324,25 @@ async def opened(job: Job, request: Request) -> Chunk:
             raise UpstreamError(first.status, first.message)
     job.observe_first_chunk(time.perf_counter() - job.admitted)
     return first
+
+
+async def streamed(
+    job: Job,
+    request: Request,
+    frames: Callable[[AsyncIterator[Chunk]], AsyncIterator[str]],
+    media_type: str,
+    headers: dict[str, str],
+    whole: bool = False,
+) -> StreamingResponse:
+    """A streamed answer, every API family's: the job's first chunk awaited (an early error
+    keeps its status), then its chunks in the family's framing (`frames`: NDJSON lines, SSE
+    events). `whole`: the text held back and sent whole before the final chunk (with tools
+    offered, whether an answer is a call is known only once it is whole)."""
+    first = await opened(job, request)
+    chunks = live(job, first)
+    if whole:
+        chunks = gathered(chunks)
+    return StreamingResponse(frames(chunks), media_type=media_type, headers=headers)
 
 
 async def complete(

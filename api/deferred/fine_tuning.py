@@ -19,8 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import InferenceKey, SessionDep, StateDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
-from api.jobs.submit import check_quota
+from api.pipeline.submit import check_quota
 from api.sd.serving import ImageServing
+from billing.db import async_transaction
 from billing.tenants import KeyOwner
 from storage import tenant_key
 from tuning import dataset
@@ -153,7 +154,7 @@ async def create(
     # the gateway's checking threads, so that a tenant's uploads wait for each other, not
     # for a CPU that others share.
     async with state.decoder.turn(owner):
-        async with state.sessions() as session, session.begin():
+        async with async_transaction(state.sessions) as session:
             active = await tuning.active_count(session, owner.tenant_id)
         if active >= plan.training_jobs:
             raise _job_limit(plan)
@@ -164,7 +165,7 @@ async def create(
             raise error(str(exc), param="dataset") from None
         await anyio.to_thread.run_sync(state.storage.put_file, key, source, plan.dataset_bytes)
         try:
-            async with state.sessions() as session, session.begin():
+            async with async_transaction(state.sessions) as session:
                 job = await tuning.create(
                     session,
                     job_id=job_id,
@@ -187,7 +188,7 @@ async def create(
     try:  # enqueued only after the commit it depends on
         await anyio.to_thread.run_sync(send_training, state.celery, job_id)
     except Exception as exc:
-        async with state.sessions() as session, session.begin():
+        async with async_transaction(state.sessions) as session:
             job = await tuning.get(session, owner.tenant_id, job_id)
             await tuning.request_cancel(session, job)
             job.error = "could not be queued"
@@ -217,7 +218,7 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """A queued job never runs; a running one stops at its next step and is billed for the
     steps it ran. A finished job is left as it is. (Its own transaction: the dataset goes only
     once the cancellation is committed.)"""
-    async with state.sessions() as session, session.begin():
+    async with async_transaction(state.sessions) as session:
         job = await tuning.get(session, owner.tenant_id, job_id)
         if job is None:
             raise NotFound(f"fine-tuning job {job_id} not found")
@@ -264,7 +265,7 @@ async def adapter_content(
 @router.delete("/v1/adapters/{adapter_id}")
 async def delete_adapter(adapter_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """(Its own transaction: the file goes only once the adapter's row is gone.)"""
-    async with state.sessions() as session, session.begin():
+    async with async_transaction(state.sessions) as session:
         adapter = await tuning.get_adapter(session, owner.tenant_id, adapter_id)
         if adapter is None:
             raise NotFound(f"adapter {adapter_id} not found")

@@ -23,14 +23,14 @@ from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from api.async_jobs import JobCreate, job_spec
+from api.deferred.jobs import JobCreate, job_spec
 from api.deps import InferenceKey, StateDep
-from api.errors import ApiError, BadRequest, Conflict, NotFound
-from api.jobs import store
-from api.jobs.batch_runner import ENDED, stored
-from api.jobs.submit import check_quota
+from api.errors import ApiError, BadRequest, Conflict
+from api.inputs.wire import new_request_id
+from api.pipeline import store
+from api.pipeline.batch_runner import ENDED, stored
+from api.pipeline.submit import check_quota
 from api.state import AppState
-from api.wire import new_request_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -160,13 +160,12 @@ async def list_batches(
     owner: InferenceKey, state: StateDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> dict:
     tenant = str(owner.tenant_id)
-    views = []
-    for batch_id in await store.tenant_batch_ids(state.redis, tenant, limit):
-        try:
-            views.append(_view(batch_id, await store.batch_record(state.redis, batch_id, tenant)))
-        except NotFound:  # expired
-            continue
-    return {"object": "list", "data": views}
+
+    async def view(batch_id: str) -> dict:
+        return _view(batch_id, await store.batch_record(state.redis, batch_id, tenant))
+
+    ids = await store.tenant_batch_ids(state.redis, tenant, limit)
+    return {"object": "list", "data": await store.views_of(ids, view)}
 
 
 @router.get("/{batch_id}")

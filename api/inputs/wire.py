@@ -1,10 +1,14 @@
 """What every API family's wire format shares: request ids, timestamps, durations, and the
-limits on images attached to a chat. Each family's own shapes are in its `schemas.py`."""
+limits on images attached to a chat, and a chat job's making. Each family's own shapes are in
+its `schemas.py`."""
 
+import time
 import uuid
 from datetime import UTC, datetime
 
 from pydantic import BaseModel
+
+from workers.contract import ChatJob, ChatTurn
 
 NS = 1_000_000_000  # nanoseconds a second: Ollama's durations
 
@@ -28,3 +32,21 @@ class ChatImageLimits(BaseModel):
     @classmethod
     def of(cls, settings) -> "ChatImageLimits":
         return cls(max_count=settings.max_images_per_request, max_pixels=settings.max_image_pixels)
+
+
+def chat_job(
+    owner, request_id: str, model: str, kind: str, turns: list[ChatTurn], options, **more
+) -> ChatJob:
+    """A chat job as every API family makes it: whose it is (`owner`, a KeyOwner), when it
+    was asked for, what to run (`options`: SamplingOptions); `more`: the family's own fields."""
+    return ChatJob(
+        request_id=request_id,
+        tenant_id=owner.tenant_id,
+        api_key_id=owner.key_id,
+        model=model,
+        kind=kind,
+        messages=turns,
+        options=options,
+        enqueued_at=time.time(),
+        **more,
+    )

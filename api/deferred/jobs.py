@@ -4,7 +4,7 @@ connection, polled (or waited on with `Prefer: wait=N`) and cancellable.
 A job is accepted whatever the tenant has in flight: over its tier's limit it waits in the
 tenant's queue instead of being refused. Every gateway runs a scheduler that takes, in turn,
 one waiting job per tenant (round robin: fair across tenants), takes a slot for it and
-enqueues it (api/jobs/scheduler.py); a tenant at its limit is skipped until a slot frees. A
+enqueues it (api/pipeline/scheduler.py); a tenant at its limit is skipped until a slot frees. A
 submitted job's slot lease is renewed by the schedulers until its worker starts it, by the
 worker while it runs (which gives it back at the end). A job may name a webhook for its start
 and end (webhooks/). Outputs are read from the job's stream, kept for
@@ -24,17 +24,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from api.body import json_body, openapi_body, validated
 from api.deps import InferenceKey, StateDep
 from api.errors import REDIS_AWAY, BadRequest, NotFound, Unavailable
-from api.jobs import store
-from api.jobs.submit import check_quota
-from api.jobs.view import FINISHED, job_view, settled_view
+from api.inputs.json_body import json_body, openapi_body, validated
+from api.inputs.wire import ChatImageLimits, new_request_id
 from api.openai.schemas import ChatCompletionRequest
+from api.pipeline import store
+from api.pipeline.submit import check_quota
+from api.pipeline.view import FINISHED, job_view, settled_view
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing
 from api.state import AppState
-from api.wire import ChatImageLimits, new_request_id
 from webhooks.targets import TargetRefused, networks, resolve
 from workers.keyspace import cancel_key
 
@@ -130,7 +130,7 @@ async def create(
         "created_at": str(now),
         "spec": spec.model_dump_json(),
     }
-    if getattr(spec, "tools", None):  # its answer may be a call (api/jobs/view.py)
+    if getattr(spec, "tools", None):  # its answer may be a call (api/pipeline/view.py)
         record["tools"] = json.dumps([tool.model_dump() for tool in spec.tools])
     if body.webhook is not None:
         record |= {"webhook_url": body.webhook.url, "webhook_events": ",".join(body.webhook.events)}
@@ -177,13 +177,8 @@ async def list_jobs(
 ) -> dict:
     """The tenant's jobs, newest first."""
     tenant = str(owner.tenant_id)
-    views = []
-    for job_id in await store.tenant_job_ids(state.redis, tenant, limit):
-        try:
-            views.append(await job_view(state, job_id, tenant))
-        except NotFound:  # its record expired before the index entry
-            continue
-    return {"jobs": views}
+    ids = await store.tenant_job_ids(state.redis, tenant, limit)
+    return {"jobs": await store.views_of(ids, lambda job_id: job_view(state, job_id, tenant))}
 
 
 @router.post("/{job_id}/cancel")

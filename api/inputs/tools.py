@@ -5,7 +5,7 @@ A call is Llama 3.1's JSON form, `{"name": ..., "parameters": {...}}`: the model
 template shows the tools when it knows how (its `tools` variable), or the worker's fallback
 turn does (workers/engines/llava_requests.py). With `tool_choice` `required`, or a function
 named, the answer is decoded under a grammar that admits only a call to one of them with
-parameters valid against its schema (api/structured.py's path); with `auto` the model
+parameters valid against its schema (api/inputs/output_format.py's path); with `auto` the model
 chooses, and an answer that is such a call (the whole of it) is returned as one.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import BadRequest
-from api.jobs.stream import Chunk
+from api.pipeline.stream import Chunk
 from workers.contract import OutputFormat, TokenChunk, ToolSpec, merged
 
 MAX_TOOLS = 64

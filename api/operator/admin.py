@@ -11,12 +11,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from api import revocations
+from api.access import revocations
 from api.deps import SessionDep, StateDep, bearer, client_address, is_admin_token
-from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from api.errors import Forbidden, Unauthorized
+from api.operator.changes import run_change, run_committed
 from billing import operator, tenants, usage
 from billing.keys import well_formed
 from billing.models import ApiKey, Tenant
@@ -50,25 +50,6 @@ def _client(request: Request) -> str | None:
 def who(request: Request, actor: str) -> tuple[str, str | None]:
     """The actor and the address an operator action came from, for the audit log."""
     return actor, _client(request)
-
-
-async def _run(session: AsyncSession, work):
-    """Run `work(session)` (billing's synchronous admin functions) in the request's
-    transaction, its refusals as HTTP errors."""
-    try:
-        return await session.run_sync(work)
-    except tenants.NotFound as exc:
-        raise NotFound(str(exc)) from None
-    except tenants.InvalidArgument as exc:
-        raise BadRequest(str(exc)) from None
-
-
-async def _run_committed(state, work):
-    """`_run` in a transaction of its own, committed when this returns: for a change whose
-    caches must be dropped only once it is committed (else a request in between caches the
-    old state again)."""
-    async with state.sessions() as session, session.begin():
-        return await _run(session, work)
 
 
 def _tenant_json(tenant: Tenant, used: float | None = None, in_flight: int | None = None):
@@ -150,7 +131,7 @@ async def create_tenant(
         session.refresh(tenant)
         return _tenant_json(tenant)
 
-    return await _run(session, work)
+    return await run_change(session, work)
 
 
 @router.get("/tenants/{tenant_id}")
@@ -159,7 +140,7 @@ async def get_tenant(tenant_id: str, state: StateDep, session: SessionDep, actor
         tenant = tenants.get_tenant(session, tenant_id)
         return tenant, [_key_json(k) for k in tenants.keys_of(session, tenant.id)]
 
-    tenant, keys = await _run(session, work)
+    tenant, keys = await run_change(session, work)
     view = await usage.admission_view(session, tenant.id, period_of(datetime.now(UTC)))
     used = view[1] if view else 0.0
     return _tenant_json(tenant, used, await state.admission.in_flight(tenant.id)) | {
@@ -174,7 +155,7 @@ async def update_tenant(
 ) -> dict:
     """Move a tenant to another tier: its next request is admitted on the new tier (through
     this gateway; through the others an upgrade at once, a downgrade within their quota cache
-    time, `api.quota`)."""
+    time, `api.access.quota`)."""
 
     def work(session: Session):
         tenant = operator.set_tier(
@@ -182,7 +163,7 @@ async def update_tenant(
         )
         return _tenant_json(tenant)
 
-    changed = await _run_committed(state, work)
+    changed = await run_committed(state, work)
     state.quotas.forget(changed["id"])
     return changed
 
@@ -193,7 +174,7 @@ async def list_keys(tenant_id: str, session: SessionDep, actor: Actor) -> dict:
         tenant = tenants.get_tenant(session, tenant_id)
         return {"keys": [_key_json(k) for k in tenants.keys_of(session, tenant.id)]}
 
-    return await _run(session, work)
+    return await run_change(session, work)
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201)
@@ -213,17 +194,17 @@ async def create_key(
         session.refresh(row)
         return _key_json(row) | {"key": secret}
 
-    return await _run(session, work)
+    return await run_change(session, work)
 
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(key_id: str, request: Request, state: StateDep, actor: Actor) -> dict:
-    """Revoke a key: every gateway refuses it as soon as it hears (api/revocations.py)."""
+    """Revoke a key: every gateway refuses it as soon as it hears (api/access/revocations.py)."""
 
     def work(session: Session):
         return _key_json(operator.revoke_key(session, who(request, actor), key_id))
 
-    revoked = await _run_committed(state, work)
+    revoked = await run_committed(state, work)
     await revocations.announce(state, revoked["id"])
     return revoked
 
@@ -239,7 +220,7 @@ async def usage_records(
         found = tenants.get_tenant(session, tenant)
         return [usage.to_dict(r) for r in usage.for_tenant(session, found.id, limit)]
 
-    return {"tenant_id": tenant, "records": await _run(session, work)}
+    return {"tenant_id": tenant, "records": await run_change(session, work)}
 
 
 @router.get("/outbox")

@@ -13,6 +13,6 @@ Every API family, async jobs (`/v1/jobs`) and batch lines go the same way:
 - `scheduler` and `batch_runner`: every gateway's background passes that take waiting jobs
   and batch lines into slots, keep their leases, and record their webhook events.
 
-The routers above it: `api/async_jobs.py` (/v1/jobs), `api/batches.py` (/v1/batches),
-`api/resume.py` (GET /api/jobs/{id}/stream), and the families' serving classes.
+The routers above it: `api/deferred/jobs.py` (/v1/jobs), `api/deferred/batches.py` (/v1/batches),
+`api/deferred/resume.py` (GET /api/jobs/{id}/stream), and the families' serving classes.
 """

@@ -15,12 +15,12 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import InferenceKey, StateDep
 from api.errors import BadRequest, NotFound
-from api.jobs.store import JobMeta
-from api.jobs.stream import Chunk, JobStream
+from api.inputs.tools import gathered
 from api.ollama.serving import NDJSON, Render, ndjson
 from api.openai.serving import SSE, ChatRender, CompletionRender, sse
+from api.pipeline.store import JobMeta
+from api.pipeline.stream import Chunk, JobStream
 from api.state import AppState
-from api.tools import gathered
 from billing.tenants import KeyOwner
 from workers.contract import ToolSpec
 

@@ -1,4 +1,4 @@
-"""The batches' side of every gateway's job scheduler (api.jobs.scheduler): starts a batch's
+"""The batches' side of every gateway's job scheduler (api.pipeline.scheduler): starts a batch's
 lines when nothing else waits, collects their results, writes the batch's output when its last
 line ends, and deletes ended batches' files when their retention is over."""
 
@@ -12,10 +12,10 @@ from cachetools import LRUCache
 from redis.exceptions import LockError
 
 from api.errors import TooManyRequests
-from api.jobs import store
-from api.jobs.scheduler import meta
-from api.jobs.submit import take_slot
-from api.jobs.view import FINISHED, job_view
+from api.pipeline import store
+from api.pipeline.scheduler import meta
+from api.pipeline.submit import take_slot
+from api.pipeline.view import FINISHED, job_view
 from api.state import AppState
 from storage import tenant_key
 from workers.keyspace import (

@@ -14,12 +14,13 @@ from datetime import UTC, datetime
 from kombu.exceptions import KombuError
 from redis.exceptions import LockError, RedisError
 
-from api.admission import Lease
+from api.access.admission import Lease
 from api.errors import TooManyRequests
-from api.jobs import store
-from api.jobs.submit import enqueue, take_slot
-from api.jobs.view import job_view
+from api.pipeline import store
+from api.pipeline.submit import enqueue, take_slot
+from api.pipeline.view import job_view
 from api.state import AppState
+from billing.db import async_transaction
 from webhooks import service as webhooks
 from workers.contract import ChatJob, ImageJob, send_job
 from workers.keyspace import (
@@ -55,7 +56,7 @@ class Scheduler:
 
     def __init__(self, state: AppState, then=()):
         """`then`: makers of (state, scheduler) -> a part with `pass_once`, run after the
-        waiting jobs in each pass (api.jobs.batch_runner.BatchRunner)."""
+        waiting jobs in each pass (api.pipeline.batch_runner.BatchRunner)."""
         self.state = state
         self._renewed_at = 0.0  # leases need renewing a few times per TTL, not every pass
         self._observed_at = 0.0
@@ -236,7 +237,7 @@ class Scheduler:
         ]
         if due:
             view = await job_view(self.state, job_id, record["tenant_id"])
-            async with self.state.sessions() as session, session.begin():
+            async with async_transaction(self.state.sessions) as session:
                 for event in due:
                     payload = {
                         "type": f"job.{event}",

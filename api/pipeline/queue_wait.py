@@ -15,11 +15,11 @@ import time
 import anyio
 from redis.exceptions import RedisError
 
-from api.admission import Lease
+from api.access.admission import Lease
 from api.errors import REDIS_AWAY, ClientGone, TooManyRequests, Unavailable
-from api.jobs import store
-from api.jobs.store import JobMeta
-from api.jobs.stream import Disconnected
+from api.pipeline import store
+from api.pipeline.store import JobMeta
+from api.pipeline.stream import Disconnected
 from api.state import AppState
 from workers.keyspace import job_record_key
 

@@ -5,11 +5,11 @@ import asyncio
 import json
 import time
 
-from api.jobs import store
-from api.jobs.stream import JobStream
+from api.inputs.tools import openai_call, read_call
 from api.openai.logprobs import chat_logprobs
+from api.pipeline import store
+from api.pipeline.stream import JobStream
 from api.state import AppState
-from api.tools import openai_call, read_call
 from workers.contract import (
     DoneChunk,
     ErrorChunk,

@@ -31,7 +31,7 @@ def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=-2)
 
 
-class Batch:
+class GrowingCache:
     def __init__(self, model: LlavaForConditionalGeneration) -> None:
         self.model = model
         self.rows: list = []

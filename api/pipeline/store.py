@@ -5,6 +5,7 @@ how its stream is rendered), async job records, and batch records. Key names and
 import contextlib
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -40,7 +41,7 @@ Family = Literal["ollama-chat", "ollama-generate", "openai-chat", "openai-comple
 # waiting -> cancelled; a submitted job's progress is in its stream.
 WAITING, SUBMITTED_STATE, CANCELLED = "waiting", "submitted", "cancelled"
 # A synchronous request waiting in its tenant's queue (type SYNC) is GRANTED the slot a
-# scheduler took for it; its own gateway then sends it (api/jobs/queue_wait.py).
+# scheduler took for it; its own gateway then sends it (api/pipeline/queue_wait.py).
 SYNC, GRANTED = "sync", "granted"
 
 
@@ -241,6 +242,18 @@ async def unsubmit(redis: aioredis.Redis, job_id: str, tenant: str) -> None:
 
 async def tenant_job_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list[str]:
     return [raw.decode() for raw in await redis.zrevrange(jobs_index_key(tenant), 0, limit - 1)]
+
+
+async def views_of(ids: list[str], view: Callable[[str], Awaitable[dict]]) -> list[dict]:
+    """A tenant's listing: the view of each id still kept (a record may expire before its
+    entry in the tenant's index does)."""
+    views = []
+    for known in ids:
+        try:
+            views.append(await view(known))
+        except NotFound:
+            continue
+    return views
 
 
 # -- batches ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What a grammar, or log probabilities, cost a decode: the same streams with and without.
 
-    python bench/structured.py                        # tiny random-weight model, CPU
-    python bench/structured.py --model DIR --device cuda --streams 1 8
+    python bench/structured_output.py                        # tiny random-weight model, CPU
+    python bench/structured_output.py --model DIR --device cuda --streams 1 8
 
 Runs the engine the workers use in process. Per concurrency, runs of the same number of
 streams: all free (no schema), all constrained (a schema whose answers are about as long as
@@ -17,10 +17,10 @@ import json
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
-from workers.contract import ChatJob, ChatTurn, OutputFormat, SamplingOptions
+from harness.jobs import chat_job  # noqa: E402
+from workers.contract import ChatJob, OutputFormat, SamplingOptions
 from workers.engines.llava_transformers import TransformersLlava
 
 SCHEMA = {
@@ -60,15 +60,10 @@ class Sink:
 
 def job(constrained: bool, tokens: int, seed: int, logprobs: int | None = None) -> ChatJob:
     fmt = OutputFormat(kind="json_schema", schema_text=json.dumps(SCHEMA)) if constrained else None
-    return ChatJob(
-        request_id=uuid.uuid4().hex,
-        tenant_id=uuid.uuid4(),
-        api_key_id=None,
-        model="llava-llama3",
-        kind="chat",
-        messages=[ChatTurn(role="user", content="List four things as JSON.")],
-        options=SamplingOptions(max_tokens=tokens, temperature=1.0, seed=seed, logprobs=logprobs),
-        enqueued_at=time.time(),
+    options = SamplingOptions(max_tokens=tokens, temperature=1.0, seed=seed, logprobs=logprobs)
+    return chat_job(
+        "List four things as JSON.",
+        options=options,
         output_format=fmt,
     )
 
