@@ -4,6 +4,7 @@ import base64
 import json
 import secrets
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
@@ -63,17 +64,30 @@ async def record(
     )
 
 
-async def claim_due(session: AsyncSession, limit: int, lease_seconds: float) -> list:
+async def claim_due(
+    session: AsyncSession,
+    limit: int,
+    lease_seconds: float,
+    per_tenant: int | None = None,
+    busy_tenants: Collection[uuid.UUID] = (),
+) -> list:
     """Pending deliveries due now, claimed for `lease_seconds` (other gateways skip them
-    meanwhile; if this one dies, they are due again after it)."""
+    meanwhile; if this one dies, they are due again after it): at most `per_tenant` of one
+    tenant's, none of `busy_tenants`'."""
     now = datetime.now(UTC)
-    due = (
-        select(WebhookDelivery.id)
-        .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.created_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    waiting = [WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now]
+    if busy_tenants:
+        waiting.append(WebhookDelivery.tenant_id.not_in(list(busy_tenants)))
+    order = (WebhookDelivery.next_attempt_at, WebhookDelivery.created_at)
+    if per_tenant is None:
+        candidates = select(WebhookDelivery.id).where(*waiting)
+    else:
+        rank = func.row_number().over(partition_by=WebhookDelivery.tenant_id, order_by=order)
+        ranked = select(WebhookDelivery.id, rank.label("rank")).where(*waiting).subquery()
+        candidates = select(WebhookDelivery.id).where(
+            WebhookDelivery.id.in_(select(ranked.c.id).where(ranked.c.rank <= per_tenant))
+        )
+    due = candidates.order_by(*order).limit(limit).with_for_update(skip_locked=True)
     rows = await session.scalars(
         update(WebhookDelivery)
         .where(WebhookDelivery.id.in_(due.scalar_subquery()))

@@ -12,6 +12,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from harness.helpers import auth
 from harness.processes import wait_for
+from tests.conftest import running_gateway
 from workers.keyspace import HOOKED, job_record_key
 
 
@@ -184,3 +185,99 @@ def test_a_broken_job_record_does_not_stop_other_jobs_webhooks(
     finally:
         redis_client.srem(HOOKED, broken)
         redis_client.delete(job_record_key(broken))
+
+
+class SlowReceiver:
+    """A receiver that answers its status line, then one header every half second until told
+    to stop (`stalling`: set while it trickles), or with a body that never ends (`endless`)."""
+
+    def __init__(self, endless: bool = False):
+        self.stalling = threading.Event()
+        self.stop = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers["content-length"]))
+                self.send_response_only(200)
+                try:
+                    if endless:
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        chunk = b"x" * 65536
+                        while not outer.stop.is_set():  # 64 KiB chunks, forever
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        return
+                    outer.stalling.set()
+                    while not outer.stop.wait(0.5):
+                        self.wfile.write(b"X-Slow: still here\r\n")
+                        self.wfile.flush()
+                except OSError:
+                    pass  # the gateway hung up: as it should
+                finally:
+                    outer.stalling.clear()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/slow"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def patient_gateway(stack_env, tmp_path_factory):
+    """A gateway that gives a webhook receiver a minute to answer."""
+    env = stack_env | {"GPUHOST_WEBHOOK_TIMEOUT_SECONDS": "60"}
+    yield from running_gateway("gateway-patient-webhooks", env, tmp_path_factory)
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_slow_receiver_delays_only_its_own_tenant(patient_gateway, tenant_factory, receiver):
+    """Tenant A's receiver trickles its headers (a header each half second, the answer never
+    done); tenant B's webhook, asked for after, is delivered while A's still trickles."""
+    slow = SlowReceiver()
+    try:
+        _, a, _ = tenant_factory.create("pro")
+        _, b, _ = tenant_factory.create("pro")
+        made = httpx.post(
+            f"{patient_gateway.url}/v1/jobs",
+            json=chat_job(slow.url, ["completed"]),
+            headers=auth(a),
+        )
+        assert made.status_code in (200, 202), made.text
+        assert slow.stalling.wait(60), "A's receiver was never called"
+        job_id = httpx.post(
+            f"{patient_gateway.url}/v1/jobs",
+            json=chat_job(receiver.url, ["completed"]),
+            headers=auth(b),
+        ).json()["id"]
+        [delivery] = settled(patient_gateway, b, job_id, 1)
+        assert delivery["status"] == "delivered"
+        assert slow.stalling.is_set(), "A's receiver should still be trickling"
+    finally:
+        slow.close()
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_receivers_answer_is_not_read_whole(patient_gateway, tenant_factory):
+    """A receiver answering 200 with a body that never ends: the status is the answer."""
+    endless = SlowReceiver(endless=True)
+    try:
+        _, key, _ = tenant_factory.create("pro")
+        job_id = httpx.post(
+            f"{patient_gateway.url}/v1/jobs",
+            json=chat_job(endless.url, ["completed"]),
+            headers=auth(key),
+        ).json()["id"]
+        [delivery] = settled(patient_gateway, key, job_id, 1)
+        assert (delivery["status"], delivery["attempts"]) == ("delivered", 1)
+        assert delivery["last_status_code"] == 200
+    finally:
+        endless.close()
