@@ -63,6 +63,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         idle_seconds=settings.body_idle_seconds,
         min_bytes_per_second=settings.body_min_bytes_per_second,
         bodies_per_client=settings.bodies_per_client,
+        reading=observed.bodies_reading,
     )
     app.add_middleware(UrlGuard)
     app.add_middleware(metrics.MetricsPort, port=settings.metrics_port)

@@ -102,7 +102,9 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
             quotas=Quotas(sessions, settings.plans, settings.quota_cache_seconds, grace),
             metrics=metrics,
             storage=Storage(settings.storage_url),
-            decoder=Decoder(settings.image_check_threads, settings.tier_limits),
+            decoder=Decoder(
+                settings.image_check_threads, settings.tier_limits, metrics.image_checks
+            ),
             throttle=CredentialThrottle(
                 client,
                 settings.credential_failures_limit,

@@ -50,8 +50,9 @@ def serve(
         check_pair(certfile, keyfile)
     except ValueError as exc:
         fail(str(exc))
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=host or settings.listen_host,
         port=port or settings.listen_port,
         log_level="info",
@@ -64,6 +65,7 @@ def serve(
             settings.head_timeout_seconds,
             settings.connections_per_client,
             settings.trusted_proxies,
+            app.state.metrics.connections,
         ),
     )
     sockets = [config.bind_socket()]

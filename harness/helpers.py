@@ -157,3 +157,18 @@ def dashboard_sign_in(client: httpx.Client, credential: str, **kwargs) -> httpx.
     form = client.get("/dashboard/login", **kwargs)
     token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
     return client.post("/dashboard/login", data={"credential": credential, "csrf": token}, **kwargs)
+
+
+def samples(url: str) -> dict[tuple, float]:
+    """A Prometheus endpoint's samples: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)

@@ -1,4 +1,5 @@
-"""GPU workers: Celery processes that keep models resident and run requests.
+"""GPU workers: Celery processes that keep a model resident and run requests.
 
-Only `workers.contract` is imported by the gateway; it must import without torch.
+The gateway imports only `workers.contract` (tasks, queues, jobs and chunks) and
+`workers.keyspace` (Redis keys and scripts); both import without torch.
 """

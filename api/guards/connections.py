@@ -16,11 +16,15 @@ import asyncio
 import ipaddress
 from collections import Counter
 
+from prometheus_client import Gauge
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 
-def guarded_protocol(head_seconds: float, per_client: int, trusted: list[str]) -> type:
-    """uvicorn's HTTP protocol class with these limits (`http=` of its Config)."""
+def guarded_protocol(
+    head_seconds: float, per_client: int, trusted: list[str], open_now: Gauge | None = None
+) -> type:
+    """uvicorn's HTTP protocol class with these limits (`http=` of its Config); `open_now`
+    counts the connections open."""
     networks = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted]
 
     def exempt(address: str | None) -> bool:
@@ -37,6 +41,8 @@ def guarded_protocol(head_seconds: float, per_client: int, trusted: list[str]) -
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
+            if open_now is not None:
+                open_now.inc()
             self._head_timer: asyncio.TimerHandle | None = None
             address = self.client[0] if self.client else None
             self._counted = None if exempt(address) else address
@@ -48,6 +54,8 @@ def guarded_protocol(head_seconds: float, per_client: int, trusted: list[str]) -
             self._await_head()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if open_now is not None:
+                open_now.dec()
             self._stop_head_timer()
             if self._counted is not None:
                 self.open_by_address[self._counted] -= 1

@@ -17,6 +17,7 @@ from collections import Counter
 from urllib.parse import parse_qsl
 
 import anyio
+from prometheus_client import Gauge
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +39,7 @@ class BodyGuard:
         grace_seconds: float = 10.0,
         min_bytes_per_second: float = 16 * 1024,
         bodies_per_client: int = 16,
+        reading: Gauge | None = None,  # counts the bodies being received
     ):
         self.app = app
         self.max_bytes = max_bytes
@@ -47,6 +49,7 @@ class BodyGuard:
         self.grace_seconds = grace_seconds
         self.min_rate = min_bytes_per_second
         self.bodies_per_client = bodies_per_client
+        self.reading = reading
         self._sending: Counter[str] = Counter()  # client address: bodies being read
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,6 +100,8 @@ class BodyGuard:
                 {"Retry-After": "1"},
             )
         self._sending[client] += 1
+        if self.reading is not None:
+            self.reading.inc()
         body = None
         try:
             size, started, more = 0, time.monotonic(), True
@@ -132,6 +137,8 @@ class BodyGuard:
                 body.close()
             raise
         finally:
+            if self.reading is not None:
+                self.reading.dec()
             self._sending[client] -= 1
             if not self._sending[client]:
                 del self._sending[client]

@@ -11,6 +11,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
+from prometheus_client import Gauge
 
 from api.errors import BadRequest, PayloadTooLarge
 
@@ -28,10 +29,11 @@ class Decoder:
     images waits for its own, never takes every thread, and never stalls anyone else.
     """
 
-    def __init__(self, threads: int, tier_limits: dict[str, int]):
+    def __init__(self, threads: int, tier_limits: dict[str, int], running: Gauge | None = None):
         self._threads = anyio.CapacityLimiter(threads)
         self._tier_limits = tier_limits
         self._tenants: dict[str, tuple[anyio.CapacityLimiter, int]] = {}  # limiter, users
+        self._running = running  # counts the checks running now
 
     async def run(self, owner, images: bool, check: Callable[..., T], *args) -> T:
         """`check(*args)` (which decodes images when `images`), off the loop if it has any."""
@@ -42,7 +44,14 @@ class Decoder:
 
     async def in_thread(self, check: Callable[..., T], *args) -> T:
         """`check(*args)` in one of the gateway's checking threads (inside a `turn`)."""
-        return await anyio.to_thread.run_sync(check, *args, limiter=self._threads)
+        async with self._threads:
+            if self._running is not None:
+                self._running.inc()
+            try:
+                return await anyio.to_thread.run_sync(check, *args)
+            finally:
+                if self._running is not None:
+                    self._running.dec()
 
     @asynccontextmanager
     async def turn(self, owner) -> AsyncIterator[None]:

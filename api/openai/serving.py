@@ -10,9 +10,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from api.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, error_body_openai
+from api.inputs.logprobs import chat_logprobs, completion_logprobs
 from api.inputs.tools import openai_call, read_call
 from api.inputs.wire import ChatImageLimits, new_request_id
-from api.openai.logprobs import chat_logprobs, completion_logprobs
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest, finish_reason, usage
 from api.pipeline.stream import Chunk
 from api.pipeline.submit import complete, streamed, submit

@@ -91,6 +91,26 @@ class GatewayMetrics:
             "Usage records not yet accepted by Stripe, read at scrape.",
             registry=self.registry,
         )
+        self.connections = Gauge(
+            "gpuhost_connections_open",
+            "Client connections open to this gateway (trusted proxies' too).",
+            registry=self.registry,
+        )
+        self.bodies_reading = Gauge(
+            "gpuhost_request_bodies_reading",
+            "Request bodies being received now.",
+            registry=self.registry,
+        )
+        self.image_checks = Gauge(
+            "gpuhost_image_checks_running",
+            "Images (and datasets) being decoded in the gateway's checking threads now.",
+            registry=self.registry,
+        )
+        self.scheduler_passes = Counter(
+            "gpuhost_scheduler_passes",
+            "Passes of this gateway's job scheduler over waiting jobs, batches and webhooks.",
+            registry=self.registry,
+        )
         self.outbox_lag = Gauge(
             "gpuhost_outbox_oldest_unsent_seconds",
             "Age of the oldest usage record not yet accepted by Stripe (0: none), read at scrape.",

@@ -65,6 +65,7 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             await self.pass_once()
+            self.state.metrics.scheduler_passes.inc()
             await asyncio.sleep(SCHEDULE_EVERY)
 
     async def pass_once(self) -> None:

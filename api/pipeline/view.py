@@ -5,8 +5,8 @@ import asyncio
 import json
 import time
 
+from api.inputs.logprobs import chat_logprobs
 from api.inputs.tools import openai_call, read_call
-from api.openai.logprobs import chat_logprobs
 from api.pipeline import store
 from api.pipeline.stream import JobStream
 from api.state import AppState

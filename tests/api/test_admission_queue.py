@@ -15,7 +15,16 @@ import redis.asyncio as aioredis
 
 from api.pipeline import store
 from api.pipeline.store import JobMeta
-from harness.helpers import auth, chat_body, free_slot, hold_slot, in_flight, usage_rows
+from harness.helpers import (
+    auth,
+    chat_body,
+    free_slot,
+    hold_slot,
+    in_flight,
+    samples,
+    usage_rows,
+    value,
+)
 from harness.processes import wait_for
 from tests.conftest import running_gateway
 from workers.keyspace import (
@@ -75,6 +84,10 @@ class Peak:
         self._thread.join()
 
 
+def scheduler_passes(gateway) -> float:
+    return value(samples(f"{gateway.url}/metrics"), "gpuhost_scheduler_passes_total")
+
+
 def chat_once(gateway, key: str) -> httpx.Response:
     body = chat_body(num_predict=2) | {"stream": False}
     return httpx.post(f"{gateway.url}/api/chat", json=body, headers=auth(key), timeout=60)
@@ -98,7 +111,8 @@ def test_twenty_requests_on_a_free_key_all_answered_one_at_a_time(
         return response.json() | {"request_id": response.headers["x-request-id"]}
 
     async def other_tenant(client: httpx.AsyncClient) -> list[dict]:
-        await asyncio.sleep(0.5)  # while the first tenant's queue is long
+        while redis_client.llen(waiting_key(str(tenant_id))) < 10:  # the first's queue is long
+            await asyncio.sleep(0.01)
         return [await ask(client, "other", other_key) for _ in range(2)]
 
     async def run():
@@ -226,8 +240,14 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
             "the waiter to leave the queue, its record gone",
         )
     finally:
+        passes = scheduler_passes(waiting_gateway)
         free_slot(redis_client, tenant_id, holder)
-    time.sleep(0.5)  # a scheduler pass or more: the freed slot is granted to nobody
+    wait_for(  # two passes of its scheduler since: the freed slot is granted to nobody
+        lambda: scheduler_passes(waiting_gateway) >= passes + 2,
+        30,
+        "two scheduler passes",
+        interval=0.05,
+    )
     assert in_flight(redis_client, tenant_id) == 0
     assert redis_client.llen(queue) == 0 and not redis_client.exists(record)
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from harness.helpers import auth, dashboard_sign_in, png_bomb
-from harness.processes import Gateway, free_port
+from harness.helpers import auth, dashboard_sign_in, png_bomb, samples, value
+from harness.processes import Gateway, free_port, wait_for
 from tests.api.test_batches import ended, output
 from tests.conftest import ADMIN_TOKEN, running_gateway
 from workers.keyspace import credential_failures_key
@@ -45,6 +45,21 @@ def strict_gateway(stack_env, tmp_path_factory) -> Iterator[Gateway]:
         "GPUHOST_CONNECTIONS_PER_CLIENT": "6",
     }
     yield from running_gateway("strict-gateway", env, tmp_path_factory)
+
+
+def reading(gateway: Gateway) -> float:
+    """Request bodies the gateway is receiving now (its metrics, read on their own
+    connection)."""
+    return value(samples(f"{gateway.url}/metrics"), "gpuhost_request_bodies_reading")
+
+
+def open_connections(gateway: Gateway) -> float:
+    """Connections open to the gateway, less the one that asks (infinite while the address
+    may open no more)."""
+    try:
+        return value(samples(f"{gateway.url}/metrics"), "gpuhost_connections_open") - 1
+    except httpx.HTTPError:
+        return float("inf")
 
 
 def raw_request(gateway: Gateway, head: str, body: bytes = b"") -> socket.socket:
@@ -98,7 +113,12 @@ def test_heavy_images_do_not_stall_the_gateway(gateway, tenant_factory, heavy_pn
     sending = threading.Thread(target=upload)
     started = time.monotonic()
     sending.start()
-    time.sleep(1.0)  # the upload (2 MB over loopback) is in, its images are being checked
+    wait_for(  # the upload is in, its images are being checked
+        lambda: value(samples(f"{gateway.url}/metrics"), "gpuhost_image_checks_running") > 0,
+        60,
+        "the batch's images to be checked",
+        interval=0.01,
+    )
     asked = time.monotonic()
     assert httpx.get(f"{gateway.url}/healthz", timeout=60).status_code == 200
     health_took = time.monotonic() - asked
@@ -159,7 +179,7 @@ def test_one_address_sends_only_so_many_bodies_at_once(strict_gateway, tenant_fa
         "Content-Type: application/json\nContent-Length: 1000\n"
     )
     stalled = [raw_request(strict_gateway, head, b"{") for _ in range(2)]
-    time.sleep(0.3)  # both are being read
+    wait_for(lambda: reading(strict_gateway) == 2, 10, "both bodies to be read", interval=0.01)
     status, rest = status_of(raw_request(strict_gateway, head, b"{"))
     assert status == 429, rest
     assert "already sending 2 request bodies" in rest
@@ -194,13 +214,19 @@ def test_a_request_head_that_never_finishes_is_closed(strict_gateway):
 
 
 def test_one_address_holds_only_so_many_connections(strict_gateway):
+    before = open_connections(strict_gateway)
     held = [socket.create_connection(("127.0.0.1", strict_gateway.port)) for _ in range(6)]
-    time.sleep(0.3)
+    # connections are accepted in the order they came: the six before this one
     extra = socket.create_connection(("127.0.0.1", strict_gateway.port))
     assert closed_within(extra, 1)  # closed at once, long before the head timeout
     for connection in held:
         connection.close()
-    time.sleep(0.3)
+    wait_for(
+        lambda: open_connections(strict_gateway) <= before,
+        10,
+        "the held connections to be closed",
+        interval=0.01,
+    )
     assert httpx.get(f"{strict_gateway.url}/healthz").status_code == 200
 
 

@@ -5,26 +5,12 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from billing.models import UsageRecord
-from harness.helpers import auth, chat_body, ndjson
+from harness.helpers import auth, chat_body, ndjson, samples, value
 from harness.processes import Gateway, wait_for
 from tests.conftest import running_gateway
-
-
-def samples(url: str) -> dict[tuple, float]:
-    text = httpx.get(url, timeout=10).text
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(found: dict, name: str, **labels) -> float:
-    return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_gateway_counts_requests_refusals_and_gpu_seconds(worker, gateway, tenant_factory):
