@@ -5,7 +5,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from billing.settings import Listed, Mapped, ModelSettings
+from config import Listed, Mapped, ModelSettings
 
 ADMIN_TOKEN_MIN = 32
 

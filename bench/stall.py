@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
-from billing.plans import DEFAULT_PLANS  # noqa: E402
+from config.plans import DEFAULT_PLANS  # noqa: E402
 from harness.processes import Gateway  # noqa: E402
 
 

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import transaction
 from billing.models import Tenant
-from billing.plans import Plan
 from billing.settings import StripeSettings
+from config.plans import Plan
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from celery import Celery
 from kombu.exceptions import KombuError
 
 import migrations
-from billing.settings import ModelSettings
 from cli import embedded
 from cli.dev_state import DEMO_TIER, demo_key, hold, operator_token, private
 from cli.tls import local_tls
+from config import ModelSettings
 from workers.contract import WorkerStatus, celery_app
 from workers.keyspace import WORKER_KEY_PREFIX
 

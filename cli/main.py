@@ -10,8 +10,8 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError as SourceError
 
-from billing.settings import ModelSettings, settings_problem
 from cli.operator_commands import admin_app, billing_app, db_app, fail, print_json
+from config import ModelSettings, settings_problem
 
 app = typer.Typer(
     help="gpuhost: GPU model hosting, billed by the GPU-second.", no_args_is_help=True

@@ -11,7 +11,7 @@ import typer
 
 from billing import operator, tenants, usage
 from billing.db import session_factory, sync_engine, transaction
-from billing.settings import StackSettings
+from config import StackSettings
 from workers.keyspace import KEYS_REVOKED
 
 db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)

@@ -35,6 +35,7 @@ COPY api api
 COPY cli cli
 COPY workers workers
 COPY billing billing
+COPY config config
 COPY migrations migrations
 COPY storage storage
 COPY tuning tuning

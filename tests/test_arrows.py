@@ -1,6 +1,7 @@
 """Imports follow the arrows of docs/ARCHITECTURE.md, read from the code: who may import whom.
 
-- `billing` and `storage` import nothing else of the project;
+- `config` (the stack's settings) imports nothing else of the project, and `billing` and
+  `storage` nothing but `config`;
 - `tuning` and `webhooks` never import `workers`, `api` or `cli`;
 - the gateway (`api/`) never imports torch, the engines, the worker's tasks or entry point,
   the tiny models, `migrations` or the command line;
@@ -12,7 +13,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT = ("api", "billing", "cli", "migrations", "storage", "tuning", "webhooks", "workers")
+PRODUCT = (
+    "api", "billing", "cli", "config", "migrations", "storage", "tuning", "webhooks", "workers"
+)  # fmt: skip
 GATEWAY_NEVER = (
     "torch",
     "diffusers",
@@ -47,8 +50,10 @@ def refused(top: str, name: str) -> bool:
     within = lambda *names: any(name == n or name.startswith(n + ".") for n in names)  # noqa: E731
     if top in PRODUCT and first in ("tests", "bench", "harness"):
         return True
-    if top in ("billing", "storage"):
+    if top == "config":
         return first in PRODUCT and first != top
+    if top in ("billing", "storage"):
+        return first in PRODUCT and first not in (top, "config")
     if top in ("tuning", "webhooks"):
         return first in ("workers", "api", "cli")
     if top == "api":

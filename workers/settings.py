@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from billing.settings import Listed, ModelSettings
+from config import Listed, ModelSettings
 
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 

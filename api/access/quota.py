@@ -23,7 +23,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from api.errors import Forbidden, PaymentRequired, Unauthorized, Unavailable
 from billing import usage
 from billing.db import database_away
-from billing.plans import Balance, Period, Plan, period_of
+from billing.plans import Balance, Period, period_of
+from config.plans import Plan
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from sqlalchemy import update
 from billing import tenants
 from billing.db import transaction
 from billing.models import UsageRecord
-from billing.plans import DEFAULT_PLANS, period_of
+from billing.plans import period_of
+from config.plans import DEFAULT_PLANS
 from harness.helpers import auth, chat_body, ndjson, record_usage
 
 pytestmark = pytest.mark.usefixtures("worker")

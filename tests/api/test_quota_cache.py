@@ -13,7 +13,7 @@ from api.errors import Forbidden, PaymentRequired, Unauthorized
 from billing import tenants
 from billing.db import async_engine, async_session_factory, transaction
 from billing.models import Tenant, UsageRecord
-from billing.plans import DEFAULT_PLANS
+from config.plans import DEFAULT_PLANS
 from harness.helpers import record_usage
 
 

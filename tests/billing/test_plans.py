@@ -8,7 +8,8 @@ from sqlalchemy import select
 
 from billing import tenants, usage
 from billing.models import OutboxEvent
-from billing.plans import DEFAULT_PLANS, Balance, period_of
+from billing.plans import Balance, period_of
+from config.plans import DEFAULT_PLANS
 from harness.helpers import record_usage
 
 TIERS = {"free": 1, "pro": 3, "max": 10}

@@ -9,8 +9,8 @@ import pytest
 from billing import stripe_catalog, stripe_meter, tenants
 from billing.db import transaction
 from billing.models import Tenant
-from billing.plans import DEFAULT_PLANS
 from billing.settings import StripeSettings
+from config.plans import DEFAULT_PLANS
 
 TIERS = {tier: plan.concurrency for tier, plan in DEFAULT_PLANS.items()}
 
