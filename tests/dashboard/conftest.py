@@ -20,7 +20,7 @@ QUIET = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not the session's: Playwright's loop would stay running
 def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium")
     assert executable, "the browser tests need Debian's chromium: apt-get install chromium"
