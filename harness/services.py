@@ -33,8 +33,14 @@ class TestServices(BaseSettings):
     postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6379
-    # the binary of the redis-servers tests start of their own
+    # the binary of the redis-servers tests start of their own, and PostgreSQL's programs'
+    # folder ("": those on the PATH)
     redis_server: str = "redis-server"
+    postgres_bin: str = ""
+
+    def postgres_program(self, name: str) -> str:
+        """A PostgreSQL program (pg_dump, psql) of the servers' version."""
+        return f"{self.postgres_bin}/{name}" if self.postgres_bin else name
 
 
 _running = ExitStack()
@@ -59,6 +65,7 @@ def services() -> TestServices:
             "redis_host": redis_url.host,
             "redis_port": redis_url.port,
             "redis_server": embedded.redis_server_executable(),
+            "postgres_bin": str(Path(embedded.postgres_program("pg_dump")).parent),
         }
     )
 

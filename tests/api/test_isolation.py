@@ -7,6 +7,7 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from harness.helpers import auth, chat_body
+from harness.services import services
 from tests.conftest import ADMIN_TOKEN
 
 # Every path of the OpenAPI document that names something by id, and who may use it.
@@ -95,7 +96,12 @@ def test_a_database_dump_holds_no_usable_key(database_url, tenant_factory):
     _, key, _ = tenant_factory.create("pro")
     libpq = make_url(database_url).set(drivername="postgresql")
     dump = subprocess.run(
-        ["pg_dump", "--data-only", "--dbname", libpq.render_as_string(hide_password=False)],
+        [
+            services().postgres_program("pg_dump"),
+            "--data-only",
+            "--dbname",
+            libpq.render_as_string(hide_password=False),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
