@@ -111,6 +111,11 @@ class GatewaySettings(ModelSettings):
     # seconds are still trusted (a request already admitted runs on whatever this is); past
     # it, or for a key it has not seen, requests get 503.
     ledger_outage_grace_seconds: float = 60.0
+    # When the workers are busy (api/pipeline/fleet.py): a request admitted this long ago
+    # starts before any other that came later, whatever its band; a tenant's served
+    # GPU-seconds, by which the tenants of a band take turns, count half after this long.
+    fleet_aging_seconds: float = Field(30.0, gt=0)
+    fleet_fair_half_life_seconds: float = Field(60.0, gt=0)
     # A request no worker has picked up within this time fails with 503 (and holds nothing).
     queue_timeout_seconds: float = 120.0
     # A running request that sends nothing for this long fails with 504.

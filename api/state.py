@@ -17,6 +17,7 @@ from api.access.quota import Quotas
 from api.guards.throttle import CredentialThrottle
 from api.inputs.image_checks import Decoder
 from api.operator.metrics import GatewayMetrics
+from api.pipeline.fleet import Fleet
 from api.settings import GatewaySettings
 from billing.db import async_engine, async_session_factory
 from billing.tenants import KeyOwner
@@ -40,6 +41,7 @@ class AppState:
     storage: Storage
     decoder: Decoder
     throttle: CredentialThrottle
+    fleet: "Fleet" = None  # type: ignore[assignment]  # made with the state (it reads it)
     tasks: set[asyncio.Task] = field(default_factory=set)
     # Bumped by every key dropped from the caches: a lookup that began before a revocation
     # is not cached (api/deps.py), so that it cannot put the revoked key back.
@@ -111,6 +113,7 @@ def lifespan(settings: GatewaySettings, metrics: GatewayMetrics, background=()):
                 settings.credential_failures_window_seconds,
             ),
         )
+        state.fleet = Fleet(state)
         state.spawn(state.leases.run())
         for work in background:
             state.spawn(work(state))

@@ -17,6 +17,9 @@ class Plan(BaseModel):
     # Fine-tuning: jobs queued or running at once, and a dataset's size (uncompressed bytes).
     training_jobs: int = 1
     dataset_bytes: int = 50 * 1024 * 1024
+    # When the workers are busy, jobs of a lower band start first (fair share between the
+    # tenants of one band; batch lines after every band: api/pipeline/fleet.py).
+    band: int = 2
 
     def overage_usd(self, used_before: float, seconds: float) -> Decimal:
         """What `seconds` GPU-seconds cost beyond the allowance, `used_before` having been used
@@ -43,6 +46,7 @@ DEFAULT_PLANS: dict[str, Plan] = {
             concurrency=1,
             included_gpu_seconds=600,
             overage_usd_per_gpu_second=None,
+            band=2,
         ),
         Plan(
             tier="pro",
@@ -53,6 +57,7 @@ DEFAULT_PLANS: dict[str, Plan] = {
             overage_usd_per_gpu_second=Decimal("0.0006"),
             training_jobs=2,
             dataset_bytes=200 * 1024 * 1024,
+            band=1,
         ),
         Plan(
             tier="max",
@@ -63,6 +68,7 @@ DEFAULT_PLANS: dict[str, Plan] = {
             overage_usd_per_gpu_second=Decimal("0.0004"),
             training_jobs=4,
             dataset_bytes=1024 * 1024 * 1024,
+            band=0,
         ),
     )
 }

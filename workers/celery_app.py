@@ -178,6 +178,7 @@ def run_worker(settings: WorkerSettings) -> None:
             process=process_name(),
             queue=settings.queue,
             weights_modified_at=changed,
+            capacity=settings.concurrency,
             updated_at=0.0,
             **runtime.engine.status(),
         ),

@@ -52,6 +52,7 @@ class WorkerStatus(BaseModel):
     busy_seconds: float  # device time spent on requests since the process started
     billed_seconds: float  # of which already billed to finished requests
     active: int  # requests running or waiting in the engine
+    capacity: int = 0  # requests it takes at once (its request threads); 0: it does not say
     decode_steps: int = 0  # batched decode steps since the process started
     decode_tokens: int = 0  # tokens those steps produced (/ decode_steps: mean batch size)
     prefill_batches: int = 0  # LLaVA prefill forwards (a group of requests arriving together)

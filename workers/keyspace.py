@@ -137,6 +137,58 @@ def dashboard_session_key(token: str) -> str:
 USAGE_PARKED = f"{PREFIX}usage:parked"  # request id -> its usage record (JSON)
 
 
+# -- the fleet: admitted jobs handed to the workers when one has room (api/pipeline/fleet.py) --
+# Per model queue: the workers' capacity (their request threads, from their statuses), the jobs
+# handed to the broker and not yet ended ("running", member "tenant/job", scored by when), and
+# the jobs admitted and waiting for room ("ready": an entry each, a spec each, and their
+# arrivals in order); per tenant, the GPU-seconds it was recently served, and what a job of
+# its usually costs.
+
+
+def fleet_key(queue: str, part: str) -> str:
+    """capacity, running, ready, arrivals, served or cost of `queue`'s fleet."""
+    return f"{PREFIX}fleet:{queue}:{part}"
+
+
+def fleet_spec_key(job_id: str) -> str:
+    """A ready job's spec (the Celery message to send), until it is sent."""
+    return f"{PREFIX}fleet:spec:{job_id}"
+
+
+FLEET_LOCK = f"{PREFIX}fleet:dispatching"  # held by the one scheduler handing jobs out
+
+# Hand a job that holds its slot to a worker now, if the workers have room and nothing waits
+# before it; else keep it ready. KEYS: capacity, running, arrivals, ready, spec. ARGV: the
+# running member ("tenant/job"), now (ms), job id, its ready entry (JSON), its spec (JSON),
+# the spec's TTL (s). Returns 1 (send it now: it counts as running) or 0 (it waits).
+FLEET_OFFER = """
+local capacity = tonumber(redis.call('GET', KEYS[1]) or '-1')
+local running = redis.call('ZCARD', KEYS[2])
+if capacity < 0 or (redis.call('ZCARD', KEYS[3]) == 0 and running < capacity) then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  return 1
+end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
+redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
+return 0
+"""
+
+# A ready job starts, if the workers still have room: out of the ready set, into the running
+# one. KEYS: capacity, running, arrivals, ready. ARGV: running member, now (ms), job id.
+# Returns 1 if it started (its spec is the caller's to send and delete), 0 if no room.
+FLEET_START = """
+local capacity = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if capacity >= 0 and redis.call('ZCARD', KEYS[2]) >= capacity then
+  return 0
+end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('HDEL', KEYS[4], ARGV[3])
+return 1
+"""
+
+
 # -- the tenant slot semaphore -------------------------------------------------------------
 # Per tenant, a sorted set of the requests in flight scored by when their lease expires (Redis
 # server time, ms, so gateway clocks do not matter). The gateway takes a slot (SLOT_ACQUIRE)

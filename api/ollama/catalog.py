@@ -3,9 +3,9 @@
 
 from datetime import UTC, datetime
 
+from api.pipeline import fleet
 from api.state import AppState
 from workers.contract import WorkerStatus
-from workers.keyspace import WORKER_KEY_PREFIX
 
 FAMILY = {"format": "safetensors", "family": "llava", "families": ["llama", "clip"]}
 SD = {"format": "diffusers", "family": "stable-diffusion", "families": ["unet", "vae", "clip"]}
@@ -29,10 +29,7 @@ def _parameter_size(count: int) -> str:
 
 
 async def worker_statuses(state: AppState) -> list[WorkerStatus]:
-    keys = [key async for key in state.redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100)]
-    if not keys:
-        return []
-    return [WorkerStatus.model_validate_json(raw) for raw in await state.redis.mget(keys) if raw]
+    return await fleet.worker_statuses(state.redis)
 
 
 def _details(statuses: list[WorkerStatus]) -> dict:

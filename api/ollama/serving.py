@@ -49,7 +49,7 @@ class OllamaServing:
         family = "ollama-chat" if chat else "ollama-generate"
         job = await submit(self.state, spec, owner, family, request)
         render = Render(body.model, chat, started, spec.tools)
-        headers = {"X-Request-Id": spec.request_id}
+        headers = job.headers
         if body.stream:
             frames = lambda chunks: ndjson(render, chunks)  # noqa: E731
             return await streamed(job, request, frames, NDJSON, headers, bool(spec.tools))

@@ -60,7 +60,7 @@ class OpenAIServing:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = ChatRender(request_id, body.model, int(time.time()), include_usage, spec.tools)
         render.scoring = spec.options.logprobs is not None
-        headers = {"X-Request-Id": request_id}
+        headers = job.headers
         if body.stream:
             frames = lambda chunks: sse(render, chunks)  # noqa: E731
             return await streamed(job, request, frames, SSE, headers, bool(spec.tools))
@@ -81,7 +81,7 @@ class OpenAIServing:
         render = CompletionRender(request_id, body.model, int(time.time()), include_usage)
         render.scoring = spec.options.logprobs is not None
         echo = spec.messages[-1].content if body.echo else ""
-        headers = {"X-Request-Id": request_id}
+        headers = job.headers
         render.echo = echo
         if body.stream:
             frames = lambda chunks: sse(render, chunks)  # noqa: E731

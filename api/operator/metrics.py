@@ -106,6 +106,27 @@ class GatewayMetrics:
             "Images (and datasets) being decoded in the gateway's checking threads now.",
             registry=self.registry,
         )
+        self.fleet_wait = Histogram(
+            "gpuhost_fleet_wait_seconds",
+            "Admitted requests' wait for a worker with room, by tier (0: one had room).",
+            ["tier"],
+            registry=self.registry,
+            buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.fleet_waiting = Gauge(
+            "gpuhost_fleet_waiting",
+            "Admitted requests waiting for a worker with room, by model queue and tier, read "
+            "at scrape.",
+            ["queue", "tier"],
+            registry=self.registry,
+        )
+        self.fleet_capacity = Gauge(
+            "gpuhost_fleet_capacity",
+            "Requests the workers of a model take at once, and how many they hold now "
+            "(state: capacity, in_use), read at scrape.",
+            ["queue", "state"],
+            registry=self.registry,
+        )
         self.scheduler_passes = Counter(
             "gpuhost_scheduler_passes",
             "Passes of this gateway's job scheduler over waiting jobs, batches and webhooks.",
@@ -167,8 +188,17 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 
 
 async def _read_backlogs(state) -> None:
-    """Queue depths and the outbox's lag, read now (a scrape is the only reader)."""
+    """Queue depths, the fleet's, and the outbox's lag, read now (a scrape is the only
+    reader)."""
     observed = state.metrics
+    try:
+        for queue, (capacity, in_use, waiting) in (await state.fleet.occupancy()).items():
+            observed.fleet_capacity.labels(queue, "capacity").set(capacity)
+            observed.fleet_capacity.labels(queue, "in_use").set(in_use)
+            for tier in state.settings.plans:
+                observed.fleet_waiting.labels(queue, tier).set(waiting.get(tier, 0))
+    except RedisError:
+        pass
     if state.settings.celery_broker_url == state.settings.redis_url:
         for queue in (LLAVA_QUEUE, SD_QUEUE):
             keys = [queue] + [f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS[1:]]

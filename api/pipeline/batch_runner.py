@@ -6,13 +6,15 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 
 import anyio
 from cachetools import LRUCache
 from redis.exceptions import LockError
 
-from api.errors import TooManyRequests
+from api.errors import PaymentRequired, TooManyRequests
 from api.pipeline import store
+from api.pipeline.fleet import BATCH_BAND
 from api.pipeline.scheduler import meta
 from api.pipeline.submit import take_slot
 from api.pipeline.view import FINISHED, job_view
@@ -174,22 +176,34 @@ class BatchRunner:
             return
         job_id = f"{batch_id}-{index}"
         spec["spec"]["request_id"] = job_id
+        try:  # the tenant's tier and allowance now, not as they were when it was uploaded
+            tier = (await self.state.quotas.check(uuid.UUID(tenant), fresh=True)).tier
+        except PaymentRequired as refused:
+            line = {
+                "id": None,
+                "custom_id": spec["custom_id"],
+                "response": None,
+                "error": {"message": refused.message, "code": refused.code},
+            }
+            await self._result(batch_id, tenant, index, line, False)
+            await redis.hincrby(batch_key(batch_id), "next", 1)
+            return
         job = {
             "tenant_id": tenant,
-            "tier": record["tier"],
+            "tier": tier,
             "type": spec["type"],
             "model": spec["model"],
             "created_at": str(time.time()),
             "spec": json.dumps(spec["spec"]),
         }
         try:
-            lease = await take_slot(self.state, tenant, record["tier"], job_id, meta(job))
+            lease = await take_slot(self.state, tenant, tier, job_id, meta(job))
         except TooManyRequests:
             return  # the tenant's slots are busy: this line waits for the next pass
         retention = self.state.settings.stream_retention_seconds
         await store.add_line_job(redis, batch_id, index, job_id, job, retention)
         try:
-            await self.scheduler.send(job_id, job, lease)
+            await self.scheduler.send(job_id, job, lease, tier, BATCH_BAND)
         except Exception:  # its slot is back; the line is tried again next pass
             await store.drop_line_job(redis, batch_id, job_id)
             raise

@@ -15,7 +15,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import LockError, RedisError
 
 from api.access.admission import Lease
-from api.errors import TooManyRequests
+from api.errors import PaymentRequired, TooManyRequests
 from api.pipeline import store
 from api.pipeline.submit import enqueue, take_slot
 from api.pipeline.view import job_view
@@ -74,6 +74,7 @@ class Scheduler:
         steps = [
             self._keep_submitted_leases,
             self._take_waiting,
+            self.state.fleet.dispatch,
             self._observe_webhooks,
             *(part.pass_once for part in self.then),
         ]
@@ -116,8 +117,13 @@ class Scheduler:
         record = await store.job_record(redis, job_id)
         if record.get("state") != store.WAITING:
             return 0  # cancelled or expired meanwhile
+        try:  # the tenant's tier and allowance now, not as they were when it was submitted
+            tier = await self._current_tier(record)
+        except PaymentRequired as refused:
+            await self._refuse(tenant, job_id, record, refused)
+            return 0
         try:
-            lease = await take_slot(self.state, tenant, record["tier"], job_id, meta(record))
+            lease = await take_slot(self.state, tenant, tier, job_id, meta(record))
         except TooManyRequests:
             await store.requeue(redis, tenant, job_id)  # its turn comes again
             return 0
@@ -132,20 +138,41 @@ class Scheduler:
             await self.state.admission.release(lease)  # cancelled while it was taken
             return 1
         try:
-            await self.send(job_id, record, lease)
+            await self.send(job_id, record, lease, tier)
         except Exception:  # not enqueued (its slot is back): first in line again
             await store.unsubmit(redis, job_id, tenant)
             raise
         return 1
 
-    async def send(self, job_id: str, record: dict, lease: Lease) -> None:
-        """Enqueue a job that holds its slot (a waiting job or a batch line); the schedulers
-        keep its lease whenever no worker holds it, until it has answered."""
+    async def send(
+        self, job_id: str, record: dict, lease: Lease, tier: str, band: int | None = None
+    ) -> None:
+        """Offer a job that holds its slot (a waiting job or a batch line) to the fleet, in
+        its tenant's current plan's band (`band`: a batch line's); the schedulers keep its
+        lease whenever no worker holds it, until it has answered."""
         images = record["type"] == "images"
         spec = (ImageJob if images else ChatJob).model_validate_json(record["spec"])
         spec.enqueued_at = time.time()
-        await store.mark_submitted(self.state.redis, job_id, record["tenant_id"], spec.enqueued_at)
-        await enqueue(self.state, lease, spec)
+        await store.keep_lease(self.state.redis, job_id, record["tenant_id"], spec.enqueued_at)
+        band = self.state.settings.plans[tier].band if band is None else band
+        await enqueue(self.state, lease, spec, tier, band, recorded=True)
+
+    async def _current_tier(self, record: dict) -> str:
+        """The tier of the job's tenant now (PaymentRequired if its allowance is spent): a
+        job waiting since before a change of plan starts on the plan as it is."""
+        if record["type"] == store.SYNC:  # its gateway checked it as it came
+            return record["tier"]
+        return (await self.state.quotas.check(uuid.UUID(record["tenant_id"]), fresh=True)).tier
+
+    async def _refuse(self, tenant: str, job_id: str, record: dict, refused) -> None:
+        """A waiting async job its tenant's plan no longer covers: it ends as the request
+        would have at the door (402), never run, never billed."""
+        redis = self.state.redis
+        if await store.move_job(redis, job_id, store.WAITING, store.SUBMITTED_STATE):
+            spec = (ImageJob if record["type"] == "images" else ChatJob).model_validate_json(
+                record["spec"]
+            )
+            await self.state.fleet.end_unstarted(spec, refused.status, refused.message)
 
     async def _keep_submitted_leases(self) -> None:
         """Renew the slot of each job enqueued whose worker does not hold it, three times per
@@ -186,15 +213,15 @@ class Scheduler:
         redis = self.state.redis
         pipe = redis.pipeline(transaction=False)
         for lease in waiting:
-            pipe.hmget(job_record_key(lease.holder), "submitted_at", "type", "spec")
+            pipe.hmget(job_record_key(lease.holder), "sent_at", "type", "spec")
         timeout = self.state.settings.queue_timeout_seconds
-        for lease, (at, kind, spec) in zip(waiting, await pipe.execute(), strict=True):
+        for _, (at, kind, spec) in zip(waiting, await pipe.execute(), strict=True):
             if at is None or spec is None or time.time() - float(at) < timeout:
                 continue
             job = (ImageJob if kind == b"images" else ChatJob).model_validate_json(spec)
             job.enqueued_at = time.time()
             log.warning("job %s was not started within %.0f s: sent again", job.request_id, timeout)
-            await store.mark_submitted(redis, job.request_id, lease.tenant_id, job.enqueued_at)
+            await redis.hset(job_record_key(job.request_id), "sent_at", str(time.time()))
             try:
                 await asyncio.to_thread(send_job, self.state.celery, job)
             except (KombuError, OSError) as exc:  # the broker is away: the next pass tries

@@ -224,9 +224,10 @@ async def has_waiting(redis: aioredis.Redis, tenant: str) -> bool:
     return bool(await queue_length(redis, tenant))
 
 
-async def mark_submitted(redis: aioredis.Redis, job_id: str, tenant: str, at: float) -> None:
-    """The job was enqueued: its submission time, and its lease kept by the schedulers until a
-    worker starts it."""
+async def keep_lease(redis: aioredis.Redis, job_id: str, tenant: str, at: float) -> None:
+    """The job holds its slot and goes to the fleet (at `at`: its submission time): the
+    schedulers keep its lease until a worker starts it. The fleet notes when it is sent to a
+    worker (`sent_at`)."""
     pipe = redis.pipeline(transaction=False)
     pipe.hset(job_record_key(job_id), "submitted_at", str(at))
     pipe.hset(SUBMITTED, job_id, tenant)

@@ -47,16 +47,12 @@ from workers.contract import (
     ImagesChunk,
     TokenChunk,
     is_final,
-    send_job,
 )
 from workers.keyspace import attached_key, meta_key
 
 log = logging.getLogger(__name__)
 # How long a cancelled job's final chunk (what it ran) is waited for, to count it.
 COUNT_WAIT_SECONDS = 120
-# How long a message the broker refuses is tried again (each try waits for the connection
-# up to Celery's broker_connection_timeout, 4 s) before the request gets 503.
-BROKER_RETRY_SECONDS = 10.0
 
 Spec = ChatJob | ImageJob
 
@@ -70,30 +66,21 @@ async def take_slot(
     return await state.admission.acquire(tenant_id, tier, job_id, record)
 
 
-async def enqueue(state: AppState, lease: Lease, spec: Spec) -> None:
-    """Send the job to its family's queue. If it cannot be sent (503 when the broker is
-    away), its slot is given back."""
+async def enqueue(
+    state: AppState, lease: Lease, spec: Spec, tier: str, band: int, recorded: bool = False
+) -> int:
+    """Offer the job, which holds its slot, to the fleet: sent to a worker now if one has room
+    and nothing waits before it, else ready for the dispatcher (api/pipeline/fleet.py).
+    Returns its place among the ready jobs (0: sent now). If it cannot be sent (503 when the
+    broker is away), its slot is given back."""
     try:
-        await _send(state, spec)
+        return await state.fleet.offer(spec, tier, band, recorded)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await _release(state, lease)
         if isinstance(exc, KombuError | OSError):
             raise Unavailable(f"the job queue is unavailable ({exc}); try again shortly") from exc
         raise
-
-
-async def _send(state: AppState, spec: Spec) -> None:
-    """Send the message; a broker that refuses it (restarting, say) is tried again for up to
-    BROKER_RETRY_SECONDS, so that a request arriving meanwhile waits rather than fails."""
-    deadline = time.monotonic() + BROKER_RETRY_SECONDS
-    while True:
-        try:
-            return await anyio.to_thread.run_sync(send_job, state.celery, spec)
-        except (KombuError, OSError):
-            if time.monotonic() >= deadline:
-                raise
-            await anyio.sleep(0.5)
 
 
 async def check_quota(state: AppState, owner: KeyOwner, fresh: bool = False) -> str:
@@ -155,7 +142,8 @@ async def submit(
     async with job.ended_on_error():
         if finish is not None:
             spec = job.spec = await finish(spec)
-        await enqueue(state, lease, spec)
+        band = state.settings.plans[tier].band
+        job.queue_position = await enqueue(state, lease, spec, tier, band)
         job.sent = True
     return job
 
@@ -179,7 +167,8 @@ class Job:
         self.stream = JobStream(state.redis, spec.request_id, state.settings)
         self._released = False
         self._slot_given_back = False  # by the worker, with the job's final chunk
-        self.sent = False  # its message is on the queue: a worker will report how it ended
+        self.sent = False  # offered to the fleet: a worker will report how it ended
+        self.queue_position = 0  # its place among the ready jobs when offered (0: sent now)
         self._counted = False  # its final chunk is in the metrics
         self.admitted = time.perf_counter()
         state.metrics.in_flight.labels(tier).inc()
@@ -190,6 +179,12 @@ class Job:
     @property
     def request_id(self) -> str:
         return self.spec.request_id
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Its answer's headers: the request id (its usage record's), and its place among
+        the requests waiting for a worker when it was admitted (0: a worker had room)."""
+        return {"X-Request-Id": self.request_id, "X-Queue-Position": str(self.queue_position)}
 
     @property
     def finished(self) -> bool:
@@ -263,6 +258,8 @@ class Job:
             if not self.finished:
                 try:
                     await self.stream.cancel()
+                    if self.queue_position and await self.state.fleet.withdraw(self.spec):
+                        self.sent = False  # it never left the fleet: no worker will report
                 except RedisError:
                     log.warning("could not cancel %s", self.request_id)
             if not self._slot_given_back:

@@ -11,6 +11,8 @@ from api.pipeline import store
 from api.pipeline.stream import JobStream
 from api.state import AppState
 from workers.contract import (
+    LLAVA_QUEUE,
+    SD_QUEUE,
     DoneChunk,
     ErrorChunk,
     ImagesChunk,
@@ -41,6 +43,10 @@ async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
         "error": None,
         "gpu_seconds": None,
         "queue_seconds": None,
+        # while it waits for a worker with room: its place among the waiting jobs (1: next)
+        # and when it may start, in seconds from now (null where not known)
+        "queue_position": None,
+        "estimated_start_seconds": None,
     }
     if record["state"] == store.CANCELLED:
         return view | {"status": "cancelled"}
@@ -58,8 +64,16 @@ async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
             return _with_call(ended, record.get("tools"), f"call_{job_id[:24]}")
     if tokens:
         progress = {"tokens": len(tokens)}
-    status = "running" if await stream.started() else "queued"
-    return view | {"status": status, "progress": progress}
+    if await stream.started():
+        return view | {"status": "running", "progress": progress}
+    queue = SD_QUEUE if record["type"] == "images" else LLAVA_QUEUE
+    place = await state.fleet.position(queue, job_id)
+    if place:
+        view |= {
+            "queue_position": place,
+            "estimated_start_seconds": await state.fleet.estimated_start(queue, place),
+        }
+    return view | {"status": "queued", "progress": progress}
 
 
 def _ended(view: dict, chunk, finished_at: float, answer: TokenChunk) -> dict:

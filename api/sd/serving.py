@@ -71,21 +71,19 @@ class ImageServing:
 
     async def run(
         self, body: ImagesRequest, owner: KeyOwner, request: Request
-    ) -> tuple[ImagesChunk, str, float]:
-        """Run to completion: (final chunk, request id, start time)."""
+    ) -> tuple[ImagesChunk, dict[str, str], float]:
+        """Run to completion: (final chunk, the answer's headers, start time)."""
         started = time.time()
         spec = await self.job(body, owner, new_request_id())
         job = await submit(self.state, spec, owner, "images", request)
         _, final = await complete(job, request)
-        return final, spec.request_id, started
+        return final, job.headers, started
 
     async def native(self, body: ImagesRequest, owner: KeyOwner, request: Request) -> Response:
         if body.stream:
             return await self._native_stream(body, owner, request)
-        final, request_id, started = await self.run(body, owner, request)
-        return JSONResponse(
-            native_result(body, final, started), headers={"X-Request-Id": request_id}
-        )
+        final, headers, started = await self.run(body, owner, request)
+        return JSONResponse(native_result(body, final, started), headers=headers)
 
     async def _native_stream(self, body: ImagesRequest, owner: KeyOwner, request: Request):
         started = time.time()
@@ -107,12 +105,12 @@ class ImageServing:
             except ApiError as exc:
                 yield json.dumps({"error": exc.message}) + "\n"
 
-        return await streamed(job, request, lines, NDJSON, {"X-Request-Id": spec.request_id})
+        return await streamed(job, request, lines, NDJSON, job.headers)
 
     async def openai(
         self, body: ImagesRequest, response_format: str, owner: KeyOwner, request: Request
     ) -> Response:
-        final, request_id, _ = await self.run(body, owner, request)
+        final, headers, _ = await self.run(body, owner, request)
         if response_format == "url":
             data = [{"url": await self._store(png, owner, request)} for png in final.images]
         else:
@@ -122,7 +120,7 @@ class ImageServing:
             "data": data,
             "usage": {"gpu_seconds": round(final.gpu_seconds, 6)},
         }
-        return JSONResponse(result, headers={"X-Request-Id": request_id})
+        return JSONResponse(result, headers=headers)
 
     async def _store(self, png: str, owner: KeyOwner, request: Request) -> str:
         token = secrets.token_urlsafe(24)

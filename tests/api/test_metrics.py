@@ -1,5 +1,6 @@
 """Prometheus metrics: the gateway's /metrics, and each worker's own endpoint."""
 
+import json
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -85,10 +86,12 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
     import redis.asyncio as aioredis
 
     from api.operator.metrics import GatewayMetrics, _read_backlogs
+    from api.pipeline.fleet import Fleet, Ready
     from api.settings import GatewaySettings
     from billing.db import async_engine, async_session_factory, transaction
     from harness.helpers import record_usage
     from harness.services import redis_url
+    from workers.keyspace import fleet_key
 
     url = redis_url(15)
     client = aioredis.Redis.from_url(url)
@@ -105,6 +108,11 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
         sessions=async_session_factory(engine),
         metrics=GatewayMetrics(),
     )
+    state.fleet = Fleet(state)
+    waiting = Ready("job-1", str(tenant_id), "pro", 1, 0.0, False)
+    await client.hset(fleet_key("llava", "ready"), "job-1", json.dumps(waiting.__dict__))
+    await client.set(fleet_key("llava", "capacity"), 4)
+    await client.zadd(fleet_key("llava", "running"), {f"{tenant_id}/job-0": 0})
     try:
         await _read_backlogs(state)
     finally:
@@ -120,6 +128,10 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
     assert value(found, "gpuhost_queue_depth", queue="sd") == 1
     assert value(found, "gpuhost_outbox_unsent") >= 1
     assert value(found, "gpuhost_outbox_oldest_unsent_seconds") > 0
+    assert value(found, "gpuhost_fleet_waiting", queue="llava", tier="pro") == 1
+    assert value(found, "gpuhost_fleet_waiting", queue="llava", tier="free") == 0
+    assert value(found, "gpuhost_fleet_capacity", queue="llava", state="capacity") == 4
+    assert value(found, "gpuhost_fleet_capacity", queue="llava", state="in_use") == 1
 
 
 @pytest.fixture(scope="module")

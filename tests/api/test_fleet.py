@@ -1,0 +1,201 @@
+"""The fleet (api/pipeline/fleet.py): which admitted job a worker runs next when the workers
+are busy. The order itself first (bands, the aging bound, fair share by GPU-seconds served);
+then through a gateway and a worker: a Max tenant's job goes before Free jobs that waited
+longer, nothing is handed to the broker beyond the workers' room, a job whose plan no longer
+covers it when it would start ends with 402, unbilled."""
+
+import time
+import uuid
+from collections import Counter
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from api.pipeline.fleet import BATCH_BAND, Fleet, Ready
+from billing import tenants
+from billing.db import transaction
+from harness.helpers import auth, record_usage, usage_rows
+from harness.processes import wait_for
+from harness.services import TIERS
+from workers.keyspace import fleet_key, started_key, stream_key
+
+
+def fleet(aging: float = 30.0) -> Fleet:
+    """A fleet whose choice is asked of directly (no Redis needed for `_next`)."""
+    chooser = Fleet.__new__(Fleet)
+    chooser.state = SimpleNamespace(settings=SimpleNamespace(fleet_aging_seconds=aging))
+    return chooser
+
+
+def ready(tenant: str, band: int, waited: float, job: str | None = None) -> Ready:
+    return Ready(job or uuid.uuid4().hex, tenant, "x", band, time.time() - waited, False)
+
+
+def entries(*made: Ready) -> dict[str, Ready]:
+    return {entry.job_id: entry for entry in made}
+
+
+class TestOrder:
+    def test_a_lower_band_goes_first_whatever_came_before(self):
+        waiting = entries(ready("free", 2, waited=5), ready("pro", 1, 3), ready("max", 0, 1))
+        assert fleet()._next(waiting, Counter(), {}, {}).tenant == "max"
+
+    def test_batch_lines_go_after_every_band(self):
+        waiting = entries(ready("batch", BATCH_BAND, waited=20), ready("free", 2, 1))
+        assert fleet()._next(waiting, Counter(), {}, {}).tenant == "free"
+
+    def test_within_a_band_the_tenant_served_least_goes_first(self):
+        waiting = entries(ready("a", 2, waited=5), ready("b", 2, waited=1))
+        served = {"a": 10.0, "b": 2.0}
+        assert fleet()._next(waiting, Counter(), served, {}).tenant == "b"
+
+    def test_running_jobs_count_at_what_their_tenants_jobs_cost(self):
+        """b was served less, but runs three jobs of 5 GPU-seconds each now."""
+        waiting = entries(ready("a", 2, waited=1), ready("b", 2, waited=5))
+        served, costs = {"a": 10.0, "b": 2.0}, {"a": 1.0, "b": 5.0}
+        assert fleet()._next(waiting, Counter(b=3), served, costs).tenant == "a"
+
+    def test_a_tenants_own_jobs_go_in_their_order(self):
+        older, newer = ready("a", 2, waited=5), ready("a", 2, waited=1)
+        assert fleet()._next(entries(newer, older), Counter(), {}, {}) == older
+
+    def test_past_the_aging_bound_the_oldest_goes_first_whatever_its_band(self):
+        starved = ready("free", 2, waited=31)
+        waiting = entries(ready("max", 0, waited=1), starved)
+        assert fleet(aging=30)._next(waiting, Counter(), {}, {}) == starved
+        assert fleet(aging=60)._next(waiting, Counter(), {}, {}).tenant == "max"
+
+    def test_a_batch_line_is_never_aged_ahead(self):
+        waiting = entries(ready("batch", BATCH_BAND, waited=999), ready("free", 2, 1))
+        assert fleet(aging=30)._next(waiting, Counter(), {}, {}).tenant == "free"
+
+
+def job_body(tokens: int) -> dict:
+    return {
+        "type": "chat",
+        "input": {
+            "model": "llava-llama3",
+            "messages": [{"role": "user", "content": "Describe a lighthouse at length."}],
+            "max_tokens": tokens,
+            "temperature": 0.7,
+        },
+    }
+
+
+def submit(gateway, key: str, tokens: int) -> str:
+    made = httpx.post(f"{gateway.url}/v1/jobs", json=job_body(tokens), headers=auth(key))
+    assert made.status_code in (200, 202), made.text
+    return made.json()["id"]
+
+
+def view(gateway, key: str, job_id: str) -> dict:
+    answer = httpx.get(f"{gateway.url}/v1/jobs/{job_id}", headers=auth(key), timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def started_ms(redis_client, job_id: str) -> int | None:
+    """When the job's first chunk was written (Redis time, ms), if it has one."""
+    first = redis_client.xrange(stream_key(job_id), count=1)
+    return int(first[0][0].split(b"-")[0]) if first else None
+
+
+def cancel(gateway, key: str, job_id: str) -> None:
+    httpx.post(f"{gateway.url}/v1/jobs/{job_id}/cancel", headers=auth(key), timeout=30)
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_max_job_goes_before_free_jobs_that_waited_longer(gateway, tenant_factory, redis_client):
+    capacity = wait_for(
+        lambda: redis_client.get(fleet_key("llava", "capacity")), 30, "the workers' capacity"
+    )
+    free = [tenant_factory.create("free") for _ in range(int(capacity) + 3)]
+    running = [submit(gateway, key, 200) for _, key, _ in free[: int(capacity)]]
+    waiting: list[tuple[str, str]] = []
+    try:
+        wait_for(
+            lambda: all(redis_client.exists(started_key(j)) for j in running),
+            60,
+            "the long jobs to fill the workers",
+        )
+        waiting = [(key, submit(gateway, key, 200)) for _, key, _ in free[int(capacity) :]]
+        wait_for(
+            lambda: redis_client.hlen(fleet_key("llava", "ready")) >= len(waiting),
+            30,
+            "the Free jobs to wait for room",
+        )
+        # nothing waits in the broker's first-come-first-served queue meanwhile
+        assert redis_client.llen("llava") == 0
+        assert redis_client.zcard(fleet_key("llava", "running")) <= int(capacity)
+        _, max_key, _ = tenant_factory.create("max")
+        urgent = submit(gateway, max_key, 2)
+        done = wait_for(
+            lambda: (v := view(gateway, max_key, urgent))["status"] == "succeeded" and v,
+            300,
+            "the Max job to be done",
+        )
+        assert done["status"] == "succeeded"
+        first = started_ms(redis_client, urgent)
+        for _, job_id in waiting:
+            later = started_ms(redis_client, job_id)
+            assert later is None or later > first, "a Free job that waited went first"
+    finally:
+        for (_, key, _), job_id in zip(free, running, strict=False):
+            cancel(gateway, key, job_id)
+        for key, job_id in waiting:
+            cancel(gateway, key, job_id)
+
+
+@pytest.mark.usefixtures("worker")
+def test_jobs_queued_past_the_allowance_end_402_unbilled(gateway, tenant_factory, sessions):
+    """A Free tenant one hundredth of a GPU-second short of its allowance queues three jobs:
+    the first runs and spends it; the others, started after, end with the door's 402."""
+    tenant_id, key, _ = tenant_factory.create("free")
+    with transaction(sessions) as session:
+        record_usage(session, tenant_id, 600 - 0.01)  # Free's allowance: 600 GPU-seconds
+    jobs = [submit(gateway, key, 4) for _ in range(3)]
+    ended = [
+        wait_for(
+            lambda j=j: (v := view(gateway, key, j))["status"] in ("succeeded", "failed") and v,
+            120,
+            f"job {j} to end",
+        )
+        for j in jobs
+    ]
+    assert ended[0]["status"] == "succeeded"
+    for refused in ended[1:]:
+        assert refused["status"] == "failed" and "are used up" in refused["error"], refused
+    assert usage_rows(sessions, jobs[0])  # billed
+    assert not usage_rows(sessions, jobs[1]) and not usage_rows(sessions, jobs[2])
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_tier_change_reaches_queued_jobs(gateway, tenant_factory, sessions):
+    """A Pro tenant's six queued jobs, its tier set to Free while the first run: the jobs that
+    start after run one at a time (the ledger's start and end times never overlap)."""
+    tenant_id, key, _ = tenant_factory.create("pro")
+    jobs = [submit(gateway, key, 150) for _ in range(6)]
+    wait_for(
+        lambda: view(gateway, key, jobs[0])["status"] in ("running", "succeeded"),
+        60,
+        "the first job to start",
+    )
+    with transaction(sessions) as session:
+        tenants.set_tier(session, str(tenant_id), "free", TIERS)
+    changed = time.time()
+    for job_id in jobs:
+        wait_for(
+            lambda j=job_id: view(gateway, key, j)["status"] == "succeeded",
+            120,
+            f"job {job_id} to end",
+        )
+    runs = sorted(
+        (row.started_at.timestamp(), row.finished_at.timestamp())
+        for job_id in jobs
+        for row in usage_rows(sessions, job_id)
+    )
+    after = [run for run in runs if run[0] > changed + 0.5]  # a scheduler's pass under way
+    assert after, "no job started after the change: make the jobs longer"
+    for (_, end), (start, _) in zip(after, after[1:], strict=False):
+        assert start >= end, f"two Free jobs overlapped: {after}"
