@@ -54,8 +54,9 @@ class WorkerSettings(ModelSettings):
     # Compile the UNet (torch.compile) at load for the warm sizes (auto: on a GPU). Loading
     # takes a minute or more longer; batches of other sizes run uncompiled.
     sd_compile: Literal["auto", "on", "off"] = "auto"
-    # Seconds an idle model stays loaded; negative: for as long as the worker runs. A request's
-    # keep_alive overrides it (as in Ollama) unless honour_keep_alive is false.
+    # Seconds an idle model stays loaded; negative: for as long as the worker runs. The model is
+    # every tenant's: a request's keep_alive (Ollama's) may keep it loaded longer than this,
+    # never unload it sooner nor pin it for good (ignored if honour_keep_alive is false).
     keep_alive_seconds: float = -1.0
     honour_keep_alive: bool = True
     # Prometheus metrics on this port (0: off).

@@ -13,7 +13,7 @@ from tests.workers.conftest import DECODES
 from workers.contract import ChatJob
 from workers.engines.base import InvalidRequest
 from workers.engines.kv_cache import FixedCache, Unsupported
-from workers.engines.llava_transformers import TransformersLlava
+from workers.engines.llava_transformers import TransformersLlava, idle_time
 
 
 class Sink:
@@ -244,12 +244,14 @@ class TestEndOfTurn:
 
 class TestKeepAlive:
     @pytest.mark.parametrize("decode", DECODES)
-    def test_keep_alive_zero_unloads_and_the_next_request_reloads(self, models_dir, decode):
+    def test_the_operators_keep_alive_zero_unloads_and_the_next_request_reloads(
+        self, models_dir, decode
+    ):
         engine = TransformersLlava(
-            "llava-llama3", models_dir / "llava-llama3", device="cpu", decode=decode
+            "llava-llama3", models_dir / "llava-llama3", device="cpu", decode=decode, keep_alive=0
         )
         try:
-            first = engine.generate(job("hi", tokens=2, keep_alive=0), Sink())
+            first = engine.generate(job("hi", tokens=2), Sink())
             assert first.load_seconds == 0  # loaded at start, not for this request
             deadline = time.monotonic() + 10
             while engine.status()["loaded"]:
@@ -261,9 +263,22 @@ class TestKeepAlive:
             assert engine.status()["loaded"]
             # Loading is reported, never billed: only the request's own steps were metered.
             assert engine.meter.busy_seconds - busy == pytest.approx(second.gpu_seconds)
-            assert engine.status()["expires_at"] is None  # default: stays loaded
         finally:
             engine.close()
+
+    @pytest.mark.parametrize(
+        "operator, asked, stays",
+        [
+            (-1.0, 0.0, None),  # resident for good: no tenant unloads it
+            (-1.0, 600.0, None),
+            (300.0, 0.0, 300.0),  # a tenant cannot unload it sooner...
+            (300.0, 600.0, 600.0),  # ...may keep it longer...
+            (300.0, -1.0, 300.0),  # ...but not for good
+        ],
+    )
+    def test_a_requests_keep_alive_is_a_hint_within_the_operators(self, operator, asked, stays):
+        assert idle_time(operator, asked) == (-1.0 if stays is None else stays)
+        assert idle_time(operator, None) == operator
 
 
 class TestSlotDecode:

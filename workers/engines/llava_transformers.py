@@ -61,6 +61,16 @@ IDLE_WAIT_SECONDS = 0.5
 PREFILL_TOKENS = 8192
 
 
+def idle_time(operator: float, asked: float | None) -> float:
+    """How long the model stays loaded once idle (negative: for as long as the worker runs).
+    The model is every tenant's: the operator's setting governs, and a request's keep_alive
+    (Ollama's) is a hint that may keep it loaded longer, never unload it sooner, nor pin it
+    for good."""
+    if asked is None or operator < 0 or asked < 0:
+        return operator
+    return max(operator, asked)
+
+
 class TransformersLlava(GroupedPrefill, PipelinedDecode):
     def __init__(
         self,
@@ -337,8 +347,7 @@ class TransformersLlava(GroupedPrefill, PipelinedDecode):
         request.error = error
         request.finished_at = time.perf_counter()
         request.gpu_seconds = self.meter.close(request) if error is None else self._drop(request)
-        keep_alive = request.job.keep_alive_seconds
-        keep_alive = self.keep_alive if keep_alive is None else keep_alive
+        keep_alive = idle_time(self.keep_alive, request.job.keep_alive_seconds)
         self.expires_at = None if keep_alive < 0 else time.time() + keep_alive
         request.done.set()
 
