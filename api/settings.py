@@ -66,6 +66,10 @@ class GatewaySettings(ModelSettings):
     # (api/inputs/image_checks.py: Decoder).
     image_check_threads: int = 4
     max_images_per_request: int = 8
+    # The side LLaVA's vision tower sees (CLIP ViT-L/14-336: 336): a chat image larger than
+    # that is reduced to it here, as the model's processor would, before it is queued
+    # (api/inputs/image_checks.py: reduced). 0: images go as they came.
+    llava_image_side: int = Field(336, ge=0)
     # Stable Diffusion: largest width or height, images per request by tier, and how long
     # images asked for as URLs can be fetched.
     sd_max_side: int = 1024

@@ -24,14 +24,20 @@ def timestamp() -> str:
 
 
 class ChatImageLimits(BaseModel):
-    """Images attached to a chat request: how many, and how large each may be."""
+    """Images attached to a chat request: how many, how large each may be, and the side the
+    model sees (a larger image is reduced to it here: `image_checks.reduced`)."""
 
     max_count: int
     max_pixels: int
+    side: int = 0
 
     @classmethod
     def of(cls, settings) -> "ChatImageLimits":
-        return cls(max_count=settings.max_images_per_request, max_pixels=settings.max_image_pixels)
+        return cls(
+            max_count=settings.max_images_per_request,
+            max_pixels=settings.max_image_pixels,
+            side=settings.llava_image_side,
+        )
 
 
 def chat_job(

@@ -136,7 +136,10 @@ def _images(images: list[str] | None, field: str, limits: "ChatImageLimits") -> 
     images = images or []
     if len(images) > limits.max_count:
         raise BadRequest(f"{field}: {len(images)} images; at most {limits.max_count} per request")
-    return [check_image(b64, f"{field}[{i}]", limits.max_pixels) for i, b64 in enumerate(images)]
+    return [
+        check_image(b64, f"{field}[{i}]", limits.max_pixels, limits.side)
+        for i, b64 in enumerate(images)
+    ]
 
 
 class ChatRequest(_Request):

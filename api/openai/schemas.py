@@ -176,7 +176,8 @@ class ChatCompletionRequest(BaseModel):
                         "(data:image/png;base64,...)",
                         param=field,
                     )
-                images.append(check_image(fetched.get(url, url), field, limits.max_pixels))
+                data = fetched.get(url, url)
+                images.append(check_image(data, field, limits.max_pixels, limits.side))
             role = "system" if message.role == "developer" else message.role
             calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
             text = turn_text("\n".join(texts), calls)

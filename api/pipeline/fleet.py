@@ -390,9 +390,7 @@ class Fleet:
                 before = costs.get(who)
                 costs[who] = seconds if before is None else 0.8 * before + 0.2 * seconds
         if served:
-            await self.redis.hset(
-                served_key, mapping={t: f"{v}:{now}" for t, v in served.items()}
-            )
+            await self.redis.hset(served_key, mapping={t: f"{v}:{now}" for t, v in served.items()})
         if costs:
             await self.redis.hset(cost_key, mapping={t: str(v) for t, v in costs.items()})
 
@@ -409,4 +407,3 @@ class Fleet:
     async def _costs(self, queue: str) -> dict[str, float]:
         raw = await self.redis.hgetall(fleet_key(queue, "cost"))
         return {k.decode(): float(v) for k, v in raw.items()}
-
