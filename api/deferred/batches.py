@@ -13,6 +13,7 @@ GPUHOST_BATCH_RETENTION_SECONDS after it ends. Tenant-scoped: another tenant's i
 
 import json
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,14 +26,17 @@ from fastapi.responses import JSONResponse, Response
 
 from api.deferred.jobs import JobCreate, job_spec
 from api.deps import InferenceKey, StateDep
-from api.errors import ApiError, BadRequest, Conflict
+from api.errors import ApiError, BadRequest, Conflict, PayloadTooLarge
 from api.inputs.wire import new_request_id
 from api.pipeline import store
 from api.pipeline.batch_runner import ENDED, stored
+from api.pipeline.queue_wait import room_in_line
 from api.pipeline.submit import check_quota
 from api.state import AppState
 
 log = logging.getLogger(__name__)
+THREAD_BYTES = 64 * 1024  # a line this long is read (JSON) in a thread, off the event loop
+CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]{1,200})"')
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 URLS = {"/v1/chat/completions": "chat", "/api/images": "images"}
@@ -46,10 +50,23 @@ def _error_text(exc: Exception) -> str:
     return str(exc)
 
 
-def _lines(source: BinaryIO) -> Iterator[str]:
-    """The file's non-blank lines (split at newlines only), as text; 400 at one not UTF-8."""
+class Oversized(str):
+    """A line longer than a request may be (its text is not kept: only its start)."""
+
+
+def _lines(source: BinaryIO, max_bytes: int) -> Iterator[str]:
+    """The file's non-blank lines (split at newlines only), as text; 400 at one not UTF-8. A
+    line over `max_bytes` is read through without being kept (an `Oversized` of its first
+    bytes), so that memory holds one request's worth at most."""
     source.seek(0)
-    for number, raw in enumerate(source, 1):
+    number = 0
+    while raw := source.readline(max_bytes + 1):
+        number += 1
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            while (rest := source.readline(1024 * 1024)) and not rest.endswith(b"\n"):
+                pass  # the rest of the line, read and let go
+            yield Oversized(raw[:200].decode("utf-8", "replace"))
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -59,6 +76,10 @@ def _lines(source: BinaryIO) -> Iterator[str]:
 
 
 def _custom_id(raw: str) -> str | None:
+    """A refused line's custom_id, if it can be read (from its start, for a long line)."""
+    if isinstance(raw, Oversized) or len(raw) >= THREAD_BYTES:
+        found = CUSTOM_ID.search(raw[:4096])
+        return found.group(1) if found else None
     try:
         line = json.loads(raw)
     except ValueError:
@@ -67,9 +88,16 @@ def _custom_id(raw: str) -> str | None:
 
 
 async def _check_line(state: AppState, owner, number: int, raw: str) -> tuple[str, dict]:
-    """(custom_id, the job's spec) for a line, or raise with the message its result gets."""
+    """(custom_id, the job's spec) for a line, or raise with the message its result gets. A
+    long line is read (JSON) in a thread: the event loop serves the others meanwhile."""
+    if isinstance(raw, Oversized):
+        limit = state.settings.max_body_bytes
+        raise PayloadTooLarge(f"the line is over {limit} bytes, the most a request may be")
     try:
-        line = json.loads(raw)
+        if len(raw) < THREAD_BYTES:
+            line = json.loads(raw)
+        else:
+            line = await anyio.to_thread.run_sync(json.loads, raw)
     except ValueError:
         raise BadRequest("not JSON") from None
     if not isinstance(line, dict):
@@ -113,11 +141,12 @@ async def create(
 ) -> JSONResponse:
     """Upload a JSONL file of requests (multipart field `file`) and run them."""
     tenant = str(owner.tenant_id)
-    await check_quota(state, owner)
+    await room_in_line(state, tenant, await check_quota(state, owner))
     # Read line by line from the upload's spooled file (on disk past 1 MiB): the file is never
     # whole in memory, nor are the checked lines, which go to a spooled file of their own.
     source = file.file
-    count = await anyio.to_thread.run_sync(lambda: sum(1 for _ in _lines(source)))
+    most = state.settings.max_body_bytes  # a line is one request
+    count = await anyio.to_thread.run_sync(lambda: sum(1 for _ in _lines(source, most)))
     if not count:
         raise BadRequest("file: no requests in it (one JSON object per line)", param="file")
     limit = state.settings.batch_max_lines
@@ -125,7 +154,9 @@ async def create(
         raise BadRequest(f"file: {count} lines; the limit is {limit}", param="file")
     seen = set()
     with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as specs:
-        for number, raw in enumerate(_lines(source)):
+        lines = _lines(source, most)
+        for number in range(count):
+            raw = await anyio.to_thread.run_sync(next, lines)  # reading the file: off the loop
             try:
                 custom_id, job = await _check_line(state, owner, number, raw)
                 if custom_id in seen:

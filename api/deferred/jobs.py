@@ -25,11 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from api.deps import InferenceKey, StateDep
-from api.errors import REDIS_AWAY, BadRequest, NotFound, Unavailable
+from api.errors import REDIS_AWAY, BadRequest, NotFound, TooManyRequests, Unavailable
 from api.inputs.json_body import json_body, openapi_body, validated
 from api.inputs.wire import ChatImageLimits, new_request_id
 from api.openai.schemas import ChatCompletionRequest
 from api.pipeline import store
+from api.pipeline.queue_wait import room_in_line
 from api.pipeline.submit import check_quota
 from api.pipeline.view import FINISHED, job_view, settled_view
 from api.sd.schemas import ImagesRequest
@@ -121,6 +122,12 @@ async def create(
         state.redis, job_id, fingerprint, retention
     ):
         return await _answer(state, job_id, tenant, prefer)
+    try:
+        await room_in_line(state, tenant, owner.tier)
+    except TooManyRequests:
+        if idempotency_key:
+            await store.release_idempotency(state.redis, job_id)
+        raise
     now = time.time()
     record = {
         "tenant_id": tenant,

@@ -35,12 +35,7 @@ async def wait_for_slot(
     limit = state.admission.limit(tier)
     retry = {"Retry-After": str(settings.retry_after_seconds)}
     try:
-        if await store.queue_length(redis, tenant) >= settings.admission_queue_length:
-            raise TooManyRequests(
-                f"too many requests: the {tier} tier runs {limit} at a time and "
-                f"{settings.admission_queue_length} already wait in line; retry later",
-                headers=retry,
-            )
+        await room_in_line(state, tenant, tier)
         await store.add_waiter(redis, job_id, tier, meta, int(settings.admission_wait_seconds) + 60)
     except REDIS_AWAY as exc:
         raise Unavailable(f"admission is unavailable (Redis: {exc}); try again shortly") from exc
@@ -60,6 +55,22 @@ async def wait_for_slot(
             headers=retry,
         )
     return lease
+
+
+async def room_in_line(state: AppState, tenant: str, tier: str) -> None:
+    """429 unless the tenant has room in its line: requests and async jobs waiting, and its
+    batches under way, at most GPUHOST_ADMISSION_QUEUE_LENGTH together (what a tenant can make
+    the shared Redis hold is bounded)."""
+    settings = state.settings
+    waiting = await store.queue_length(state.redis, tenant)
+    waiting += await store.active_batches(state.redis, tenant, settings.admission_queue_length)
+    if waiting >= settings.admission_queue_length:
+        raise TooManyRequests(
+            f"too many requests: the {tier} tier runs {state.admission.limit(tier)} at a time "
+            f"and {settings.admission_queue_length} already wait in line (requests, jobs and "
+            "batches); retry later",
+            headers={"Retry-After": str(settings.retry_after_seconds)},
+        )
 
 
 async def _granted(

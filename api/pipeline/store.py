@@ -279,6 +279,14 @@ async def cancel_batch(redis: aioredis.Redis, batch_id: str) -> None:
     await redis.hset(batch_key(batch_id), "status", "cancelling")
 
 
+async def active_batches(redis: aioredis.Redis, tenant: str, most: int) -> int:
+    """How many of the tenant's newest `most` batches are under way."""
+    ids = await redis.zrevrange(batches_index_key(tenant), 0, most - 1)
+    if not ids:
+        return 0
+    return sum(await redis.smismember(BATCHES_ACTIVE, ids))
+
+
 async def tenant_batch_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list[str]:
     ids = await redis.zrevrange(batches_index_key(tenant), 0, limit - 1)
     return [raw.decode() for raw in ids]

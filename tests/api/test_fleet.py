@@ -4,12 +4,15 @@ then through a gateway and a worker: a Max tenant's job goes before Free jobs th
 longer, nothing is handed to the broker beyond the workers' room, a job whose plan no longer
 covers it when it would start ends with 402, unbilled."""
 
+import json
+import threading
 import time
 import uuid
 from collections import Counter
 from types import SimpleNamespace
 
 import httpx
+import psutil
 import pytest
 
 from api.pipeline.fleet import BATCH_BAND, Fleet, Ready
@@ -18,7 +21,8 @@ from billing.db import transaction
 from harness.helpers import auth, record_usage, usage_rows
 from harness.processes import wait_for
 from harness.services import TIERS
-from workers.keyspace import fleet_key, started_key, stream_key
+from tests.conftest import running_gateway
+from workers.keyspace import fleet_key, job_record_key, started_key, waiting_key
 
 
 def fleet(aging: float = 30.0) -> Fleet:
@@ -95,10 +99,10 @@ def view(gateway, key: str, job_id: str) -> dict:
     return answer.json()
 
 
-def started_ms(redis_client, job_id: str) -> int | None:
-    """When the job's first chunk was written (Redis time, ms), if it has one."""
-    first = redis_client.xrange(stream_key(job_id), count=1)
-    return int(first[0][0].split(b"-")[0]) if first else None
+def sent_at(redis_client, job_id: str) -> float | None:
+    """When the fleet handed the job to a worker, if it has."""
+    at = redis_client.hget(job_record_key(job_id), "sent_at")
+    return float(at) if at is not None else None
 
 
 def cancel(gateway, key: str, job_id: str) -> None:
@@ -136,9 +140,9 @@ def test_a_max_job_goes_before_free_jobs_that_waited_longer(gateway, tenant_fact
             "the Max job to be done",
         )
         assert done["status"] == "succeeded"
-        first = started_ms(redis_client, urgent)
+        first = sent_at(redis_client, urgent)
         for _, job_id in waiting:
-            later = started_ms(redis_client, job_id)
+            later = sent_at(redis_client, job_id)
             assert later is None or later > first, "a Free job that waited went first"
     finally:
         for (_, key, _), job_id in zip(free, running, strict=False):
@@ -199,3 +203,103 @@ def test_a_tier_change_reaches_queued_jobs(gateway, tenant_factory, sessions):
     assert after, "no job started after the change: make the jobs longer"
     for (_, end), (start, _) in zip(after, after[1:], strict=False):
         assert start >= end, f"two Free jobs overlapped: {after}"
+
+
+@pytest.fixture(scope="module")
+def short_line_gateway(stack_env, tmp_path_factory):
+    """At most three requests, jobs and batches wait per tenant."""
+    env = stack_env | {"GPUHOST_ADMISSION_QUEUE_LENGTH": "3"}
+    yield from running_gateway("gateway-short-line", env, tmp_path_factory)
+
+
+@pytest.mark.usefixtures("worker")
+def test_async_jobs_and_batches_wait_in_the_tenants_bounded_line(
+    short_line_gateway, tenant_factory, redis_client
+):
+    """A Free key posting jobs: one runs, three wait, the next is refused; so is a batch."""
+    tenant_id, key, _ = tenant_factory.create("free")
+    made, refused = [], None
+    for _ in range(10):
+        answer = httpx.post(
+            f"{short_line_gateway.url}/v1/jobs", json=job_body(200), headers=auth(key)
+        )
+        if answer.status_code == 429:
+            refused = answer
+            break
+        assert answer.status_code in (200, 202), answer.text
+        made.append(answer.json()["id"])
+    try:
+        assert refused is not None and len(made) <= 4, made
+        assert "already wait in line" in refused.json()["error"]["message"]
+        assert redis_client.llen(waiting_key(str(tenant_id))) <= 3
+        batch = httpx.post(
+            f"{short_line_gateway.url}/v1/batches",
+            files={"file": ("b.jsonl", b'{"custom_id": "a", "type": "chat", "input": {}}')},
+            headers=auth(key),
+        )
+        assert batch.status_code == 429, batch.text
+    finally:
+        for job_id in made:
+            cancel(short_line_gateway, key, job_id)
+
+
+def test_a_batch_line_longer_than_a_request_is_refused_unread(gateway, tenant_factory):
+    """A 60 MB line (a request may be 20 MB): that line's error says so, the next line is a
+    job, and the gateway never held the line (its memory grows by far less than the line)."""
+    _, key, _ = tenant_factory.create("pro")
+    padding = "x" * (60 * 1024 * 1024)
+    upload = (
+        b'{"custom_id": "huge", "type": "chat", "input": {"model": "llava-llama3", '
+        + b'"messages": [{"role": "user", "content": "'
+        + padding.encode()
+        + b'"}]}}\n'
+        + b'{"custom_id": "small", "type": "chat", "input": {"model": "llava-llama3", '
+        + b'"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}\n'
+    )
+    del padding
+    process = psutil.Process(gateway.popen.pid)
+    before, peak, done = process.memory_info().rss, [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(0.02)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        answer = httpx.post(
+            f"{gateway.url}/v1/batches",
+            files={"file": ("b.jsonl", upload, "application/jsonl")},
+            headers=auth(key),
+            timeout=300,
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert answer.status_code == 201, answer.text
+    # at most a request's worth (20 MB) in hand at a time, never the line (it grew by three
+    # times the line before: the line's bytes, its text, its JSON)
+    grew = peak[0] - before
+    assert grew < 60 * 1024 * 1024, f"the gateway grew by {grew} bytes"
+    batch_id = answer.json()["id"]
+    ended = wait_for(
+        lambda: (
+            (b := httpx.get(f"{gateway.url}/v1/batches/{batch_id}", headers=auth(key)).json())[
+                "status"
+            ]
+            == "completed"
+            and b
+        ),
+        120,
+        "the batch to end",
+    )
+    assert ended["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    lines = [
+        json.loads(line)
+        for line in httpx.get(f"{gateway.url}/v1/batches/{batch_id}/output", headers=auth(key))
+        .text.strip()
+        .splitlines()
+    ]
+    huge = next(line for line in lines if line["custom_id"] == "huge")
+    assert "the most a request may be" in huge["error"]["message"]
