@@ -24,6 +24,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     observed = metrics.GatewayMetrics()
     background = [
         lambda state: Scheduler(state, then=[BatchRunner]).run(),
+        lambda state: state.fleet.run(),
         lambda state: Sender(state.sessions, state.settings).run(),
         revocations.follow,
     ]

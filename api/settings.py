@@ -116,10 +116,15 @@ class GatewaySettings(ModelSettings):
     # it, or for a key it has not seen, requests get 503.
     ledger_outage_grace_seconds: float = 60.0
     # When the workers are busy (api/pipeline/fleet.py): a request admitted this long ago
-    # starts before any other that came later, whatever its band; a tenant's served
-    # GPU-seconds, by which the tenants of a band take turns, count half after this long.
+    # starts before any other that came later, whatever its band (in the room it may take); a
+    # tenant's served GPU-seconds, by which the tenants of a band take turns, count half after
+    # this long.
     fleet_aging_seconds: float = Field(30.0, gt=0)
     fleet_fair_half_life_seconds: float = Field(60.0, gt=0)
+    # Of each model's room (its workers' request threads), how many slots the jobs of the
+    # lowest plan band (Free) and batch lines leave to the paying plans' jobs, so that a paying
+    # job never waits for a free one to end (none where the room is no larger).
+    fleet_reserved_slots: int = Field(1, ge=0)
     # A request no worker has picked up within this time fails with 503 (and holds nothing).
     queue_timeout_seconds: float = 120.0
     # A running request that sends nothing for this long fails with 504.

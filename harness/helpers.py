@@ -13,7 +13,9 @@ from PIL import Image
 from sqlalchemy import select
 
 from billing.models import UsageRecord
-from workers.keyspace import SLOT_ACQUIRE, slots_key
+from workers.contract import QUEUES
+from workers.fleet_keys import FLEET_WAKE, fleet_waiting_keys
+from workers.keyspace import SLOT_ACQUIRE, SLOT_RELEASE, slots_key
 
 MODEL = "llava-llama3"
 
@@ -66,7 +68,9 @@ def hold_slot(redis_client, tenant_id, limit: int = 1) -> str:
 
 
 def free_slot(redis_client, tenant_id, holder: str) -> None:
-    redis_client.zrem(slots_key(tenant_id), holder)
+    """Give the slot back as a request would (a job waiting for room is started now)."""
+    keys = [slots_key(tenant_id), *fleet_waiting_keys(QUEUES)]
+    redis_client.eval(SLOT_RELEASE, len(keys), *keys, holder, FLEET_WAKE)
 
 
 def worker_statuses(redis_client) -> list:

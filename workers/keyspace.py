@@ -137,58 +137,6 @@ def dashboard_session_key(token: str) -> str:
 USAGE_PARKED = f"{PREFIX}usage:parked"  # request id -> its usage record (JSON)
 
 
-# -- the fleet: admitted jobs handed to the workers when one has room (api/pipeline/fleet.py) --
-# Per model queue: the workers' capacity (their request threads, from their statuses), the jobs
-# handed to the broker and not yet ended ("running", member "tenant/job", scored by when), and
-# the jobs admitted and waiting for room ("ready": an entry each, a spec each, and their
-# arrivals in order); per tenant, the GPU-seconds it was recently served, and what a job of
-# its usually costs.
-
-
-def fleet_key(queue: str, part: str) -> str:
-    """capacity, running, ready, arrivals, served or cost of `queue`'s fleet."""
-    return f"{PREFIX}fleet:{queue}:{part}"
-
-
-def fleet_spec_key(job_id: str) -> str:
-    """A ready job's spec (the Celery message to send), until it is sent."""
-    return f"{PREFIX}fleet:spec:{job_id}"
-
-
-FLEET_LOCK = f"{PREFIX}fleet:dispatching"  # held by the one scheduler handing jobs out
-
-# Hand a job that holds its slot to a worker now, if the workers have room and nothing waits
-# before it; else keep it ready. KEYS: capacity, running, arrivals, ready, spec. ARGV: the
-# running member ("tenant/job"), now (ms), job id, its ready entry (JSON), its spec (JSON),
-# the spec's TTL (s). Returns 1 (send it now: it counts as running) or 0 (it waits).
-FLEET_OFFER = """
-local capacity = tonumber(redis.call('GET', KEYS[1]) or '-1')
-local running = redis.call('ZCARD', KEYS[2])
-if capacity < 0 or (redis.call('ZCARD', KEYS[3]) == 0 and running < capacity) then
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-  return 1
-end
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
-redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
-return 0
-"""
-
-# A ready job starts, if the workers still have room: out of the ready set, into the running
-# one. KEYS: capacity, running, arrivals, ready. ARGV: running member, now (ms), job id.
-# Returns 1 if it started (its spec is the caller's to send and delete), 0 if no room.
-FLEET_START = """
-local capacity = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if capacity >= 0 and redis.call('ZCARD', KEYS[2]) >= capacity then
-  return 0
-end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('HDEL', KEYS[4], ARGV[3])
-return 1
-"""
-
-
 # -- the tenant slot semaphore -------------------------------------------------------------
 # Per tenant, a sorted set of the requests in flight scored by when their lease expires (Redis
 # server time, ms, so gateway clocks do not matter). The gateway takes a slot (SLOT_ACQUIRE)
@@ -223,6 +171,33 @@ if KEYS[2] then
 end
 return {1, held + 1, now}
 """
+
+# A slot given back: the one way a slot ends, whoever ends it first (the worker with the
+# job's final chunk, the gateway when its request ends, the fleet for a job that never
+# started; the later ones are no-ops). If it was still held and a job waits for room, the
+# room is handed on: the fleet's dispatchers are woken (FLEET_WAKE), so that the job starts
+# now. KEYS: the tenant's slots, then each model's "order" (`workers.fleet_keys`). ARGV: the
+# holder, FLEET_WAKE.
+_GIVE_BACK = """
+local function give_back(slots, holder, first_order, wake)
+  if redis.call('ZREM', slots, holder) == 1 then
+    for i = first_order, #KEYS do
+      if redis.call('ZCARD', KEYS[i]) > 0 then
+        redis.call('PUBLISH', wake, holder)
+        return
+      end
+    end
+  end
+end
+"""
+SLOT_RELEASE = (
+    _GIVE_BACK
+    + """
+give_back(KEYS[1], ARGV[1], 2, ARGV[2])
+return 0
+"""
+)
+
 
 # Extend a lease that is still there (XX never re-adds an expired one). KEYS: the tenant's
 # slots. ARGV: TTL (ms), holder. Returns 1 if renewed, 0 if it had expired.
@@ -267,18 +242,23 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# Drop the claim only if it is still ours (it may have expired and been taken since), and give
-# the tenant's slot back (a no-op if the gateway already has). KEYS: claim, slots (or none).
-# ARGV: worker process, holder.
-JOB_RELEASE = """
+# The job is over, at its worker: its claim dropped if it is still ours (it may have expired
+# and been taken since), its slot given back as SLOT_RELEASE gives it (a no-op if the final
+# chunk or the gateway already has). KEYS: the job's claim, its tenant's slots (or the
+# claim again: a job of no tenant), then each model's "order". ARGV: the process, the request
+# id, FLEET_WAKE.
+JOB_RELEASE = (
+    _GIVE_BACK
+    + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
-if KEYS[2] then
-  redis.call('ZREM', KEYS[2], ARGV[2])
+if KEYS[2] ~= KEYS[1] then
+  give_back(KEYS[2], ARGV[2], 3, ARGV[3])
 end
 return 0
 """
+)
 
 # An async job's state moves on only from the state the mover expects (waiting -> submitted by
 # a scheduler, waiting -> cancelled by a cancel): whichever comes first wins, the other sees so.

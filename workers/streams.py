@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis
 
 from workers.contract import (
+    QUEUES,
     AnyChunk,
     ChatJob,
     ImageJob,
@@ -17,10 +18,12 @@ from workers.contract import (
     TokenLogprob,
     encode_chunk,
 )
+from workers.fleet_keys import FLEET_WAKE, fleet_waiting_keys
 from workers.keyspace import (
     CLAIM_KEEP,
     JOB_RELEASE,
     JOB_TAKE,
+    SLOT_RELEASE,
     SLOT_RENEW,
     cancel_key,
     claim_key,
@@ -31,6 +34,7 @@ from workers.keyspace import (
 )
 
 log = logging.getLogger(__name__)
+WAITING_KEYS = fleet_waiting_keys(QUEUES)
 REDIS_WAIT_SECONDS = 10.0  # a chunk waits this long for Redis (restarting) to come back
 # ... and a final chunk this long: its job is recorded, its client must hear how it ended
 FINAL_WAIT_SECONDS = 30.0
@@ -95,8 +99,8 @@ class Claims:
         already has)."""
         with self._lock:
             slots = self._held.pop(request_id, "")
-        keys = [claim_key(request_id), slots] if slots else [claim_key(request_id)]
-        self._release(keys=keys, args=[self._process, request_id])
+        keys = [claim_key(request_id), slots or claim_key(request_id), *WAITING_KEYS]
+        self._release(keys=keys, args=[self._process, request_id, FLEET_WAKE])
 
     def _restore(self, request_id: str) -> None:
         """Set a lapsed claim again while the job is still held here and no one else has
@@ -139,6 +143,7 @@ class JobChannel:
         self._redis = client
         self._id = job.request_id
         self._slots = slots_key(job.tenant_id)
+        self._give_back = client.register_script(SLOT_RELEASE)
         self._retention = retention
         self._expiry_set_at = float("-inf")  # when the stream's expiry was last pushed back
         self.tokens_sent = 0
@@ -203,8 +208,9 @@ class JobChannel:
             return
         self._expiry_set_at = now
         pipe = self._redis.pipeline(transaction=False)
-        if final:
-            pipe.zrem(self._slots, self._id)
+        if final:  # the slot first, and the fleet woken to hand its room on
+            keys = [self._slots, *WAITING_KEYS]
+            self._give_back(keys=keys, args=[self._id, FLEET_WAKE], client=pipe)
         pipe.xadd(key, encode_chunk(chunk))
         pipe.expire(key, self._retention)
         if final:

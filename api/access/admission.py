@@ -18,7 +18,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from api.errors import REDIS_AWAY, TooManyRequests, Unavailable
-from workers.keyspace import SLOT_ACQUIRE, SLOT_RENEW, slots_key
+from workers.contract import QUEUES
+from workers.fleet_keys import FLEET_WAKE, fleet_waiting_keys
+from workers.keyspace import SLOT_ACQUIRE, SLOT_RELEASE, SLOT_RENEW, slots_key
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Admission:
         self._retry_after = retry_after_seconds
         self._acquire = client.register_script(SLOT_ACQUIRE)
         self._renew = client.register_script(SLOT_RENEW)
+        self._release = client.register_script(SLOT_RELEASE)
 
     def limit(self, tier: str) -> int:
         return self._limits.get(tier, 0)
@@ -93,7 +96,10 @@ class Admission:
         return [bool(renewed) for renewed in await pipe.execute()]
 
     async def release(self, lease: Lease) -> None:
-        await self._redis.zrem(slots_key(lease.tenant_id), lease.holder)
+        """Give the slot back (a no-op if it is gone); the fleet's dispatchers are woken if
+        a job waits for room."""
+        keys = [slots_key(lease.tenant_id), *fleet_waiting_keys(QUEUES)]
+        await self._release(keys=keys, args=[lease.holder, FLEET_WAKE])
 
     async def in_flight(self, tenant_id: uuid.UUID | str) -> int:
         """Live leases of the tenant (expired ones not counted)."""

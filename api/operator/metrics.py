@@ -192,7 +192,7 @@ async def _read_backlogs(state) -> None:
     reader)."""
     observed = state.metrics
     try:
-        for queue, (capacity, in_use, waiting) in (await state.fleet.occupancy()).items():
+        for queue, (capacity, in_use, waiting) in (await state.fleet.book.occupancy()).items():
             observed.fleet_capacity.labels(queue, "capacity").set(capacity)
             observed.fleet_capacity.labels(queue, "in_use").set(in_use)
             for tier in state.settings.plans:

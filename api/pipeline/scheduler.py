@@ -74,7 +74,6 @@ class Scheduler:
         steps = [
             self._keep_submitted_leases,
             self._take_waiting,
-            self.state.fleet.dispatch,
             self._observe_webhooks,
             *(part.pass_once for part in self.then),
         ]
@@ -172,7 +171,9 @@ class Scheduler:
             spec = (ImageJob if record["type"] == "images" else ChatJob).model_validate_json(
                 record["spec"]
             )
-            await self.state.fleet.end_unstarted(spec, refused.status, refused.message)
+            await self.state.fleet.end_unstarted(
+                str(spec.tenant_id), spec.request_id, refused.status, refused.message
+            )
 
     async def _keep_submitted_leases(self) -> None:
         """Renew the slot of each job enqueued whose worker does not hold it, three times per

@@ -67,11 +67,11 @@ async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
     if await stream.started():
         return view | {"status": "running", "progress": progress}
     queue = SD_QUEUE if record["type"] == "images" else LLAVA_QUEUE
-    place = await state.fleet.position(queue, job_id)
+    place = await state.fleet.book.position(queue, job_id)
     if place:
         view |= {
             "queue_position": place,
-            "estimated_start_seconds": await state.fleet.estimated_start(queue, place),
+            "estimated_start_seconds": await state.fleet.book.estimated_start(queue, place),
         }
     return view | {"status": "queued", "progress": progress}
 

@@ -1,18 +1,46 @@
 """The per-tenant lease semaphore, against a real Redis."""
 
 import asyncio
+import contextlib
 import uuid
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from api.access.admission import Admission, LeaseKeeper
 from api.errors import TooManyRequests, Unavailable
+from harness.jobs import chat_job
 from harness.processes import free_port
+from workers.contract import ErrorChunk
+from workers.fleet_keys import FLEET_WAKE, fleet_key
 from workers.keyspace import slots_key
+from workers.streams import Claims, JobChannel
 
 LIMITS = {"free": 1, "pro": 3, "max": 10}
+WAITING = f"test-waiting-{uuid.uuid4().hex}"  # a job id in a model's order: a job waits
+
+
+@contextlib.asynccontextmanager
+async def waiting_job(client):
+    """A job waiting for room on the Stable Diffusion workers, for the block (an id in the
+    order only: the dispatchers of the gateways running beside pass over it)."""
+    await client.zadd(fleet_key("sd", "order"), {WAITING: 0})
+    try:
+        yield
+    finally:
+        await client.zrem(fleet_key("sd", "order"), WAITING)
+
+
+async def heard_until(wake, holder: str) -> list[str]:
+    """The holders published on FLEET_WAKE, up to `holder`'s."""
+    heard = []
+    async with asyncio.timeout(30):  # a bound on a wait for an event, not a timing
+        while holder not in heard:
+            if message := await wake.get_message(timeout=1):  # None: a confirmation
+                heard.append(message["data"].decode())
+    return heard
 
 
 @pytest.fixture
@@ -80,6 +108,49 @@ class TestRelease:
         await gate.release(lease)  # a stale release must not free someone else's slot
         assert await gate.in_flight(tenant) == 1
         await gate.release(second)
+
+    async def test_a_slot_given_back_wakes_the_fleets_dispatchers(self, client):
+        """A release that frees a slot while a job waits for room publishes its holder on
+        FLEET_WAKE (the job starts now, not at the next pass); one that frees nothing, or
+        frees a slot while nothing waits, publishes nothing. Others' wakes may come too (the
+        channel is the server's): ours are told by holder, in the order they were sent."""
+        gate, tenant = admission(client), uuid.uuid4()
+        idle, stale, fresh = (f"{name}-{uuid.uuid4().hex}" for name in ("idle", "stale", "fresh"))
+        async with client.pubsub(ignore_subscribe_messages=True) as wake, waiting_job(client):
+            await wake.subscribe(FLEET_WAKE)
+            await client.zrem(fleet_key("sd", "order"), WAITING)  # nothing waits
+            await gate.release(await gate.acquire(tenant, "free", idle))
+            await client.zadd(fleet_key("sd", "order"), {WAITING: 0})  # a job waits
+            lease = await gate.acquire(tenant, "free", stale)
+            await gate.release(lease)
+            await gate.release(lease)  # gone already: no second wake
+            await gate.release(await gate.acquire(tenant, "free", fresh))
+            heard = await heard_until(wake, fresh)
+        assert heard.count(stale) == 1
+        assert idle not in heard
+
+    async def test_a_worker_ending_a_job_wakes_them_too(self, client, redis_url):
+        """The worker gives the slot back with its job's final chunk (`JobChannel`), or, for
+        a job that ended without one, as it lets the job go (`Claims`, JOB_RELEASE): the
+        same wake, once per slot."""
+        gate, tenant = admission(client), uuid.uuid4()
+        sync = redis.Redis.from_url(redis_url)
+        claims = Claims(sync, "worker-a:1", ttl=30)
+        finished = chat_job("hello", tenant_id=tenant)
+        dropped = f"job-{uuid.uuid4().hex}"
+        async with client.pubsub(ignore_subscribe_messages=True) as wake, waiting_job(client):
+            await wake.subscribe(FLEET_WAKE)
+            await gate.acquire(tenant, "pro", finished.request_id)
+            await gate.acquire(tenant, "pro", dropped)
+            for job_id in (finished.request_id, dropped):
+                assert claims.take(job_id, tenant, retention=60) is not None
+            JobChannel(sync, finished, 60).publish_final(ErrorChunk(status=500, message="x"))
+            claims.release(finished.request_id)  # its slot is back already: no second wake
+            claims.release(dropped)
+            claims.stop()
+            heard = await heard_until(wake, dropped)
+        assert heard.count(finished.request_id) == 1
+        assert await gate.in_flight(tenant) == 0
 
     async def test_a_crashed_holders_slot_comes_back_after_the_lease_ttl(self, client):
         gate, tenant = admission(client, ttl=0.3), uuid.uuid4()

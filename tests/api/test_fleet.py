@@ -9,27 +9,31 @@ import threading
 import time
 import uuid
 from collections import Counter
-from types import SimpleNamespace
 
 import httpx
 import psutil
 import pytest
 
-from api.pipeline.fleet import BATCH_BAND, Fleet, Ready
+from api.pipeline.fleet_order import BATCH_BAND, Ready, next_job, open_to, reserve
 from billing import tenants
 from billing.db import transaction
-from harness.helpers import auth, record_usage, usage_rows
+from config.plans import DEFAULT_PLANS
+from harness.helpers import auth, free_slot, hold_slot, record_usage, usage_rows
 from harness.processes import wait_for
 from harness.services import TIERS
 from tests.conftest import running_gateway
-from workers.keyspace import fleet_key, job_record_key, started_key, waiting_key
+from workers.fleet_keys import fleet_key
+from workers.keyspace import job_record_key, started_key, waiting_key
 
 
-def fleet(aging: float = 30.0) -> Fleet:
-    """A fleet whose choice is asked of directly (no Redis needed for `_next`)."""
-    chooser = Fleet.__new__(Fleet)
-    chooser.state = SimpleNamespace(settings=SimpleNamespace(fleet_aging_seconds=aging))
-    return chooser
+def choose(waiting: dict, running=None, served=None, costs=None, aging: float = 30.0):
+    """The job the fleet's order starts next."""
+    return next_job(waiting, running or Counter(), served or {}, costs or {}, time.time(), aging)
+
+
+def room(waiting: dict, capacity: bytes | None, running: int, reserved: int, plans=DEFAULT_PLANS):
+    """The ready jobs the room left has space for, `reserved` slots kept for paying plans."""
+    return open_to(waiting, capacity, running, lambda band: reserve(plans, reserved, band))
 
 
 def ready(tenant: str, band: int, waited: float, job: str | None = None) -> Ready:
@@ -43,36 +47,69 @@ def entries(*made: Ready) -> dict[str, Ready]:
 class TestOrder:
     def test_a_lower_band_goes_first_whatever_came_before(self):
         waiting = entries(ready("free", 2, waited=5), ready("pro", 1, 3), ready("max", 0, 1))
-        assert fleet()._next(waiting, Counter(), {}, {}).tenant == "max"
+        assert choose(waiting).tenant == "max"
 
     def test_batch_lines_go_after_every_band(self):
         waiting = entries(ready("batch", BATCH_BAND, waited=20), ready("free", 2, 1))
-        assert fleet()._next(waiting, Counter(), {}, {}).tenant == "free"
+        assert choose(waiting).tenant == "free"
 
     def test_within_a_band_the_tenant_served_least_goes_first(self):
         waiting = entries(ready("a", 2, waited=5), ready("b", 2, waited=1))
         served = {"a": 10.0, "b": 2.0}
-        assert fleet()._next(waiting, Counter(), served, {}).tenant == "b"
+        assert choose(waiting, served=served).tenant == "b"
 
     def test_running_jobs_count_at_what_their_tenants_jobs_cost(self):
         """b was served less, but runs three jobs of 5 GPU-seconds each now."""
         waiting = entries(ready("a", 2, waited=1), ready("b", 2, waited=5))
         served, costs = {"a": 10.0, "b": 2.0}, {"a": 1.0, "b": 5.0}
-        assert fleet()._next(waiting, Counter(b=3), served, costs).tenant == "a"
+        assert choose(waiting, Counter(b=3), served, costs).tenant == "a"
 
     def test_a_tenants_own_jobs_go_in_their_order(self):
         older, newer = ready("a", 2, waited=5), ready("a", 2, waited=1)
-        assert fleet()._next(entries(newer, older), Counter(), {}, {}) == older
+        assert choose(entries(newer, older)) == older
 
     def test_past_the_aging_bound_the_oldest_goes_first_whatever_its_band(self):
         starved = ready("free", 2, waited=31)
         waiting = entries(ready("max", 0, waited=1), starved)
-        assert fleet(aging=30)._next(waiting, Counter(), {}, {}) == starved
-        assert fleet(aging=60)._next(waiting, Counter(), {}, {}).tenant == "max"
+        assert choose(waiting, aging=30) == starved
+        assert choose(waiting, aging=60).tenant == "max"
 
     def test_a_batch_line_is_never_aged_ahead(self):
         waiting = entries(ready("batch", BATCH_BAND, waited=999), ready("free", 2, 1))
-        assert fleet(aging=30)._next(waiting, Counter(), {}, {}).tenant == "free"
+        assert choose(waiting, aging=30).tenant == "free"
+
+
+class TestReservedRoom:
+    def test_free_jobs_and_batch_lines_leave_the_reserved_slots(self):
+        free, batch = ready("f", 2, waited=9), ready("b", BATCH_BAND, waited=9)
+        pro, top = ready("p", 1, waited=1), ready("m", 0, waited=1)
+        waiting = entries(free, batch, pro, top)
+        assert set(room(waiting, b"4", running=2, reserved=1)) == set(waiting)
+        assert set(room(waiting, b"4", running=3, reserved=1)) == {pro.job_id, top.job_id}
+        assert room(waiting, b"4", running=4, reserved=1) == {}
+
+    def test_an_aged_free_job_still_leaves_them(self):
+        aged = ready("f", 2, waited=999)
+        assert room(entries(aged), b"4", running=3, reserved=1) == {}
+
+    def test_a_model_with_no_more_room_than_the_reserve_keeps_none(self):
+        free = ready("f", 2, waited=1)
+        assert set(room(entries(free), b"1", running=0, reserved=1)) == {free.job_id}
+        assert set(room(entries(free), b"2", running=1, reserved=2)) == {free.job_id}
+
+    def test_where_every_plan_shares_a_band_no_plan_reserves(self):
+        level = {t: p.model_copy(update={"band": 1}) for t, p in DEFAULT_PLANS.items()}
+        free = ready("f", 1, waited=1)
+        assert set(room(entries(free), b"4", 3, reserved=1, plans=level)) == {free.job_id}
+        assert reserve(level, 1, BATCH_BAND) == 1  # batch lines still do
+
+    def test_unknown_room_gates_nothing(self):
+        free = ready("f", 2, waited=1)
+        assert set(room(entries(free), None, running=50, reserved=1)) == {free.job_id}
+
+    def test_none_reserved(self):
+        free = ready("f", 2, waited=1)
+        assert set(room(entries(free), b"4", running=3, reserved=0)) == {free.job_id}
 
 
 def job_body(tokens: int) -> dict:
@@ -111,11 +148,17 @@ def cancel(gateway, key: str, job_id: str) -> None:
 
 @pytest.mark.usefixtures("worker")
 def test_a_max_job_goes_before_free_jobs_that_waited_longer(gateway, tenant_factory, redis_client):
-    capacity = wait_for(
-        lambda: redis_client.get(fleet_key("llava", "capacity")), 30, "the workers' capacity"
+    """Free jobs fill the workers but for the slot they leave to paying plans
+    (GPUHOST_FLEET_RESERVED_SLOTS, 1); the rest wait, none at the broker. A Max job that comes
+    after them is handed out before any of them."""
+    capacity = int(
+        wait_for(
+            lambda: redis_client.get(fleet_key("llava", "capacity")), 30, "the workers' capacity"
+        )
     )
-    free = [tenant_factory.create("free") for _ in range(int(capacity) + 3)]
-    running = [submit(gateway, key, 200) for _, key, _ in free[: int(capacity)]]
+    assert capacity > 1
+    free = [tenant_factory.create("free") for _ in range(capacity + 2)]
+    running = [submit(gateway, key, 200) for _, key, _ in free[: capacity - 1]]
     waiting: list[tuple[str, str]] = []
     try:
         wait_for(
@@ -123,15 +166,16 @@ def test_a_max_job_goes_before_free_jobs_that_waited_longer(gateway, tenant_fact
             60,
             "the long jobs to fill the workers",
         )
-        waiting = [(key, submit(gateway, key, 200)) for _, key, _ in free[int(capacity) :]]
+        waiting = [(key, submit(gateway, key, 200)) for _, key, _ in free[capacity - 1 :]]
         wait_for(
             lambda: redis_client.hlen(fleet_key("llava", "ready")) >= len(waiting),
             30,
             "the Free jobs to wait for room",
         )
-        # nothing waits in the broker's first-come-first-served queue meanwhile
+        # nothing waits in the broker's first-come-first-served queue meanwhile, and the
+        # Free jobs leave the reserved slot
         assert redis_client.llen("llava") == 0
-        assert redis_client.zcard(fleet_key("llava", "running")) <= int(capacity)
+        assert redis_client.zcard(fleet_key("llava", "running")) <= capacity - 1
         _, max_key, _ = tenant_factory.create("max")
         urgent = submit(gateway, max_key, 2)
         done = wait_for(
@@ -212,26 +256,27 @@ def short_line_gateway(stack_env, tmp_path_factory):
     yield from running_gateway("gateway-short-line", env, tmp_path_factory)
 
 
-@pytest.mark.usefixtures("worker")
 def test_async_jobs_and_batches_wait_in_the_tenants_bounded_line(
     short_line_gateway, tenant_factory, redis_client
 ):
-    """A Free key posting jobs: one runs, three wait, the next is refused; so is a batch."""
+    """A Free key whose one slot is taken posts jobs: three wait, the fourth is refused before
+    anything of it is kept; so is a batch."""
     tenant_id, key, _ = tenant_factory.create("free")
+    holder = hold_slot(redis_client, tenant_id)  # no job of its can start meanwhile
     made, refused = [], None
-    for _ in range(10):
-        answer = httpx.post(
-            f"{short_line_gateway.url}/v1/jobs", json=job_body(200), headers=auth(key)
-        )
-        if answer.status_code == 429:
-            refused = answer
-            break
-        assert answer.status_code in (200, 202), answer.text
-        made.append(answer.json()["id"])
     try:
-        assert refused is not None and len(made) <= 4, made
+        for _ in range(10):
+            answer = httpx.post(
+                f"{short_line_gateway.url}/v1/jobs", json=job_body(200), headers=auth(key)
+            )
+            if answer.status_code == 429:
+                refused = answer
+                break
+            assert answer.status_code in (200, 202), answer.text
+            made.append(answer.json()["id"])
+        assert refused is not None and len(made) == 3, made
         assert "already wait in line" in refused.json()["error"]["message"]
-        assert redis_client.llen(waiting_key(str(tenant_id))) <= 3
+        assert redis_client.llen(waiting_key(str(tenant_id))) == 3
         batch = httpx.post(
             f"{short_line_gateway.url}/v1/batches",
             files={"file": ("b.jsonl", b'{"custom_id": "a", "type": "chat", "input": {}}')},
@@ -241,6 +286,7 @@ def test_async_jobs_and_batches_wait_in_the_tenants_bounded_line(
     finally:
         for job_id in made:
             cancel(short_line_gateway, key, job_id)
+        free_slot(redis_client, tenant_id, holder)
 
 
 def test_a_batch_line_longer_than_a_request_is_refused_unread(gateway, tenant_factory):

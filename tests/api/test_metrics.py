@@ -86,12 +86,13 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
     import redis.asyncio as aioredis
 
     from api.operator.metrics import GatewayMetrics, _read_backlogs
-    from api.pipeline.fleet import Fleet, Ready
+    from api.pipeline.fleet import Fleet
+    from api.pipeline.fleet_order import Ready
     from api.settings import GatewaySettings
     from billing.db import async_engine, async_session_factory, transaction
     from harness.helpers import record_usage
     from harness.services import redis_url
-    from workers.keyspace import fleet_key
+    from workers.fleet_keys import fleet_key, fleet_order
 
     url = redis_url(15)
     client = aioredis.Redis.from_url(url)
@@ -111,6 +112,7 @@ async def test_queue_depth_and_outbox_lag_are_read_at_scrape(
     state.fleet = Fleet(state)
     waiting = Ready("job-1", str(tenant_id), "pro", 1, 0.0, False)
     await client.hset(fleet_key("llava", "ready"), "job-1", json.dumps(waiting.__dict__))
+    await client.zadd(fleet_key("llava", "order"), {"job-1": fleet_order(1, 0)})
     await client.set(fleet_key("llava", "capacity"), 4)
     await client.zadd(fleet_key("llava", "running"), {f"{tenant_id}/job-0": 0})
     try:
