@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import Form, Query, Request
+from fastapi import Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from api.dashboard.common import (
@@ -21,7 +21,7 @@ from api.dashboard.common import (
     tenant_keys,
     who_of,
 )
-from api.dashboard.usage_view import usage_view
+from api.dashboard.usage_view import Shown, ShownDep, usage_view
 from api.deps import SessionDep, StateDep
 from billing import operator, tenants, usage
 from billing.plans import Balance, period_of
@@ -117,21 +117,19 @@ async def admin_tenant_page(
     state: StateDep,
     session: SessionDep,
     visitor: VisitorDep,
-    range: Annotated[str, Query(pattern="^(24h|7d|30d)$")] = "7d",  # noqa: A002
-    model: Annotated[str | None, Query(max_length=200)] = None,
-    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    shown: ShownDep,
 ) -> Response:
     operator_only(visitor)
     tenant = await page_change(session, lambda s: tenants.get_tenant(s, tenant_id), 404)
-    return await _tenant_page(request, state, session, visitor, tenant.id, range, model, page)
+    return await _tenant_page(request, state, session, visitor, tenant.id, shown)
 
 
 async def _tenant_page(
-    request, state, session, visitor, tenant_id, range_="7d", model=None, page=1, **extra
+    request, state, session, visitor, tenant_id, shown: Shown = Shown(), **extra
 ) -> Response:
     """A tenant as its operator sees it: its usage (as the tenant's own page shows it), then
     its keys."""
-    shown = await usage_view(state, session, tenant_id, range_, model, page)
+    usage_shown = await usage_view(state, session, tenant_id, shown)
     return render(
         request,
         "admin_tenant.html",
@@ -140,7 +138,7 @@ async def _tenant_page(
         keys=await tenant_keys(session, tenant_id),
         scopes=sorted(tenants.KNOWN_SCOPES),
         here=f"/dashboard/admin/tenants/{tenant_id}",
-        **shown,
+        **usage_shown,
         **extra,
     )
 

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import Form, Query, Request
+from fastapi import Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from api.dashboard.common import (
@@ -18,7 +18,7 @@ from api.dashboard.common import (
     tenant_keys,
     tenant_of,
 )
-from api.dashboard.usage_view import usage_view
+from api.dashboard.usage_view import ShownDep, usage_view
 from api.deps import SessionDep, StateDep
 
 
@@ -28,13 +28,12 @@ async def usage_page(
     state: StateDep,
     session: SessionDep,
     visitor: VisitorDep,
-    range: Annotated[str, Query(pattern="^(24h|7d|30d)$")] = "7d",  # noqa: A002
-    model: Annotated[str | None, Query(max_length=200)] = None,
-    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    shown: ShownDep,
 ) -> Response:
     tenant_id = tenant_of(visitor)
-    shown = await usage_view(state, session, tenant_id, range, model, page)
-    return render(request, "usage.html", visitor=visitor, **shown)
+    return render(
+        request, "usage.html", visitor=visitor, **await usage_view(state, session, tenant_id, shown)
+    )
 
 
 @router.get("/keys")

@@ -3,8 +3,11 @@ this period, the chart of a range (one model's, when filtered), and a page of it
 tenant's own usage page and the operator's page of a tenant show the same."""
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
+from fastapi import Depends, Query
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.dashboard.chart import draw
@@ -15,14 +18,31 @@ from billing.models import Tenant
 from billing.plans import Balance, period_of
 
 
+@dataclass(frozen=True)
+class Shown:
+    """Which part of a tenant's usage a page shows: the chart's range, one model's (or every
+    model's), which page of requests."""
+
+    range_: str = "7d"
+    model: str | None = None
+    page: int = 1
+
+
+def shown_of(
+    range: Annotated[str, Query(pattern="^(24h|7d|30d)$")] = "7d",  # noqa: A002
+    model: Annotated[str | None, Query(max_length=200)] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> Shown:
+    return Shown(range, model, page)
+
+
+ShownDep = Annotated[Shown, Depends(shown_of)]
+
+
 async def usage_view(
-    state: AppState,
-    session: AsyncSession,
-    tenant_id: uuid.UUID,
-    range_: str,
-    model: str | None,
-    page: int,
+    state: AppState, session: AsyncSession, tenant_id: uuid.UUID, shown: Shown
 ) -> dict:
+    range_, model, page = shown.range_, shown.model, shown.page
     now = datetime.now(UTC)
     period = period_of(now)
     span, unit = RANGES[range_]

@@ -1,10 +1,12 @@
 """Migrations go up and down cleanly on PostgreSQL."""
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, text
 
 import migrations
 from harness.services import drop_database, fresh_database
@@ -48,9 +50,11 @@ def test_usage_request_id_is_unique(scratch_url):
     assert ["request_id"] in [u["column_names"] for u in uniques]
 
 
-def test_cancelled_fine_tunes_are_spelt_one_way_after_0011(scratch_url):
-    migrations.upgrade(scratch_url, "0010")
-    engine = create_engine(scratch_url)
+@contextlib.contextmanager
+def at_revision(url: str, revision: str) -> Iterator[tuple[Engine, uuid.UUID]]:
+    """The schema as of `revision`, with one tenant in it: (an engine, the tenant's id)."""
+    migrations.upgrade(url, revision)
+    engine = create_engine(url)
     tenant = uuid.uuid4()
     try:
         with engine.begin() as connection:
@@ -58,6 +62,14 @@ def test_cancelled_fine_tunes_are_spelt_one_way_after_0011(scratch_url):
                 text("INSERT INTO tenants (id, name, tier) VALUES (:id, 'old', 'pro')"),
                 {"id": tenant},
             )
+        yield engine, tenant
+    finally:
+        engine.dispose()
+
+
+def test_cancelled_fine_tunes_are_spelt_one_way_after_0011(scratch_url):
+    with at_revision(scratch_url, "0010") as (engine, tenant):
+        with engine.begin() as connection:
             for job, status in (("ft-a", "canceled"), ("ft-b", "succeeded")):
                 connection.execute(
                     text(
@@ -72,20 +84,11 @@ def test_cancelled_fine_tunes_are_spelt_one_way_after_0011(scratch_url):
         with engine.connect() as connection:
             statuses = dict(connection.execute(text("SELECT id, status FROM fine_tunes")).all())
         assert statuses == {"ft-a": "cancelled", "ft-b": "succeeded"}
-    finally:
-        engine.dispose()
 
 
 def test_keys_that_held_every_scope_keep_managing_keys_after_0013(scratch_url):
-    migrations.upgrade(scratch_url, "0012")
-    engine = create_engine(scratch_url)
-    tenant = uuid.uuid4()
-    try:
+    with at_revision(scratch_url, "0012") as (engine, tenant):
         with engine.begin() as connection:
-            connection.execute(
-                text("INSERT INTO tenants (id, name, tier) VALUES (:id, 'old', 'pro')"),
-                {"id": tenant},
-            )
             for n, scopes in enumerate((["inference", "usage:read"], ["usage:read"])):
                 connection.execute(
                     text(
@@ -100,5 +103,3 @@ def test_keys_that_held_every_scope_keep_managing_keys_after_0013(scratch_url):
                 sorted(row[0]) for row in connection.execute(text("SELECT scopes FROM api_keys"))
             )
         assert found == [["inference", "keys:write", "usage:read"], ["usage:read"]]
-    finally:
-        engine.dispose()
