@@ -4,7 +4,7 @@ from fastapi import FastAPI
 
 from api import account, dashboard, docs_page, errors
 from api.access import revocations
-from api.deferred import batches, fine_tuning, jobs, resume, webhooks
+from api.deferred import batches, files, fine_tuning, jobs, resume, webhooks
 from api.guards.limits import BodyGuard, UrlGuard
 from api.guards.security_headers import SecurityHeaders
 from api.ollama.router import router as ollama_router
@@ -27,6 +27,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lambda state: state.fleet.run(),
         lambda state: Sender(state.sessions, state.settings).run(),
         revocations.follow,
+        files.sweep_expired,
     ]
     app = FastAPI(
         title="gpuhost",
@@ -48,6 +49,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(fine_tuning.router)
     app.include_router(webhooks.router)
     app.include_router(batches.router)
+    app.include_router(files.router)
     app.include_router(account.router)
     app.include_router(stripe_webhooks.router)
     app.include_router(admin.router)
@@ -59,6 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         uploads={
             fine_tuning.JOBS: settings.max_upload_bytes,
             "/v1/batches": settings.max_upload_bytes,
+            "/v1/files": settings.max_upload_bytes,
         },
         anonymous_max_bytes=settings.anonymous_max_body_bytes,
         idle_seconds=settings.body_idle_seconds,

@@ -57,6 +57,10 @@ class GatewaySettings(ModelSettings):
     # Batches: most lines in one, and how long a finished batch and its output are kept.
     batch_max_lines: int = 10_000
     batch_retention_seconds: int = 7 * 24 * 3600
+    # Files (/v1/files): the longest a file is kept, in seconds (an upload may ask for less;
+    # 0: until deleted), and how often expired files' bytes are removed.
+    file_retention_seconds: int = Field(30 * 24 * 3600, ge=0)
+    file_sweep_seconds: float = Field(60.0, gt=0)
     # Fine-tuning: most images in a dataset.
     dataset_max_images: int = 1000
     # Largest image accepted, in pixels (decompression bombs are refused).

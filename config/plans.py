@@ -17,6 +17,8 @@ class Plan(BaseModel):
     # Fine-tuning: jobs queued or running at once, and a dataset's size (uncompressed bytes).
     training_jobs: int = 1
     dataset_bytes: int = 50 * 1024 * 1024
+    # Files (/v1/files) a tenant keeps at once, in bytes.
+    file_bytes: int = 1024 * 1024 * 1024
     # When the workers are busy, jobs of a lower band start first (fair share between the
     # tenants of one band; batch lines after every band: api/pipeline/fleet.py).
     band: int = 2
@@ -57,6 +59,7 @@ DEFAULT_PLANS: dict[str, Plan] = {
             overage_usd_per_gpu_second=Decimal("0.0006"),
             training_jobs=2,
             dataset_bytes=200 * 1024 * 1024,
+            file_bytes=10 * 1024**3,
             band=1,
         ),
         Plan(
@@ -68,6 +71,7 @@ DEFAULT_PLANS: dict[str, Plan] = {
             overage_usd_per_gpu_second=Decimal("0.0004"),
             training_jobs=4,
             dataset_bytes=1024 * 1024 * 1024,
+            file_bytes=100 * 1024**3,
             band=0,
         ),
     )
