@@ -1,8 +1,8 @@
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+import billing.files  # noqa: F401
 import billing.models  # noqa: F401  (registers the tables on Base.metadata)
-import storage.files  # noqa: F401
 import tuning.models  # noqa: F401
 import webhooks.models  # noqa: F401
 from billing.db import Base

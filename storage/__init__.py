@@ -30,6 +30,11 @@ def tenant_key(tenant_id: uuid.UUID | str, kind: str, *names: str) -> str:
     return "tenants/" + "/".join(parts)
 
 
+def file_key(tenant_id: uuid.UUID | str, file_id: str) -> str:
+    """Where a tenant's file (`/v1/files`) keeps its bytes."""
+    return tenant_key(tenant_id, "files", file_id)
+
+
 class Storage:
     def __init__(self, url: str):
         self.url = url

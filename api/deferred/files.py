@@ -7,7 +7,7 @@ memory), up to GPUHOST_MAX_UPLOAD_BYTES, and is kept only if the tenant's files 
 `file_bytes` with it. Every file expires GPUHOST_FILE_RETENTION_SECONDS after it was made at
 the latest (0: kept until deleted), sooner if the upload's `expires_after` says so. Another
 tenant's file id is a 404, as is an expired one. The rows and their queries:
-`storage.files`.
+`billing.files`.
 """
 
 import logging
@@ -21,10 +21,11 @@ from fastapi.responses import StreamingResponse
 from api.deps import InferenceKey, SessionDep, StateDep
 from api.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from api.state import AppState
+from billing import files as stored_files
+from billing.files import PURPOSES, SWEEP_BATCH, OverQuota, StoredFile
+from billing.tenants import KeyOwner
 from config.plans import Plan
-from storage import TooLarge
-from storage import files as stored_files
-from storage.files import PURPOSES, OverQuota, StoredFile
+from storage import TooLarge, file_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -61,6 +62,50 @@ def _plan_of(state: AppState):
     return plan_of
 
 
+async def keep_upload(
+    state: AppState, owner: KeyOwner, file: UploadFile, purpose: str, seconds: int | None = None
+) -> StoredFile:
+    """Keep an upload as the tenant's file (413 past the largest upload or the plan's bytes,
+    nothing kept then); it expires after `seconds` if given, the operator's limit at most."""
+    filename = (file.filename or "").strip()
+    if not filename:
+        raise BadRequest("field 'file': the upload has no file name", param="file")
+    now = datetime.now(UTC)
+    made = StoredFile(
+        id=stored_files.new_file_id(),
+        tenant_id=owner.tenant_id,
+        purpose=purpose,
+        filename=filename[:255],
+        created_at=now,
+        expires_at=stored_files.expiry(now, seconds, state.settings.file_retention_seconds),
+    )
+    made.storage_key = file_key(owner.tenant_id, made.id)
+    limit = state.settings.max_upload_bytes
+    try:  # from the spooled upload to storage, a MiB at a time, off the event loop
+        made.bytes = await anyio.to_thread.run_sync(
+            state.storage.put_file, made.storage_key, file.file, limit
+        )
+    except TooLarge:
+        raise PayloadTooLarge(
+            f"field 'file': over {_size(limit)}, the largest upload this server takes",
+            param="file",
+        ) from None
+    try:
+        await stored_files.add(state.sessions, made, _plan_of(state), now)
+    except BaseException as exc:  # not kept: nor are its bytes, even on a cancelled request
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(state.storage.delete, made.storage_key)
+        if isinstance(exc, OverQuota):
+            raise PayloadTooLarge(
+                f"the {exc.plan.name} plan keeps {_size(exc.plan.file_bytes)} of files; "
+                f"{_size(exc.used)} are kept and this file is {_size(made.bytes)}: delete some "
+                "(DELETE /v1/files/{id})",
+                param="file",
+            ) from None
+        raise
+    return made
+
+
 @router.post("")
 async def create(
     owner: InferenceKey,
@@ -86,42 +131,7 @@ async def create(
             f"and {EXPIRES_MAX} (30 days)",
             param="expires_after",
         )
-    filename = (file.filename or "").strip()
-    if not filename:
-        raise BadRequest("field 'file': the upload has no file name", param="file")
-    now = datetime.now(UTC)
-    made = StoredFile(
-        id=stored_files.new_file_id(),
-        tenant_id=owner.tenant_id,
-        purpose=purpose,
-        filename=filename[:255],
-        created_at=now,
-        expires_at=stored_files.expiry(now, seconds, state.settings.file_retention_seconds),
-    )
-    made.storage_key = stored_files.object_key(owner.tenant_id, made.id)
-    limit = state.settings.max_upload_bytes
-    try:  # from the spooled upload to storage, a MiB at a time, off the event loop
-        made.bytes = await anyio.to_thread.run_sync(
-            state.storage.put_file, made.storage_key, file.file, limit
-        )
-    except TooLarge:
-        raise PayloadTooLarge(
-            f"field 'file': over {_size(limit)}, the largest upload this server takes",
-            param="file",
-        ) from None
-    try:
-        await stored_files.add(state.sessions, made, _plan_of(state), now)
-    except BaseException as exc:  # not kept: nor are its bytes, even on a cancelled request
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(state.storage.delete, made.storage_key)
-        if isinstance(exc, OverQuota):
-            raise PayloadTooLarge(
-                f"the {exc.plan.name} plan keeps {_size(exc.plan.file_bytes)} of files; "
-                f"{_size(exc.used)} are kept and this file is {_size(made.bytes)}: delete some "
-                "(DELETE /v1/files/{id})",
-                param="file",
-            ) from None
-        raise
+    made = await keep_upload(state, owner, file, purpose, seconds)
     return file_view(made)
 
 
@@ -195,8 +205,26 @@ async def content(
 async def delete(file_id: str, owner: InferenceKey, state: StateDep) -> dict:
     async with state.sessions() as session:
         stored = await _found(session, owner, file_id)
-    await stored_files.remove(state.sessions, state.storage, stored)
+    await remove(state, stored)
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+async def remove(state: AppState, stored: StoredFile) -> None:
+    """Delete a file: its row first (no read finds it after), then its bytes."""
+    await stored_files.delete_row(state.sessions, stored.id)
+    await anyio.to_thread.run_sync(state.storage.delete, stored.storage_key)
+
+
+async def sweep(state: AppState) -> int:
+    """Remove expired files (rows, then bytes), a batch at a time; how many."""
+    removed = 0
+    while True:
+        expired = await stored_files.expired(state.sessions)
+        for stored in expired:
+            await remove(state, stored)
+        removed += len(expired)
+        if len(expired) < SWEEP_BATCH:
+            return removed
 
 
 async def sweep_expired(state: AppState) -> None:
@@ -205,7 +233,7 @@ async def sweep_expired(state: AppState) -> None:
     harmless: the row goes once, absent bytes are fine."""
     while True:
         try:
-            removed = await stored_files.sweep(state.sessions, state.storage)
+            removed = await sweep(state)
             if removed:
                 log.info("files: removed %d expired file(s)", removed)
         except Exception:

@@ -7,19 +7,23 @@ import json
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 
 import anyio
 from cachetools import LRUCache
 from redis.exceptions import LockError
 
 from api.errors import PaymentRequired, TooManyRequests
+from api.openai import batch_lines
 from api.pipeline import store
 from api.pipeline.fleet import BATCH_BAND
 from api.pipeline.scheduler import meta
 from api.pipeline.submit import take_slot
 from api.pipeline.view import FINISHED, job_view
 from api.state import AppState
-from storage import tenant_key
+from billing import files as stored_files
+from billing.files import BATCH_OUTPUT, StoredFile
+from storage import file_key, tenant_key
 from workers.keyspace import (
     BATCHES_ACTIVE,
     BATCHES_EXPIRING,
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 SWEEP_EVERY = 1.0
 LOCK_SECONDS = 30  # a gateway that died advancing a batch holds it up at most this long
 SPECS_CACHED = 8  # batches whose lines a gateway keeps in memory
-ENDED = ("completed", "cancelled")
+ENDED = ("completed", "cancelled", "expired")
 
 
 def stored(tenant: str, batch_id: str, *parts: str) -> str:
@@ -115,10 +119,38 @@ class BatchRunner:
         await anyio.to_thread.run_sync(storage.put, line_key(tenant, batch_id, index), data)
         await self.state.redis.hincrby(batch_key(batch_id), "completed" if ok else "failed", 1)
 
+    async def _answered(self, job_id: str, line: dict, view: dict) -> dict:
+        """The result line of a line whose job ended: in OpenAI's form, the answer its
+        endpoint gives (`api.openai.batch_lines`); in the job form, the job's output."""
+        custom_id, created = line["custom_id"], int(view["finished_at"] or time.time())
+        if line.get("endpoint"):
+            try:
+                status, body = await batch_lines.answer(self.state, job_id, line, created)
+            except batch_lines.NotAnswered as why:
+                return _failed(
+                    custom_id, "batch_cancelled", f"the batch was cancelled: {why}", job_id
+                )
+            response = {"status_code": status, "request_id": job_id, "body": body}
+            return {"id": job_id, "custom_id": custom_id, "response": response, "error": None}
+        if view["status"] != "succeeded":
+            return _failed(custom_id, view["status"], view["error"] or view["status"], job_id)
+        body = {
+            "output": view["output"],
+            "gpu_seconds": view["gpu_seconds"],
+            "queue_seconds": view["queue_seconds"],
+        }
+        response = {"status_code": 200, "request_id": job_id, "body": body}
+        return {"id": job_id, "custom_id": custom_id, "response": response, "error": None}
+
     async def _advance(self, batch_id: str, record: dict) -> None:
         redis, tenant = self.state.redis, record["tenant_id"]
+        if record["status"] == "finalizing":  # a gateway stopped while it wrote the output
+            await self._finish(batch_id, record, record["ending"])
+            return
         specs = await self._specs_of(batch_id, tenant)
         cancelling = record["status"] == "cancelling"
+        # the completion window is over: lines not started end `expired`, running ones finish
+        expiring = not cancelling and float(record.get("expires_at") or "inf") <= time.time()
         for raw_job, raw_index in (await redis.hgetall(batch_running_key(batch_id))).items():
             job_id, index = raw_job.decode(), int(raw_index)
             if cancelling:
@@ -127,30 +159,19 @@ class BatchRunner:
             view = await job_view(self.state, job_id, tenant)
             if view["status"] not in FINISHED:
                 continue
-            ok = view["status"] == "succeeded"
-            body = {
-                "output": view["output"],
-                "gpu_seconds": view["gpu_seconds"],
-                "queue_seconds": view["queue_seconds"],
-            }
-            line = {
-                "id": job_id,
-                "custom_id": specs[index]["custom_id"],
-                "response": {"status_code": 200, "body": body} if ok else None,
-                "error": None if ok else {"message": view["error"] or view["status"]},
-            }
-            await self._result(batch_id, tenant, index, line, ok)
+            line = await self._answered(job_id, specs[index], view)
+            await self._result(batch_id, tenant, index, line, _succeeded(line))
             await redis.hdel(batch_running_key(batch_id), job_id)
         following = int(record["next"])
         total = int(record["total"])
-        if cancelling:
+        if cancelling or expiring:
+            code, why = (
+                ("batch_cancelled", "the batch was cancelled before this line ran")
+                if cancelling
+                else ("batch_expired", "the batch's completion window ended before this line ran")
+            )
             for index in range(following, total):
-                line = {
-                    "id": None,
-                    "custom_id": specs[index]["custom_id"],
-                    "response": None,
-                    "error": {"message": "the batch was cancelled before this line ran"},
-                }
+                line = _failed(specs[index]["custom_id"], code, why)
                 await self._result(batch_id, tenant, index, line, False)
             await redis.hset(batch_key(batch_id), "next", str(total))
         elif following < total and not await store.has_waiting(redis, tenant):
@@ -158,19 +179,14 @@ class BatchRunner:
         if await redis.hlen(batch_running_key(batch_id)) == 0 and (
             cancelling or int(await redis.hget(batch_key(batch_id), "next")) >= total
         ):
-            status = "cancelled" if cancelling else "completed"
+            status = "cancelled" if cancelling else "expired" if expiring else "completed"
             await self._finish(batch_id, record, status)
 
     async def _start(self, batch_id: str, record: dict, index: int, spec: dict) -> None:
         """The batch's next line: reported at once if it was bad, else run when a slot is free."""
         redis, tenant = self.state.redis, record["tenant_id"]
         if "error" in spec:
-            line = {
-                "id": None,
-                "custom_id": spec["custom_id"],
-                "response": None,
-                "error": {"message": spec["error"]},
-            }
+            line = _failed(spec["custom_id"], "invalid_request", spec["error"])
             await self._result(batch_id, tenant, index, line, False)
             await redis.hincrby(batch_key(batch_id), "next", 1)
             return
@@ -179,12 +195,7 @@ class BatchRunner:
         try:  # the tenant's tier and allowance now, not as they were when it was uploaded
             tier = (await self.state.quotas.check(uuid.UUID(tenant), fresh=True)).tier
         except PaymentRequired as refused:
-            line = {
-                "id": None,
-                "custom_id": spec["custom_id"],
-                "response": None,
-                "error": {"message": refused.message, "code": refused.code},
-            }
+            line = _failed(spec["custom_id"], refused.code, refused.message)
             await self._result(batch_id, tenant, index, line, False)
             await redis.hincrby(batch_key(batch_id), "next", 1)
             return
@@ -209,16 +220,64 @@ class BatchRunner:
             raise
 
     async def _finish(self, batch_id: str, record: dict, status: str) -> None:
-        storage, tenant, total = self.state.storage, record["tenant_id"], int(record["total"])
+        """Its results, in input order, as the batch's output (`/output`), and as two files:
+        the answers (`output_file_id`) and the failures (`error_file_id`, if any)."""
+        state, tenant, total = self.state, record["tenant_id"], int(record["total"])
+        storage = state.storage
+        finalizing = {"status": "finalizing", "ending": status, "finalizing_at": str(time.time())}
+        await state.redis.hset(batch_key(batch_id), mapping=finalizing)
 
-        def assemble() -> None:
+        def assemble() -> tuple[list[bytes], list[bytes]]:
             lines = [storage.get(line_key(tenant, batch_id, i)) for i in range(total)]
             storage.put(stored(tenant, batch_id, "output.jsonl"), b"\n".join(lines) + b"\n")
-            storage.delete(stored(tenant, batch_id, "lines"))
+            answered = [raw for raw in lines if _succeeded(json.loads(raw))]
+            failed = [raw for raw in lines if not _succeeded(json.loads(raw))]
+            return answered, failed
 
-        await anyio.to_thread.run_sync(assemble)
+        answered, failed = await anyio.to_thread.run_sync(assemble)
         retention = int(record["retention"])
+        ended = {"status": status}
+        kept = await self._keep(tenant, batch_id, "output", answered, retention)
+        ended["output_file_id"] = kept.id
+        if failed:
+            kept = await self._keep(tenant, batch_id, "error", failed, retention)
+            ended["error_file_id"] = kept.id
+        await anyio.to_thread.run_sync(storage.delete, stored(tenant, batch_id, "lines"))
         files = stored(tenant, batch_id)
-        await store.end_batch(self.state.redis, batch_id, status, files, retention, time.time())
+        await store.end_batch(state.redis, batch_id, ended, files, retention, time.time())
         self._specs.pop(batch_id, None)
         log.info("batch %s %s (%d lines)", batch_id, status, total)
+
+    async def _keep(
+        self, tenant: str, batch_id: str, name: str, lines: list[bytes], retention: int
+    ) -> StoredFile:
+        """A file of purpose batch_output the tenant reads with /v1/files (kept as long as
+        the batch, the operator's file retention at most; whatever the plan's bytes: it is
+        the answer to work already done)."""
+        now = datetime.now(UTC)
+        made = StoredFile(
+            id=stored_files.new_file_id(),
+            tenant_id=uuid.UUID(tenant),
+            purpose=BATCH_OUTPUT,
+            filename=f"{batch_id}_{name}.jsonl",
+            created_at=now,
+            expires_at=stored_files.expiry(
+                now, retention, self.state.settings.file_retention_seconds
+            ),
+        )
+        made.storage_key = file_key(tenant, made.id)
+        data = b"".join(line + b"\n" for line in lines)
+        made.bytes = await anyio.to_thread.run_sync(self.state.storage.put, made.storage_key, data)
+        await stored_files.keep_output(self.state.sessions, made)
+        return made
+
+
+def _failed(custom_id: str | None, code: str, message: str, job_id: str | None = None) -> dict:
+    """The result line of a line that gave no answer."""
+    error = {"code": code, "message": message}
+    return {"id": job_id, "custom_id": custom_id, "response": None, "error": error}
+
+
+def _succeeded(line: dict) -> bool:
+    response = line.get("response")
+    return line.get("error") is None and response is not None and response["status_code"] < 400

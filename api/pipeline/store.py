@@ -5,6 +5,7 @@ how its stream is rendered), async job records, and batch records. Key names and
 import contextlib
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -274,9 +275,12 @@ async def add_batch(redis: aioredis.Redis, batch_id: str, record: dict, now: flo
     await pipe.execute()
 
 
-async def cancel_batch(redis: aioredis.Redis, batch_id: str) -> None:
-    """Its lines not started never run; the batch runner stops the running ones."""
-    await redis.hset(batch_key(batch_id), "status", "cancelling")
+async def cancel_batch(redis: aioredis.Redis, batch_id: str) -> str:
+    """Its lines not started never run; the batch runner stops the running ones. When the
+    cancelling began (unix seconds, as text)."""
+    now = str(time.time())
+    await redis.hset(batch_key(batch_id), mapping={"status": "cancelling", "cancelling_at": now})
+    return now
 
 
 async def active_batches(redis: aioredis.Redis, tenant: str, most: int) -> int:
@@ -287,9 +291,20 @@ async def active_batches(redis: aioredis.Redis, tenant: str, most: int) -> int:
     return sum(await redis.smismember(BATCHES_ACTIVE, ids))
 
 
-async def tenant_batch_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list[str]:
-    ids = await redis.zrevrange(batches_index_key(tenant), 0, limit - 1)
-    return [raw.decode() for raw in ids]
+async def tenant_batch_ids(
+    redis: aioredis.Redis, tenant: str, limit: int, after: str | None = None
+) -> tuple[list[str], bool]:
+    """A page of the tenant's batch ids, newest first, after the batch `after` (404 if it is
+    not the tenant's), and whether more follow."""
+    index = batches_index_key(tenant)
+    start = 0
+    if after is not None:
+        rank = await redis.zrevrank(index, after)
+        if rank is None:
+            raise NotFound(f"field 'after': no batch '{after}'", param="after")
+        start = rank + 1
+    ids = [raw.decode() for raw in await redis.zrevrange(index, start, start + limit)]
+    return ids[:limit], len(ids) > limit
 
 
 async def add_line_job(
@@ -315,11 +330,17 @@ async def drop_line_job(redis: aioredis.Redis, batch_id: str, job_id: str) -> No
 
 
 async def end_batch(
-    redis: aioredis.Redis, batch_id: str, status: str, files: str, retention: int, now: float
+    redis: aioredis.Redis,
+    batch_id: str,
+    ended: dict[str, str],
+    files: str,
+    retention: int,
+    now: float,
 ) -> None:
-    """The batch ended: its record kept `retention` seconds, its files (`files`) deleted then."""
+    """The batch ended (`ended`: its status and what else it ended with): its record kept
+    `retention` seconds, its working files (`files`) deleted then."""
     pipe = redis.pipeline(transaction=True)
-    pipe.hset(batch_key(batch_id), mapping={"status": status, "finished_at": str(now)})
+    pipe.hset(batch_key(batch_id), mapping=ended | {"finished_at": str(now)})
     pipe.expire(batch_key(batch_id), retention)
     pipe.srem(BATCHES_ACTIVE, batch_id)
     pipe.zadd(BATCHES_EXPIRING, {files: now + retention})

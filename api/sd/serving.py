@@ -115,12 +115,7 @@ class ImageServing:
             data = [{"url": await self._store(png, owner, request)} for png in final.images]
         else:
             data = [{"b64_json": png} for png in final.images]
-        result = {
-            "created": int(time.time()),
-            "data": data,
-            "usage": {"gpu_seconds": round(final.gpu_seconds, 6)},
-        }
-        return JSONResponse(result, headers=headers)
+        return JSONResponse(openai_images(int(time.time()), data, final), headers=headers)
 
     async def _store(self, png: str, owner: KeyOwner, request: Request) -> str:
         token = secrets.token_urlsafe(24)
@@ -138,6 +133,12 @@ class ImageServing:
         if stored is None or stored["tenant_id"] != str(owner.tenant_id):
             raise NotFound("image not found (unknown, someone else's, or expired)")
         return Response(base64.b64decode(stored["png"]), media_type="image/png")
+
+
+def openai_images(created: int, data: list[dict], final: ImagesChunk) -> dict:
+    """OpenAI's images response; what the images cost in GPU-seconds beside them (OpenAI's
+    `usage` counts tokens, which these models do not bill by)."""
+    return {"created": created, "data": data, "gpu_seconds": round(final.gpu_seconds, 6)}
 
 
 def native_result(body: ImagesRequest, final: ImagesChunk, started: float) -> dict:

@@ -99,8 +99,15 @@ def test_a_bad_line_is_reported_and_the_rest_complete(
     assert [r["custom_id"] for r in results] == ["a", None, "b", "c", "d", "e"]
     for good in (results[0], results[2], results[4]):
         assert good["error"] is None and good["response"]["status_code"] == 200
-        [record] = usage_rows(sessions, good["id"])
-        assert record.gpu_seconds == good["response"]["body"]["gpu_seconds"]
+        assert good["response"]["request_id"] == good["id"]
+    for job_form in (results[0], results[4]):
+        [record] = usage_rows(sessions, job_form["id"])
+        assert record.gpu_seconds == job_form["response"]["body"]["gpu_seconds"]
+    # a line in OpenAI's form is answered as its endpoint answers: a chat.completion
+    [record] = usage_rows(sessions, results[2]["id"])
+    completion = results[2]["response"]["body"]
+    assert completion["object"] == "chat.completion"
+    assert completion["usage"]["gpu_seconds"] == round(record.gpu_seconds, 6)
     assert results[0]["response"]["body"]["output"]["completion_tokens"] == 3
     assert len(results[4]["response"]["body"]["output"]["images"]) == 1
     assert results[1]["error"]["message"].startswith("line 2: not JSON")

@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy import update
 
 from billing.db import transaction
+from billing.files import StoredFile
 from config.plans import DEFAULT_PLANS
 from harness.helpers import auth
 from harness.processes import wait_for
-from storage.files import StoredFile, object_key
+from storage import file_key
 from tests.conftest import running_gateway
 
 BATCH_LINE = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
@@ -27,7 +28,7 @@ def client(gateway, key: str) -> openai.OpenAI:
 
 
 def stored_path(stack_env, tenant_id, file_id: str) -> Path:
-    return Path(stack_env["GPUHOST_STORAGE_URL"]) / object_key(tenant_id, file_id)
+    return Path(stack_env["GPUHOST_STORAGE_URL"]) / file_key(tenant_id, file_id)
 
 
 def test_a_file_is_kept_read_back_and_deleted(gateway, tenant_factory, stack_env):

@@ -1,11 +1,12 @@
 """Tenants' files (`/v1/files`, OpenAI's Files API): the table that names them, and the
-reads and writes on it. The bytes are objects in storage (`tenants/<id>/files/<file id>`);
-a row says whose file it is, what it is for and when it expires.
+reads and writes on it. The bytes are objects in storage (`storage.file_key`: under
+`tenants/<id>/files/`), written and removed by the gateway (`api/deferred/files.py`); a row
+says whose file it is, what it is for and when it expires.
 
 A tenant keeps at most its plan's `file_bytes` of files; an upload that would pass it is
 refused, and two uploads at once cannot both pass it (the tenant's row is locked while one is
 counted). A file past its `expires_at` is gone at once to every read (and no longer counts);
-`FileSweep` removes its bytes and its row afterwards.
+the gateways' sweep removes its bytes and its row afterwards.
 """
 
 import logging
@@ -14,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import anyio
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -33,7 +33,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 from billing.db import Base, async_transaction
 from billing.models import Tenant
 from config.plans import Plan
-from storage import Storage, tenant_key
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,6 @@ class StoredFile(Base):
 
 def new_file_id() -> str:
     return "file-" + uuid.uuid4().hex
-
-
-def object_key(tenant_id: uuid.UUID | str, file_id: str) -> str:
-    return tenant_key(tenant_id, "files", file_id)
 
 
 def _live(now: datetime):
@@ -112,6 +107,14 @@ async def add(
     return made
 
 
+async def keep_output(sessions: async_sessionmaker, made: StoredFile) -> StoredFile:
+    """Keep the row of a file the service wrote for the tenant (a batch's output): it counts
+    against the plan's bytes from now on, but is kept whatever they are."""
+    async with async_transaction(sessions) as session:
+        session.add(made)
+    return made
+
+
 async def find(session: AsyncSession, tenant_id: uuid.UUID, file_id: str) -> StoredFile | None:
     """The tenant's file, unless it expired (another tenant's file is None too)."""
     return await session.scalar(
@@ -150,29 +153,15 @@ async def page(
     return Page(found[:limit], len(found) > limit)
 
 
-async def remove(sessions: async_sessionmaker, storage: Storage, stored: StoredFile) -> None:
-    """Delete a file: its row first (no read finds it after), then its bytes."""
+async def delete_row(sessions: async_sessionmaker, file_id: str) -> None:
     async with async_transaction(sessions) as session:
         await session.execute(
-            StoredFile.__table__.delete().where(StoredFile.__table__.c.id == stored.id)
+            StoredFile.__table__.delete().where(StoredFile.__table__.c.id == file_id)
         )
-    await anyio.to_thread.run_sync(storage.delete, stored.storage_key)
 
 
-async def sweep(sessions: async_sessionmaker, storage: Storage) -> int:
-    """Remove expired files (their bytes, then their rows), a batch at a time; how many."""
-    removed = 0
-    while True:
-        async with sessions() as session:
-            expired = list(
-                await session.scalars(
-                    select(StoredFile)
-                    .where(StoredFile.expires_at <= datetime.now(UTC))
-                    .limit(SWEEP_BATCH)
-                )
-            )
-        for stored in expired:
-            await remove(sessions, storage, stored)
-        removed += len(expired)
-        if len(expired) < SWEEP_BATCH:
-            return removed
+async def expired(sessions: async_sessionmaker, most: int = SWEEP_BATCH) -> list[StoredFile]:
+    """Up to `most` files past their expiry (every tenant's)."""
+    async with sessions() as session:
+        query = select(StoredFile).where(StoredFile.expires_at <= datetime.now(UTC)).limit(most)
+        return list(await session.scalars(query))
