@@ -10,12 +10,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from api.deps import SessionDep, StateDep, require
-from api.errors import Forbidden
+from api.errors import OLLAMA_ERRORS, Forbidden, OllamaRoute
 from billing import usage
 from billing.plans import Balance, period_of
 from billing.tenants import KeyOwner
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], route_class=OllamaRoute, responses=OLLAMA_ERRORS)
 UsageKey = Annotated[KeyOwner, require("usage:read")]
 SUB_CENT = Decimal("0.0001")  # costs are shown to a hundredth of a cent
 RANGES = {

@@ -3,6 +3,8 @@
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import exc as db
@@ -109,17 +111,63 @@ def error_body_openai(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """An error on an OpenAI-style route, as OpenAI's clients read it."""
+
+    error: OpenAIErrorDetail
+
+
+class OllamaError(BaseModel):
+    """An error on an Ollama-style route (and this server's own native ones)."""
+
+    error: str
+
+
+class OpenAIRoute(APIRoute):
+    """A route of the OpenAI family: its errors are `OpenAIError`s."""
+
+    error_family = "openai"
+
+
+class OllamaRoute(APIRoute):
+    """A route of the Ollama family (and the native ones beside it): `OllamaError`s."""
+
+    error_family = "ollama"
+
+
+# What a family's routers declare for their errors (documented in /openapi.json).
+OPENAI_ERRORS: dict = {"default": {"model": OpenAIError, "description": "an error"}}
+OLLAMA_ERRORS: dict = {"default": {"model": OllamaError, "description": "an error"}}
+
+
+def family(scope) -> str:
+    """The error family of the route a request reached; one answered before any route (a
+    middleware's refusal, an unknown path) by its path: OpenAI's under /v1/, else Ollama's."""
+    route = scope.get("route")
+    known = getattr(route, "error_family", None)
+    if known is not None:
+        return known
+    return "openai" if scope.get("path", "").startswith("/v1/") else "ollama"
+
+
 def error_response(
-    path: str,
+    scope,
     status: int,
     message: str,
     headers: dict[str, str] | None = None,
     param: str | None = None,
     code: str | None = None,
 ) -> JSONResponse:
-    """An error in the shape of the API family `path` belongs to (OpenAI's under /v1/, else
-    Ollama's); also an ASGI app, for middleware that answers before the routes."""
-    if path.startswith("/v1/"):
+    """An error in the shape of the family of the route the request reached (`family`); also
+    an ASGI app, for middleware that answers before the routes."""
+    if family(scope) == "openai":
         body = error_body_openai(status, message, param, code)
     else:
         body = error_body(message)
@@ -160,14 +208,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(
-            request.url.path, exc.status, exc.message, exc.headers, exc.param, exc.code
+            request.scope, exc.status, exc.message, exc.headers, exc.param, exc.code
         )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = _describe_validation(exc)
         return error_response(
-            request.url.path, 400, message, param=_first_field(exc), code="invalid_request"
+            request.scope, 400, message, param=_first_field(exc), code="invalid_request"
         )
 
     async def database_outage(request: Request, exc: Exception) -> JSONResponse:
@@ -175,7 +223,7 @@ def install(app: FastAPI) -> None:
             raise exc  # a bug, not an outage: the server error it is
         headers = {"Retry-After": "1"}
         return error_response(
-            request.url.path, 503, DATABASE_AWAY_MESSAGE, headers, code="unavailable"
+            request.scope, 503, DATABASE_AWAY_MESSAGE, headers, code="unavailable"
         )
 
     # SQLAlchemy's errors only: a ConnectionError elsewhere (storage, say) is not the database's
@@ -186,9 +234,7 @@ def install(app: FastAPI) -> None:
         """Redis restarting or unreachable, anywhere a request reads it (slots, job records,
         streams): a 503 to retry, not a server error."""
         headers = {"Retry-After": "1"}
-        return error_response(
-            request.url.path, 503, REDIS_AWAY_MESSAGE, headers, code="unavailable"
-        )
+        return error_response(request.scope, 503, REDIS_AWAY_MESSAGE, headers, code="unavailable")
 
     for kind in REDIS_AWAY:
         app.add_exception_handler(kind, redis_outage)
@@ -196,5 +242,5 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(
-            request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None)
+            request.scope, exc.status_code, str(exc.detail), getattr(exc, "headers", None)
         )

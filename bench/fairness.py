@@ -48,7 +48,11 @@ def ask(client: httpx.Client, key: str, tokens: int, text: str) -> dict:
     started = time.perf_counter()
     answer = client.post("/api/chat", json=body, headers={"Authorization": f"Bearer {key}"})
     answer.raise_for_status()
-    return answer.json() | {"seconds": time.perf_counter() - started}
+    found = answer.json()  # Ollama's queue_duration is in nanoseconds
+    return found | {
+        "seconds": time.perf_counter() - started,
+        "queue_seconds": found["queue_duration"] / 1e9,
+    }
 
 
 def generation(answer: dict) -> float:

@@ -100,6 +100,13 @@ def milli(gpu_seconds: float) -> int:
     return int(gpu_seconds * 1000 + 0.5)
 
 
+def billed_seconds(gpu_seconds: float) -> float:
+    """GPU-seconds as billed: to the millisecond. A worker records and answers a run's time
+    so (`workers/tasks.py`, the trainer's checkpoints): the ledger, Stripe's meter and every
+    answer carry the one figure."""
+    return milli(gpu_seconds) / 1000
+
+
 def exists(session: Session, request_id: str) -> bool:
     found = session.execute(
         select(UsageRecord.id).where(UsageRecord.request_id == request_id)

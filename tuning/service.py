@@ -5,7 +5,7 @@ import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -94,14 +94,16 @@ async def get(session: AsyncSession, tenant_id: uuid.UUID, job_id: str) -> FineT
     )
 
 
-async def list_for(session: AsyncSession, tenant_id: uuid.UUID, limit: int) -> list[FineTune]:
-    rows = await session.scalars(
-        select(FineTune)
-        .where(FineTune.tenant_id == tenant_id)
-        .order_by(FineTune.created_at.desc(), FineTune.id)
-        .limit(limit)
-    )
-    return list(rows)
+async def list_for(
+    session: AsyncSession, tenant_id: uuid.UUID, limit: int, after: FineTune | None = None
+) -> list[FineTune]:
+    """The tenant's jobs, newest first (then by id), after the job `after`."""
+    place = tuple_(FineTune.created_at, FineTune.id)
+    query = select(FineTune).where(FineTune.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(place < tuple_(after.created_at, after.id))
+    order = (FineTune.created_at.desc(), FineTune.id.desc())
+    return list(await session.scalars(query.order_by(*order).limit(limit)))
 
 
 async def segments(session: AsyncSession, job_id: str) -> list[FineTuneSegment]:

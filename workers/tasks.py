@@ -195,6 +195,7 @@ def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool) -> str:
 
     def execute(channel: JobChannel, queue_seconds: float) -> Outcome:
         generation = choices.generate(runtime.engine, job, channel)
+        spent = usage.billed_seconds(generation.gpu_seconds)
         final = DoneChunk(
             done_reason=generation.done_reason,
             choices=list(generation.choices) or None,
@@ -205,16 +206,10 @@ def run_chat(runtime: WorkerRuntime, payload: dict, redelivered: bool) -> str:
             prompt_eval_seconds=generation.prompt_eval_seconds,
             eval_seconds=generation.eval_seconds,
             queue_seconds=queue_seconds,
-            gpu_seconds=generation.gpu_seconds,
+            gpu_seconds=spent,
         )
         status = CANCELLED if generation.done_reason == "cancelled" else COMPLETED
-        return Outcome(
-            status,
-            final,
-            generation.gpu_seconds,
-            generation.prompt_tokens,
-            generation.output_tokens,
-        )
+        return Outcome(status, final, spent, generation.prompt_tokens, generation.output_tokens)
 
     def cancelled_early(queue_seconds: float) -> DoneChunk:
         return DoneChunk(
@@ -240,17 +235,18 @@ def run_images(runtime: WorkerRuntime, payload: dict, redelivered: bool) -> str:
 
     def execute(channel: JobChannel, queue_seconds: float) -> Outcome:
         rendering = runtime.engine.render(job, channel)
+        spent = usage.billed_seconds(rendering.gpu_seconds)
         final = ImagesChunk(
             images=rendering.images,
             seed=job.seed,
             load_seconds=0.0,
             run_seconds=rendering.run_seconds,
             queue_seconds=queue_seconds,
-            gpu_seconds=rendering.gpu_seconds,
+            gpu_seconds=spent,
             batch_images=rendering.batch_images,
         )
         status = CANCELLED if rendering.cancelled else COMPLETED
-        return Outcome(status, final, rendering.gpu_seconds, 0, len(rendering.images))
+        return Outcome(status, final, spent, 0, len(rendering.images))
 
     def cancelled_early(_: float) -> ErrorChunk:
         return ErrorChunk(status=499, message="the request was cancelled before it started")

@@ -38,11 +38,20 @@ from starlette.datastructures import UploadFile
 from api.deferred.files import keep_upload, remove
 from api.deferred.jobs import JobCreate, job_spec
 from api.deps import InferenceKey, StateDep
-from api.errors import ApiError, BadRequest, Conflict, NotFound, PayloadTooLarge
+from api.errors import (
+    OPENAI_ERRORS,
+    ApiError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    OpenAIRoute,
+    PayloadTooLarge,
+)
 from api.inputs.json_body import json_body, openapi_body, validated
-from api.inputs.wire import new_request_id
+from api.inputs.wire import list_page, new_request_id
 from api.openai import batch_lines
 from api.openai.batch_lines import ENDPOINTS
+from api.openai.objects import Batch, Page
 from api.openai.schemas import CompletionRequest, GenerationsRequest
 from api.pipeline import store
 from api.pipeline.batch_runner import ENDED
@@ -56,7 +65,9 @@ from billing import files as stored_files
 log = logging.getLogger(__name__)
 THREAD_BYTES = 64 * 1024  # a line this long is read (JSON) in a thread, off the event loop
 CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"\\]{1,200})"')
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(
+    prefix="/v1/batches", tags=["batches"], route_class=OpenAIRoute, responses=OPENAI_ERRORS
+)
 
 # What a line in OpenAI's form may name: OpenAI's endpoints (its answer is the endpoint's own
 # body), and /api/images (this server's native image answer).
@@ -220,7 +231,7 @@ class BatchCreate(BaseModel):
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
 
 
-@router.post("", status_code=201, openapi_extra=openapi_body(BatchCreate))
+@router.post("", status_code=201, openapi_extra=openapi_body(BatchCreate), response_model=Batch)
 async def create(owner: InferenceKey, state: StateDep, request: Request) -> JSONResponse:
     """Run the lines of a file uploaded to /v1/files (JSON: OpenAI's `input_file_id`,
     `endpoint`, `completion_window`), or of a JSONL file sent here (multipart field `file`:
@@ -317,7 +328,7 @@ async def _make(
     return record
 
 
-@router.get("")
+@router.get("", response_model=Page[Batch])
 async def list_batches(
     owner: InferenceKey,
     state: StateDep,
@@ -332,22 +343,15 @@ async def list_batches(
         return _view(batch_id, await store.batch_record(state.redis, batch_id, tenant))
 
     ids, more = await store.tenant_batch_ids(state.redis, tenant, limit, after)
-    data = await store.views_of(ids, view)
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": more,
-    }
+    return list_page(await store.views_of(ids, view), more)
 
 
-@router.get("/{batch_id}")
+@router.get("/{batch_id}", response_model=Batch)
 async def get(batch_id: str, owner: InferenceKey, state: StateDep) -> dict:
     return _view(batch_id, await store.batch_record(state.redis, batch_id, str(owner.tenant_id)))
 
 
-@router.post("/{batch_id}/cancel")
+@router.post("/{batch_id}/cancel", response_model=Batch)
 async def cancel(batch_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """Lines not started never run; running ones are cancelled (billed for what they ran).
     The batch ends `cancelled`, its output holding every line's result so far."""

@@ -19,7 +19,9 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api.deps import InferenceKey, SessionDep, StateDep
-from api.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
+from api.errors import OPENAI_ERRORS, BadRequest, Forbidden, NotFound, OpenAIRoute, PayloadTooLarge
+from api.inputs.wire import list_page
+from api.openai.objects import FileDeleted, FileObject, Page
 from api.state import AppState
 from billing import files as stored_files
 from billing.files import PURPOSES, SWEEP_BATCH, OverQuota, StoredFile
@@ -28,7 +30,9 @@ from config.plans import Plan
 from storage import TooLarge, file_key
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(
+    prefix="/v1/files", tags=["files"], route_class=OpenAIRoute, responses=OPENAI_ERRORS
+)
 READ_CHUNK = 1024 * 1024
 # OpenAI's bounds on `expires_after[seconds]`: an hour to 30 days.
 EXPIRES_MIN, EXPIRES_MAX = 3600, 30 * 24 * 3600
@@ -106,7 +110,7 @@ async def keep_upload(
     return made
 
 
-@router.post("")
+@router.post("", response_model=FileObject)
 async def create(
     owner: InferenceKey,
     state: StateDep,
@@ -135,7 +139,7 @@ async def create(
     return file_view(made)
 
 
-@router.get("")
+@router.get("", response_model=Page[FileObject])
 async def list_files(
     owner: InferenceKey,
     session: SessionDep,
@@ -154,14 +158,7 @@ async def list_files(
     found = await stored_files.page(
         session, owner.tenant_id, purpose, limit, mark, ascending=order == "asc"
     )
-    data = [file_view(stored) for stored in found.files]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": found.has_more,
-    }
+    return list_page([file_view(stored) for stored in found.files], found.has_more)
 
 
 async def _found(session, owner, file_id: str) -> StoredFile:
@@ -171,7 +168,7 @@ async def _found(session, owner, file_id: str) -> StoredFile:
     return stored
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", response_model=FileObject)
 async def retrieve(file_id: str, owner: InferenceKey, session: SessionDep) -> dict:
     return file_view(await _found(session, owner, file_id))
 
@@ -201,7 +198,7 @@ async def content(
     )
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", response_model=FileDeleted)
 async def delete(file_id: str, owner: InferenceKey, state: StateDep) -> dict:
     async with state.sessions() as session:
         stored = await _found(session, owner, file_id)

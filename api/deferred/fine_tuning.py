@@ -18,7 +18,17 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import InferenceKey, SessionDep, StateDep
-from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
+from api.errors import (
+    OPENAI_ERRORS,
+    BadRequest,
+    NotFound,
+    OpenAIRoute,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unavailable,
+)
+from api.inputs.wire import list_page
+from api.openai import objects
 from api.pipeline.submit import check_quota
 from api.sd.serving import ImageServing
 from billing.db import async_transaction
@@ -31,7 +41,7 @@ from tuning.params import TrainParams
 from workers.contract import send_training
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["fine-tuning"])
+router = APIRouter(tags=["fine-tuning"], route_class=OpenAIRoute, responses=OPENAI_ERRORS)
 JOBS = "/v1/fine_tuning/jobs"
 
 
@@ -98,7 +108,7 @@ def _job_limit(plan) -> TooManyRequests:
     )
 
 
-@router.post(JOBS, status_code=201)
+@router.post(JOBS, status_code=201, response_model=objects.FineTuningJob)
 async def create(
     owner: InferenceKey,
     state: StateDep,
@@ -197,15 +207,25 @@ async def create(
     return JSONResponse(view, status_code=201)
 
 
-@router.get(JOBS)
+@router.get(JOBS, response_model=objects.Page[objects.FineTuningJob])
 async def list_jobs(
-    owner: InferenceKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    owner: InferenceKey,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
 ) -> dict:
-    jobs = await tuning.list_for(session, owner.tenant_id, limit)
-    return {"object": "list", "data": [job_view(job) for job in jobs]}
+    """The tenant's fine-tuning jobs, newest first, `limit` at a time; the next page starts
+    `after` the last id of this one."""
+    mark = None
+    if after is not None:
+        mark = await tuning.get(session, owner.tenant_id, after)
+        if mark is None:
+            raise NotFound(f"field 'after': no fine-tuning job '{after}'", param="after")
+    jobs = await tuning.list_for(session, owner.tenant_id, limit + 1, mark)
+    return list_page([job_view(job) for job in jobs[:limit]], len(jobs) > limit)
 
 
-@router.get(JOBS + "/{job_id}")
+@router.get(JOBS + "/{job_id}", response_model=objects.FineTuningJob)
 async def get(job_id: str, owner: InferenceKey, session: SessionDep) -> dict:
     job = await tuning.get(session, owner.tenant_id, job_id)
     if job is None:
@@ -213,7 +233,7 @@ async def get(job_id: str, owner: InferenceKey, session: SessionDep) -> dict:
     return job_view(job, await tuning.segments(session, job_id))
 
 
-@router.post(JOBS + "/{job_id}/cancel")
+@router.post(JOBS + "/{job_id}/cancel", response_model=objects.FineTuningJob)
 async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """A queued job never runs; a running one stops at its next step and is billed for the
     steps it ran. A finished job is left as it is. (Its own transaction: the dataset goes only
@@ -230,10 +250,10 @@ async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     return view
 
 
-@router.get("/v1/adapters")
+@router.get("/v1/adapters", response_model=objects.Page[objects.Adapter])
 async def list_adapters(owner: InferenceKey, session: SessionDep) -> dict:
     adapters = await tuning.list_adapters(session, owner.tenant_id)
-    return {"object": "list", "data": [adapter_view(a) for a in adapters]}
+    return list_page([adapter_view(a) for a in adapters])
 
 
 async def _adapter(session: AsyncSession, owner: KeyOwner, adapter_id: str) -> Adapter:
@@ -243,7 +263,7 @@ async def _adapter(session: AsyncSession, owner: KeyOwner, adapter_id: str) -> A
     return adapter
 
 
-@router.get("/v1/adapters/{adapter_id}")
+@router.get("/v1/adapters/{adapter_id}", response_model=objects.Adapter)
 async def get_adapter(adapter_id: str, owner: InferenceKey, session: SessionDep) -> dict:
     return adapter_view(await _adapter(session, owner, adapter_id))
 
@@ -262,7 +282,7 @@ async def adapter_content(
     )
 
 
-@router.delete("/v1/adapters/{adapter_id}")
+@router.delete("/v1/adapters/{adapter_id}", response_model=objects.AdapterDeleted)
 async def delete_adapter(adapter_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """(Its own transaction: the file goes only once the adapter's row is gone.)"""
     async with async_transaction(state.sessions) as session:

@@ -25,9 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from api.deps import InferenceKey, StateDep
-from api.errors import REDIS_AWAY, BadRequest, NotFound, TooManyRequests, Unavailable
+from api.errors import (
+    OPENAI_ERRORS,
+    REDIS_AWAY,
+    BadRequest,
+    NotFound,
+    OpenAIRoute,
+    TooManyRequests,
+    Unavailable,
+)
 from api.inputs.json_body import json_body, openapi_body, validated
-from api.inputs.wire import ChatImageLimits, new_request_id
+from api.inputs.wire import ChatImageLimits, list_page, new_request_id
+from api.openai.objects import Job, Page
 from api.openai.schemas import ChatCompletionRequest
 from api.pipeline import store
 from api.pipeline.queue_wait import room_in_line
@@ -40,7 +49,9 @@ from webhooks.targets import TargetRefused, networks, resolve
 from workers.keyspace import cancel_key
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], route_class=OpenAIRoute, responses=OPENAI_ERRORS
+)
 
 MAX_WAIT = 60
 
@@ -95,7 +106,7 @@ def _prefer_wait(prefer: str | None) -> float:
 JobBody = Annotated[JobCreate, Depends(json_body(JobCreate))]
 
 
-@router.post("", status_code=202, openapi_extra=openapi_body(JobCreate))
+@router.post("", status_code=202, openapi_extra=openapi_body(JobCreate), response_model=Job)
 async def create(
     owner: InferenceKey,
     state: StateDep,
@@ -168,7 +179,7 @@ async def _answer(state: AppState, job_id: str, tenant: str, prefer: str | None)
     return JSONResponse(view, status_code=status, headers={"X-Request-Id": job_id})
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=Job)
 async def get(
     job_id: str,
     owner: InferenceKey,
@@ -178,17 +189,22 @@ async def get(
     return await settled_view(state, job_id, str(owner.tenant_id), _prefer_wait(prefer))
 
 
-@router.get("")
+@router.get("", response_model=Page[Job])
 async def list_jobs(
-    owner: InferenceKey, state: StateDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    owner: InferenceKey,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
 ) -> dict:
-    """The tenant's jobs, newest first."""
+    """The tenant's jobs, newest first, `limit` at a time; the next page starts `after` the
+    last id of this one."""
     tenant = str(owner.tenant_id)
-    ids = await store.tenant_job_ids(state.redis, tenant, limit)
-    return {"jobs": await store.views_of(ids, lambda job_id: job_view(state, job_id, tenant))}
+    ids, more = await store.tenant_job_ids(state.redis, tenant, limit, after)
+    views = await store.views_of(ids, lambda job_id: job_view(state, job_id, tenant))
+    return list_page(views, more)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", response_model=Job)
 async def cancel(job_id: str, owner: InferenceKey, state: StateDep) -> dict:
     """Cancel a job: a waiting one never runs; a running one stops (and is billed for the
     time it ran)."""

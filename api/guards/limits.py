@@ -223,6 +223,5 @@ class _TooSlow(_Refused):
 
 
 async def _answer(exc: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
-    path = scope["path"]
-    response = error_response(path, exc.status, exc.message, exc.headers, exc.param, exc.code)
+    response = error_response(scope, exc.status, exc.message, exc.headers, exc.param, exc.code)
     await response(scope, receive, send)

@@ -18,6 +18,19 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def list_page(data: list[dict], has_more: bool = False) -> dict:
+    """A list as every OpenAI-style route answers one: its page of objects (each with an
+    `id`), the first and last ids (the next page starts `after` the last), and whether more
+    follow."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
 def timestamp() -> str:
     """Now, as RFC 3339 in UTC with a `Z`."""
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")

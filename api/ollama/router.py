@@ -6,13 +6,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from api.deps import InferenceKey, StateDep, TenantKey
-from api.errors import NotFound
+from api.errors import OLLAMA_ERRORS, NotFound, OllamaRoute
 from api.inputs.json_body import json_body, openapi_body
 from api.ollama import catalog
 from api.ollama.schemas import ChatRequest, GenerateRequest, ShowRequest
 from api.ollama.serving import OllamaServing
 
-router = APIRouter(tags=["ollama"])
+router = APIRouter(tags=["ollama"], route_class=OllamaRoute, responses=OLLAMA_ERRORS)
 
 ChatBody = Annotated[ChatRequest, Depends(json_body(ChatRequest))]
 GenerateBody = Annotated[GenerateRequest, Depends(json_body(GenerateRequest))]

@@ -253,7 +253,8 @@ def final_fields(done: DoneChunk, total_seconds: float) -> dict:
         "prompt_eval_duration": int(done.prompt_eval_seconds * NS),
         "eval_count": done.output_tokens,
         "eval_duration": int(done.eval_seconds * NS),
-        "gpu_seconds": round(done.gpu_seconds, 6),
-        # time between arrival and start (waiting for a slot, then for a worker): not billed
-        "queue_seconds": round(done.queue_seconds, 6),
+        "gpu_seconds": round(done.gpu_seconds, 3),
+        # time between arrival and start (waiting for a slot, then for a worker): not billed;
+        # in nanoseconds, as Ollama's durations are (the OpenAI routes say `queue_seconds`)
+        "queue_duration": int(done.queue_seconds * NS),
     } | ({"context": done.context} if done.context is not None else {})

@@ -8,18 +8,23 @@ from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from api.deps import InferenceKey, StateDep, TenantKey
-from api.errors import BadRequest
+from api.errors import OPENAI_ERRORS, BadRequest, OpenAIRoute
 from api.inputs.json_body import json_body, openapi_body
+from api.openai.objects import ImagesResponse
 from api.openai.schemas import GenerationsRequest, parse_size
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing, openai_mask
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=OpenAIRoute, responses=OPENAI_ERRORS)
 
 GenerationsBody = Annotated[GenerationsRequest, Depends(json_body(GenerationsRequest))]
 
 
-@router.post("/v1/images/generations", openapi_extra=openapi_body(GenerationsRequest))
+@router.post(
+    "/v1/images/generations",
+    openapi_extra=openapi_body(GenerationsRequest),
+    response_model=ImagesResponse,
+)
 async def generations(
     owner: InferenceKey, body: GenerationsBody, state: StateDep, request: Request
 ) -> Response:
@@ -35,7 +40,7 @@ async def _read(upload: UploadFile, field: str, limit: int) -> bytes:
     return data
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", response_model=ImagesResponse)
 async def edits(
     owner: InferenceKey,
     state: StateDep,

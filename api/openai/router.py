@@ -7,12 +7,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from api.deps import InferenceKey, StateDep, TenantKey
-from api.errors import NotFound
+from api.errors import OPENAI_ERRORS, NotFound, OpenAIRoute
 from api.inputs.json_body import json_body, openapi_body
+from api.inputs.wire import list_page
+from api.openai.objects import ChatCompletion, Completion, Model, Page
 from api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from api.openai.serving import OpenAIServing
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute, responses=OPENAI_ERRORS)
 
 ChatBody = Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))]
 STARTED = int(time.time())
@@ -21,6 +23,7 @@ STARTED = int(time.time())
 @router.post(
     "/v1/chat/completions",
     openapi_extra=openapi_body(ChatCompletionRequest),
+    response_model=ChatCompletion,
 )
 async def chat_completions(
     owner: InferenceKey, body: ChatBody, state: StateDep, request: Request
@@ -31,7 +34,9 @@ async def chat_completions(
 CompletionBody = Annotated[CompletionRequest, Depends(json_body(CompletionRequest))]
 
 
-@router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
+@router.post(
+    "/v1/completions", openapi_extra=openapi_body(CompletionRequest), response_model=Completion
+)
 async def completions(
     owner: InferenceKey, body: CompletionBody, state: StateDep, request: Request
 ) -> Response:
@@ -49,12 +54,12 @@ def _hosted(state) -> list[dict]:
     ]
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=Page[Model])
 async def models(_: TenantKey, state: StateDep) -> dict:
-    return {"object": "list", "data": _hosted(state)}
+    return list_page(_hosted(state))
 
 
-@router.get("/v1/models/{model}")
+@router.get("/v1/models/{model}", response_model=Model)
 async def model(model: str, _: TenantKey, state: StateDep) -> dict:
     for hosted in _hosted(state):
         if model in (hosted["id"], f"{hosted['id']}:latest"):

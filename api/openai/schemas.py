@@ -264,7 +264,7 @@ def usage(done: DoneChunk) -> dict:
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.output_tokens,
         "total_tokens": done.prompt_tokens + done.output_tokens,
-        "gpu_seconds": round(done.gpu_seconds, 6),
+        "gpu_seconds": round(done.gpu_seconds, 3),
         # time between arrival and start (waiting for a slot, then for a worker): not billed
         "queue_seconds": round(done.queue_seconds, 6),
     }

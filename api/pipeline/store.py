@@ -242,8 +242,26 @@ async def unsubmit(redis: aioredis.Redis, job_id: str, tenant: str) -> None:
     await requeue(redis, tenant, job_id)
 
 
-async def tenant_job_ids(redis: aioredis.Redis, tenant: str, limit: int) -> list[str]:
-    return [raw.decode() for raw in await redis.zrevrange(jobs_index_key(tenant), 0, limit - 1)]
+async def _page(
+    redis: aioredis.Redis, index: str, limit: int, after: str | None, what: str
+) -> tuple[list[str], bool]:
+    """A page of a tenant's index (newest first) after the id `after` (404 if it is not in
+    it), and whether more follow."""
+    start = 0
+    if after is not None:
+        rank = await redis.zrevrank(index, after)
+        if rank is None:
+            raise NotFound(f"field 'after': no {what} '{after}'", param="after")
+        start = rank + 1
+    ids = [raw.decode() for raw in await redis.zrevrange(index, start, start + limit)]
+    return ids[:limit], len(ids) > limit
+
+
+async def tenant_job_ids(
+    redis: aioredis.Redis, tenant: str, limit: int, after: str | None = None
+) -> tuple[list[str], bool]:
+    """A page of the tenant's job ids, newest first, and whether more follow."""
+    return await _page(redis, jobs_index_key(tenant), limit, after, "job")
 
 
 async def views_of(ids: list[str], view: Callable[[str], Awaitable[dict]]) -> list[dict]:
@@ -294,17 +312,8 @@ async def active_batches(redis: aioredis.Redis, tenant: str, most: int) -> int:
 async def tenant_batch_ids(
     redis: aioredis.Redis, tenant: str, limit: int, after: str | None = None
 ) -> tuple[list[str], bool]:
-    """A page of the tenant's batch ids, newest first, after the batch `after` (404 if it is
-    not the tenant's), and whether more follow."""
-    index = batches_index_key(tenant)
-    start = 0
-    if after is not None:
-        rank = await redis.zrevrank(index, after)
-        if rank is None:
-            raise NotFound(f"field 'after': no batch '{after}'", param="after")
-        start = rank + 1
-    ids = [raw.decode() for raw in await redis.zrevrange(index, start, start + limit)]
-    return ids[:limit], len(ids) > limit
+    """A page of the tenant's batch ids, newest first, and whether more follow."""
+    return await _page(redis, batches_index_key(tenant), limit, after, "batch")
 
 
 async def add_line_job(

@@ -25,8 +25,17 @@ from workers.contract import (
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+TIMES = ("created_at", "submitted_at", "started_at", "finished_at")
+
+
 async def job_view(state: AppState, job_id: str, tenant_id: str) -> dict:
-    """The job as it stands now (404 unless it is `tenant_id`'s)."""
+    """The job as it stands now (404 unless it is `tenant_id`'s), its times in whole Unix
+    seconds, as every OpenAI-style object has them."""
+    view = await _view(state, job_id, tenant_id)
+    return view | {name: int(view[name]) for name in TIMES if view[name] is not None}
+
+
+async def _view(state: AppState, job_id: str, tenant_id: str) -> dict:
     record = await store.job_record(state.redis, job_id, tenant_id)
     view = {
         "id": job_id,

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from api.deps import InferenceKey, StateDep
+from api.errors import OLLAMA_ERRORS, OllamaRoute
 from api.inputs.json_body import json_body, openapi_body
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=OllamaRoute, responses=OLLAMA_ERRORS)
 
 ImagesBody = Annotated[ImagesRequest, Depends(json_body(ImagesRequest))]
 

@@ -138,7 +138,7 @@ class ImageServing:
 def openai_images(created: int, data: list[dict], final: ImagesChunk) -> dict:
     """OpenAI's images response; what the images cost in GPU-seconds beside them (OpenAI's
     `usage` counts tokens, which these models do not bill by)."""
-    return {"created": created, "data": data, "gpu_seconds": round(final.gpu_seconds, 6)}
+    return {"created": created, "data": data, "gpu_seconds": round(final.gpu_seconds, 3)}
 
 
 def native_result(body: ImagesRequest, final: ImagesChunk, started: float) -> dict:
@@ -147,7 +147,7 @@ def native_result(body: ImagesRequest, final: ImagesChunk, started: float) -> di
         "created_at": timestamp(),
         "images": final.images,
         "seed": final.seed,
-        "gpu_seconds": round(final.gpu_seconds, 6),
+        "gpu_seconds": round(final.gpu_seconds, 3),
         "total_duration": int((time.time() - started) * NS),
         "load_duration": int(final.load_seconds * NS),
         "queue_duration": int(final.queue_seconds * NS),

@@ -41,7 +41,7 @@ def test_a_chat_job_waited_on(gateway, worker, tenant_factory, sessions):
     assert record.gpu_seconds == job["gpu_seconds"]
     again = httpx.get(f"{gateway.url}/v1/jobs/{job['id']}", headers=auth(key)).json()
     assert again == job
-    listed = httpx.get(f"{gateway.url}/v1/jobs", headers=auth(key)).json()["jobs"]
+    listed = httpx.get(f"{gateway.url}/v1/jobs", headers=auth(key)).json()["data"]
     assert [j["id"] for j in listed] == [job["id"]]
 
 
@@ -161,7 +161,7 @@ def test_another_tenants_job_is_not_found(gateway, worker, tenant_factory):
     assert httpx.get(f"{gateway.url}/v1/jobs/{job['id']}", headers=auth(theirs)).status_code == 404
     refused = httpx.post(f"{gateway.url}/v1/jobs/{job['id']}/cancel", headers=auth(theirs))
     assert refused.status_code == 404
-    assert httpx.get(f"{gateway.url}/v1/jobs", headers=auth(theirs)).json()["jobs"] == []
+    assert httpx.get(f"{gateway.url}/v1/jobs", headers=auth(theirs)).json()["data"] == []
 
 
 def test_the_same_idempotency_key_never_makes_a_second_job(

@@ -199,15 +199,16 @@ def test_a_max_job_goes_before_free_jobs_that_waited_longer(gateway, tenant_fact
 def test_jobs_queued_past_the_allowance_end_402_unbilled(
     gateway, tenant_factory, sessions, redis_client
 ):
-    """A Free tenant a microsecond of GPU time short of its allowance queues three jobs: the
-    first runs and spends it; the others, started after, end with the door's 402."""
+    """A Free tenant half a millisecond of GPU time short of its allowance (GPU time is billed
+    to the millisecond) queues three jobs: the first runs and spends it; the others, started
+    after, end with the door's 402."""
     tenant_id, key, _ = tenant_factory.create("free")
-    short = 1e-6  # less than any run costs: a tiny model's 4 tokens may cost under 0.01 s
+    short = 0.0005  # under the least a run is billed, 0.001 s
     with transaction(sessions) as session:
         record_usage(session, tenant_id, 600 - short)  # Free's allowance: 600 GPU-seconds
     holder = hold_slot(redis_client, tenant_id)  # none starts before all three are queued
     try:
-        jobs = [submit(gateway, key, 4) for _ in range(3)]
+        jobs = [submit(gateway, key, 32) for _ in range(3)]
     finally:
         free_slot(redis_client, tenant_id, holder)
     ended = [
@@ -222,7 +223,7 @@ def test_jobs_queued_past_the_allowance_end_402_unbilled(
     for refused in ended[1:]:
         assert refused["status"] == "failed" and "are used up" in refused["error"], refused
     (billed,) = usage_rows(sessions, jobs[0])
-    assert billed.gpu_seconds >= short
+    assert billed.gpu_seconds >= 0.001
     assert not usage_rows(sessions, jobs[1]) and not usage_rows(sessions, jobs[2])
 
 

@@ -21,6 +21,9 @@ TENANT_SCOPED = {
     "/v1/batches/{batch_id}",
     "/v1/batches/{batch_id}/cancel",
     "/v1/batches/{batch_id}/output",
+    # files (retrieve, content, delete): tests/api/test_files.py
+    "/v1/files/{file_id}",
+    "/v1/files/{file_id}/content",
     # fine-tuning jobs and adapters: tests/tuning/test_fine_tuning.py
     "/v1/fine_tuning/jobs/{job_id}",
     "/v1/fine_tuning/jobs/{job_id}/cancel",

@@ -16,7 +16,7 @@ FINAL_FIELDS = {
     "eval_count",
     "eval_duration",
     "gpu_seconds",
-    "queue_seconds",
+    "queue_duration",
 }
 
 

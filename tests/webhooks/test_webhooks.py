@@ -152,7 +152,7 @@ def test_a_webhook_to_a_refused_address_refuses_the_job(gateway, tenant_factory,
     )
     assert answer.status_code == 400, answer.text
     assert "webhook.url" in answer.text
-    assert httpx.get(f"{gateway.url}/v1/jobs", headers=auth(key)).json()["jobs"] == []
+    assert httpx.get(f"{gateway.url}/v1/jobs", headers=auth(key)).json()["data"] == []
 
 
 def test_another_tenant_sees_no_deliveries(gateway, worker, tenant_factory, receiver):

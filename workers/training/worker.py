@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing import usage
 from billing.db import session_factory, sync_engine, transaction
 from storage import Storage, tenant_key
 from tuning import dataset
@@ -72,7 +73,7 @@ class _Hooks(Hooks):
                 key=key,
                 from_step=from_step,
                 to_step=checkpoint.step,
-                gpu_seconds=gpu_seconds,
+                gpu_seconds=usage.billed_seconds(gpu_seconds),  # to the millisecond, as billed
                 loss=loss,
             )
         if previous and previous != key:
