@@ -353,8 +353,8 @@ async def get(batch_id: str, owner: InferenceKey, state: StateDep) -> dict:
 
 @router.post("/{batch_id}/cancel", response_model=Batch)
 async def cancel(batch_id: str, owner: InferenceKey, state: StateDep) -> dict:
-    """Lines not started never run; running ones are cancelled (billed for what they ran).
-    The batch ends `cancelled`, its output holding every line's result so far."""
+    """Lines not started never run (nor are billed); running ones finish, as OpenAI's do. The
+    batch ends `cancelled` once they have, its output holding every line's result."""
     tenant = str(owner.tenant_id)
     record = await store.batch_record(state.redis, batch_id, tenant)
     if record["status"] == "in_progress":

@@ -9,7 +9,9 @@ tenant-scoped: another tenant's id is a 404.
 """
 
 import logging
-from typing import Annotated
+import shutil
+import tempfile
+from typing import Annotated, BinaryIO
 
 import anyio
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -31,6 +33,7 @@ from api.inputs.wire import list_page
 from api.openai import objects
 from api.pipeline.submit import check_quota
 from api.sd.serving import ImageServing
+from billing import files as stored_files
 from billing.db import async_transaction
 from billing.tenants import KeyOwner
 from storage import tenant_key
@@ -112,7 +115,8 @@ def _job_limit(plan) -> TooManyRequests:
 async def create(
     owner: InferenceKey,
     state: StateDep,
-    dataset_file: Annotated[UploadFile, File(alias="dataset")],
+    dataset_file: Annotated[UploadFile | None, File(alias="dataset")] = None,
+    training_file: Annotated[str | None, Form()] = None,
     model: Annotated[str | None, Form()] = None,
     steps: Annotated[int | None, Form()] = None,
     rank: Annotated[int | None, Form()] = None,
@@ -122,7 +126,8 @@ async def create(
     seed: Annotated[int | None, Form()] = None,
     checkpoint_every: Annotated[int | None, Form()] = None,
 ) -> JSONResponse:
-    """Upload a dataset (multipart field `dataset`: a zip of images with captions) and train a
+    """Upload a dataset (multipart field `dataset`: a zip of images with captions; or name a
+    file of purpose fine-tune uploaded to /v1/files, `training_file`) and train a
     LoRA adapter on it. Answers at once with the queued job; poll it for progress."""
     tier = await check_quota(state, owner)
     plan = state.settings.plans[tier]
@@ -144,8 +149,50 @@ async def create(
             f"{state.settings.sd_max_side} pixels",
             param="resolution",
         )
-    # The upload is read from its spooled file (on disk past 1 MiB), never whole into memory.
-    source = dataset_file.file
+    if (dataset_file is None) == (training_file is None):
+        raise BadRequest(
+            "give the dataset as an upload ('dataset') or as a file of purpose fine-tune "
+            "('training_file'), one of the two",
+            param="dataset",
+        )
+    # Read from a spooled file (on disk past 1 MiB), never whole into memory: the upload's, or
+    # a copy of the stored file's bytes.
+    with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as copy:
+        if dataset_file is not None:
+            source = dataset_file.file
+        else:
+            source = await _stored_dataset(state, owner, training_file, plan, copy)
+        return await _train(state, owner, plan, model_name, params, source)
+
+
+async def _stored_dataset(state, owner: KeyOwner, file_id: str, plan, copy: BinaryIO) -> BinaryIO:
+    """The tenant's file `file_id` (purpose fine-tune), copied into `copy`."""
+    async with state.sessions() as session:
+        stored = await stored_files.find(session, owner.tenant_id, file_id)
+    if stored is None:
+        raise NotFound(f"no file '{file_id}'", param="training_file")
+    if stored.purpose != "fine-tune":
+        raise BadRequest(
+            f"field 'training_file': file '{file_id}' is for {stored.purpose}, not fine-tune",
+            param="training_file",
+        )
+    if stored.bytes > plan.dataset_bytes:
+        raise PayloadTooLarge(
+            f"training_file: {stored.bytes} bytes; the {plan.name} plan allows "
+            f"{plan.dataset_bytes}",
+            param="training_file",
+        )
+
+    def read() -> None:
+        with state.storage.open(stored.storage_key) as kept:
+            shutil.copyfileobj(kept, copy, 1024 * 1024)
+
+    await anyio.to_thread.run_sync(read)
+    return copy
+
+
+async def _train(state, owner: KeyOwner, plan, model_name: str, params: dict, source: BinaryIO):
+    """Check the dataset, keep it, and queue the job (201 with it)."""
     size = await anyio.to_thread.run_sync(source.seek, 0, 2)
     if size > plan.dataset_bytes:
         raise PayloadTooLarge(

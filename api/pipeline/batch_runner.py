@@ -30,7 +30,6 @@ from workers.keyspace import (
     batch_key,
     batch_lock_key,
     batch_running_key,
-    cancel_key,
 )
 
 log = logging.getLogger(__name__)
@@ -148,14 +147,12 @@ class BatchRunner:
             await self._finish(batch_id, record, record["ending"])
             return
         specs = await self._specs_of(batch_id, tenant)
+        # Cancelled, or the completion window over: lines not started end so (never run, never
+        # billed); running ones finish and are answered, as OpenAI's batches do.
         cancelling = record["status"] == "cancelling"
-        # the completion window is over: lines not started end `expired`, running ones finish
         expiring = not cancelling and float(record.get("expires_at") or "inf") <= time.time()
         for raw_job, raw_index in (await redis.hgetall(batch_running_key(batch_id))).items():
             job_id, index = raw_job.decode(), int(raw_index)
-            if cancelling:
-                retention = self.state.settings.stream_retention_seconds
-                await redis.set(cancel_key(job_id), "1", ex=retention)
             view = await job_view(self.state, job_id, tenant)
             if view["status"] not in FINISHED:
                 continue

@@ -156,7 +156,8 @@ def test_cancel_stops_the_lines_not_started_and_bills_none_of_them(
     failed = lines_of(api, batch.error_file_id)
     assert len(answered) + len(failed) == 10 and answered
     never = [line for line in failed if line["id"] is None]
-    assert never and all(line["error"]["code"] == "batch_cancelled" for line in never)
+    assert never == failed, "a line that had started was not let finish"
+    assert all(line["error"]["code"] == "batch_cancelled" for line in never)
     # nothing of a line that never ran is billed; each one that ran, once
     for line in answered:
         assert len(usage_rows(sessions, line["response"]["request_id"])) == 1

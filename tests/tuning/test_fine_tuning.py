@@ -152,6 +152,31 @@ def test_training_lowers_the_loss_and_the_adapter_changes_images(
     assert stored(stack_env, tenant_id) == []
 
 
+def upload(gateway, key: str, data: bytes, purpose: str) -> str:
+    kept = httpx.post(
+        f"{gateway.url}/v1/files",
+        files={"file": ("pictures.zip", data, "application/zip")},
+        data={"purpose": purpose},
+        headers=auth(key),
+    )
+    assert kept.status_code == 200, kept.text
+    return kept.json()["id"]
+
+
+def test_a_job_trains_on_a_file_uploaded_for_fine_tuning(gateway, trainers, tenant_factory):
+    _, key, _ = tenant_factory.create("pro")
+    file_id = upload(gateway, key, striped(2), "fine-tune")
+    made = httpx.post(
+        f"{gateway.url}/v1/fine_tuning/jobs",
+        data={"training_file": file_id, "steps": "4"},
+        headers=auth(key),
+        timeout=60,
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["dataset"]["images"] == 2
+    assert finished(gateway, key, made.json()["id"])["status"] == "succeeded"
+
+
 def test_a_killed_worker_s_job_resumes_from_its_checkpoint_billed_once(
     gateway, trainers, tenant_factory, sessions
 ):
@@ -304,6 +329,29 @@ class TestBadInput:
         finally:
             job_id = first.json()["id"]
             httpx.post(f"{gateway.url}/v1/fine_tuning/jobs/{job_id}/cancel", headers=auth(key))
+
+    def test_a_training_file_must_be_the_tenants_and_for_fine_tuning(self, gateway, tenant_factory):
+        _, key, _ = tenant_factory.create("pro")
+        _, other, _ = tenant_factory.create("pro")
+        batch_file = upload(gateway, key, striped(2), "batch")
+        theirs = upload(gateway, other, striped(2), "fine-tune")
+        mine = upload(gateway, key, striped(2), "fine-tune")
+        for form, status, named in (
+            ({"training_file": batch_file}, 400, "is for batch, not fine-tune"),
+            ({"training_file": theirs}, 404, f"no file '{theirs}'"),
+        ):
+            answer = httpx.post(
+                f"{gateway.url}/v1/fine_tuning/jobs", data=form, headers=auth(key), timeout=60
+            )
+            assert answer.status_code == status and named in answer.text, answer.text
+        both = httpx.post(
+            f"{gateway.url}/v1/fine_tuning/jobs",
+            data={"training_file": mine},
+            files={"dataset": ("pictures.zip", striped(2), "application/zip")},
+            headers=auth(key),
+            timeout=60,
+        )
+        assert both.status_code == 400 and "one of the two" in both.text, both.text
 
     def test_no_dataset(self, gateway, tenant_factory):
         _, key, _ = tenant_factory.create("pro")
