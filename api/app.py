@@ -6,6 +6,7 @@ from api import account, dashboard, docs_page, errors
 from api.access import revocations
 from api.deferred import batches, files, fine_tuning, jobs, resume, webhooks
 from api.guards.limits import BodyGuard, UrlGuard
+from api.guards.log_context import LogContext
 from api.guards.security_headers import SecurityHeaders
 from api.ollama.router import router as ollama_router
 from api.openai.images import router as openai_images_router
@@ -73,4 +74,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(metrics.MetricsPort, port=settings.metrics_port)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(metrics.Instrument, metrics=observed)
+    app.add_middleware(LogContext)  # outermost: its answer's request id, before the access line
     return app

@@ -14,6 +14,7 @@ from api.state import AppState
 from billing.db import async_transaction, database_away
 from billing.keys import hash_key
 from billing.tenants import KeyOwner, owner_of_key
+from config import logs
 
 # Where api/guards/limits.py hands on the owner of a key it checked, in the request's state.
 KEY_OWNER = "key_owner"
@@ -40,11 +41,12 @@ SessionDep = Annotated[AsyncSession, Depends(db_session, scope="function")]
 
 async def authenticate(request: Request, state: StateDep) -> KeyOwner:
     # a request with a body was authenticated before it was read (api/guards/limits.py)
-    checked = request.scope["state"].get(KEY_OWNER)
-    if checked is not None and not checked.expired(datetime.now(UTC)):
-        return checked
-    header = request.headers.get("authorization", "")
-    return await owner_of_key_header(state, header, client_address(request.scope))
+    owner = request.scope["state"].get(KEY_OWNER)
+    if owner is None or owner.expired(datetime.now(UTC)):
+        header = request.headers.get("authorization", "")
+        owner = await owner_of_key_header(state, header, client_address(request.scope))
+    logs.bind(tenant_id=owner.tenant_id)  # on every line of this request from now on
+    return owner
 
 
 def bearer(header: str) -> str:

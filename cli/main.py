@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError as SourceError
 
 from cli.operator_commands import admin_app, billing_app, db_app, fail, print_json
-from config import ModelSettings, settings_problem
+from config import ModelSettings, logs, settings_problem
 
 app = typer.Typer(
     help="gpuhost: GPU model hosting, billed by the GPU-second.", no_args_is_help=True
@@ -56,6 +56,7 @@ def serve(
         host=host or settings.listen_host,
         port=port or settings.listen_port,
         log_level="info",
+        log_config=None,  # uvicorn's loggers go through the process's handler (config.logs)
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
         # X-Forwarded-For and -Proto are believed from the trusted proxies only
@@ -195,13 +196,11 @@ def models_make_tiny(directory: Path) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # the HTTP client's line per request: only with `run --verbose`
-    for library in ("httpx", "httpcore"):
-        logging.getLogger(library).setLevel(logging.WARNING)
     try:
+        logs.configure()  # GPUHOST_LOG_FORMAT: text, or json lines
+        # the HTTP client's line per request: only with `run --verbose`
+        for library in ("httpx", "httpcore"):
+            logging.getLogger(library).setLevel(logging.WARNING)
         app()
     except (ValidationError, SourceError) as exc:
         problem = settings_problem(exc)

@@ -13,6 +13,7 @@ from celery.exceptions import Reject
 
 from billing.db import session_factory, sync_engine
 from billing.usage_writer import UsageWriter
+from config import logs
 from storage import Storage
 from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, celery_app
 from workers.settings import WorkerSettings
@@ -130,6 +131,12 @@ def consume(make_app: Callable[[], Celery], queue: str, concurrency: int) -> Non
         # otherwise share it, and RabbitMQ lets only one of them hold its control queue
         f"--hostname={queue}-{os.getpid()}@%h",
     ]
+    if logs.LogSettings().log_format == "json":
+        argv.insert(0, "--quiet")  # no banner: every line of the process is a JSON object
+    # A job's line is the task's own ("job <id> completed: ... GPU-seconds", with its request
+    # and tenant: config.logs); Celery's received / succeeded lines would say less, twice.
+    for chatty in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     asked = threading.Event()  # Celery's handlers of SIGTERM / SIGINT say so before stopping
 
     def shutting_down(**_) -> None:

@@ -19,6 +19,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import usage
+from config import logs
 from workers import choices
 from workers.contract import (
     CANCELLED,
@@ -108,6 +109,7 @@ def _run(
     # delivery marked it started), not on every job.
     if redelivered and _recorded(runtime, job):
         return "duplicate"
+    logs.bind(request_id=job.request_id, tenant_id=job.tenant_id, model=job.model)
     retention = runtime.settings.stream_retention_seconds
     start = runtime.claims.take(job.request_id, job.tenant_id, retention)
     if start is None and redelivered:
@@ -133,9 +135,17 @@ def _run(
             outcome = _attempt(job, channel, queue_seconds, execute)
         _record(runtime, job, outcome, started, queue_seconds)
         channel.publish_final(outcome.final)
+        log.info(
+            "job %s %s: %.3f GPU-seconds, waited %.3f s",
+            job.request_id,
+            outcome.status,
+            outcome.gpu_seconds,
+            queue_seconds,
+        )
         return outcome.status
     finally:
         runtime.claims.release(job.request_id)
+        logs.bind(request_id=None, tenant_id=None, model=None)  # the next job says its own
 
 
 def _claim_when_free(runtime: WorkerRuntime, job: ChatJob | ImageJob, retention: int):

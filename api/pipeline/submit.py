@@ -39,6 +39,7 @@ from api.pipeline.store import Family, JobMeta
 from api.pipeline.stream import Chunk, Disconnected, JobStream
 from api.state import AppState
 from billing.tenants import KeyOwner
+from config import logs
 from workers.contract import (
     ChatJob,
     DoneChunk,
@@ -131,6 +132,7 @@ async def submit(
     for a slot takes it out of the queue. `finish`: work the request needs before it is sent
     and only once it is admitted, within its tier (images fetched by URL): it returns the
     spec to send; if it fails, the slot is freed."""
+    logs.bind(request_id=spec.request_id, tenant_id=owner.tenant_id, model=spec.model)
     tools = tuple(tool.model_dump() for tool in getattr(spec, "tools", ()))
     meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time(), tools)
     try:

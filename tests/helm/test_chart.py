@@ -249,3 +249,16 @@ def test_every_gateway_and_worker_sees_the_same_storage():
     train = named(bucket, "Deployment", "gpuhost-worker-train")["spec"]["template"]["spec"]
     assert train["containers"][0]["args"] == ["worker", "--queue", "train"]
     assert storage_of(train) == ("s3://gpuhost-objects/prod", [], [])
+
+
+def test_every_process_logs_json_lines_unless_told_otherwise():
+    for values, expected in ((DEFAULTS, "json"), (DEFAULTS | {"logFormat": "text"}, "text")):
+        for spec in pod_specs(render(values)):
+            container = spec["containers"][0]
+            if container["args"][0] not in ("serve", "worker", "billing"):
+                continue
+            env = container["env"]
+            [chosen] = [v["value"] for v in env if v["name"] == "GPUHOST_LOG_FORMAT"]
+            assert chosen == expected, container["args"]
+    with pytest.raises(helm.HelmError, match="logFormat"):
+        render(DEFAULTS | {"logFormat": "xml"})

@@ -48,6 +48,8 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef: {name: {{ include "gpuhost.secretName" . }}, key: redis-url}
 - name: GPUHOST_STORAGE_URL
   value: {{ .Values.storage.url | default .Values.storage.mountPath | quote }}
+- name: GPUHOST_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
 {{- if .Values.plans }}
 - name: GPUHOST_PLANS
   valueFrom:
