@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from api.deferred.files import keep_upload, remove
+from api.deferred.files import file_for, keep_upload, remove
 from api.deferred.jobs import JobCreate, job_spec
 from api.deps import InferenceKey, StateDep
 from api.errors import (
@@ -60,7 +60,6 @@ from api.pipeline.queue_wait import room_in_line
 from api.pipeline.submit import check_quota
 from api.sd.serving import ImageServing
 from api.state import AppState
-from billing import files as stored_files
 
 log = logging.getLogger(__name__)
 THREAD_BYTES = 64 * 1024  # a line this long is read (JSON) in a thread, off the event loop
@@ -251,15 +250,7 @@ async def create(owner: InferenceKey, state: StateDep, request: Request) -> JSON
             raise
     else:
         body = await json_body(BatchCreate)(request)
-        async with state.sessions() as session:
-            stored = await stored_files.find(session, owner.tenant_id, body.input_file_id)
-        if stored is None:
-            raise NotFound(f"no file '{body.input_file_id}'", param="input_file_id")
-        if stored.purpose != "batch":
-            raise BadRequest(
-                f"field 'input_file_id': file '{stored.id}' is for {stored.purpose}, not batch",
-                param="input_file_id",
-            )
+        stored = await file_for(state, owner, body.input_file_id, "batch", "input_file_id")
         record = await _make(state, owner, stored, body.endpoint, body.metadata)
     return JSONResponse(_view(record["id"], record), status_code=201)
 

@@ -161,6 +161,21 @@ async def list_files(
     return list_page([file_view(stored) for stored in found.files], found.has_more)
 
 
+async def file_for(state: AppState, owner: KeyOwner, file_id: str, purpose: str, field: str):
+    """The tenant's file `file_id`, named in the request's `field` for a use that takes files
+    of `purpose`: 404 if it is not the tenant's (or expired), 400 if it is for another use."""
+    async with state.sessions() as session:
+        stored = await stored_files.find(session, owner.tenant_id, file_id)
+    if stored is None:
+        raise NotFound(f"no file '{file_id}'", param=field)
+    if stored.purpose != purpose:
+        raise BadRequest(
+            f"field '{field}': file '{file_id}' is for {stored.purpose}, not {purpose}",
+            param=field,
+        )
+    return stored
+
+
 async def _found(session, owner, file_id: str) -> StoredFile:
     stored = await stored_files.find(session, owner.tenant_id, file_id)
     if stored is None:

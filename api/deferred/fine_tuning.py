@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.deferred.files import file_for
 from api.deps import InferenceKey, SessionDep, StateDep
 from api.errors import (
     OPENAI_ERRORS,
@@ -33,7 +34,6 @@ from api.inputs.wire import list_page
 from api.openai import objects
 from api.pipeline.submit import check_quota
 from api.sd.serving import ImageServing
-from billing import files as stored_files
 from billing.db import async_transaction
 from billing.tenants import KeyOwner
 from storage import tenant_key
@@ -167,15 +167,7 @@ async def create(
 
 async def _stored_dataset(state, owner: KeyOwner, file_id: str, plan, copy: BinaryIO) -> BinaryIO:
     """The tenant's file `file_id` (purpose fine-tune), copied into `copy`."""
-    async with state.sessions() as session:
-        stored = await stored_files.find(session, owner.tenant_id, file_id)
-    if stored is None:
-        raise NotFound(f"no file '{file_id}'", param="training_file")
-    if stored.purpose != "fine-tune":
-        raise BadRequest(
-            f"field 'training_file': file '{file_id}' is for {stored.purpose}, not fine-tune",
-            param="training_file",
-        )
+    stored = await file_for(state, owner, file_id, "fine-tune", "training_file")
     if stored.bytes > plan.dataset_bytes:
         raise PayloadTooLarge(
             f"training_file: {stored.bytes} bytes; the {plan.name} plan allows "

@@ -137,11 +137,9 @@ def test_an_images_batch_answers_images_responses(gateway, tenant_factory):
     assert "come as b64_json" in refused["error"]["message"]
 
 
-@pytest.mark.usefixtures("worker")
-def test_cancel_stops_the_lines_not_started_and_bills_none_of_them(
-    gateway, tenant_factory, sessions
-):
-    _, key, _ = tenant_factory.create("free")  # one line at a time
+def under_way(gateway, tenant_factory):
+    """A Free tenant's batch of ten long lines (one runs at a time), its first line done."""
+    _, key, _ = tenant_factory.create("free")
     api = client(gateway, key)
     made = batch_of(api, "/v1/chat/completions", [chat(str(i), tokens=40) for i in range(10)])
     wait_for(
@@ -149,6 +147,14 @@ def test_cancel_stops_the_lines_not_started_and_bills_none_of_them(
         120,
         "a first line to complete",
     )
+    return api, made
+
+
+@pytest.mark.usefixtures("worker")
+def test_cancel_stops_the_lines_not_started_and_bills_none_of_them(
+    gateway, tenant_factory, sessions
+):
+    api, made = under_way(gateway, tenant_factory)
     assert api.batches.cancel(made.id).status in ("cancelling", "cancelled")
     batch = ended(api, made.id)
     assert batch.status == "cancelled" and batch.cancelled_at >= batch.cancelling_at
@@ -167,14 +173,7 @@ def test_cancel_stops_the_lines_not_started_and_bills_none_of_them(
 
 @pytest.mark.usefixtures("worker")
 def test_lines_not_started_within_the_window_expire(gateway, tenant_factory, redis_client):
-    _, key, _ = tenant_factory.create("free")  # one line at a time
-    api = client(gateway, key)
-    made = batch_of(api, "/v1/chat/completions", [chat(str(i), tokens=40) for i in range(10)])
-    wait_for(
-        lambda: api.batches.retrieve(made.id).request_counts.completed >= 1,
-        120,
-        "a first line to complete",
-    )
+    api, made = under_way(gateway, tenant_factory)
     redis_client.hset(batch_key(made.id), "expires_at", str(time.time() - 1))  # the window ends
     batch = ended(api, made.id)
     assert batch.status == "expired" and batch.expired_at >= batch.created_at
