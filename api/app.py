@@ -17,6 +17,7 @@ from api.pipeline.scheduler import Scheduler
 from api.sd.router import router as sd_router
 from api.settings import GatewaySettings
 from api.state import lifespan
+from config import traces
 from webhooks.sender import Sender
 
 
@@ -74,5 +75,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(metrics.MetricsPort, port=settings.metrics_port)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(metrics.Instrument, metrics=observed)
-    app.add_middleware(LogContext)  # outermost: its answer's request id, before the access line
+    app.add_middleware(LogContext)  # its answer's request id, before the access line
+    if traces.configure("gpuhost-gateway"):  # an OTLP endpoint is set
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
     return app

@@ -81,6 +81,8 @@ class UsageRecord(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # the request's trace id (32 hex digits), when it was traced: a complaint leads to it
+    trace_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class UsageTotal(Base):

@@ -28,6 +28,7 @@ class UsageCreate:
     output_tokens: int
     started_at: datetime | None
     finished_at: datetime
+    trace_id: str | None = None  # the request's trace, when it was traced (config/traces.py)
 
 
 def record(session: Session, usage: UsageCreate) -> bool:
@@ -54,6 +55,7 @@ _COLUMNS = {
     "output_tokens": "int4",
     "started_at": "timestamptz",
     "finished_at": "timestamptz",
+    "trace_id": "text",
     "quantity": "int4",  # milli-GPU-seconds, for the outbox row
 }
 _FIELDS = {f.name for f in fields(UsageCreate)}

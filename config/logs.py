@@ -3,7 +3,7 @@ root logger, through which uvicorn's and Celery's own loggers go too, in the for
 GPUHOST_LOG_FORMAT names: `text` (the default) or `json`, one object per line with `time`,
 `level`, `logger`, `message` and, where known, the `request_id`, `tenant_id` and `model` of
 the request a line is about (`bind` says them for the work under way: the gateway for a
-request, a worker for a job).
+request, a worker for a job), and its `trace_id` when it is traced (config/traces.py).
 
 No secret reaches a line: API keys (`gph_...`), bearer tokens, and the operator's secrets set
 in the environment (admin token, Stripe keys, signing secrets) are masked in every line,
@@ -20,6 +20,8 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pythonjsonlogger.json import JsonFormatter
+
+from config import traces
 
 FIELDS = ("request_id", "tenant_id", "model")
 _CONTEXT = {name: contextvars.ContextVar(name, default=None) for name in FIELDS}
@@ -64,6 +66,8 @@ class _Context(logging.Filter):
         for name, var in _CONTEXT.items():
             if getattr(record, name, None) is None:
                 setattr(record, name, var.get())
+        if getattr(record, "trace_id", None) is None:
+            record.trace_id = traces.trace_id()
         return True
 
 
@@ -84,7 +88,7 @@ class _Masking:
 class _Json(JsonFormatter):
     def __init__(self) -> None:
         super().__init__(
-            ["asctime", "levelname", "name", "message", *FIELDS],
+            ["asctime", "levelname", "name", "message", *FIELDS, "trace_id"],
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         )
         self._masking = _Masking()

@@ -13,7 +13,7 @@ from celery.exceptions import Reject
 
 from billing.db import session_factory, sync_engine
 from billing.usage_writer import UsageWriter
-from config import logs
+from config import logs, traces
 from storage import Storage
 from workers.contract import CHAT_TASK, IMAGES_TASK, SD_QUEUE, WorkerStatus, celery_app
 from workers.settings import WorkerSettings
@@ -165,6 +165,7 @@ def weights_modified_at(settings: WorkerSettings) -> float:
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the model once, then consume the queue with a pool of threads until SIGTERM/SIGINT."""
+    traces.configure(f"gpuhost-worker-{settings.queue}")  # if an OTLP endpoint is set
     client = redis.Redis.from_url(settings.redis_url)
     sessions = session_factory(sync_engine(settings.database_url))
     runtime = WorkerRuntime(

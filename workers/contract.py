@@ -197,6 +197,9 @@ class ChatJob(BaseModel):
     # Ollama's context: token ids of an earlier exchange (its prompt and answer, as the
     # `context` of its final chunk), put before this prompt as their text
     context: list[int] = Field(default_factory=list)
+    # The request's trace (W3C traceparent and tracestate; empty when none): the worker's
+    # span continues it (config/traces.py)
+    trace: dict[str, str] = Field(default_factory=dict)
 
     def keeps_context(self) -> bool:
         """Whether its final chunk gives its `context` (Ollama's /api/generate, not raw)."""
@@ -234,6 +237,7 @@ class ImageJob(BaseModel):
     style_image: str | None = None
     style_strength: float = 0.6
     enqueued_at: float
+    trace: dict[str, str] = Field(default_factory=dict)  # as ChatJob's
 
 
 def send_job(celery, job: "ChatJob | ImageJob") -> None:

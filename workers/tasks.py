@@ -19,7 +19,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import usage
-from config import logs
+from config import logs, traces
 from workers import choices
 from workers.contract import (
     CANCELLED,
@@ -91,6 +91,7 @@ def _record(
             output_tokens=outcome.output_tokens,
             started_at=started,
             finished_at=datetime.now(UTC),
+            trace_id=traces.trace_id(),
         )
     )
     if not written:
@@ -98,6 +99,23 @@ def _record(
 
 
 def _run(
+    runtime: WorkerRuntime,
+    job: ChatJob | ImageJob,
+    execute: Callable[[JobChannel, float], Outcome],
+    cancelled_early: Callable[[float], AnyChunk],
+    redelivered: bool,
+) -> str:
+    """Run a delivered job, in a span that continues its request's trace (the gateway's
+    `enqueue` span its parent: config/traces.py)."""
+    about = {"request_id": job.request_id, "tenant_id": job.tenant_id, "model": job.model}
+    continued = traces.span("job", job.trace, traces.CONSUMER, redelivered=redelivered, **about)
+    with continued as current:
+        status = _run_once(runtime, job, execute, cancelled_early, redelivered)
+        current.set_attribute("status", status)
+        return status
+
+
+def _run_once(
     runtime: WorkerRuntime,
     job: ChatJob | ImageJob,
     execute: Callable[[JobChannel, float], Outcome],
@@ -132,8 +150,11 @@ def _run(
         else:
             if start.started_before:  # it died before answering: this delivery answers
                 log.info("job %s: its worker was lost before answering; running it", job.request_id)
-            outcome = _attempt(job, channel, queue_seconds, execute)
-        _record(runtime, job, outcome, started, queue_seconds)
+            with traces.span("run", queue_seconds=round(queue_seconds, 3)) as running:
+                outcome = _attempt(job, channel, queue_seconds, execute)
+                running.set_attribute("gpu_seconds", outcome.gpu_seconds)
+        with traces.span("usage.write", status=outcome.status):
+            _record(runtime, job, outcome, started, queue_seconds)
         channel.publish_final(outcome.final)
         log.info(
             "job %s %s: %.3f GPU-seconds, waited %.3f s",

@@ -45,6 +45,7 @@ from api.pipeline.view import FINISHED, job_view, settled_view
 from api.sd.schemas import ImagesRequest
 from api.sd.serving import ImageServing
 from api.state import AppState
+from config import traces
 from webhooks.targets import TargetRefused, networks, resolve
 from workers.keyspace import cancel_key
 
@@ -127,6 +128,7 @@ async def create(
     # The request is checked before its Idempotency-Key is claimed: a refused request (400,
     # 404) claims nothing, so the corrected request may use the same key.
     spec, model = await job_spec(state, body, owner, job_id)
+    spec.trace = traces.carrier()  # its worker's span continues this request's trace
     if body.webhook is not None:
         await _check_webhook(state, body.webhook.url)
     if idempotency_key and not await store.claim_idempotency(

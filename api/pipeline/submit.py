@@ -39,7 +39,7 @@ from api.pipeline.store import Family, JobMeta
 from api.pipeline.stream import Chunk, Disconnected, JobStream
 from api.state import AppState
 from billing.tenants import KeyOwner
-from config import logs
+from config import logs, traces
 from workers.contract import (
     ChatJob,
     DoneChunk,
@@ -135,8 +135,10 @@ async def submit(
     logs.bind(request_id=spec.request_id, tenant_id=owner.tenant_id, model=spec.model)
     tools = tuple(tool.model_dump() for tool in getattr(spec, "tools", ()))
     meta = JobMeta(str(owner.tenant_id), family, spec.model, time.time(), tools)
+    about = {"request_id": spec.request_id, "tenant_id": owner.tenant_id, "model": spec.model}
     try:
-        tier, lease = await _admit(state, owner, spec.request_id, meta, request.is_disconnected)
+        with traces.span("admission", **about):  # the wait for a slot included
+            tier, lease = await _admit(state, owner, spec.request_id, meta, request.is_disconnected)
     except (PaymentRequired, TooManyRequests) as refused:
         state.metrics.refused.labels(owner.tier, str(refused.status)).inc()
         raise
@@ -145,7 +147,12 @@ async def submit(
         if finish is not None:
             spec = job.spec = await finish(spec)
         band = state.settings.plans[tier].band
-        job.queue_position = await enqueue(state, lease, spec, tier, band)
+        # the broker hop: the job carries this span's context, the worker's span its child
+        with traces.span("enqueue", kind=traces.PRODUCER, tier=tier, **about) as sending:
+            spec.trace = traces.carrier()
+            job.queue_position = await enqueue(state, lease, spec, tier, band)
+            if job.queue_position is not None:
+                sending.set_attribute("queue_position", job.queue_position)
         job.sent = True
     return job
 

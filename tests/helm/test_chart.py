@@ -262,3 +262,17 @@ def test_every_process_logs_json_lines_unless_told_otherwise():
             assert chosen == expected, container["args"]
     with pytest.raises(helm.HelmError, match="logFormat"):
         render(DEFAULTS | {"logFormat": "xml"})
+
+
+def test_traces_go_where_the_operator_says_and_nowhere_by_default():
+    def endpoints(values: dict) -> set:
+        found = set()
+        for spec in pod_specs(render(values)):
+            env = spec["containers"][0].get("env", [])
+            found |= {v["value"] for v in env if v["name"] == "GPUHOST_OTEL_EXPORTER_OTLP_ENDPOINT"}
+        return found
+
+    assert endpoints(DEFAULTS) == set()
+    assert endpoints(DEFAULTS | {"otlpEndpoint": "http://collector:4318"}) == {
+        "http://collector:4318"
+    }

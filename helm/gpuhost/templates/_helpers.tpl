@@ -50,6 +50,10 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.storage.url | default .Values.storage.mountPath | quote }}
 - name: GPUHOST_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
+{{- with .Values.otlpEndpoint }}
+- name: GPUHOST_OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 {{- if .Values.plans }}
 - name: GPUHOST_PLANS
   valueFrom:
