@@ -1,7 +1,7 @@
 """What the gateway adds to a request, beside LiteLLM's proxy doing the equivalent work.
 
     python bench/gateway.py [--requests 400] [--litellm /path/to/litellm] [--broker URL]
-                            [--client hey|python]
+                            [--client hey|python] [--traced]
 
 gpuhost: a gateway and one worker with the no-op `echo` engine (GPUHOST_ENGINE=echo: it
 answers at once and uses no device), on a scratch database and Redis database 11 of the
@@ -13,7 +13,8 @@ at once, from `hey` (a load generator written in Go: `apt-get install hey`), or 
 `--client python` from an asyncio httpx client (which spends more CPU per request than the
 gateway does, on the same two cores, and stretches the tail). Round-trip latency is what is
 added: the engines take no time. Prints one JSON line per server and concurrency, with the CPU
-each process spent per request.
+each process spent per request. `--traced`: the gateway and the worker send their spans
+(OpenTelemetry, OTLP/HTTP) to a receiver in this process (harness/otlp.py), as to a collector.
 """
 
 import argparse
@@ -42,6 +43,7 @@ from bench.scratch import scratch_stack  # noqa: E402
 from billing import tenants  # noqa: E402
 from billing.db import session_factory, sync_engine, transaction  # noqa: E402
 from config.plans import DEFAULT_PLANS  # noqa: E402
+from harness.otlp import TraceReceiver  # noqa: E402
 from harness.processes import Gateway, Process, free_port, wait_for  # noqa: E402
 
 BODY = {
@@ -199,7 +201,9 @@ def measure(client: str, url: str, key: str, requests: int, concurrency: int, pr
     return result
 
 
-def run_gpuhost(client: str, requests: int, broker: str | None) -> list[dict]:
+def run_gpuhost(
+    client: str, requests: int, broker: str | None, receiver: TraceReceiver | None = None
+) -> list[dict]:
     logs = Path(tempfile.mkdtemp())
     processes = []
     with scratch_stack("gw", 11) as (url, redis_url):
@@ -218,6 +222,8 @@ def run_gpuhost(client: str, requests: int, broker: str | None) -> list[dict]:
             }
             if broker:
                 env["GPUHOST_BROKER_URL"] = broker
+            if receiver is not None:
+                env["GPUHOST_OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
             worker = Process(
                 "worker-echo",
                 ["worker", "--queue", "llava", "--concurrency", "32"],
@@ -327,6 +333,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="at concurrency 8; scaled")
     parser.add_argument("--litellm", default=shutil.which("litellm"), help="litellm executable")
     parser.add_argument("--broker", help="Celery broker URL (default: the Redis database)")
+    parser.add_argument("--traced", action="store_true", help="traces sent to a receiver")
     parser.add_argument(
         "--client",
         choices=("hey", "python"),
@@ -334,13 +341,19 @@ def main() -> None:
         help="load generator (default: hey when installed)",
     )
     args = parser.parse_args()
-    rows = run_gpuhost(args.client, args.requests, args.broker)
+    receiver = TraceReceiver() if args.traced else None
+    try:
+        rows = run_gpuhost(args.client, args.requests, args.broker, receiver)
+    finally:
+        if receiver is not None:
+            print(json.dumps({"spans_received": len(receiver.spans)}), flush=True)
+            receiver.close()
     if args.litellm:
         rows += run_litellm(args.client, args.litellm, args.requests)
     else:
         print(json.dumps({"litellm": "not installed: pip install 'litellm[proxy]'"}))
     for row in rows:
-        print(json.dumps({"client": args.client} | row), flush=True)
+        print(json.dumps({"client": args.client, "traced": args.traced} | row), flush=True)
 
 
 if __name__ == "__main__":
