@@ -82,18 +82,21 @@ return redis.call('ZRANK', KEYS[3], ARGV[4]) + 1
 
 # A ready job starts, if it still may and the workers still have room for it: out of the
 # ready jobs, into the running ones, its spec handed to the caller (to send) and deleted. One
-# whose request ended (its spec gone, a cancel asked, its slot given back or lapsed) is
-# withdrawn instead. KEYS: capacity, running, order, ready, aging, spec, cancel, the tenant's
-# slots. ARGV: the job's reserve, running member, job id. Returns its spec (started), 0 (no
-# room: it stays ready) or -1 (withdrawn).
+# whose request ended (its spec gone, a cancel asked, its slot given back) is withdrawn
+# instead; so is one whose slot lapsed while it waited (its holder's renewals late), but its
+# request is still there, waiting for an answer: the caller ends it, saying so. KEYS:
+# capacity, running, order, ready, aging, spec, cancel, the tenant's slots. ARGV: the job's
+# reserve, running member, job id. Returns its spec (started), 0 (no room: it stays ready),
+# -1 (withdrawn: its request ended) or -2 (withdrawn: its slot lapsed).
 FLEET_START = (
     _FLEET_ROOM
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local spec = redis.call('GET', KEYS[6])
+local wanted = spec and redis.call('EXISTS', KEYS[7]) == 0
 local lease = redis.call('ZSCORE', KEYS[8], ARGV[3])
-local live = spec and redis.call('EXISTS', KEYS[7]) == 0 and lease and tonumber(lease) >= now
+local live = wanted and lease and tonumber(lease) >= now
 if live and capacity >= 0 and redis.call('ZCARD', KEYS[2]) >= limit then
   return 0
 end
@@ -101,6 +104,9 @@ redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('HDEL', KEYS[4], ARGV[3])
 redis.call('ZREM', KEYS[5], ARGV[3])
 redis.call('DEL', KEYS[6])
+if wanted and not live then
+  return -2
+end
 if not live then
   return -1
 end

@@ -71,6 +71,10 @@ if TYPE_CHECKING:
     from api.state import AppState
 
 log = logging.getLogger(__name__)
+SLOT_LAPSED = (
+    "the request's slot lapsed while it waited for room on the workers (the gateway holding "
+    "it was too slow to renew it); it did not run and is not billed: try again"
+)
 
 FLEET_PARTS = ("capacity", "running", "order", "ready", "aging")  # the scripts' keys
 STATUS_FRESH_SECONDS = 5.0  # a worker whose status is older is not counted
@@ -271,7 +275,10 @@ class Fleet:
         if raw == 0:
             return None
         if raw == -1:
-            return False  # its request ended, or its slot lapsed: withdrawn
+            return False  # its request ended: withdrawn
+        if raw == -2:  # its slot lapsed while it waited: its reader is told, never left waiting
+            await self.end_unstarted(tenant, job_id, 503, SLOT_LAPSED)
+            return False
         spec = (ImageJob if queue == SD_QUEUE else ChatJob).model_validate_json(raw)
         try:
             await self._send(spec, entry.recorded)

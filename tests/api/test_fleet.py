@@ -18,12 +18,12 @@ from api.pipeline.fleet_order import BATCH_BAND, Ready, next_job, open_to, reser
 from billing import tenants
 from billing.db import transaction
 from config.plans import DEFAULT_PLANS
-from harness.helpers import auth, free_slot, hold_slot, record_usage, usage_rows
+from harness.helpers import auth, chat_body, free_slot, hold_slot, record_usage, usage_rows
 from harness.processes import wait_for
 from harness.services import TIERS
 from tests.conftest import running_gateway
 from workers.fleet_keys import fleet_key
-from workers.keyspace import job_record_key, started_key, waiting_key
+from workers.keyspace import job_record_key, slots_key, started_key, waiting_key
 
 
 def choose(waiting: dict, running=None, served=None, costs=None, aging: float = 30.0):
@@ -193,6 +193,55 @@ def test_a_max_job_goes_before_free_jobs_that_waited_longer(gateway, tenant_fact
             cancel(gateway, key, job_id)
         for key, job_id in waiting:
             cancel(gateway, key, job_id)
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_request_whose_slot_lapsed_while_it_waited_is_told_so(
+    gateway, tenant_factory, redis_client
+):
+    """The workers full, a Pro request waits for room; its slot lapses (its gateway too slow to
+    renew it, as on a starved machine: here, taken away). When room comes it does not run,
+    and its client gets a 503 saying why at once, not a wait with no end."""
+    capacity = int(
+        wait_for(
+            lambda: redis_client.get(fleet_key("llava", "capacity")), 30, "the workers' capacity"
+        )
+    )
+    fillers = [tenant_factory.create("max") for _ in range(capacity)]
+    running = [submit(gateway, key, 400) for _, key, _ in fillers]
+    try:
+        wait_for(
+            lambda: all(redis_client.exists(started_key(j)) for j in running),
+            60,
+            "long jobs to fill the workers",
+        )
+        tenant_id, key, _ = tenant_factory.create("pro")
+        answer: list[httpx.Response] = []
+        asking = threading.Thread(
+            target=lambda: answer.append(
+                httpx.post(
+                    f"{gateway.url}/api/chat",
+                    json=chat_body(num_predict=2) | {"stream": False},
+                    headers=auth(key),
+                    timeout=120,
+                )
+            )
+        )
+        asking.start()
+        ready = fleet_key("llava", "ready")
+        waiting = wait_for(
+            lambda: [j.decode() for j in redis_client.hkeys(ready) if j.decode() not in running],
+            60,
+            "the Pro request to wait for room",
+        )
+        [job_id] = waiting
+        redis_client.zrem(slots_key(str(tenant_id)), job_id)  # its slot lapses
+    finally:
+        for (_, filler, _), job_id in zip(fillers, running, strict=True):
+            cancel(gateway, filler, job_id)
+    asking.join(120)
+    assert answer and answer[0].status_code == 503, answer and answer[0].text
+    assert "slot lapsed while it waited" in answer[0].json()["error"]
 
 
 @pytest.mark.usefixtures("worker")
