@@ -6,6 +6,7 @@ record is corrected or removed by hand."""
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import pytest
@@ -150,6 +151,15 @@ def scratch_url():
     drop_database(name)
 
 
+# A usage record as revision 0009's schema holds it (today's writer has columns it lacks).
+RECORD_AT_0009 = text(
+    "INSERT INTO usage_records (id, request_id, tenant_id, api_key_id, model, kind, status,"
+    " gpu_seconds, queue_seconds, prompt_tokens, output_tokens, started_at, finished_at)"
+    " VALUES (:id, :request_id, :tenant_id, :api_key_id, :model, :kind, :status, :gpu_seconds,"
+    " :queue_seconds, :prompt_tokens, :output_tokens, :started_at, :finished_at)"
+)
+
+
 def test_the_migration_counts_the_records_written_before_it(scratch_url):
     migrations.upgrade(scratch_url, "0009")
     engine = create_engine(scratch_url)
@@ -160,8 +170,9 @@ def test_the_migration_counts_the_records_written_before_it(scratch_url):
                 text("INSERT INTO tenants (id, name, tier) VALUES (:id, 'before', 'pro')"),
                 {"id": tenant},
             )
-        with transaction(sessionmaker(engine)) as session:
-            record_many(session, [usage(tenant, NOVEMBER, 1.0), usage(tenant, DECEMBER, 2.0)])
+        with engine.begin() as connection:  # as the writer of that revision wrote them
+            for earlier in (usage(tenant, NOVEMBER, 1.0), usage(tenant, DECEMBER, 2.0)):
+                connection.execute(RECORD_AT_0009, {"id": uuid.uuid4()} | asdict(earlier))
         migrations.upgrade(scratch_url)
         with transaction(sessionmaker(engine)) as session:
             record_many(session, [usage(tenant, NOVEMBER, 4.0)])
