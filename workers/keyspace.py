@@ -286,6 +286,20 @@ end
 return job
 """
 
+# How many of a tenant's requests and jobs wait: its queue, and any of its jobs a scheduler
+# has taken off it to place (IN_HAND) and not yet put back (one put back and not yet let go
+# of is in both: counted once). KEYS: the tenant's queue, IN_HAND. ARGV: the tenant.
+WAITING_COUNT = """
+local n = redis.call('LLEN', KEYS[1])
+local held = redis.call('HGETALL', KEYS[2])
+for i = 1, #held, 2 do
+  if held[i + 1] == ARGV[1] and not redis.call('LPOS', KEYS[1], held[i]) then
+    n = n + 1
+  end
+end
+return n
+"""
+
 # A waiting synchronous request is granted its slot only while it still waits: its record
 # moves to granted with the slot's grant time in one step, and a record its request deleted
 # (it left) is not made again. KEYS: the record. ARGV: waiting, granted, the grant time (ms).

@@ -23,6 +23,7 @@ from workers.keyspace import (
     JOB_MOVE,
     SUBMITTED,
     TENANTS_WAITING,
+    WAITING_COUNT,
     WAITING_POP,
     WAITING_REQUEUE,
     batch_key,
@@ -165,8 +166,9 @@ async def grant(redis: aioredis.Redis, job_id: str, granted_ms: int) -> bool:
 
 
 async def queue_length(redis: aioredis.Redis, tenant: str) -> int:
-    """Requests and jobs waiting in the tenant's queue."""
-    return await redis.llen(waiting_key(tenant))
+    """Requests and jobs the tenant has waiting: in its queue, or in a scheduler's hand on
+    their way out of it (put back, or started, a moment later: until then they still wait)."""
+    return await redis.eval(WAITING_COUNT, 2, waiting_key(tenant), IN_HAND, tenant)
 
 
 async def move_job(redis: aioredis.Redis, job_id: str, from_state: str, to_state: str) -> bool:

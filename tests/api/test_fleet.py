@@ -23,7 +23,14 @@ from harness.processes import wait_for
 from harness.services import TIERS
 from tests.conftest import running_gateway
 from workers.fleet_keys import fleet_key
-from workers.keyspace import job_record_key, slots_key, started_key, waiting_key
+from workers.keyspace import (
+    IN_HAND,
+    WAITING_COUNT,
+    job_record_key,
+    slots_key,
+    started_key,
+    waiting_key,
+)
 
 
 def choose(waiting: dict, running=None, served=None, costs=None, aging: float = 30.0):
@@ -334,7 +341,8 @@ def test_async_jobs_and_batches_wait_in_the_tenants_bounded_line(
             made.append(answer.json()["id"])
         assert refused is not None and len(made) == 3, made
         assert "already wait in line" in refused.json()["error"]["message"]
-        assert redis_client.llen(waiting_key(str(tenant_id))) == 3
+        waiting = (waiting_key(str(tenant_id)), IN_HAND, str(tenant_id))
+        assert redis_client.eval(WAITING_COUNT, 2, *waiting) == 3  # a scheduler's hand too
         batch = httpx.post(
             f"{short_line_gateway.url}/v1/batches",
             files={"file": ("b.jsonl", b'{"custom_id": "a", "type": "chat", "input": {}}')},
@@ -345,6 +353,29 @@ def test_async_jobs_and_batches_wait_in_the_tenants_bounded_line(
         for job_id in made:
             cancel(short_line_gateway, key, job_id)
         free_slot(redis_client, tenant_id, holder)
+
+
+def test_a_job_in_a_schedulers_hand_still_counts_as_waiting(redis_client):
+    """Between a scheduler taking a tenant's job off its queue and putting it back (no slot
+    free), the job still waits: a tenant's line is counted with it, once, so that no job or
+    batch slips past the line's bound in that moment."""
+    tenant, other = str(uuid.uuid4()), str(uuid.uuid4())
+    queue = waiting_key(tenant)
+
+    def count() -> int:
+        return redis_client.eval(WAITING_COUNT, 2, queue, IN_HAND, tenant)
+
+    try:
+        redis_client.rpush(queue, "a", "b")
+        redis_client.hset(IN_HAND, mapping={"c": tenant, "x": other})  # taken off to place
+        assert count() == 3
+        redis_client.lpush(queue, "c")  # put back first in line, not yet let go of
+        assert count() == 3
+        redis_client.hdel(IN_HAND, "c")
+        assert count() == 3
+    finally:
+        redis_client.delete(queue)
+        redis_client.hdel(IN_HAND, "c", "x")
 
 
 def test_a_batch_line_longer_than_a_request_is_refused_unread(gateway, tenant_factory):
