@@ -378,6 +378,7 @@ def test_a_job_in_a_schedulers_hand_still_counts_as_waiting(redis_client):
         redis_client.hdel(IN_HAND, "c", "x")
 
 
+@pytest.mark.usefixtures("worker")  # its next line is a job, run to the batch's end
 def test_a_batch_line_longer_than_a_request_is_refused_unread(gateway, tenant_factory):
     """A 60 MB line (a request may be 20 MB): that line's error says so, the next line is a
     job, and the gateway never held the line (its memory grows by far less than the line)."""
