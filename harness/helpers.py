@@ -39,6 +39,12 @@ def chat_body(
     return {"model": MODEL, "messages": [message], "options": {"seed": 7, **options}}
 
 
+def ask(gateway, key: str, tokens: int = 3) -> httpx.Response:
+    """A short chat on Ollama's /api/chat, its answer whole (not streamed)."""
+    body = chat_body(num_predict=tokens) | {"stream": False}
+    return httpx.post(f"{gateway.url}/api/chat", json=body, headers=auth(key), timeout=120)
+
+
 def ndjson(response: httpx.Response) -> Iterator[dict]:
     for line in response.iter_lines():
         if line.strip():

@@ -63,6 +63,29 @@ def redis_database(offset: int) -> int:
     return 1 + offset * SLOTS + run_slot()
 
 
+def apart(stack_env: dict[str, str]) -> dict[str, str]:
+    """The stack's settings with a Redis database of its own (emptied) for a module's own
+    gateway and workers: its jobs go to its workers only, none to the session's."""
+    url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{redis_database(1)}"
+    redis.Redis.from_url(url).flushdb()
+    return stack_env | {"GPUHOST_REDIS_URL": url}
+
+
+def stack_apart(name: str, env: dict[str, str], tmp_path_factory) -> Iterator[tuple]:
+    """A gateway and a worker on `env` (`apart`'s), ready, for as long as the generator runs
+    (a module fixture yields from it): (gateway, worker)."""
+    logs = tmp_path_factory.mktemp(f"{name}-logs")
+    gateway = Gateway(f"gateway-{name}", env, logs)
+    worker = Worker(f"worker-{name}", env, logs, env["GPUHOST_REDIS_URL"])
+    try:
+        gateway.wait_ready()
+        worker.wait_ready()
+        yield gateway, worker
+    finally:
+        worker.stop()
+        gateway.stop()
+
+
 @pytest.fixture(scope="session")
 def database_url() -> str:
     name = f"gpuhost_test_{os.getpid()}_{_worker_index()}"

@@ -7,11 +7,9 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-import redis
 
-from harness.helpers import auth, chat_body
-from harness.processes import Gateway, Worker
-from tests.conftest import ADMIN_TOKEN, redis_database
+from harness.helpers import ask, auth
+from tests.conftest import ADMIN_TOKEN, apart, stack_apart
 
 pytestmark = pytest.mark.services
 
@@ -19,19 +17,8 @@ pytestmark = pytest.mark.services
 @pytest.fixture(scope="module")
 def json_stack(stack_env, tmp_path_factory):
     """A gateway and a worker of their own (their own Redis database), logging JSON lines."""
-    url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{redis_database(1)}"
-    redis.Redis.from_url(url).flushdb()
-    env = stack_env | {"GPUHOST_REDIS_URL": url, "GPUHOST_LOG_FORMAT": "json"}
-    logs = tmp_path_factory.mktemp("json-logs")
-    gateway = Gateway("gateway-json", env, logs)
-    worker = Worker("worker-json", env, logs, url)
-    try:
-        gateway.wait_ready()
-        worker.wait_ready()
-        yield gateway, worker
-    finally:
-        worker.stop()
-        gateway.stop()
+    env = apart(stack_env) | {"GPUHOST_LOG_FORMAT": "json"}
+    yield from stack_apart("json", env, tmp_path_factory)
 
 
 def lines_about(process, needle: str) -> list[dict]:
@@ -46,12 +33,7 @@ def lines_about(process, needle: str) -> list[dict]:
 def test_a_requests_lines_carry_its_ids_and_no_secret(json_stack, tenant_factory):
     gateway, worker = json_stack
     tenant_id, key, _ = tenant_factory.create("pro")
-    answered = httpx.post(
-        f"{gateway.url}/api/chat",
-        json=chat_body(num_predict=3) | {"stream": False},
-        headers=auth(key),
-        timeout=120,
-    )
+    answered = ask(gateway, key)
     assert answered.status_code == 200, answered.text
     request_id = answered.headers["x-request-id"]
     secret = httpx.get(f"{gateway.url}/v1/webhooks/secret", headers=auth(key)).json()["key"]

@@ -4,14 +4,12 @@ admission and enqueue spans, the worker's job span continuing it through the bro
 run and the ledger's write inside, parent to child, each with the request and tenant ids; the
 answer and the usage record carry the trace id. Without an endpoint, nothing is traced."""
 
-import httpx
 import pytest
-import redis
 
-from harness.helpers import auth, chat_body, usage_rows
+from harness.helpers import ask, usage_rows
 from harness.otlp import TraceReceiver
-from harness.processes import Gateway, Worker, wait_for
-from tests.conftest import redis_database
+from harness.processes import wait_for
+from tests.conftest import apart, stack_apart
 
 pytestmark = pytest.mark.services
 SERVER, PRODUCER, CONSUMER = 2, 4, 5  # OTLP's span kinds
@@ -22,35 +20,21 @@ def traced_stack(stack_env, tmp_path_factory):
     """A gateway and a worker of their own (their own Redis database), sending their spans to
     a receiver."""
     receiver = TraceReceiver()
-    url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{redis_database(1)}"
-    redis.Redis.from_url(url).flushdb()
-    env = stack_env | {
-        "GPUHOST_REDIS_URL": url,
+    env = apart(stack_env) | {
         "GPUHOST_OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # milliseconds between exports
     }
-    logs = tmp_path_factory.mktemp("traced-logs")
-    gateway = Gateway("gateway-traced", env, logs)
-    worker = Worker("worker-traced", env, logs, url)
     try:
-        gateway.wait_ready()
-        worker.wait_ready()
-        yield gateway, receiver
+        for gateway, _ in stack_apart("traced", env, tmp_path_factory):
+            yield gateway, receiver
     finally:
-        worker.stop()
-        gateway.stop()
         receiver.close()
 
 
 def test_one_request_is_one_trace_across_processes(traced_stack, tenant_factory, sessions):
     gateway, receiver = traced_stack
     tenant_id, key, _ = tenant_factory.create("pro")
-    answered = httpx.post(
-        f"{gateway.url}/api/chat",
-        json=chat_body(num_predict=3) | {"stream": False},
-        headers=auth(key),
-        timeout=120,
-    )
+    answered = ask(gateway, key)
     assert answered.status_code == 200, answered.text
     request_id, trace_id = answered.headers["x-request-id"], answered.headers["x-trace-id"]
     wanted = {"admission", "enqueue", "job", "run", "usage.write"}
@@ -78,12 +62,7 @@ def test_one_request_is_one_trace_across_processes(traced_stack, tenant_factory,
 @pytest.mark.usefixtures("worker")
 def test_without_an_endpoint_nothing_is_traced(gateway, tenant_factory, sessions):
     _, key, _ = tenant_factory.create("pro")
-    answered = httpx.post(
-        f"{gateway.url}/api/chat",
-        json=chat_body(num_predict=2) | {"stream": False},
-        headers=auth(key),
-        timeout=120,
-    )
+    answered = ask(gateway, key, tokens=2)
     assert answered.status_code == 200 and "x-trace-id" not in answered.headers
     [record] = usage_rows(sessions, answered.headers["x-request-id"])
     assert record.trace_id is None

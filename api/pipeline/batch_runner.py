@@ -227,8 +227,9 @@ class BatchRunner:
         def assemble() -> tuple[list[bytes], list[bytes]]:
             lines = [storage.get(line_key(tenant, batch_id, i)) for i in range(total)]
             storage.put(stored(tenant, batch_id, "output.jsonl"), b"\n".join(lines) + b"\n")
-            answered = [raw for raw in lines if _succeeded(json.loads(raw))]
-            failed = [raw for raw in lines if not _succeeded(json.loads(raw))]
+            succeeded = [_succeeded(json.loads(raw)) for raw in lines]  # each read once
+            answered = [raw for raw, ok in zip(lines, succeeded, strict=True) if ok]
+            failed = [raw for raw, ok in zip(lines, succeeded, strict=True) if not ok]
             return answered, failed
 
         answered, failed = await anyio.to_thread.run_sync(assemble)

@@ -10,7 +10,7 @@ import redis
 
 from harness.helpers import auth, chat_body, in_flight, usage_rows
 from harness.processes import Gateway, Worker, wait_for
-from tests.conftest import redis_database
+from tests.conftest import apart
 from workers.keyspace import claim_key
 
 LEASE_TTL = 5.0
@@ -18,11 +18,7 @@ LEASE_TTL = 5.0
 
 @pytest.fixture(scope="module")
 def chaos_env(stack_env):
-    index = redis_database(1)
-    url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{index}"
-    redis.Redis.from_url(url).flushdb()
-    return stack_env | {
-        "GPUHOST_REDIS_URL": url,
+    return apart(stack_env) | {
         "GPUHOST_LEASE_TTL_SECONDS": str(LEASE_TTL),
         "GPUHOST_CLAIM_TTL_SECONDS": "1",
         "GPUHOST_VISIBILITY_TIMEOUT_SECONDS": "2",

@@ -9,17 +9,14 @@ import redis
 from harness.helpers import auth, chat_body, ndjson, usage_rows
 from harness.processes import Gateway, Worker, wait_for
 from harness.services import database_url_through
-from tests.conftest import redis_database
+from tests.conftest import apart
 from workers.keyspace import USAGE_PARKED
 
 
 @pytest.fixture(scope="module")
 def outage_env(stack_env) -> dict[str, str]:
     """A stack of its own (its own Redis database): its jobs go to its worker only."""
-    index = redis_database(1)
-    url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{index}"
-    redis.Redis.from_url(url).flushdb()
-    return stack_env | {"GPUHOST_REDIS_URL": url}
+    return apart(stack_env)
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,14 @@ import redis
 
 from harness.helpers import auth, chat_body, in_flight, ndjson, usage_rows
 from harness.processes import Gateway, Worker, wait_for
-from tests.conftest import redis_database
+from tests.conftest import apart
 from workers.keyspace import SUBMITTED, started_key
 
 
 @pytest.fixture(scope="module")
 def lost_env(stack_env):
     """A stack of its own (own Redis database) with short claim and redelivery timings."""
-    index = redis_database(1)
-    url = stack_env["GPUHOST_REDIS_URL"].rsplit("/", 1)[0] + f"/{index}"
-    redis.Redis.from_url(url).flushdb()
-    return stack_env | {
-        "GPUHOST_REDIS_URL": url,
+    return apart(stack_env) | {
         "GPUHOST_CLAIM_TTL_SECONDS": "1",
         "GPUHOST_VISIBILITY_TIMEOUT_SECONDS": "2",
         "GPUHOST_RESTORE_INTERVAL_SECONDS": "0.5",
