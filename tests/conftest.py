@@ -71,12 +71,15 @@ def apart(stack_env: dict[str, str]) -> dict[str, str]:
     return stack_env | {"GPUHOST_REDIS_URL": url}
 
 
-def stack_apart(name: str, env: dict[str, str], tmp_path_factory) -> Iterator[tuple]:
-    """A gateway and a worker on `env` (`apart`'s), ready, for as long as the generator runs
-    (a module fixture yields from it): (gateway, worker)."""
+def stack_apart(
+    name: str, env: dict[str, str], tmp_path_factory, worker_env: dict[str, str] | None = None
+) -> Iterator[tuple]:
+    """A gateway and a worker on `env` (`apart`'s; the worker on `worker_env` if given),
+    ready, for as long as the generator runs (a module fixture yields from it): (gateway,
+    worker)."""
     logs = tmp_path_factory.mktemp(f"{name}-logs")
     gateway = Gateway(f"gateway-{name}", env, logs)
-    worker = Worker(f"worker-{name}", env, logs, env["GPUHOST_REDIS_URL"])
+    worker = Worker(f"worker-{name}", worker_env or env, logs, env["GPUHOST_REDIS_URL"])
     try:
         gateway.wait_ready()
         worker.wait_ready()

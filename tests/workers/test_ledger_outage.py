@@ -7,9 +7,9 @@ import pytest
 import redis
 
 from harness.helpers import auth, chat_body, ndjson, usage_rows
-from harness.processes import Gateway, Worker, wait_for
+from harness.processes import wait_for
 from harness.services import database_url_through
-from tests.conftest import apart
+from tests.conftest import apart, stack_apart
 from workers.keyspace import USAGE_PARKED
 
 
@@ -23,18 +23,9 @@ def outage_env(stack_env) -> dict[str, str]:
 def outage_stack(outage_env, database_url, pg_partition, tmp_path_factory):
     """A gateway that reaches PostgreSQL directly, and a worker that reaches it only through
     `pg_partition`."""
-    logs = tmp_path_factory.mktemp("logs")
     through = database_url_through(database_url, pg_partition)
     worker_env = outage_env | {"GPUHOST_DATABASE_URL": through}
-    gateway = Gateway("gateway-ledger-outage", outage_env, logs)
-    worker = Worker("worker-ledger-outage", worker_env, logs, outage_env["GPUHOST_REDIS_URL"])
-    try:
-        gateway.wait_ready()
-        worker.wait_ready()
-        yield gateway, worker
-    finally:
-        worker.stop()
-        gateway.stop()
+    yield from stack_apart("ledger-outage", outage_env, tmp_path_factory, worker_env)
 
 
 class TestLedgerOutage:
